@@ -1,0 +1,177 @@
+"""Engine configuration: one frozen dataclass per concern, validated once, aggregated by
+EngineConfig. Built once (by `LLM(...)` or `app.cli`) with `EngineConfig.create(**kwargs)` and
+passed down; nothing reads flags or environment variables after that.
+
+`__post_init__` only validates (ValueError naming the flag); reading the HF config is I/O and lives
+in `create`, outside the dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16, "half": torch.float16,
+}
+
+
+def _require(ok: bool, flag: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"--{flag.replace('_', '-')}: {message}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str                 # what the user named (hub id or path); also the default served name
+    path: str                  # resolved local directory holding config.json and the weights
+    architecture: str          # HF `architectures[0]`
+    hf_config: Any             # transformers PretrainedConfig (or dict-backed for remote-code layouts)
+    dtype: torch.dtype
+    max_model_len: int
+    tokenizer: str             # directory or hub id of the tokenizer
+    trust_remote_code: bool = False
+    revision: str | None = None
+    seed: int = 0
+    # Token ids that end generation (config eos + generation_config eos).
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        _require(self.max_model_len >= 1, "max_model_len", f"must be positive, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    # CPU: bytes of KV cache (there is no device memory to take a fraction of). None: 4 GiB.
+    kv_cache_memory_bytes: int | None = None
+    num_gpu_blocks_override: int | None = None
+    enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"
+    cpu_offload_gb: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block_size",
+                 f"must be a power of two up to 128, got {self.block_size}")
+        _require(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization",
+                 f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        _require(self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 1,
+                 "num_gpu_blocks_override", "must be positive")
+        _require(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
+                 "kv_cache_memory_bytes", "must be positive")
+        _require(self.kv_cache_dtype == "auto", "kv_cache_dtype",
+                 f"only 'auto' (the model dtype) is supported, got {self.kv_cache_dtype!r}")
+        _require(self.cpu_offload_gb == 0, "cpu_offload_gb",
+                 f"weight offloading is not supported, got {self.cpu_offload_gb}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    enable_chunked_prefill: bool = True
+    max_model_len: int = 8192  # copy of ModelConfig's, for the scheduler's checks
+
+    def __post_init__(self) -> None:
+        _require(self.max_num_seqs >= 1, "max_num_seqs", f"must be positive, got {self.max_num_seqs}")
+        _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens",
+                 f"must be positive, got {self.max_num_batched_tokens}")
+        _require(self.enable_chunked_prefill or self.max_num_batched_tokens >= self.max_model_len,
+                 "max_num_batched_tokens",
+                 "must be at least --max-model-len when chunked prefill is disabled")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be positive")
+        _require(self.pipeline_parallel_size >= 1, "pipeline_parallel_size", "must be positive")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: str = "cpu"          # resolved: "cpu" or "cuda"
+    enforce_eager: bool = False  # no CUDA graphs
+    deterministic: bool = True   # batch-invariant numerics (same tokens whatever the batch)
+
+    def __post_init__(self) -> None:
+        _require(self.device in ("cpu", "cuda"), "device", f"must be cpu or cuda, got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class MultiModalConfig:
+    # modality -> max items per prompt; a missing modality means vLLM's default (999).
+    limit_per_prompt: dict[str, int] = field(default_factory=dict)
+    # modality -> size bounds from the object form: {"width", "height"} / {"num_frames"}.
+    limit_sizes: dict[str, dict[str, int]] = field(default_factory=dict)
+    mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Vision-embedding rows the encoder cache may hold; None: derived from the limits.
+    encoder_cache_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for modality, count in self.limit_per_prompt.items():
+            _require(modality in ("image", "video"), "limit_mm_per_prompt",
+                     f"unknown modality {modality!r} (supported: image, video)")
+            _require(count >= 0, "limit_mm_per_prompt", f"{modality} count must be >= 0, got {count}")
+
+    def max_items(self, modality: str) -> int:
+        return self.limit_per_prompt.get(modality, 999)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_config: ModelConfig
+    cache_config: CacheConfig
+    scheduler_config: SchedulerConfig
+    parallel_config: ParallelConfig
+    device_config: DeviceConfig
+    multimodal_config: MultiModalConfig
+
+    @staticmethod
+    def create(**kwargs: Any) -> "EngineConfig":
+        """Build from LLM(...) / CLI keyword arguments (vLLM's names). Reads the HF config."""
+        from engine.config_loader import build_engine_config
+
+        return build_engine_config(**kwargs)
+
+    def replace(self, **changes: Any) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    _require(device in ("cpu", "cuda"), "device", f"must be auto, cpu or cuda, got {device!r}")
+    _require(device != "cuda" or torch.cuda.is_available(), "device", "cuda asked for but no GPU is visible")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None, device: str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if checkpoint_dtype in (torch.float32, torch.bfloat16, torch.float16):
+            # float16 on the CPU is slow and inexact; vLLM's CPU backend does the same.
+            return torch.float32 if (device == "cpu" and checkpoint_dtype == torch.float16) else checkpoint_dtype
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    _require(dtype in _DTYPES, "dtype", f"must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")

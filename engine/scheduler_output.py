@@ -1,0 +1,61 @@
+"""SchedulerOutput: what the scheduler decided for one step, handed to the model runner.
+
+It is a diff: full data for requests the runner has not seen (or must rebuild after preemption),
+only what changed for the others. The runner keeps its own per-request state between steps and
+never decides who runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+from vision.inputs import MultiModalItem
+
+
+@dataclass
+class NewRequestData:
+    req_id: str
+    # Prompt ids with placeholders already expanded (one token per embedding row).
+    prompt_token_ids: list[int]
+    # Tokens generated before a preemption; empty for a brand-new request. The runner needs them
+    # for penalties and for the positions of the tokens it will recompute.
+    output_token_ids: list[int]
+    mm_items: list[MultiModalItem]
+    sampling_params: SamplingParams
+    # KV blocks of this request, in order; block i holds token positions [i*B, (i+1)*B).
+    block_ids: list[int]
+    # Tokens whose KV is already in block_ids (prefix-cache hit); the step computes from here.
+    num_computed_tokens: int
+
+
+@dataclass
+class CachedRequestData:
+    """Requests the runner already holds. Parallel lists, one entry per request."""
+
+    req_ids: list[str] = field(default_factory=list)
+    # Blocks appended since the last step (the runner extends its block table with them).
+    new_block_ids: list[list[int]] = field(default_factory=list)
+    # Tokens with KV computed before this step.
+    num_computed_tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled_new_reqs: list[NewRequestData]
+    scheduled_cached_reqs: CachedRequestData
+    # req_id -> tokens to compute this step (a prefill chunk, or 1 for a decode).
+    num_scheduled_tokens: dict[str, int]
+    total_num_scheduled_tokens: int
+    # req_id -> indices into that request's mm_items whose encoder output must be computed this
+    # step (they overlap this step's token range and are not in the encoder cache yet).
+    scheduled_encoder_inputs: dict[str, list[int]]
+    # Requests that finished, were aborted or were preempted since the last step: the runner
+    # drops their state. A preempted request comes back later as a NewRequestData.
+    finished_req_ids: set[str]
+    # Encoder-cache entries the runner may drop (no scheduled request needs them any more).
+    free_encoder_mm_hashes: list[str]
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0

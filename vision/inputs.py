@@ -1,0 +1,48 @@
+"""The records that `vision` hands the engine: one processed media item and where its
+placeholder tokens sit in the prompt.
+
+They cross the API-process -> engine-process boundary, so they are msgspec Structs and carry
+plain bytes, never tensors. Pixels travel as the *resized* uint8 frames (the processor's resize
+step ran in the API process, on the CPU); normalisation and patch flattening run later, on the
+engine's device, in `vision.processors.*.pixel_values_from_frames`. uint8 after resize is exactly
+what transformers' processors hold at that point, so nothing is lost, and the payload is 4x
+smaller than float32 pixel values.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+IMAGE = "image"
+VIDEO = "video"
+MODALITIES = (IMAGE, VIDEO)
+
+
+class PlaceholderRange(msgspec.Struct, frozen=True, array_like=True):
+    """Where an item's embeddings go in the prompt.
+
+    Example: prompt ids  [im_start, user, vision_start, pad, pad, pad, pad, vision_end, ...]
+                          0         1     2             3    4    5    6    7
+    An image of 4 tokens has PlaceholderRange(offset=3, length=4): prompt positions 3..6 are
+    replaced by the 4 rows of the item's embedding, in order.
+    """
+
+    offset: int
+    length: int
+
+
+class MultiModalItem(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+    modality: str  # IMAGE | VIDEO
+    # Content hash of the decoded media + the processor settings that shaped it (vision.hashing).
+    # Keys the encoder cache and is folded into prefix-cache block hashes.
+    mm_hash: str
+    placeholder: PlaceholderRange
+    # Resized frames, uint8, row-major [num_frames, height, width, 3] (RGB). An image is one frame
+    # (Qwen repeats it to temporal_patch_size on the device); an InternVL image is its tiles.
+    frames: bytes
+    frames_shape: tuple[int, int, int, int]
+    # Qwen2-VL family: (t, h, w) in patches before the spatial merge; InternVL: (num_tiles, 1, 1).
+    grid_thw: tuple[int, int, int]
+    # Videos only: seconds covered by one temporal grid step (temporal_patch_size / fps),
+    # needed by M-RoPE (transformers' `second_per_grid_ts`).
+    second_per_grid_t: float = 0.0
