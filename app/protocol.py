@@ -1,0 +1,371 @@
+"""The OpenAI wire format (plus vLLM's documented extras) as msgspec Structs.
+
+Caller: the route handlers in app/routes/*, which let Litestar decode request bodies into these
+Structs (a malformed body is a msgspec ValidationError -> 400) and encode the responses. Bounds
+that only depend on the request live here as `Meta` constraints, so they also appear in the
+OpenAPI schema; bounds that depend on the server (the `n` cap) are checked in
+`to_sampling_params`. Conversion to `engine.SamplingParams` happens here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from engine.sampling_params import MAX_LOGPROBS, SamplingParams
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+
+StopString = Annotated[str, Meta(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+Stop = StopString | Annotated[list[StopString], Meta(max_length=MAX_STOP_STRINGS)] | None
+TokenId = Annotated[int, Meta(ge=0, lt=2 ** 31)]
+Seed = Annotated[int, Meta(ge=-(2 ** 63), lt=2 ** 64)]
+PositiveInt = Annotated[int, Meta(ge=1, lt=2 ** 31)]
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+# ---------------------------------------------------------------- chat messages
+
+
+class ImageURL(Struct, kw_only=True):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class VideoURL(Struct, kw_only=True):
+    url: str
+
+
+class InputAudio(Struct, kw_only=True):
+    data: str = ""
+    format: str = ""
+
+
+class TextPart(Struct, tag="text", tag_field="type", kw_only=True):
+    text: str
+
+
+class ImageURLPart(Struct, tag="image_url", tag_field="type", kw_only=True):
+    image_url: ImageURL
+    uuid: str | None = None
+
+
+class VideoURLPart(Struct, tag="video_url", tag_field="type", kw_only=True):
+    video_url: VideoURL
+    uuid: str | None = None
+
+
+class InputAudioPart(Struct, tag="input_audio", tag_field="type", kw_only=True):
+    """Accepted by the decoder only so that the route can refuse it with a clear message."""
+
+    input_audio: InputAudio
+
+
+ContentPart = TextPart | ImageURLPart | VideoURLPart | InputAudioPart
+
+
+class FunctionCall(Struct, kw_only=True):
+    name: str
+    arguments: str  # a JSON object, as a string (OpenAI's shape)
+
+
+class ToolCall(Struct, kw_only=True):
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
+class ChatMessage(Struct, kw_only=True, omit_defaults=True):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDefinition(Struct, kw_only=True, omit_defaults=True):
+    name: Annotated[str, Meta(min_length=1, max_length=128)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(Struct, kw_only=True):
+    function: FunctionDefinition
+    type: Literal["function"] = "function"
+
+
+class NamedFunction(Struct, kw_only=True):
+    name: str
+
+
+class NamedToolChoice(Struct, kw_only=True):
+    function: NamedFunction
+    type: Literal["function"] = "function"
+
+
+class StreamOptions(Struct, kw_only=True):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class ResponseFormat(Struct, kw_only=True):
+    type: str
+    json_schema: dict[str, Any] | None = None
+
+
+# ---------------------------------------------------------------- requests
+
+
+class SamplingFields(Struct, kw_only=True):
+    """Fields shared by /v1/chat/completions and /v1/completions (vLLM's names)."""
+
+    model: str | None = None
+    n: PositiveInt = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Stop = None
+    max_tokens: PositiveInt | None = None
+    temperature: Annotated[float, Meta(ge=0.0, le=100.0)] | None = None
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Meta(ge=-1, lt=2 ** 31)] | None = None
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=100.0)] | None = None
+    presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
+    seed: Seed | None = None
+    user: str | None = None
+    ignore_eos: bool = False
+    min_tokens: Annotated[int, Meta(ge=0, lt=2 ** 31)] = 0
+    stop_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    mm_processor_kwargs: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(SamplingFields, kw_only=True):
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    max_completion_tokens: PositiveInt | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+
+PromptInput = (
+    Annotated[str, Meta(max_length=10_000_000)]
+    | Annotated[list[str], Meta(min_length=1)]
+    | Annotated[list[TokenId], Meta(min_length=1)]
+    | Annotated[list[Annotated[list[TokenId], Meta(min_length=1)]], Meta(min_length=1)]
+)
+
+
+class CompletionRequest(SamplingFields, kw_only=True):
+    prompt: PromptInput
+    echo: bool = False
+    logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
+    suffix: str | None = None
+
+
+def to_sampling_params(request: SamplingFields, *, max_n: int, max_tokens: int | None,
+                       logprobs: int | None) -> SamplingParams:
+    """Request fields -> SamplingParams (ValueError on values bounded by the server)."""
+    if request.n > max_n:
+        raise ValueError(f"n must be at most {max_n} on this server, got {request.n}")
+    stop = [request.stop] if isinstance(request.stop, str) else request.stop
+    given = {
+        "temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k,
+        "min_p": request.min_p, "repetition_penalty": request.repetition_penalty,
+        "presence_penalty": request.presence_penalty, "frequency_penalty": request.frequency_penalty,
+    }
+    params = SamplingParams(
+        n=request.n, seed=request.seed, stop=stop or None, stop_token_ids=request.stop_token_ids,
+        ignore_eos=request.ignore_eos, max_tokens=max_tokens, min_tokens=request.min_tokens,
+        logprobs=logprobs, skip_special_tokens=request.skip_special_tokens,
+        include_stop_str_in_output=request.include_stop_str_in_output,
+        **{name: value for name, value in given.items() if value is not None},
+    )
+    return params.validate()
+
+
+# ---------------------------------------------------------------- responses
+
+
+class PromptTokensDetails(Struct, kw_only=True):
+    cached_tokens: int = 0
+    image_tokens: int = 0
+    video_tokens: int = 0
+
+
+class Usage(Struct, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class TopLogprob(Struct, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(Struct, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(Struct, kw_only=True):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(Struct, kw_only=True):
+    role: str = "assistant"
+    content: str | None = None
+    tool_calls: list[ToolCall] = []
+
+
+class ChatCompletionChoice(Struct, kw_only=True):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: ChoiceLogprobs | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(Struct, kw_only=True):
+    id: str
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+    object: str = "chat.completion"
+    created: int = msgspec.field(default_factory=lambda: int(time.time()))
+
+
+class ToolCallDelta(Struct, kw_only=True):
+    index: int
+    id: str
+    function: FunctionCall
+    type: str = "function"
+
+
+class DeltaMessage(Struct, kw_only=True, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
+
+
+class ChatCompletionChunkChoice(Struct, kw_only=True):
+    index: int
+    delta: DeltaMessage
+    finish_reason: str | None = None
+    logprobs: ChoiceLogprobs | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionChunk(Struct, kw_only=True):
+    id: str
+    model: str
+    created: int
+    choices: list[ChatCompletionChunkChoice]
+    usage: Usage | None = None
+    object: str = "chat.completion.chunk"
+
+
+class CompletionLogprobs(Struct, kw_only=True):
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
+
+
+class CompletionChoice(Struct, kw_only=True):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: CompletionLogprobs | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(Struct, kw_only=True):
+    id: str
+    model: str
+    created: int
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    object: str = "text_completion"
+
+
+# ---------------------------------------------------------------- models, tokenize, errors
+
+
+class ModelCard(Struct, kw_only=True):
+    id: str
+    root: str
+    max_model_len: int
+    object: str = "model"
+    created: int = msgspec.field(default_factory=lambda: int(time.time()))
+    owned_by: str = "vlserve"
+    parent: str | None = None
+
+
+class ModelList(Struct, kw_only=True):
+    data: list[ModelCard]
+    object: str = "list"
+
+
+class TokenizeRequest(Struct, kw_only=True):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+
+
+class TokenizeResponse(Struct, kw_only=True):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(Struct, kw_only=True):
+    tokens: Annotated[list[TokenId], Meta(max_length=1_000_000)]
+    model: str | None = None
+
+
+class DetokenizeResponse(Struct, kw_only=True):
+    prompt: str
+
+
+class ErrorInfo(Struct, kw_only=True):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | None = None
+
+
+class ErrorResponse(Struct, kw_only=True):
+    error: ErrorInfo
+
+
+class VersionResponse(Struct, kw_only=True):
+    version: str
