@@ -1,0 +1,246 @@
+"""Turns the core's EngineOutputs (new token ids, logprobs, finish) into cumulative
+RequestOutputs: incremental detokenisation, stop strings, logprob formatting, n>1 merging.
+
+Used by engine.client (AsyncEngineClient, for the HTTP app) and engine.llm (offline API). The
+core never sees text: when a stop string appears here, the caller aborts that request in the core.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from engine.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from engine.protocol import EngineOutput, EngineRequest, FinishReason, TokenLogprobs
+from engine.sampling_params import SamplingParams
+from vision.inputs import IMAGE, VIDEO
+
+# Prompt tokens decoded before the first output token, so that the first token's text is
+# decoded in context (leading spaces of SentencePiece / byte-level merges come out right).
+_MIN_CONTEXT_TOKENS = 5
+_MAX_CONTEXT_TOKENS = 24
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    """The text of one completion, grown token by token without ever emitting half a character.
+
+    Window over all ids (prompt context + output):
+        [ ... | prefix_offset ......... read_offset ......... len(ids) ]
+                 already-emitted text    |  tokens not yet emitted
+    The new text is decode(ids[prefix:]) minus decode(ids[prefix:read]); it is held back while
+    it ends in U+FFFD (a multi-byte character split over tokens).
+    """
+
+    def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams):
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = params.skip_special_tokens
+        self._raw_special = not (params.skip_special_tokens or params.spaces_between_special_tokens)
+        self._special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+        context = self._clean_context(prompt_token_ids)
+        self._ids: list[int] = list(context)
+        self._prefix_offset = 0
+        self._read_offset = len(context)
+        self._last_was_special = False
+        self.text = ""
+
+    def _clean_context(self, prompt_token_ids: list[int]) -> list[int]:
+        """The shortest prompt suffix (>= 5 tokens) that decodes to whole characters."""
+        if len(prompt_token_ids) <= _MIN_CONTEXT_TOKENS:
+            return list(prompt_token_ids)
+        for length in range(_MIN_CONTEXT_TOKENS, min(len(prompt_token_ids), _MAX_CONTEXT_TOKENS) + 1):
+            suffix = prompt_token_ids[-length:]
+            if _REPLACEMENT_CHAR not in self._decode(suffix):
+                return list(suffix)
+        return []
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self._tokenizer.decode(token_ids, skip_special_tokens=self._skip_special_tokens)
+
+    def add_tokens(self, new_token_ids: list[int], is_final: bool = False) -> int:
+        """Appends tokens; returns how many characters were added to `text`."""
+        num_chars_before = len(self.text)
+        for token_id in new_token_ids:
+            self._ids.append(token_id)
+            self.text += self._next_text(token_id, flush=False)
+        if is_final and self._read_offset < len(self._ids):
+            self.text += self._next_text(None, flush=True)  # a genuinely invalid byte sequence
+        return len(self.text) - num_chars_before
+
+    def _next_text(self, token_id: int | None, flush: bool) -> str:
+        if self._raw_special and token_id in self._special_ids:
+            if self._last_was_special and self._read_offset == len(self._ids) - 1:
+                # vLLM: no space between adjacent special tokens when asked so.
+                self._prefix_offset = self._read_offset = len(self._ids)
+                return self._tokenizer.convert_ids_to_tokens(token_id)
+            self._last_was_special = True
+        elif token_id is not None:
+            self._last_was_special = False
+        prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        new_text = self._decode(self._ids[self._prefix_offset:])
+        if not flush and (len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR)):
+            return ""
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        return new_text[len(prefix_text):]
+
+
+def find_stop_string(text: str, num_new_chars: int, stop: list[str],
+                     include_stop_str_in_output: bool) -> tuple[str, int] | None:
+    """The earliest stop string that ends within the last `num_new_chars` characters, and the
+    length the text must be cut to. None if no stop string appeared."""
+    found: tuple[str, int] | None = None
+    for stop_str in stop:
+        search_from = max(0, len(text) - num_new_chars - len(stop_str) + 1)
+        index = text.find(stop_str, search_from)
+        if index != -1 and (found is None or index < found[1]):
+            found = (stop_str, index)
+    if found is None:
+        return None
+    stop_str, index = found
+    return stop_str, index + len(stop_str) if include_stop_str_in_output else index
+
+
+def format_logprobs(tokenizer, entry: TokenLogprobs) -> PositionLogprobs:
+    """{token_id: Logprob}; the sampled token comes first (a top-k duplicate of it is merged)."""
+    position: PositionLogprobs = {}
+    for token_id, logprob, rank in zip(entry.token_ids, entry.logprobs, entry.ranks):
+        if token_id not in position:
+            position[token_id] = Logprob(logprob, rank, tokenizer.decode([token_id]))
+    return position
+
+
+class CompletionState:
+    """One engine request = one completion: its text, tokens, logprobs and finish."""
+
+    def __init__(self, index: int, tokenizer, prompt_token_ids: list[int], params: SamplingParams):
+        self.index = index
+        self._tokenizer = tokenizer
+        self._params = params
+        self._stop = list(params.stop or [])
+        self._hold_back_chars = max((len(s) for s in self._stop), default=1) - 1
+        self._detokenizer = (IncrementalDetokenizer(tokenizer, prompt_token_ids, params)
+                             if params.detokenize else None)
+        self.token_ids: list[int] = []
+        self.logprobs: list[PositionLogprobs] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob: float | None = 0.0 if params.logprobs is not None else None
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.error: str | None = None
+
+    def process(self, output: EngineOutput) -> bool:
+        """Applies one step's output. Returns True when a stop string ended the completion here
+        (the core is still generating it: the caller must abort it there)."""
+        if self.finish_reason is not None:
+            return False
+        self.token_ids.extend(output.new_token_ids)
+        self._add_logprobs(output.new_logprobs or [])
+        is_final = output.finish_reason is not None
+        if self._detokenizer is not None:
+            num_new_chars = self._detokenizer.add_tokens(output.new_token_ids, is_final)
+            self.text = self._detokenizer.text
+            if self._stop and self._apply_stop_strings(num_new_chars):
+                return not is_final
+        if is_final:
+            self._finish(output)
+        return False
+
+    def _add_logprobs(self, entries: list[TokenLogprobs]) -> None:
+        if self.logprobs is None:
+            return
+        for entry in entries:
+            self.logprobs.append(format_logprobs(self._tokenizer, entry))
+            self.cumulative_logprob += entry.logprobs[0]
+
+    def _apply_stop_strings(self, num_new_chars: int) -> bool:
+        hit = find_stop_string(self.text, num_new_chars, self._stop, self._params.include_stop_str_in_output)
+        if hit is None:
+            return False
+        self.stop_reason, cut_at = hit
+        self.text = self.text[:cut_at]
+        self.finish_reason = FinishReason.STOP.value
+        return True
+
+    def _finish(self, output: EngineOutput) -> None:
+        self.finish_reason = output.finish_reason.value
+        self.stop_reason = output.stop_reason
+        if output.finish_reason == FinishReason.ERROR:
+            self.error = output.error or "request failed in the engine"
+
+    def completion_output(self) -> CompletionOutput:
+        text = self.text
+        if self.finish_reason is None and self._hold_back_chars:
+            # Never show the start of what may become a stop string.
+            text = text[:max(0, len(text) - self._hold_back_chars)]
+        return CompletionOutput(self.index, text, list(self.token_ids), self.cumulative_logprob,
+                                None if self.logprobs is None else list(self.logprobs),
+                                self.finish_reason, self.stop_reason)
+
+
+def child_requests(request: EngineRequest) -> list[EngineRequest]:
+    """n>1: one engine request per completion ("{i}_{req_id}", vLLM's naming), seeds seed+i."""
+    params = request.sampling_params
+    if params.n == 1:
+        return [request]
+    children = []
+    for index in range(params.n):
+        seed = None if params.seed is None else (params.seed + index) % 2 ** 64
+        child_params = msgspec.structs.replace(params, n=1, seed=seed)
+        children.append(msgspec.structs.replace(request, req_id=f"{index}_{request.req_id}",
+                                                sampling_params=child_params))
+    return children
+
+
+class RequestState:
+    """One user request (n completions) from submission to its final RequestOutput."""
+
+    def __init__(self, request: EngineRequest, prompt: str | None, tokenizer):
+        self.request = request
+        self.prompt = prompt
+        self._tokenizer = tokenizer
+        self.children = child_requests(request)
+        self._completions = {child.req_id: CompletionState(i, tokenizer, request.prompt_token_ids,
+                                                           child.sampling_params)
+                             for i, child in enumerate(self.children)}
+        self._want_prompt_logprobs = request.sampling_params.prompt_logprobs is not None
+        self.prompt_logprobs: list[PositionLogprobs | None] | None = None
+        self.num_cached_tokens = 0
+
+    @property
+    def child_req_ids(self) -> list[str]:
+        return list(self._completions)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self._completions.values())
+
+    def process(self, output: EngineOutput) -> bool:
+        """Applies a child's output; True if a stop string hit means: abort output.req_id."""
+        if output.prompt_logprobs is not None and self._want_prompt_logprobs and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None if entry is None else format_logprobs(self._tokenizer, entry)
+                                    for entry in output.prompt_logprobs]
+        self.num_cached_tokens = max(self.num_cached_tokens, output.num_cached_tokens)
+        return self._completions[output.req_id].process(output)
+
+    def finish_all(self, reason: FinishReason, error: str | None = None) -> None:
+        """Ends every unfinished completion here (abort, engine death)."""
+        for completion in self._completions.values():
+            if completion.finish_reason is None:
+                completion.finish_reason = reason.value
+                completion.error = error
+
+    def make_output(self) -> RequestOutput:
+        completions = list(self._completions.values())
+        errors = [c.error for c in completions if c.error]
+        return RequestOutput(
+            request_id=self.request.req_id, prompt=self.prompt,
+            prompt_token_ids=list(self.request.prompt_token_ids),
+            prompt_logprobs=self.prompt_logprobs,
+            outputs=[c.completion_output() for c in completions],
+            finished=self.finished, num_cached_tokens=self.num_cached_tokens,
+            num_image_tokens=_num_placeholder_tokens(self.request, IMAGE),
+            num_video_tokens=_num_placeholder_tokens(self.request, VIDEO),
+            error=errors[0] if errors else None)
+
+
+def _num_placeholder_tokens(request: EngineRequest, modality: str) -> int:
+    return sum(item.placeholder.length for item in request.mm_items if item.modality == modality)
