@@ -1,1 +1,109 @@
+"""Public kernel entry points: plain tensors in, plain tensors out.
 
+Caller: the engine's layers (attention, rotary, norm, activation) and the vision towers.
+Dispatch: the Triton kernel when the tensors are on CUDA; the torch `_reference` of the same
+kernel file otherwise (that reference is the CPU backend). CPU tests run the Triton kernels in
+the interpreter by setting TRITON_INTERPRET=1 and VLSERVE_FORCE_TRITON=1 (read at each call).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels import activation as _activation
+from kernels import paged_attention as _paged_attention
+from kernels import rmsnorm as _rmsnorm
+from kernels import rotary as _rotary
+from kernels import store_kv as _store_kv
+from kernels.jit import is_interpreting
+
+__all__ = [
+    "apply_rotary", "fused_add_rms_norm", "paged_attention", "rms_norm", "silu_and_mul", "store_kv",
+    "uses_triton",
+]
+
+
+def uses_triton(tensor: torch.Tensor) -> bool:
+    """True when a call on `tensor` runs the Triton kernel rather than the torch reference."""
+    if tensor.is_cuda:
+        return True
+    return os.environ.get("VLSERVE_FORCE_TRITON", "0") == "1" and is_interpreting()
+
+
+def store_kv(
+    key: torch.Tensor,           # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,         # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,       # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,       # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64; -1 = padding, skipped
+) -> None:
+    impl = _store_kv._triton if uses_triton(key) else _store_kv._reference
+    impl(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(
+    query: torch.Tensor,            # [num_tokens, num_q_heads, head_dim]
+    k_cache: torch.Tensor,          # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,          # [num_blocks, block_size, num_kv_heads, head_dim]
+    query_start_loc: torch.Tensor,  # [num_reqs + 1] int32
+    seq_lens: torch.Tensor,         # [num_reqs] int32
+    block_tables: torch.Tensor,     # [num_reqs, max_blocks_per_req] int32
+    scale: float,
+    max_query_len: int,
+    max_seq_len: int,
+    out: torch.Tensor | None = None,  # [num_tokens, num_q_heads, head_dim]
+    query_lens_cpu: list[int] | None = None,
+    seq_lens_cpu: list[int] | None = None,
+) -> torch.Tensor:                  # [num_tokens, num_q_heads, head_dim]; rows past the batch are 0
+    """Causal GQA attention; request r's queries are the last q_len of its seq_lens[r] positions."""
+    if query.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"num_q_heads {query.shape[1]} is not a multiple of num_kv_heads {k_cache.shape[2]}")
+    if out is None:
+        out = torch.empty_like(query)
+    if uses_triton(query):
+        return _paged_attention._triton(
+            query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
+            max_query_len, max_seq_len, out, query_lens_cpu)
+    return _paged_attention._reference(
+        query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out,
+        query_lens_cpu, seq_lens_cpu)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [num_tokens, hidden], weight: [hidden] -> [num_tokens, hidden] (HF Qwen2RMSNorm)."""
+    if uses_triton(x):
+        return _rmsnorm._triton(x, weight, eps)
+    return _rmsnorm._reference(x, weight, eps)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual: [num_tokens, hidden] -> (rms_norm(x + residual), x + residual)."""
+    if uses_triton(x):
+        return _rmsnorm._fused_add_triton(x, residual, weight, eps)
+    return _rmsnorm._fused_add_reference(x, residual, weight, eps)
+
+
+def apply_rotary(
+    query: torch.Tensor,          # [num_tokens, num_q_heads, head_dim]
+    key: torch.Tensor,            # [num_tokens, num_kv_heads, head_dim]
+    positions: torch.Tensor,      # [num_tokens] or [3, num_tokens] int64
+    cos_sin_cache: torch.Tensor,  # [max_position, head_dim]: cos | sin of the head_dim/2 frequencies
+    mrope_section: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style RoPE (HF rotate_half); M-RoPE when mrope_section is given. Returns new tensors."""
+    if (positions.dim() == 2) != (mrope_section is not None):
+        raise ValueError("positions must be [3, num_tokens] exactly when mrope_section is given")
+    if uses_triton(query):
+        return _rotary._triton(query, key, positions, cos_sin_cache, mrope_section)
+    return _rotary._reference(query, key, positions, cos_sin_cache, mrope_section)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [num_tokens, 2 * intermediate] -> silu(x[:, :I]) * x[:, I:]: [num_tokens, intermediate]."""
+    if uses_triton(x):
+        return _activation._triton(x)
+    return _activation._reference(x)
