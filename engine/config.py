@@ -41,8 +41,12 @@ class ModelConfig:
     seed: int = 0
     # Token ids that end generation (config eos + generation_config eos).
     eos_token_ids: tuple[int, ...] = ()
+    # "auto"/"safetensors": read the checkpoint; "dummy": random weights made on the device.
+    load_format: str = "auto"
 
     def __post_init__(self) -> None:
+        _require(self.load_format in ("auto", "safetensors", "dummy"), "load_format",
+                 f"must be auto, safetensors or dummy, got {self.load_format!r}")
         _require(self.max_model_len >= 1, "max_model_len", f"must be positive, got {self.max_model_len}")
 
 

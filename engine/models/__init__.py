@@ -1,1 +1,24 @@
+"""Model registry: HF `architectures[0]` string -> model class.
 
+Caller: engine.config_loader (is the architecture supported?) and engine.runner.model_runner
+(which class to build). VL models add their entries here.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from engine.models.qwen2 import Qwen2ForCausalLM
+
+_MODELS: dict[str, type[nn.Module]] = {
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+}
+
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(sorted(_MODELS))
+
+
+def get_model_class(architecture: str) -> type[nn.Module]:
+    if architecture not in _MODELS:
+        raise ValueError(f"architecture {architecture!r} is not supported "
+                         f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    return _MODELS[architecture]
