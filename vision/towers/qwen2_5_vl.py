@@ -1,0 +1,188 @@
+"""Qwen2.5-VL vision tower: the Qwen2-VL ViT with RMSNorm, a SwiGLU MLP, and window attention.
+
+Caller: `engine.models.qwen2_5_vl`. Same contract as `Qwen2VisionTransformer`: one forward for all
+items of a step, pixel_values [N_patches, C*T*P*P] + grid_thw [num_items, 3] ->
+[N_patches / merge**2, out_hidden_size].
+
+Window attention. Each frame's merge-unit grid (h/merge x w/merge units, each unit = merge**2
+consecutive patch rows) is cut into windows of `window_size // merge // patch_size` units a side,
+padding at the bottom/right edges only shortens the last windows. Before the first block the
+units are reordered window by window, so every window is one contiguous attention segment:
+
+    units of a 3x5 frame, windows of 2x2:      window order after the permutation:
+     0  1 |  2  3 |  4                          [0 1 5 6] [2 3 7 8] [4 9] [10 11] [12 13] [14]
+     5  6 |  7  8 |  9
+    ------+-------+---                          cu_window_seqlens (in patches, merge 2):
+    10 11 | 12 13 | 14                          0 16 32 40 48 56 60
+
+Blocks in `fullatt_block_indexes` attend over whole frames instead; the permutation keeps every
+frame contiguous, so the per-frame segments of Qwen2-VL still apply. The merger's outputs are
+put back in processor order with the inverse permutation. This is transformers'
+`get_vision_window_index`, computed once per distinct set of grids (cached).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vision.towers.qwen2_vl import (
+    GridKey,
+    VisionAttention,
+    VisionBlock,
+    VisionPatchEmbed,
+    VisionPatchMerger,
+    VisionRotaryEmbedding,
+    activation_fn,
+    check_num_patches,
+    grid_key,
+    load_named_weights,
+    qwen2_vl_layout,
+    rope_theta_of,
+)
+
+
+class Qwen2_5_VisionRMSNorm(nn.Module):
+    """HF Qwen2RMSNorm: normalised in fp32, cast back, then scaled by the weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, dim]
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Qwen2_5_VisionMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), all three with bias."""
+
+    def __init__(self, dim: int, hidden_dim: int, hidden_act: str):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=True)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=True)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=True)
+        self.act = activation_fn(hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass(frozen=True)
+class WindowLayout:
+    """Everything a Qwen2.5-VL forward needs besides the weights; depends only on the grids."""
+
+    positions: torch.Tensor  # [N, 2] int64 (row, col) per patch, in WINDOW order
+    cu_seqlens: torch.Tensor  # [num_frames + 1] int32, full-attention segments (window order keeps frames whole)
+    max_seqlen: int
+    cu_window_seqlens: torch.Tensor  # [num_windows + 1] int32
+    max_window_seqlen: int
+    window_index: torch.Tensor  # [N / merge**2] int64: window-order slot i holds processor-order unit window_index[i]
+    reverse_index: torch.Tensor  # [N / merge**2] int64: argsort(window_index)
+    num_patches: int
+
+
+def _frame_windows(units_h: int, units_w: int, window: int) -> tuple[torch.Tensor, list[int]]:
+    """Units of one frame in window order [units_h*units_w], and each window's unit count."""
+    index = torch.arange(units_h * units_w).view(units_h, units_w)
+    padded = F.pad(index, (0, (-units_w) % window, 0, (-units_h) % window), value=-1)
+    windows_h, windows_w = padded.shape[0] // window, padded.shape[1] // window
+    windows = padded.view(windows_h, window, windows_w, window).permute(0, 2, 1, 3).reshape(-1, window * window)
+    is_unit = windows >= 0  # [num_windows, window*window]
+    return windows[is_unit], is_unit.sum(1).tolist()
+
+
+def _window_order(grid: GridKey, merge: int, window: int) -> tuple[torch.Tensor, list[int]]:
+    """window_index over all items [N / merge**2], and the unit count of every window."""
+    orders, window_units, offset = [], [], 0
+    for t, h, w in grid:
+        frame_order, frame_window_units = _frame_windows(h // merge, w // merge, window)
+        units_per_frame = (h // merge) * (w // merge)
+        for _ in range(t):
+            orders.append(frame_order + offset)
+            window_units.extend(frame_window_units)
+            offset += units_per_frame
+    return torch.cat(orders), window_units
+
+
+@functools.lru_cache(maxsize=256)
+def qwen2_5_vl_layout(grid: GridKey, merge: int, window: int, device: torch.device) -> WindowLayout:
+    """`window` is in merge units (window_size // merge // patch_size). Tensors are shared, never mutate."""
+    full = qwen2_vl_layout(grid, merge, torch.device("cpu"))  # also validates the grids
+    window_index, window_units = _window_order(grid, merge, window)
+    unit = merge * merge
+    positions = full.positions.view(-1, unit, 2)[window_index].view(-1, 2)
+    window_lengths = [units * unit for units in window_units]
+    cu_window_seqlens = torch.tensor([0] + window_lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return WindowLayout(
+        positions=positions.to(device),
+        cu_seqlens=full.cu_seqlens.to(device),
+        max_seqlen=full.max_seqlen,
+        cu_window_seqlens=cu_window_seqlens.to(device),
+        max_window_seqlen=max(window_lengths),
+        window_index=window_index.to(device),
+        reverse_index=torch.argsort(window_index).to(device),
+        num_patches=full.num_patches,
+    )
+
+
+class Qwen2_5_VisionTransformer(nn.Module):
+    """pixel_values [N_patches, C*T*P*P] + grid_thw [num_items, 3] -> [N_patches / merge**2, out_hidden_size]."""
+
+    def __init__(self, vision_config):
+        super().__init__()
+        dim, num_heads = vision_config.hidden_size, vision_config.num_heads
+        self.spatial_merge_size = vision_config.spatial_merge_size
+        self.window_units = vision_config.window_size // self.spatial_merge_size // vision_config.patch_size
+        if self.window_units < 1:
+            raise ValueError(
+                f"vision_config.window_size={vision_config.window_size} is smaller than one merge unit "
+                f"(spatial_merge_size * patch_size = {self.spatial_merge_size * vision_config.patch_size})"
+            )
+        self.fullatt_block_indexes = frozenset(vision_config.fullatt_block_indexes)
+        self.patch_embed = VisionPatchEmbed(
+            vision_config.in_channels, vision_config.temporal_patch_size, vision_config.patch_size, dim
+        )
+        self.rotary_pos_emb = VisionRotaryEmbedding(dim // num_heads, rope_theta_of(vision_config))
+        self.blocks = nn.ModuleList(
+            VisionBlock(
+                attn=VisionAttention(dim, num_heads),
+                mlp=Qwen2_5_VisionMLP(dim, vision_config.intermediate_size, vision_config.hidden_act),
+                norm1=Qwen2_5_VisionRMSNorm(dim),
+                norm2=Qwen2_5_VisionRMSNorm(dim),
+            )
+            for _ in range(vision_config.depth)
+        )
+        self.merger = VisionPatchMerger(
+            dim, vision_config.out_hidden_size, self.spatial_merge_size, norm=Qwen2_5_VisionRMSNorm(dim)
+        )
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        layout = qwen2_5_vl_layout(
+            grid_key(grid_thw), self.spatial_merge_size, self.window_units, pixel_values.device
+        )
+        check_num_patches(pixel_values, layout.num_patches, self.patch_embed.proj.in_features)
+        unit = self.spatial_merge_size**2
+        hidden = self.patch_embed(pixel_values)  # [N, dim], processor order
+        hidden = hidden.view(-1, unit, hidden.shape[-1])[layout.window_index].flatten(0, 1)  # window order
+        cos, sin = self.rotary_pos_emb(layout.positions)  # [N, head_dim] each, window order
+        for index, block in enumerate(self.blocks):
+            if index in self.fullatt_block_indexes:
+                hidden = block(hidden, layout.cu_seqlens, layout.max_seqlen, cos, sin)
+            else:
+                hidden = block(hidden, layout.cu_window_seqlens, layout.max_window_seqlen, cos, sin)
+        merged = self.merger(hidden)  # [N / unit, out_hidden], window order
+        return merged[layout.reverse_index]  # processor order
+
+    def expected_weight_names(self) -> set[str]:
+        return {name for name, _ in self.named_parameters()}
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return load_named_weights(self, weights)
