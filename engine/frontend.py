@@ -1,0 +1,161 @@
+"""Prompt (text or token ids) + decoded media -> a validated EngineRequest, with the media's
+placeholder tokens expanded; and OpenAI chat messages -> prompt text (engine.chat_render).
+
+Used in the API process by the HTTP routes (app) and by the offline API (engine.llm). Every
+invalid input raises ValueError with a user-facing message here, before the engine sees it.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import random
+import time
+from dataclasses import dataclass
+
+import msgspec
+import numpy as np
+from PIL import Image
+
+from engine.chat_render import RenderedChat, render_chat
+from engine.config import EngineConfig
+from engine.protocol import EngineRequest
+from engine.sampling_params import SamplingParams
+from vision.image import to_rgb
+from vision.inputs import IMAGE, MODALITIES, VIDEO
+from vision.video import VideoFrames, video_from_frames
+
+
+@dataclass(frozen=True)
+class MediaInput:
+    modality: str                 # "image" | "video"
+    data: object                  # PIL.Image | vision.video.VideoFrames | uint8 frames [T, H, W, 3]
+    uuid: str | None = None
+    detail: str | None = None     # image_url.detail
+
+
+def load_tokenizer(model_config):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_config.tokenizer, trust_remote_code=model_config.trust_remote_code,
+                                             revision=model_config.revision)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--tokenizer: cannot load a tokenizer from {model_config.tokenizer}: {exc}") from exc
+
+
+class Frontend:
+    def __init__(self, config: EngineConfig, tokenizer=None):
+        self.config = config
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model_config)
+        self.chat_template = self._init_chat_template()
+        self._processor = None  # built on the first request with media
+        hf_config = config.model_config.hf_config
+        text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+        self.vocab_size = int(getattr(text_config, "vocab_size", 0) or len(self.tokenizer))
+        self.is_multimodal = getattr(hf_config, "vision_config", None) is not None
+        self._seed_rng = random.Random(config.model_config.seed)
+
+    def _init_chat_template(self) -> str | None:
+        template = getattr(self.tokenizer, "chat_template", None)
+        if template:
+            return template
+        path = pathlib.Path(self.config.model_config.path) / "chat_template.jinja"
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+
+    @property
+    def processor(self):
+        if self._processor is None:
+            from vision.processors import get_processor
+
+            model_config = self.config.model_config
+            self._processor = get_processor(model_config.path, model_config.hf_config)
+        return self._processor
+
+    def render_chat(self, messages: list[dict], *, tools=None, chat_template: str | None = None,
+                    add_generation_prompt: bool = True, continue_final_message: bool = False,
+                    chat_template_kwargs: dict | None = None) -> RenderedChat:
+        return render_chat(self.tokenizer, messages, chat_template=chat_template or self.chat_template, tools=tools,
+                           add_generation_prompt=add_generation_prompt,
+                           continue_final_message=continue_final_message,
+                           chat_template_kwargs=chat_template_kwargs)
+
+    def make_request(self, request_id: str, prompt: str | list[int], media: list[MediaInput],
+                     sampling_params: SamplingParams, mm_processor_kwargs: dict | None = None, *,
+                     add_special_tokens: bool = True, cache_salt: str | None = None,
+                     arrival_time: float | None = None) -> EngineRequest:
+        """ValueError (user-facing message) on any invalid input. `add_special_tokens`: False for a
+        prompt rendered from a chat template (the template wrote them already)."""
+        sampling_params.validate()
+        token_ids = self._tokenize(prompt, add_special_tokens)
+        self._check_media_counts(media)
+        mm_items = []
+        if media:
+            token_ids, mm_items = self._expand_media(token_ids, media, mm_processor_kwargs)
+        params = self._complete_sampling_params(sampling_params, len(token_ids))
+        return EngineRequest(req_id=request_id, prompt_token_ids=token_ids, sampling_params=params,
+                             mm_items=mm_items, arrival_time=time.time() if arrival_time is None else arrival_time,
+                             cache_salt=cache_salt)
+
+    def _tokenize(self, prompt: str | list[int], add_special_tokens: bool) -> list[int]:
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            token_ids = list(prompt)
+            bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt_token_ids: token id {bad[0]} is out of vocabulary "
+                                 f"(vocab size {self.vocab_size})")
+        else:
+            raise ValueError("prompt must be a string or a list of token ids")
+        if not token_ids:
+            raise ValueError("prompt must not be empty")
+        return token_ids
+
+    def _check_media_counts(self, media: list[MediaInput]) -> None:
+        if media and not self.is_multimodal:
+            raise ValueError(f"{self.config.model_config.architecture} is a text-only model; "
+                             f"it does not accept {media[0].modality} inputs")
+        for modality in MODALITIES:
+            count = sum(1 for item in media if item.modality == modality)
+            limit = self.config.multimodal_config.max_items(modality)
+            if count > limit:
+                raise ValueError(f"At most {limit} {modality}(s) may be provided in one prompt, got {count} "
+                                 f"(--limit-mm-per-prompt {modality}={limit})")
+        unknown = [item.modality for item in media if item.modality not in MODALITIES]
+        if unknown:
+            raise ValueError(f"unsupported modality {unknown[0]!r} (supported: {', '.join(MODALITIES)})")
+
+    def _expand_media(self, token_ids: list[int], media: list[MediaInput], mm_processor_kwargs: dict | None):
+        """Processes the items (in prompt order) and expands their placeholders in the prompt."""
+        mm_kwargs = {**self.config.multimodal_config.mm_processor_kwargs, **(mm_processor_kwargs or {})} or None
+        processed = [self._process_one(item, mm_kwargs) for item in media]
+        token_ids, placeholders = self.processor.expand_placeholders(token_ids, processed)
+        items = [one.to_item(placeholder) for one, placeholder in zip(processed, placeholders)]
+        return list(token_ids), sorted(items, key=lambda item: item.placeholder.offset)
+
+    def _process_one(self, item: MediaInput, mm_kwargs: dict | None):
+        if item.modality == IMAGE:
+            image = item.data
+            if isinstance(image, np.ndarray):
+                image = Image.fromarray(image)
+            if not isinstance(image, Image.Image):
+                raise ValueError(f"an image must be a PIL image, got {type(item.data).__name__}")
+            return self.processor.process_image(to_rgb(image), mm_kwargs, item.detail)
+        video = item.data if isinstance(item.data, VideoFrames) else video_from_frames(item.data)
+        return self.processor.process_video(video.frames, video.fps, mm_kwargs)
+
+    def _complete_sampling_params(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
+        """vLLM's length rules; max_tokens None -> what is left of max_model_len; a seed for every
+        request (n>1 children use seed+i, so they differ)."""
+        max_model_len = self.config.model_config.max_model_len
+        if prompt_len + 1 > max_model_len:
+            raise ValueError(f"The prompt (length {prompt_len}) is longer than the maximum model length of "
+                             f"{max_model_len}; it must leave room for at least one generated token. "
+                             f"Make sure that `max_model_len` exceeds the text plus multimodal tokens.")
+        max_tokens = params.max_tokens if params.max_tokens is not None else max_model_len - prompt_len
+        if prompt_len + max_tokens > max_model_len:
+            raise ValueError(f"This model's maximum context length is {max_model_len} tokens. However, you "
+                             f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the messages, "
+                             f"{max_tokens} in the completion). Please reduce the length of the messages or completion.")
+        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+        return msgspec.structs.replace(params, max_tokens=max_tokens, seed=seed)
