@@ -1,0 +1,237 @@
+"""Build tiny random-weight checkpoints in exact Hugging Face layout (Qwen2, Qwen2-VL, Qwen2.5-VL).
+
+Caller: tests/conftest.py (`tiny_model_dir` fixture) and humans:
+    python samples/models/build_tiny.py --out samples/models/out [qwen2 qwen2_vl qwen2_5_vl]
+Each directory holds config.json, float32 safetensors (qwen2: two shards + index), tokenizer.json,
+tokenizer_config.json, chat_template.jinja, generation_config.json and, for the VL models,
+preprocessor_config.json and video_preprocessor_config.json. Shapes are tiny but structurally real:
+GQA, M-RoPE, window attention with full-attention blocks, tied and untied heads, a vocab that is not a
+multiple of 64. Weights are seeded per parameter name, so the bytes are identical on every build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import zlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_tokenizer import (  # noqa: E402
+    NON_SPECIAL_ADDED_TOKENS, QWEN2_5_CHAT_TEMPLATE, QWEN2_VL_CHAT_TEMPLATE, SPECIAL_TOKENS,
+    special_token_ids, train_tokenizer,
+)
+
+MODEL_NAMES = ("qwen2", "qwen2_vl", "qwen2_5_vl")
+# Tokenizer has 1046 tokens; qwen2_vl's vocab is deliberately not a multiple of 64.
+VOCAB_SIZES = {"qwen2": 1088, "qwen2_vl": 1063, "qwen2_5_vl": 1088}
+IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
+IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+MIN_PIXELS, MAX_PIXELS = 3136, 12845056
+VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 128 * 28 * 28, 768 * 28 * 28
+
+
+def text_kwargs(name: str, ids: dict[str, int]) -> dict:
+    """LM shape shared by the three models: hidden 64, 3 layers, 4 query / 2 KV heads of 16."""
+    rope = {"rope_type": "default", "rope_theta": 1000000.0}
+    if name != "qwen2":
+        rope["mrope_section"] = [2, 3, 3]
+    return dict(
+        vocab_size=VOCAB_SIZES[name], hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, hidden_act="silu", max_position_embeddings=4096,
+        rms_norm_eps=1e-6, rope_parameters=rope, use_sliding_window=False, max_window_layers=3,
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+    )
+
+
+def make_config(name: str, ids: dict[str, int]):
+    from transformers import Qwen2_5_VLConfig, Qwen2Config, Qwen2VLConfig
+
+    media_ids = dict(
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    if name == "qwen2":
+        return Qwen2Config(**text_kwargs(name, ids), tie_word_embeddings=True, dtype="float32")
+    if name == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, hidden_act="quick_gelu", mlp_ratio=4,
+                      num_heads=2, in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        return Qwen2VLConfig(text_config=text_kwargs(name, ids), vision_config=vision,
+                             tie_word_embeddings=False, dtype="float32", **media_ids)
+    if name == "qwen2_5_vl":
+        vision = dict(depth=3, hidden_size=32, intermediate_size=48, hidden_act="silu", num_heads=2,
+                      in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                      tokens_per_second=2, window_size=112, out_hidden_size=64, fullatt_block_indexes=[1])
+        return Qwen2_5_VLConfig(text_config=text_kwargs(name, ids), vision_config=vision,
+                                tie_word_embeddings=True, dtype="float32", **media_ids)
+    raise ValueError(f"name: unknown tiny model {name!r}; expected one of {MODEL_NAMES}")
+
+
+def init_weights(model: torch.nn.Module) -> None:
+    """Seed every parameter from its own name, with scales that keep greedy decoding non-degenerate.
+
+    HF's std 0.02 makes tiny-model logits near uniform; here matrices get 1.5/sqrt(fan_in), embeddings
+    std 0.25 (larger ones make tied models copy their input token), norms 1 + noise and biases small
+    noise, so a missed or transposed load shows. Tuned so greedy runs neither loop nor ignore images.
+    """
+    for param_name, param in model.named_parameters():
+        generator = torch.Generator().manual_seed(zlib.crc32(param_name.encode()))
+        noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+        is_norm = any(key in param_name for key in ("norm", "ln_q"))
+        if is_norm and param_name.endswith("weight"):
+            value = 1.0 + 0.1 * noise
+        elif param_name.endswith("bias"):
+            value = 0.1 * noise
+        elif "embed_tokens" in param_name or "lm_head" in param_name:
+            value = 0.25 * noise
+        else:
+            fan_in = param[0].numel()
+            value = noise * (1.5 / fan_in**0.5)
+        with torch.no_grad():
+            param.copy_(value)
+
+
+def suppress_unemittable_rows(model: torch.nn.Module, ids: dict[str, int], tokenizer_len: int) -> None:
+    """Shrink the output rows of media/structural specials and of vocab padding (ids >= tokenizer_len).
+
+    Trained Qwen models never emit these; with random weights they would, and a generated <|image_pad|>
+    or an id without a token would make greedy parity runs about an accident. EOS ids stay emittable.
+    """
+    emittable = {"<|im_end|>", "<|endoftext|>", "<tool_call>", "</tool_call>"}
+    rows = [token_id for token, token_id in ids.items() if token not in emittable]
+    output_weight = model.get_output_embeddings().weight  # [vocab, hidden]; the embedding when tied
+    rows += list(range(tokenizer_len, output_weight.shape[0]))
+    with torch.no_grad():
+        output_weight[rows] *= 0.05
+
+
+def make_model(name: str, config) -> torch.nn.Module:
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM, Qwen2VLForConditionalGeneration
+
+    model_class = {
+        "qwen2": Qwen2ForCausalLM, "qwen2_vl": Qwen2VLForConditionalGeneration,
+        "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+    }[name]
+    torch.manual_seed(0)
+    model = model_class(config).to(torch.float32).eval()
+    init_weights(model)
+    return model
+
+
+def make_hf_tokenizer(chat_template: str):
+    from transformers import Qwen2Tokenizer
+
+    tokenizer = Qwen2Tokenizer(
+        tokenizer_object=train_tokenizer(), eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token=None, bos_token=None, errors="replace", model_max_length=32768,
+        split_special_tokens=False, clean_up_tokenization_spaces=False,
+        additional_special_tokens=list(SPECIAL_TOKENS), add_prefix_space=False,
+    )
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def write_tokenizer_files(name: str, out_dir: Path) -> dict[str, int]:
+    """Tokenizer (+ processor configs for VL) in the layout transformers 5 saves; returns special ids."""
+    template = QWEN2_5_CHAT_TEMPLATE if name == "qwen2" else QWEN2_VL_CHAT_TEMPLATE
+    tokenizer = make_hf_tokenizer(template)
+    if name == "qwen2":
+        tokenizer.save_pretrained(out_dir)
+    else:
+        make_processor(name, tokenizer).save_pretrained(out_dir)
+        (out_dir / "processor_config.json").unlink()  # hub checkpoints ship the two files below instead
+        write_preprocessor_configs(name, out_dir)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS + NON_SPECIAL_ADDED_TOKENS}
+    if ids != special_token_ids(train_tokenizer()):
+        raise RuntimeError("saved tokenizer ids differ from the trained tokenizer's")
+    return ids
+
+
+def make_processor(name: str, tokenizer):
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    processor_class = Qwen2VLProcessor if name == "qwen2_vl" else Qwen2_5_VLProcessor
+    image_processor = Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    video_processor = Qwen2VLVideoProcessor(min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS)
+    return processor_class(image_processor=image_processor, tokenizer=tokenizer,
+                           video_processor=video_processor, chat_template=tokenizer.chat_template)
+
+
+def write_preprocessor_configs(name: str, out_dir: Path) -> None:
+    """Overwrite preprocessor_config.json with the exact shape the Qwen hub checkpoints ship."""
+    processor_class = "Qwen2VLProcessor" if name == "qwen2_vl" else "Qwen2_5_VLProcessor"
+    image = {
+        "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS, "patch_size": 14, "temporal_patch_size": 2,
+        "merge_size": 2, "image_mean": IMAGE_MEAN, "image_std": IMAGE_STD,
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": processor_class,
+    }
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(image, indent=2) + "\n")
+    video_path = out_dir / "video_preprocessor_config.json"
+    video = json.loads(video_path.read_text()) if video_path.exists() else {}
+    video.update({
+        "min_pixels": VIDEO_MIN_PIXELS, "max_pixels": VIDEO_MAX_PIXELS, "patch_size": 14,
+        "temporal_patch_size": 2, "merge_size": 2, "image_mean": IMAGE_MEAN, "image_std": IMAGE_STD,
+        "video_processor_type": "Qwen2VLVideoProcessor", "processor_class": processor_class,
+        "size": {"shortest_edge": VIDEO_MIN_PIXELS, "longest_edge": VIDEO_MAX_PIXELS},
+    })
+    video_path.write_text(json.dumps(video, indent=2, sort_keys=True) + "\n")
+
+
+def shard_in_two(out_dir: Path) -> None:
+    """Replace model.safetensors by two shards + model.safetensors.index.json (HF sharded layout)."""
+    single = out_dir / "model.safetensors"
+    tensors = load_file(single)
+    names = sorted(tensors)
+    halves = (names[: len(names) // 2], names[len(names) // 2:])
+    weight_map, total_size = {}, 0
+    for index, shard_names in enumerate(halves, start=1):
+        shard_file = f"model-{index:05d}-of-00002.safetensors"
+        save_file({n: tensors[n].contiguous() for n in shard_names}, out_dir / shard_file, metadata={"format": "pt"})
+        for n in shard_names:
+            weight_map[n] = shard_file
+            total_size += tensors[n].numel() * tensors[n].element_size()
+    index_json = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n")
+    single.unlink()
+
+
+def write_generation_config(out_dir: Path, ids: dict[str, int]) -> None:
+    generation = {
+        "bos_token_id": ids["<|endoftext|>"], "pad_token_id": ids["<|endoftext|>"],
+        "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]], "do_sample": False,
+    }
+    (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
+def build(name: str, out_dir: Path) -> Path:
+    """Write the tiny checkpoint `name` into out_dir (created; existing files overwritten); return out_dir."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"name: unknown tiny model {name!r}; expected one of {MODEL_NAMES}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ids = write_tokenizer_files(name, out_dir)
+    model = make_model(name, make_config(name, ids))
+    suppress_unemittable_rows(model, ids, tokenizer_len=max(ids.values()) + 1)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    write_generation_config(out_dir, ids)
+    if name == "qwen2":
+        shard_in_two(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
+    parser.add_argument("names", nargs="*", default=list(MODEL_NAMES),
+                        help=f"any of {', '.join(MODEL_NAMES)} (default: all)")
+    args = parser.parse_args(argv)
+    for name in args.names:
+        print(build(name, args.out / name))
+
+
+if __name__ == "__main__":
+    main()
