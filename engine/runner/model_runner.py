@@ -1,0 +1,190 @@
+"""ModelRunner: owns the model, the KV cache tensors and the per-request device state; turns one
+SchedulerOutput into one ModelRunnerOutput. It never decides who runs.
+
+Caller: engine.core.EngineCore (num_blocks_for_memory -> initialize_kv_cache once, then execute
+every step).
+
+# Be paranoid about adding lines here: anything that is not "prepare, run, sample" belongs in
+# input_batch.py, memory_plan.py, the sampler, or an encoder runner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from engine.config import EngineConfig
+from engine.models import get_model_class
+from engine.protocol import TokenLogprobs
+from engine.runner import memory_plan
+from engine.runner.input_batch import InputBatch, StepBatch
+from engine.runner_output import ModelRunnerOutput
+from engine.sampler import Sampler, compute_logprobs
+from engine.sampling_params import SamplingParams
+from engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
+from engine.weights import init_dummy_weights, iterate_weights, load_checked
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def load_model(config: EngineConfig) -> torch.nn.Module:
+    """Build the architecture's model directly on the device in the model dtype, then fill it
+    from the checkpoint (checked: nothing missing, nothing unexpected) or with dummy weights."""
+    model_config = config.model_config
+    device = torch.device(config.device_config.device)
+    with torch.device(device), _default_dtype(model_config.dtype):
+        model = get_model_class(model_config.architecture)(model_config.hf_config)
+    model.to(device)  # buffers computed on the CPU (rotary tables)
+    if model_config.load_format == "dummy":
+        init_dummy_weights(model, seed=model_config.seed)
+    else:
+        load_checked(model, iterate_weights(model_config.path))
+    return model.eval()
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = torch.device(config.device_config.device)
+        self.text_config = _text_config(config.model_config.hf_config)
+        self.model = load_model(config)
+        self.sampler = Sampler()
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.input_batch = self._new_input_batch()
+        # VL models: computes vision embeddings for scheduler_output.scheduled_encoder_inputs and
+        # scatters them into inputs_embeds at the placeholder rows (engine/runner/encoder_runner.py).
+        self.encoder_runner = None
+
+    def _new_input_batch(self) -> InputBatch:
+        model_config = self.config.model_config
+        return InputBatch(block_size=self.config.cache_config.block_size, device=self.device,
+                          vocab_size=self.text_config.vocab_size, eos_token_ids=model_config.eos_token_ids,
+                          default_seed=model_config.seed, uses_mrope=hasattr(self.model, "get_mrope_positions"))
+
+    # --- KV cache ----------------------------------------------------------------------------
+
+    def kv_cache_shape(self) -> memory_plan.KVCacheShape:
+        text = self.text_config
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        return memory_plan.KVCacheShape(num_layers=text.num_hidden_layers, num_kv_heads=text.num_key_value_heads,
+                                        head_dim=head_dim, block_size=self.config.cache_config.block_size,
+                                        dtype=self.config.model_config.dtype)
+
+    def num_blocks_for_memory(self) -> int:
+        cache_config, shape = self.config.cache_config, self.kv_cache_shape()
+        if cache_config.num_gpu_blocks_override is not None:
+            return cache_config.num_gpu_blocks_override
+        if self.device.type == "cuda":
+            plan = memory_plan.plan_gpu(self.config, shape, self._profile_run)
+        else:
+            plan = memory_plan.plan_cpu(self.config, shape)
+        logger.info(plan.describe(cache_config.block_size, self.config.model_config.max_model_len))
+        return plan.num_blocks
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        """One [2, num_blocks, block_size, num_kv_heads, head_dim] tensor per layer; k/v are views."""
+        shape = self.kv_cache_shape()
+        self.kv_caches = []
+        for _ in range(shape.num_layers):
+            kv = torch.zeros(2, num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim,
+                             dtype=shape.dtype, device=self.device)
+            self.kv_caches.append((kv[0], kv[1]))
+
+    # --- one step ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        for new_req in self.input_batch.update(scheduler_output):
+            self._init_mrope_positions(new_req)
+        if scheduler_output.is_empty:
+            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+        batch = self.input_batch.prepare(scheduler_output)
+        inputs_embeds = self._inputs_embeds(scheduler_output, batch)
+        hidden = self.model(batch.input_ids, batch.positions, batch.attn_metadata, self.kv_caches,
+                            inputs_embeds=inputs_embeds)                     # [T, H]
+        sampled, logprobs = self._sample(hidden, batch)
+        sampled_token_ids = [[sampled[r]] if r in sampled else [] for r in batch.req_ids]
+        self.input_batch.append_sampled(batch.req_ids, sampled_token_ids)
+        return ModelRunnerOutput(req_ids=batch.req_ids, sampled_token_ids=sampled_token_ids,
+                                 logprobs=logprobs, prompt_logprobs=self._prompt_logprobs(hidden, batch))
+
+    def _inputs_embeds(self, scheduler_output: SchedulerOutput, batch: StepBatch) -> torch.Tensor | None:
+        if self.encoder_runner is None:
+            return None  # text model: the model embeds input_ids itself
+        return self.encoder_runner.inputs_embeds(self.model, scheduler_output, self.input_batch, batch)
+
+    def _init_mrope_positions(self, new_req: NewRequestData) -> None:
+        if not self.input_batch.uses_mrope:
+            return
+        state = self.input_batch.requests[new_req.req_id]
+        state.mrope_positions, state.mrope_delta = self.model.get_mrope_positions(
+            state.prompt_token_ids, state.mm_items)
+
+    def _sample(self, hidden: torch.Tensor, batch: StepBatch):
+        """-> ({req_id: token}, {req_id: [TokenLogprobs]}) for the requests that sample."""
+        if not batch.sampling_req_ids:
+            return {}, {}
+        logits = self.model.compute_logits(hidden[batch.logits_indices])   # [S, vocab]
+        out = self.sampler(logits, batch.sampling)
+        tokens = out.sampled_token_ids.tolist()
+        sampled = dict(zip(batch.sampling_req_ids, tokens))
+        logprobs = {}
+        if out.logprobs is not None:
+            ids, values, ranks = out.logprob_token_ids.tolist(), out.logprobs.tolist(), out.logprob_ranks.tolist()
+            for row, req_id in enumerate(batch.sampling_req_ids):
+                k = self.input_batch.requests[req_id].sampling_params.logprobs
+                if k is not None:
+                    logprobs[req_id] = [TokenLogprobs(ids[row][:k + 1], values[row][:k + 1], ranks[row][:k + 1])]
+        return sampled, logprobs
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, batch: StepBatch) -> dict[str, list[TokenLogprobs | None]]:
+        result = {}
+        for req_id, (first_row, targets, starts_prompt) in batch.prompt_logprob_rows.items():
+            k = self.input_batch.requests[req_id].sampling_params.prompt_logprobs
+            entries: list[TokenLogprobs | None] = [None] if starts_prompt else []
+            if targets:
+                logits = self.model.compute_logits(hidden[first_row:first_row + len(targets)])
+                target_ids = torch.tensor(targets, device=logits.device)
+                ids, values, ranks = (t.tolist() for t in compute_logprobs(logits, target_ids, max(k, 1)))
+                entries += [TokenLogprobs(i[:k + 1], v[:k + 1], r[:k + 1]) for i, v, r in zip(ids, values, ranks)]
+            result[req_id] = entries
+        return result
+
+    # --- memory profiling --------------------------------------------------------------------
+
+    def _profile_run(self) -> None:
+        """The largest step the scheduler can send: max_num_batched_tokens prompt tokens over
+        up to max_num_seqs requests, all sampling with top-k/top-p, on a throwaway KV cache."""
+        sched = self.config.scheduler_config
+        num_tokens = min(sched.max_num_batched_tokens, sched.max_num_seqs * self.config.model_config.max_model_len)
+        num_reqs = min(sched.max_num_seqs, num_tokens)
+        lengths = [num_tokens // num_reqs + (1 if i < num_tokens % num_reqs else 0) for i in range(num_reqs)]
+        block_size = self.config.cache_config.block_size
+        params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, logprobs=5)
+        new_reqs, next_block = [], 0
+        for i, length in enumerate(lengths):
+            num_blocks = -(-length // block_size)
+            new_reqs.append(NewRequestData(f"profile-{i}", [0] * length, [], [], params,
+                                           list(range(next_block, next_block + num_blocks)), 0))
+            next_block += num_blocks
+        self.initialize_kv_cache(next_block)
+        self.execute(SchedulerOutput(new_reqs, CachedRequestData(), {r.req_id: len(r.prompt_token_ids) for r in new_reqs},
+                                     num_tokens, {}, set(), []))
+        self.kv_caches = []
+        self.input_batch = self._new_input_batch()
+
+
+def _text_config(hf_config):
+    return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
