@@ -46,3 +46,40 @@ class MultiModalItem(msgspec.Struct, frozen=True, array_like=True, omit_defaults
     # Videos only: seconds covered by one temporal grid step (temporal_patch_size / fps),
     # needed by M-RoPE (transformers' `second_per_grid_ts`).
     second_per_grid_t: float = 0.0
+
+
+# ---- API-process side (added by the vision processors; never crosses the process boundary) ----
+
+import dataclasses  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+
+class MediaError(ValueError):
+    """Media that cannot be fetched or decoded. The message is user-facing (HTTP 400): it names
+    what is wrong with the input, never an internal path or object repr."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessedMedia:
+    """One item after the CPU half of a processor (resize, grid, token count, hash).
+
+    Built by `vision.processors.*.process_image / process_video`; the frontend expands the prompt's
+    placeholders with `num_tokens`, then calls `to_item` with the resulting PlaceholderRange.
+    """
+
+    modality: str  # IMAGE | VIDEO
+    frames: np.ndarray  # [num_frames, height, width, 3] uint8 RGB, resized
+    grid_thw: tuple[int, int, int]
+    num_tokens: int  # placeholder tokens this item takes in the prompt
+    second_per_grid_t: float  # videos: temporal_patch_size / sampled fps; images: 0.0
+    mm_hash: str
+
+    def to_item(self, placeholder: PlaceholderRange) -> MultiModalItem:
+        if placeholder.length != self.num_tokens:
+            raise ValueError(f"placeholder length {placeholder.length} != {self.num_tokens} tokens of the item")
+        frames = np.ascontiguousarray(self.frames, dtype=np.uint8)
+        return MultiModalItem(
+            modality=self.modality, mm_hash=self.mm_hash, placeholder=placeholder,
+            frames=frames.tobytes(), frames_shape=tuple(int(d) for d in frames.shape),
+            grid_thw=tuple(int(d) for d in self.grid_thw), second_per_grid_t=float(self.second_per_grid_t))

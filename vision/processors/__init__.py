@@ -1,1 +1,44 @@
+"""Architecture -> media processor. Caller: `engine.frontend` (CPU half: process_image/_video,
+expand_placeholders, num_tokens_for_size) and `engine.runner` (device half:
+pixel_values_from_frames), both through `get_processor`.
 
+Every processor class offers `from_pretrained(model_dir, hf_config, mm_processor_kwargs)` and the
+methods listed in .notes/INTERFACES.md. To add a model family, add its architecture string(s) to
+PROCESSORS with the "module:Class" that implements them; modules are imported on first use, so a
+family's dependencies cost nothing to the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+PROCESSORS: dict[str, str] = {
+    "Qwen2VLForConditionalGeneration": "vision.processors.qwen2_vl:Qwen2VLProcessor",
+    "Qwen2_5_VLForConditionalGeneration": "vision.processors.qwen2_vl:Qwen2VLProcessor",
+}
+
+
+def get_processor(model_dir: str, hf_config: Any, mm_processor_kwargs: dict | None = None):
+    """The processor for `hf_config`'s architecture, configured from `model_dir`'s processor files
+    plus the server's --mm-processor-kwargs. ValueError for a model without a media processor."""
+    architecture = _architecture(hf_config)
+    target = PROCESSORS.get(architecture)
+    if target is None:
+        raise ValueError(f"model architecture {architecture!r} has no media processor "
+                         f"(supported: {', '.join(sorted(PROCESSORS))})")
+    module_name, class_name = target.split(":")
+    processor_class = getattr(importlib.import_module(module_name), class_name)
+    return processor_class.from_pretrained(model_dir, hf_config, mm_processor_kwargs)
+
+
+def supports_media(hf_config: Any) -> bool:
+    return _architecture(hf_config) in PROCESSORS
+
+
+def _architecture(hf_config: Any) -> str:
+    architectures = (hf_config.get("architectures") if isinstance(hf_config, dict)
+                     else getattr(hf_config, "architectures", None))
+    if not architectures:
+        raise ValueError("the model config lists no architectures")
+    return architectures[0]

@@ -1,0 +1,223 @@
+"""Video bytes (or frames given directly) -> the sampled RGB frames a Qwen-style processor consumes.
+Callers: the API process (`app.routes.chat`, `engine.frontend`) after `MediaFetcher`.
+
+Frame selection follows qwen-vl-utils (`smart_nframes` + `torch.linspace(0, total - 1, n).round()`),
+which is what Qwen2-VL / Qwen2.5-VL were trained with and what vLLM reproduces:
+    n = nframes rounded to FRAME_FACTOR                                  (if nframes is given)
+    n = floor2(min(max(total / video_fps * fps, ceil2(min_frames)), floor2(max_frames), total))
+The sampled-frame rate `n / total * video_fps` is returned as `fps` (M-RoPE's second_per_grid_t).
+
+Decoding uses PyAV. Frames are numbered in decode order (as torchvision/decord do). When the wanted
+frames are far apart we seek to the keyframe before each one instead of decoding everything in
+between; after a seek the frame number comes from its timestamp (constant-frame-rate assumption,
+which is also what the index-based readers assume).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import av
+import numpy as np
+import torch
+from PIL import Image
+
+from vision.image import to_rgb
+from vision.inputs import MediaError
+
+FRAME_FACTOR = 2
+FPS = 2.0
+FPS_MIN_FRAMES = 4
+FPS_MAX_FRAMES = 768
+MAX_TOTAL_FRAMES = 10_000_000  # metadata beyond this (or fps outside (0, 1000]) is refused
+MAX_VIDEO_FPS = 1000.0
+DEFAULT_MAX_FRAME_PIXELS = 8192 * 8192
+SEEK_MIN_GAP = 48  # decode straight through gaps shorter than this many frames
+
+
+@dataclass(frozen=True)
+class VideoFrames:
+    frames: np.ndarray  # [T, H, W, 3] uint8 RGB, the sampled frames
+    fps: float  # rate of the sampled frames (second_per_grid_t = temporal_patch_size / fps)
+    total_frames: int  # frames in the source video
+    video_fps: float  # the source's frame rate
+    frame_indices: tuple[int, ...] = ()  # source frame number of each sampled frame
+
+
+def smart_nframes(total_frames: int, video_fps: float, *, fps: float | None = FPS, min_frames: int = FPS_MIN_FRAMES,
+                  max_frames: int = FPS_MAX_FRAMES, nframes: int | None = None) -> int:
+    """qwen-vl-utils' frame count (see module docstring); MediaError if it falls outside [2, total]."""
+    if nframes is not None:
+        count = round(nframes / FRAME_FACTOR) * FRAME_FACTOR
+    else:
+        lower = math.ceil(min_frames / FRAME_FACTOR) * FRAME_FACTOR
+        upper = math.floor(min(max_frames, total_frames) / FRAME_FACTOR) * FRAME_FACTOR
+        count = total_frames / video_fps * (FPS if fps is None else fps)
+        count = min(min(max(count, lower), upper), total_frames)
+        count = math.floor(count / FRAME_FACTOR) * FRAME_FACTOR
+    if not FRAME_FACTOR <= count <= total_frames:
+        raise MediaError(f"cannot sample {count} frames from a video of {total_frames} frame(s); "
+                         f"between {FRAME_FACTOR} and {total_frames} are possible")
+    return int(count)
+
+
+def sample_frame_indices(total_frames: int, num_frames: int) -> list[int]:
+    return torch.linspace(0, total_frames - 1, num_frames).round().long().tolist()
+
+
+def decode_video(data: bytes, *, fps: float | None = FPS, min_frames: int = FPS_MIN_FRAMES,
+                 max_frames: int = FPS_MAX_FRAMES, nframes: int | None = None,
+                 max_pixels: int = DEFAULT_MAX_FRAME_PIXELS) -> VideoFrames:
+    """Decode only the frames qwen-vl-utils would keep. `max_pixels` bounds one frame's size."""
+    if fps is not None and nframes is not None:
+        raise ValueError("fps and nframes are mutually exclusive; pass one")
+    if not data:
+        raise MediaError("the video is empty")
+    try:
+        container = av.open(io.BytesIO(data), mode="r")
+    except Exception:  # noqa: BLE001
+        raise MediaError("the data is not a supported video container") from None
+    with container:
+        stream = _video_stream(container, max_pixels)
+        video_fps = _video_fps(stream)
+        total_frames = _total_frames(container, stream)
+        count = smart_nframes(total_frames, video_fps, fps=fps, min_frames=min_frames,
+                              max_frames=max_frames, nframes=nframes)
+        indices = sample_frame_indices(total_frames, count)
+        frames = _read_frames(container, stream, indices, video_fps)
+    return VideoFrames(frames=np.stack(frames), fps=count / max(total_frames, 1e-6) * video_fps,
+                       total_frames=total_frames, video_fps=video_fps, frame_indices=tuple(indices))
+
+
+def video_from_frames(frames: list[Image.Image] | np.ndarray, fps: float = FPS) -> VideoFrames:
+    """Frames given directly (already sampled at `fps` frames per second): RGB uint8 [T, H, W, 3]."""
+    if not fps > 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    if isinstance(frames, np.ndarray):
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or frames.shape[0] < 1:
+            raise MediaError(f"video frames must be a uint8 array [T, H, W, 3] with T >= 1, got "
+                             f"{frames.dtype} {list(frames.shape)}")
+        array = np.ascontiguousarray(frames)
+    else:
+        if not frames:
+            raise MediaError("the video has no frames")
+        rgb = [np.asarray(to_rgb(frame)) for frame in frames]
+        if len({f.shape for f in rgb}) != 1:
+            raise MediaError("all video frames must have the same size")
+        array = np.stack(rgb)
+    return VideoFrames(frames=array, fps=float(fps), total_frames=len(array), video_fps=float(fps),
+                       frame_indices=tuple(range(len(array))))
+
+
+def _video_stream(container, max_pixels: int):
+    if not container.streams.video:
+        raise MediaError("the file has no video stream")
+    stream = container.streams.video[0]
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if width < 1 or height < 1:
+        raise MediaError(f"the video has an invalid frame size {width}x{height}")
+    if width * height > max_pixels:
+        raise MediaError(f"the video frames are too large: {width}x{height}, at most {max_pixels} pixels allowed")
+    stream.thread_type = "AUTO"
+    return stream
+
+
+def _video_fps(stream) -> float:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    video_fps = float(rate) if rate else 0.0
+    if not 0.0 < video_fps <= MAX_VIDEO_FPS:
+        raise MediaError(f"the video reports an invalid frame rate ({video_fps:g} fps)")
+    return video_fps
+
+
+def _total_frames(container, stream) -> int:
+    """Frame count from the header; when absent, count packets (demuxing only, no decoding)."""
+    total = stream.frames
+    if total <= 0:
+        try:
+            total = sum(1 for packet in container.demux(stream) if packet.size > 0)
+        except av.error.FFmpegError:
+            raise MediaError("the video container is corrupt") from None
+        container.seek(0)
+    if not 0 < total <= MAX_TOTAL_FRAMES:
+        raise MediaError(f"the video reports an invalid frame count ({total})" if total else "the video has no frames")
+    return total
+
+
+def _read_frames(container, stream, indices: list[int], video_fps: float) -> list[np.ndarray]:
+    reader = _FrameReader(container, stream, video_fps)
+    found: dict[int, np.ndarray] = {}
+    for target in sorted(set(indices)):
+        frame = reader.read(target)
+        if frame is None:
+            break
+        found[target] = frame
+    if not found:
+        raise MediaError("the video has no decodable frame")
+    last = max(found)
+    if last < 0.9 * indices[-1]:
+        raise MediaError(f"the video has fewer decodable frames ({reader.position}) than its header claims")
+    # Frames the header promised but the stream lacks at its very end: repeat the last one.
+    frames = [found[index] if index in found else found[last] for index in indices]
+    if len({f.shape for f in frames}) != 1:
+        raise MediaError("the video changes frame size mid-stream, which is not supported")
+    return frames
+
+
+class _FrameReader:
+    """Forward-only access to frame number `target`; seeks to a keyframe across long gaps."""
+
+    def __init__(self, container, stream, video_fps: float):
+        self._container, self._stream, self._video_fps = container, stream, video_fps
+        self._frames = container.decode(stream)
+        self.position = 0  # frame number of the next frame `_frames` yields
+        self._first_pts: int | None = None
+        self._can_seek = True
+
+    def read(self, target: int) -> np.ndarray | None:
+        if self._can_seek and self._first_pts is not None and target - self.position > SEEK_MIN_GAP:
+            self._seek(target)
+        while (frame := self._next_frame()) is not None:
+            index, self.position = self.position, self.position + 1
+            if index == 0 and self._first_pts is None:
+                self._first_pts = frame.pts
+                self._can_seek = frame.pts is not None
+            if index == target:
+                return frame.to_ndarray(format="rgb24")  # [H, W, 3] uint8
+        return None
+
+    def _next_frame(self):
+        try:
+            return next(self._frames, None)
+        except av.error.FFmpegError:
+            raise MediaError("the video data is corrupt") from None
+
+    def _seek(self, target: int) -> None:
+        time_base = self._stream.time_base
+        offset = self._first_pts + int((target - 0.5) / self._video_fps / time_base)
+        try:
+            self._container.seek(offset, stream=self._stream, backward=True, any_frame=False)
+        except av.error.FFmpegError:
+            return self._restart_without_seeking()
+        self._frames = self._container.decode(self._stream)
+        first = self._next_frame()
+        if first is None or first.pts is None:
+            return self._restart_without_seeking()
+        index = round(float((first.pts - self._first_pts) * time_base) * self._video_fps)
+        if index > target:  # the seek overshot: timestamps are not what the frame rate implies
+            return self._restart_without_seeking()
+        self._frames = _chain_one(first, self._frames)
+        self.position = index
+
+    def _restart_without_seeking(self) -> None:
+        self._can_seek = False
+        self._container.seek(0, stream=self._stream, backward=True)
+        self._frames = self._container.decode(self._stream)
+        self.position = 0
+
+
+def _chain_one(first, rest):
+    yield first
+    yield from rest
