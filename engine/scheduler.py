@@ -1,0 +1,386 @@
+"""Scheduler: who runs this step and how many tokens each computes; then turns the runner's
+sampled tokens into per-request outputs. Caller: engine.core.EngineCore (schedule ->
+runner.execute -> update_from_output). Touches no tensor: it hands the runner a SchedulerOutput.
+
+There is no prefill or decode phase (DESIGN rule 4). Every request has `num_computed_tokens`
+catching up to `num_tokens`; each step gives it up to `max_num_batched_tokens` tokens of budget.
+A decode is a request 1 token behind, a prefill chunk one many tokens behind, a prefix-cache hit
+starts it ahead, a preemption resets it to 0. Running requests (FCFS) are served first, then
+waiting ones. When KV blocks run out, the newest running request is preempted (blocks freed,
+recomputed later from the front of the waiting queue).
+
+Encoder inputs follow the tokens: a step covering [start, end) of a request encodes every
+multimodal item whose placeholder overlaps it and is not in the encoder cache; when the encoder
+budget or cache cannot take one, the chunk is cut before that placeholder. A chunk may end inside
+a placeholder run: the runner slices the cached embedding.
+"""
+
+# Be paranoid about adding new lines to this file. Every step of every request runs through it;
+# a new policy is a new helper or class, not another branch in schedule() (DESIGN rules 4-5).
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.config import SchedulerConfig
+from engine.encoder_cache import EncoderCacheManager
+from engine.kv_cache.manager import KVCacheManager
+from engine.protocol import EngineOutput, EngineOutputs, FinishReason, SchedulerStats, TokenLogprobs
+from engine.request import Request, RequestStatus
+from engine.runner_output import ModelRunnerOutput
+from engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
+
+
+@dataclass
+class _StepBudget:
+    num_tokens: int
+    num_encoder_tokens: int
+
+
+@dataclass
+class _StepPlan:
+    new_reqs: list[Request] = field(default_factory=list)
+    cached_reqs: list[Request] = field(default_factory=list)
+    new_block_ids: dict[str, list[int]] = field(default_factory=dict)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    encoder_inputs: dict[str, list[int]] = field(default_factory=dict)
+    has_preempted: bool = False
+
+
+class Scheduler:
+    def __init__(self, scheduler_config: SchedulerConfig, kv_cache_manager: KVCacheManager,
+                 encoder_cache_manager: EncoderCacheManager, *, eos_token_ids: tuple[int, ...],
+                 max_model_len: int, encoder_compute_budget: int) -> None:
+        self._init_limits(scheduler_config, max_model_len, encoder_compute_budget, eos_token_ids)
+        self.kv_cache_manager = kv_cache_manager
+        self.encoder_cache = encoder_cache_manager
+        self._init_queues()
+
+    def _init_limits(self, scheduler_config: SchedulerConfig, max_model_len: int,
+                     encoder_compute_budget: int, eos_token_ids: tuple[int, ...]) -> None:
+        self.max_num_seqs = scheduler_config.max_num_seqs
+        self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
+        self.enable_chunked_prefill = scheduler_config.enable_chunked_prefill
+        self.max_model_len = max_model_len
+        self.encoder_compute_budget = encoder_compute_budget
+        self.eos_token_ids = frozenset(eos_token_ids)
+
+    def _init_queues(self) -> None:
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        # Left the running set since the last schedule(): the runner drops their state.
+        self.finished_req_ids: set[str] = set()
+        # Outputs decided outside a step (requests rejected at admission), sent with the next one.
+        self.pending_outputs: list[EngineOutput] = []
+        self.num_preemptions = 0
+        self._step_prompt_tokens = 0
+        self._step_generation_tokens = 0
+
+    # ---------------------------------------------------------------- admission and abort
+
+    def add_request(self, request: Request) -> None:
+        error = self._why_never_schedulable(request)
+        if error is not None:
+            self.reject(request.req_id, error)
+            return
+        self.requests[request.req_id] = request
+        self.waiting.append(request)
+
+    def reject(self, req_id: str, message: str) -> None:
+        """Send FinishReason.ERROR for a request that is out of the queues (or never entered)."""
+        self.pending_outputs.append(EngineOutput(
+            req_id=req_id, new_token_ids=[], finish_reason=FinishReason.ERROR, error=message))
+
+    def _why_never_schedulable(self, request: Request) -> str | None:
+        num_prompt_tokens = request.num_prompt_tokens
+        if num_prompt_tokens + 1 > self.max_model_len:
+            return (f"The prompt has {num_prompt_tokens} tokens; with one generated token that "
+                    f"exceeds the maximum context length (max_model_len={self.max_model_len}).")
+        if num_prompt_tokens > self.kv_cache_manager.max_num_tokens:
+            return (f"The prompt has {num_prompt_tokens} tokens but the whole KV cache holds "
+                    f"{self.kv_cache_manager.max_num_tokens}.")
+        limit = min(self.encoder_compute_budget, self.encoder_cache.cache_size)
+        for item in request.mm_items:
+            if item.placeholder.length > limit:
+                return (f"A {item.modality} item needs {item.placeholder.length} embedding tokens, "
+                        f"more than the encoder budget of {limit}; use a smaller {item.modality}.")
+        return None
+
+    def abort_requests(self, req_ids: list[str]) -> None:
+        """Finish the requests now and free their blocks. No output: the client asked for it."""
+        for req_id in req_ids:
+            request = self.requests.get(req_id)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self._free_request(request, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running or self.pending_outputs)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # ---------------------------------------------------------------- schedule
+
+    def schedule(self) -> SchedulerOutput:
+        budget = _StepBudget(self.max_num_batched_tokens, self.encoder_compute_budget)
+        plan = _StepPlan()
+        self._schedule_running(budget, plan)
+        if not plan.has_preempted:  # memory is short: admit nobody new this step
+            self._schedule_waiting(budget, plan)
+        return self._make_scheduler_output(plan)
+
+    def _schedule_running(self, budget: _StepBudget, plan: _StepPlan) -> None:
+        index = 0
+        while index < len(self.running) and budget.num_tokens > 0:
+            request = self.running[index]
+            num_new_tokens = min(request.num_tokens - request.num_computed_tokens, budget.num_tokens)
+            num_new_tokens, encoder_inputs = self._plan_encoder_inputs(
+                request, request.num_computed_tokens, num_new_tokens, budget)
+            if num_new_tokens <= 0:
+                index += 1
+                continue
+            new_blocks = self._allocate_or_preempt(request, num_new_tokens, plan)
+            if new_blocks is None:  # it preempted itself: everything after it is gone too
+                break
+            plan.cached_reqs.append(request)
+            plan.new_block_ids[request.req_id] = [block.block_id for block in new_blocks]
+            self._commit(request, num_new_tokens, encoder_inputs, budget, plan)
+            index += 1
+
+    def _allocate_or_preempt(self, request: Request, num_new_tokens: int, plan: _StepPlan):
+        """Allocate the step's slots, preempting the newest running requests until they fit.
+        Returns the new blocks, or None when `request` itself had to go."""
+        while True:
+            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new_tokens)
+            if new_blocks is not None:
+                return new_blocks
+            victim = self.running.pop()
+            if victim is request and not self.running:
+                # Nobody else holds blocks: the whole cache cannot hold this request.
+                message = (f"The request grew to {request.num_tokens} tokens, more than the KV "
+                           f"cache holds ({self.kv_cache_manager.max_num_tokens} tokens).")
+                self._free_request(request, RequestStatus.FINISHED_ERROR, error=message)
+                self.reject(request.req_id, message)
+                return None
+            self._preempt(victim)
+            plan.has_preempted = True
+            if victim is request:
+                return None
+
+    def _schedule_waiting(self, budget: _StepBudget, plan: _StepPlan) -> None:
+        while self.waiting and budget.num_tokens > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            computed_blocks, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
+            num_new_tokens = request.num_tokens - num_hit_tokens
+            if not self.enable_chunked_prefill and num_new_tokens > budget.num_tokens:
+                break
+            num_new_tokens, encoder_inputs = self._plan_encoder_inputs(
+                request, num_hit_tokens, min(num_new_tokens, budget.num_tokens), budget)
+            if num_new_tokens <= 0:
+                break
+            new_blocks = self.kv_cache_manager.allocate_slots(
+                request, num_new_tokens, num_hit_tokens, computed_blocks)
+            if new_blocks is None:
+                break
+            self.waiting.popleft()
+            self.kv_cache_manager.record_prefix_lookup(request.num_tokens, num_hit_tokens)
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_hit_tokens
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit_tokens
+            self.running.append(request)
+            plan.new_reqs.append(request)
+            self._commit(request, num_new_tokens, encoder_inputs, budget, plan)
+
+    def _plan_encoder_inputs(self, request: Request, num_computed_tokens: int, num_new_tokens: int,
+                             budget: _StepBudget) -> tuple[int, list[int]]:
+        """Items to encode for tokens [num_computed_tokens, +num_new_tokens) -> (the possibly
+        shortened num_new_tokens, their indices). Cached items only gain this request's ref."""
+        end = num_computed_tokens + num_new_tokens
+        input_ids: list[int] = []
+        planned_mm_hashes: set[str] = set()
+        num_embeds = 0
+        for input_id, item in enumerate(request.mm_items):
+            start_pos, length = item.placeholder.offset, item.placeholder.length
+            if start_pos >= end:
+                break
+            if start_pos + length <= num_computed_tokens:
+                continue  # its tokens are computed already
+            if item.mm_hash in planned_mm_hashes or self.encoder_cache.check_and_update_cache(
+                    request, input_id):
+                continue
+            if not self.encoder_cache.can_allocate(
+                    request, input_id, budget.num_encoder_tokens - num_embeds, num_embeds):
+                # Stop before this placeholder; if it started already, wait for a later step.
+                return max(0, start_pos - num_computed_tokens), input_ids
+            input_ids.append(input_id)
+            planned_mm_hashes.add(item.mm_hash)
+            num_embeds += length
+        return num_new_tokens, input_ids
+
+    def _commit(self, request: Request, num_new_tokens: int, encoder_inputs: list[int],
+                budget: _StepBudget, plan: _StepPlan) -> None:
+        plan.num_scheduled_tokens[request.req_id] = num_new_tokens
+        budget.num_tokens -= num_new_tokens
+        if encoder_inputs:
+            plan.encoder_inputs[request.req_id] = encoder_inputs
+        for input_id in encoder_inputs:
+            self.encoder_cache.allocate(request, input_id)
+            budget.num_encoder_tokens -= request.mm_items[input_id].placeholder.length
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        self.encoder_cache.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        if not request.has_sent_prompt_logprobs:
+            request.prompt_logprobs = []  # recomputed from position 0
+        self.waiting.appendleft(request)
+        self.finished_req_ids.add(request.req_id)
+
+    def _make_scheduler_output(self, plan: _StepPlan) -> SchedulerOutput:
+        new_reqs = [NewRequestData(
+            req_id=request.req_id, prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=list(request.output_token_ids), mm_items=request.mm_items,
+            sampling_params=request.sampling_params,
+            block_ids=self.kv_cache_manager.get_block_ids(request.req_id),
+            num_computed_tokens=request.num_computed_tokens) for request in plan.new_reqs]
+        cached_reqs = CachedRequestData(
+            req_ids=[request.req_id for request in plan.cached_reqs],
+            new_block_ids=[plan.new_block_ids[request.req_id] for request in plan.cached_reqs],
+            num_computed_tokens=[request.num_computed_tokens for request in plan.cached_reqs])
+        finished_req_ids, self.finished_req_ids = self.finished_req_ids, set()
+        return SchedulerOutput(
+            scheduled_new_reqs=new_reqs, scheduled_cached_reqs=cached_reqs,
+            num_scheduled_tokens=plan.num_scheduled_tokens,
+            total_num_scheduled_tokens=sum(plan.num_scheduled_tokens.values()),
+            scheduled_encoder_inputs=plan.encoder_inputs, finished_req_ids=finished_req_ids,
+            free_encoder_mm_hashes=self.encoder_cache.get_freed_mm_hashes())
+
+    # ---------------------------------------------------------------- update
+
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           runner_output: ModelRunnerOutput) -> EngineOutputs:
+        outputs, self.pending_outputs = self.pending_outputs, []
+        self._step_prompt_tokens = self._step_generation_tokens = 0
+        sampled_by_req = dict(zip(runner_output.req_ids, runner_output.sampled_token_ids))
+        for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
+            request = self.requests.get(req_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted since the step was scheduled
+            output = self._update_request(request, num_tokens, sampled_by_req.get(req_id, []),
+                                          runner_output)
+            if output is not None:
+                outputs.append(output)
+        return EngineOutputs(outputs=outputs, stats=self.make_stats(), timestamp=time.time())
+
+    def _update_request(self, request: Request, num_tokens: int, sampled_token_ids: list[int],
+                        runner_output: ModelRunnerOutput) -> EngineOutput | None:
+        req_id = request.req_id
+        if req_id in runner_output.failed:
+            message = runner_output.failed[req_id]
+            self.running.remove(request)
+            self._free_request(request, RequestStatus.FINISHED_ERROR, error=message)
+            return EngineOutput(req_id=req_id, new_token_ids=[], finish_reason=FinishReason.ERROR,
+                                error=message)
+        start = request.num_computed_tokens
+        self._step_prompt_tokens += max(0, min(start + num_tokens, request.num_prompt_tokens) - start)
+        request.num_computed_tokens += num_tokens
+        prompt_logprobs = self._collect_prompt_logprobs(
+            request, runner_output.prompt_logprobs.get(req_id))
+        new_token_ids = []
+        if request.num_computed_tokens == request.num_tokens:  # else a partial prefill
+            for token_id in sampled_token_ids:
+                request.append_output_token_id(token_id)
+                new_token_ids.append(token_id)
+                if check_stop(request, self.eos_token_ids, self.max_model_len):
+                    break
+        self._step_generation_tokens += len(new_token_ids)
+        self._free_computed_encoder_inputs(request)
+        if not new_token_ids and prompt_logprobs is None and not request.is_finished:
+            return None
+        logprobs = runner_output.logprobs.get(req_id)
+        output = EngineOutput(
+            req_id=req_id, new_token_ids=new_token_ids,
+            new_logprobs=logprobs[:len(new_token_ids)] if logprobs and new_token_ids else None,
+            prompt_logprobs=prompt_logprobs, finish_reason=request.status.finish_reason,
+            stop_reason=request.stop_reason, num_cached_tokens=max(0, request.num_cached_tokens))
+        if request.is_finished:
+            self.running.remove(request)
+            self._free_request(request, request.status)
+        return output
+
+    def _collect_prompt_logprobs(self, request: Request, chunk: list[TokenLogprobs | None] | None
+                                 ) -> list[TokenLogprobs | None] | None:
+        """Concatenate per-chunk prompt logprobs; return them once, when the prompt is done.
+        The runner may give position 0 as None or leave it out (vLLM's convention)."""
+        if not request.wants_prompt_logprobs or request.has_sent_prompt_logprobs:
+            return None
+        request.prompt_logprobs.extend(chunk or [])
+        if request.num_computed_tokens < request.num_prompt_tokens:
+            return None
+        prompt_logprobs = request.prompt_logprobs
+        if len(prompt_logprobs) == request.num_prompt_tokens - 1:
+            prompt_logprobs = [None] + prompt_logprobs
+        request.prompt_logprobs, request.has_sent_prompt_logprobs = [], True
+        return prompt_logprobs
+
+    def _free_computed_encoder_inputs(self, request: Request) -> None:
+        for input_id, item in enumerate(request.mm_items):
+            if item.placeholder.offset + item.placeholder.length > request.num_computed_tokens:
+                break
+            self.encoder_cache.free_encoder_input(request, input_id)
+
+    def _free_request(self, request: Request, status: RequestStatus, error: str | None = None) -> None:
+        """Finish a request already out of the queues: release its blocks and encoder refs."""
+        request.status = status
+        request.error = error
+        self.kv_cache_manager.free(request, discard_cached=status == RequestStatus.FINISHED_ERROR)
+        self.encoder_cache.free(request)
+        self.finished_req_ids.add(request.req_id)
+        del self.requests[request.req_id]
+
+    # ---------------------------------------------------------------- stats
+
+    def make_stats(self) -> SchedulerStats:
+        prefix_stats = self.kv_cache_manager.prefix_cache_stats
+        return SchedulerStats(
+            num_running_reqs=len(self.running), num_waiting_reqs=len(self.waiting),
+            kv_cache_usage=self.kv_cache_manager.usage,
+            num_prompt_tokens=self._step_prompt_tokens,
+            num_generation_tokens=self._step_generation_tokens,
+            num_preemptions=self.num_preemptions,
+            prefix_cache_queries=prefix_stats.num_queries, prefix_cache_hits=prefix_stats.num_hits,
+            num_free_blocks=self.kv_cache_manager.get_num_free_blocks(),
+            num_total_blocks=self.kv_cache_manager.num_usable_blocks)
+
+
+def check_stop(request: Request, eos_token_ids: frozenset[int], max_model_len: int) -> bool:
+    """After appending a sampled token: finish the request if a stop condition holds (sets its
+    status and stop_reason). max_model_len is a hard cap; min_tokens suppresses the others."""
+    params = request.sampling_params
+    token_id = request.output_token_ids[-1]
+    if request.num_tokens >= max_model_len:
+        request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    elif request.num_output_tokens < params.min_tokens:
+        return False
+    elif not params.ignore_eos and token_id in eos_token_ids:
+        request.status = RequestStatus.FINISHED_STOPPED
+    elif params.stop_token_ids and token_id in params.stop_token_ids:
+        request.status = RequestStatus.FINISHED_STOPPED
+        request.stop_reason = token_id
+    elif params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
+        request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+    else:
+        return False
+    return True
