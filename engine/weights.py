@@ -48,12 +48,21 @@ def _hf_snapshot(model: str, revision: str | None) -> str:
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
-        return snapshot_download(model, revision=revision, local_files_only=offline,
+        return snapshot_download(model, revision=revision, local_files_only=offline, cache_dir=_hf_cache_dir(),
                                  allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
                                                  "*.jinja", "*.tiktoken", "*.py"])
     except Exception as exc:  # hub errors come in many classes; the message is what matters
         where = "the local HF cache (HF_HUB_OFFLINE=1)" if offline else "the HF hub or cache"
         raise ValueError(f"--model: cannot find {model!r} in {where}: {exc}") from exc
+
+
+def _hf_cache_dir() -> str | None:
+    # Read at call time: huggingface_hub freezes these variables when it is first imported.
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return None
 
 
 def _modelscope_snapshot(model: str, revision: str | None) -> str:
