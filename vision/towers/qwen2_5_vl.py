@@ -115,6 +115,11 @@ def _window_order(grid: GridKey, merge: int, window: int) -> tuple[torch.Tensor,
 @functools.lru_cache(maxsize=256)
 def qwen2_5_vl_layout(grid: GridKey, merge: int, window: int, device: torch.device) -> WindowLayout:
     """`window` is in merge units (window_size // merge // patch_size). Tensors are shared, never mutate."""
+    with torch.inference_mode(False):  # cached: must stay usable outside inference mode
+        return _build_qwen2_5_vl_layout(grid, merge, window, device)
+
+
+def _build_qwen2_5_vl_layout(grid: GridKey, merge: int, window: int, device: torch.device) -> WindowLayout:
     full = qwen2_vl_layout(grid, merge, torch.device("cpu"))  # also validates the grids
     window_index, window_units = _window_order(grid, merge, window)
     unit = merge * merge
@@ -165,6 +170,7 @@ class Qwen2_5_VisionTransformer(nn.Module):
         )
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """grid_thw is best kept on the CPU: it is read on the host (layout cache key)."""
         layout = qwen2_5_vl_layout(
             grid_key(grid_thw), self.spatial_merge_size, self.window_units, pixel_values.device
         )

@@ -88,12 +88,14 @@ class VisionRotaryEmbedding(nn.Module):
         if head_dim % 4:
             raise ValueError(f"vision head_dim={head_dim} must be a multiple of 4 for 2D rotary")
         axis_dim = head_dim // 2
-        inv_freq = 1.0 / (theta ** (torch.arange(0, axis_dim, 2, dtype=torch.float) / axis_dim))
-        self.inv_freq = nn.Buffer(inv_freq, persistent=False)  # [head_dim / 4]
+        # Computed on the CPU like transformers does, and kept as a plain fp32 attribute: a buffer
+        # would be cast by `tower.to(torch.bfloat16)`, and bf16 frequencies are visibly wrong.
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, axis_dim, 2, dtype=torch.float) / axis_dim))  # [head_dim/4]
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # positions [N, 2] (row, col) -> cos, sin [N, head_dim] in fp32
-        freqs = positions[..., None].float() * self.inv_freq.float()  # [N, 2, head_dim/4]
+        inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions[..., None].float() * inv_freq  # [N, 2, head_dim/4]
         freqs = freqs.flatten(1)  # [N, head_dim/2]: row freqs then col freqs
         angles = torch.cat([freqs, freqs], dim=-1)  # [N, head_dim]
         return angles.cos(), angles.sin()
@@ -200,6 +202,11 @@ def _frame_positions(h: int, w: int, merge: int) -> torch.Tensor:  # [h*w, 2]
 @functools.lru_cache(maxsize=256)
 def qwen2_vl_layout(grid: GridKey, merge: int, device: torch.device) -> VisionLayout:
     """Rotary positions and per-frame attention segments; tensors are shared, never mutate."""
+    with torch.inference_mode(False):  # cached: must stay usable outside inference mode
+        return _build_qwen2_vl_layout(grid, merge, device)
+
+
+def _build_qwen2_vl_layout(grid: GridKey, merge: int, device: torch.device) -> VisionLayout:
     for t, h, w in grid:
         if h % merge or w % merge:
             raise ValueError(f"grid_thw item {(t, h, w)}: h and w must be multiples of spatial_merge_size={merge}")
@@ -270,6 +277,7 @@ class Qwen2VisionTransformer(nn.Module):
         )
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """grid_thw is best kept on the CPU: it is read on the host (layout cache key)."""
         layout = qwen2_vl_layout(grid_key(grid_thw), self.spatial_merge_size, pixel_values.device)
         check_num_patches(pixel_values, layout.num_patches, self.patch_embed.proj.in_features)
         hidden = self.patch_embed(pixel_values)  # [N, embed]
