@@ -1,1 +1,21 @@
+"""vlserve's engine. The public offline API, named as in vLLM:
 
+    from engine import LLM, SamplingParams
+    outputs = LLM("Qwen/Qwen2.5-VL-3B-Instruct").generate("Hello", SamplingParams(max_tokens=16))
+"""
+
+from engine.config import EngineConfig
+from engine.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.sampling_params import SamplingParams
+
+
+def __getattr__(name: str):
+    # LLM pulls in the core, the runner and torch models; import it only when asked for.
+    if name == "LLM":
+        from engine.llm import LLM
+
+        return LLM
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")
+
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "EngineConfig"]

@@ -213,6 +213,10 @@ class RequestState:
     def finished(self) -> bool:
         return all(c.finish_reason is not None for c in self._completions.values())
 
+    @property
+    def unfinished_child_ids(self) -> list[str]:
+        return [req_id for req_id, c in self._completions.items() if c.finish_reason is None]
+
     def process(self, output: EngineOutput) -> bool:
         """Applies a child's output; True if a stop string hit means: abort output.req_id."""
         if output.prompt_logprobs is not None and self._want_prompt_logprobs and self.prompt_logprobs is None:
@@ -244,3 +248,56 @@ class RequestState:
 
 def _num_placeholder_tokens(request: EngineRequest, modality: str) -> int:
     return sum(item.placeholder.length for item in request.mm_items if item.modality == modality)
+
+
+class OutputProcessor:
+    """The in-flight requests of one client: routes each child's EngineOutput to its RequestState.
+    Single-threaded: the LLM loop, or the AsyncEngineClient's event loop, owns it."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self.states: dict[str, RequestState] = {}
+        self._parent_of: dict[str, str] = {}
+
+    def add(self, request: EngineRequest, prompt: str | None) -> RequestState:
+        if request.req_id in self.states:
+            raise ValueError(f"request id {request.req_id!r} is already in use")
+        state = RequestState(request, prompt, self._tokenizer)
+        self.states[request.req_id] = state
+        self._parent_of.update({child_id: request.req_id for child_id in state.child_req_ids})
+        return state
+
+    def process(self, outputs: list[EngineOutput]) -> tuple[list[RequestState], list[str]]:
+        """Applies a step's outputs. Returns the requests that changed (finished ones are no
+        longer tracked) and the child ids a stop string ended, to abort in the core."""
+        touched: dict[str, RequestState] = {}
+        to_abort: list[str] = []
+        for output in outputs:
+            parent_id = self._parent_of.get(output.req_id)
+            if parent_id is None:
+                continue  # already finished here (stop string, abort)
+            state = self.states[parent_id]
+            if state.process(output):
+                to_abort.append(output.req_id)
+            touched[parent_id] = state
+        for state in touched.values():
+            if state.finished:
+                self._forget(state)
+        return list(touched.values()), to_abort
+
+    def abort(self, req_id: str, reason: FinishReason = FinishReason.ABORT,
+              error: str | None = None) -> tuple[RequestState | None, list[str]]:
+        """Stops tracking a request; its unfinished completions end with `reason`. Returns the
+        state and the child ids still running in the core (to abort there)."""
+        state = self.states.get(req_id)
+        if state is None:
+            return None, []
+        running = state.unfinished_child_ids
+        state.finish_all(reason, error)
+        self._forget(state)
+        return state, running
+
+    def _forget(self, state: RequestState) -> None:
+        self.states.pop(state.request.req_id, None)
+        for child_id in state.child_req_ids:
+            self._parent_of.pop(child_id, None)

@@ -87,7 +87,7 @@ class Frontend:
         prompt rendered from a chat template (the template wrote them already)."""
         sampling_params.validate()
         token_ids = self._tokenize(prompt, add_special_tokens)
-        self._check_media_counts(media)
+        self.check_media_counts(media)
         mm_items = []
         if media:
             token_ids, mm_items = self._expand_media(token_ids, media, mm_processor_kwargs)
@@ -111,7 +111,8 @@ class Frontend:
             raise ValueError("prompt must not be empty")
         return token_ids
 
-    def _check_media_counts(self, media: list[MediaInput]) -> None:
+    def check_media_counts(self, media: list) -> None:
+        """MediaInputs or chat MediaRefs (anything with .modality) against the model and limits."""
         if media and not self.is_multimodal:
             raise ValueError(f"{self.config.model_config.architecture} is a text-only model; "
                              f"it does not accept {media[0].modality} inputs")

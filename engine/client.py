@@ -1,0 +1,406 @@
+"""The only way callers reach the engine core.
+
+  InprocClient       EngineCore in this process, stepped by the caller (LLM, tests).
+  AsyncEngineClient  for the HTTP app: the core runs in a child process (spawn; msgspec msgpack
+                     over two one-way multiprocessing Pipes) or, with in_process=True, in a
+                     background thread. generate() yields cumulative RequestOutputs.
+
+    event loop ──send_request/abort──▶ [pipe] ──▶ core busy loop: apply messages, step()
+    event loop ◀──call_soon_threadsafe── reader thread ◀── [pipe] ◀── EngineOutputs
+
+Engine death (the process exits, or step() raises) is seen at once by the reader thread waiting on
+the process sentinel: dead_error is set, every in-flight generate() raises EngineDeadError, and new
+requests are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import queue
+import threading
+import time
+import traceback
+from collections.abc import AsyncIterator, Callable
+from multiprocessing.connection import wait
+
+import msgspec
+
+from engine.config import EngineConfig
+from engine.detokenizer import OutputProcessor
+from engine.frontend import Frontend
+from engine.outputs import RequestOutput
+from engine.protocol import (AbortRequests, EngineOutputs, EngineRequest, FinishReason,
+                             SchedulerStats)
+
+logger = logging.getLogger(__name__)
+
+# Message tags, client -> core and core -> client.
+ADD, ABORT, SHUTDOWN = b"A", b"X", b"S"
+OUTPUTS, READY, FAILED = b"O", b"R", b"F"
+
+
+class EngineDeadError(RuntimeError):
+    """The engine core is gone; no request can complete any more."""
+
+
+class InprocClient:
+    """EngineCore in this process; the caller drives step(). Used by LLM and tests."""
+
+    def __init__(self, config: EngineConfig, core=None):
+        if core is None:
+            from engine.core import EngineCore
+
+            core = EngineCore(config)
+        self.core = core
+
+    def add_request(self, request: EngineRequest) -> None:
+        self.core.add_request(request)
+
+    def abort_requests(self, req_ids: list[str]) -> None:
+        if req_ids:
+            self.core.abort_requests(req_ids)
+
+    def step(self) -> EngineOutputs:
+        return self.core.step()
+
+    def has_unfinished_requests(self) -> bool:
+        return self.core.has_unfinished_requests()
+
+    def stats(self) -> SchedulerStats:
+        return self.core.stats()
+
+
+def run_core_loop(core, receive: Callable[[bool], list[tuple[bytes, object]]],
+                  send: Callable[[EngineOutputs], None]) -> None:
+    """The core's busy loop: apply what arrived (waiting only when idle), step while there is
+    work. After messages that leave the core idle (aborts), send fresh stats."""
+    while True:
+        messages = receive(not core.has_unfinished_requests())
+        for tag, payload in messages:
+            if tag == SHUTDOWN:
+                return
+            if tag == ADD:
+                core.add_request(payload)
+            elif tag == ABORT:
+                core.abort_requests(payload)
+        if core.has_unfinished_requests():
+            send(core.step())
+        elif messages:
+            send(EngineOutputs(stats=core.stats(), timestamp=time.time()))
+
+
+# ---------------------------------------------------------------- core in a background thread
+
+class ThreadCore:
+    """EngineCore in a daemon thread of this process (AsyncEngineClient(in_process=True))."""
+
+    def __init__(self, config: EngineConfig, on_outputs: Callable[[EngineOutputs], None],
+                 on_dead: Callable[[str], None]):
+        from engine.core import EngineCore
+
+        self._core = EngineCore(config)
+        self._inbox: queue.Queue = queue.Queue()
+        self._on_outputs, self._on_dead = on_outputs, on_dead
+        self._thread = threading.Thread(target=self._run, name="vlserve-engine-core", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            run_core_loop(self._core, self._receive, self._on_outputs)
+        except BaseException:  # noqa: BLE001 - any failure kills the engine; report it
+            self._on_dead(traceback.format_exc())
+
+    def _receive(self, block: bool) -> list[tuple[bytes, object]]:
+        messages = [self._inbox.get()] if block else []
+        while True:
+            try:
+                messages.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return messages
+
+    def send_request(self, request: EngineRequest) -> None:
+        self._inbox.put((ADD, request))
+
+    def send_abort(self, req_ids: list[str]) -> None:
+        self._inbox.put((ABORT, req_ids))
+
+    def close(self, timeout_s: float) -> None:
+        self._inbox.put((SHUTDOWN, None))
+        self._thread.join(timeout_s)
+
+
+# ---------------------------------------------------------------- core in a child process
+
+def core_process_main(config: EngineConfig, request_reader, output_writer) -> None:
+    """Entry point of the engine-core process (spawned)."""
+    try:
+        from engine.core import EngineCore
+
+        core = EngineCore(config)
+    except BaseException as exc:  # noqa: BLE001 - tell the parent why, then exit
+        output_writer.send_bytes(FAILED + msgspec.msgpack.encode([type(exc).__name__, str(exc), traceback.format_exc()]))
+        return
+    output_writer.send_bytes(READY)
+    encoder = msgspec.msgpack.Encoder()
+    request_decoder = msgspec.msgpack.Decoder(EngineRequest)
+    abort_decoder = msgspec.msgpack.Decoder(AbortRequests)
+
+    def receive(block: bool) -> list[tuple[bytes, object]]:
+        messages = []
+        if block:
+            request_reader.poll(None)
+        while request_reader.poll(0):
+            data = request_reader.recv_bytes()
+            tag, body = data[:1], data[1:]
+            if tag == ADD:
+                messages.append((ADD, request_decoder.decode(body)))
+            elif tag == ABORT:
+                messages.append((ABORT, abort_decoder.decode(body).req_ids))
+            else:
+                messages.append((SHUTDOWN, None))
+        return messages
+
+    try:
+        run_core_loop(core, receive, lambda outputs: output_writer.send_bytes(OUTPUTS + encoder.encode(outputs)))
+    except BaseException as exc:  # noqa: BLE001
+        output_writer.send_bytes(FAILED + msgspec.msgpack.encode([type(exc).__name__, str(exc), traceback.format_exc()]))
+        raise SystemExit(1) from None
+
+
+class ProcessCore:
+    """EngineCore in a spawned child process; a reader thread delivers its messages."""
+
+    def __init__(self, config: EngineConfig, on_outputs: Callable[[EngineOutputs], None],
+                 on_dead: Callable[[str], None], ready_timeout_s: float = 600.0):
+        context = multiprocessing.get_context("spawn")
+        request_reader, self._request_writer = context.Pipe(duplex=False)
+        self._output_reader, output_writer = context.Pipe(duplex=False)
+        self._process = context.Process(target=core_process_main, args=(config, request_reader, output_writer),
+                                        name="vlserve-engine-core", daemon=True)
+        self._process.start()
+        request_reader.close()
+        output_writer.close()
+        self._on_outputs, self._on_dead = on_outputs, on_dead
+        self._encoder = msgspec.msgpack.Encoder()
+        self._send_lock = threading.Lock()
+        self._closing = False
+        self._wait_ready(ready_timeout_s)
+        self._reader = threading.Thread(target=self._read_loop, name="vlserve-core-reader", daemon=True)
+        self._reader.start()
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        if not wait([self._output_reader, self._process.sentinel], timeout_s):
+            self._process.kill()
+            raise RuntimeError(f"the engine core did not start within {timeout_s:.0f} s")
+        data = self._output_reader.recv_bytes() if self._output_reader.poll(0) else b""
+        if data[:1] == READY:
+            return
+        self._process.join(5)
+        if data[:1] == FAILED:
+            kind, message, trace = msgspec.msgpack.decode(data[1:])
+            logger.error("engine core failed to start:\n%s", trace)
+            raise (ValueError if kind == "ValueError" else RuntimeError)(message)
+        raise RuntimeError(f"the engine core process exited during startup (code {self._process.exitcode})")
+
+    def _read_loop(self) -> None:
+        """Delivers messages until the process ends; then reports its death (unless closed)."""
+        decoder = msgspec.msgpack.Decoder(EngineOutputs)
+        while True:
+            ready = wait([self._output_reader, self._process.sentinel])
+            data = b""
+            if self._output_reader in ready:  # data, or EOF; drained before the sentinel counts
+                try:
+                    data = self._output_reader.recv_bytes()
+                except (EOFError, OSError):
+                    data = b""
+            if data[:1] == OUTPUTS:
+                self._on_outputs(decoder.decode(data[1:]))
+                continue
+            if data[:1] == FAILED:
+                kind, message, trace = msgspec.msgpack.decode(data[1:])
+                logger.error("engine core failed:\n%s", trace)
+                self._report_dead(f"the engine core failed: {kind}: {message}")
+                return
+            if data:
+                continue
+            self._process.join(1)
+            self._report_dead(f"the engine core process exited (exit code {self._process.exitcode})")
+            return
+
+    def _report_dead(self, message: str) -> None:
+        if not self._closing:
+            self._on_dead(message)
+
+    def send_request(self, request: EngineRequest) -> None:
+        self._send(ADD + self._encoder.encode(request))
+
+    def send_abort(self, req_ids: list[str]) -> None:
+        self._send(ABORT + self._encoder.encode(AbortRequests(req_ids)))
+
+    def _send(self, data: bytes) -> None:
+        try:
+            with self._send_lock:
+                self._request_writer.send_bytes(data)
+        except (BrokenPipeError, OSError) as exc:
+            raise EngineDeadError(f"the engine core is not running: {exc}") from None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    def close(self, timeout_s: float) -> None:
+        self._closing = True
+        try:
+            self._send(SHUTDOWN)
+        except EngineDeadError:
+            pass
+        self._process.join(timeout_s)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(5)
+
+
+# ---------------------------------------------------------------- async facade for the app
+
+class _OutputSlot:
+    """The latest cumulative output of one request (older ones are superseded), or an error."""
+
+    def __init__(self) -> None:
+        self.latest: RequestOutput | None = None
+        self.error: BaseException | None = None
+        self.ready = asyncio.Event()
+
+    def put(self, output: RequestOutput) -> None:
+        self.latest = output
+        self.ready.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.ready.set()
+
+    async def get(self) -> RequestOutput:
+        await self.ready.wait()
+        self.ready.clear()
+        if self.error is not None:
+            raise self.error
+        output, self.latest = self.latest, None
+        return output
+
+
+class AsyncEngineClient:
+    def __init__(self, config: EngineConfig, frontend: Frontend):
+        self.config = config
+        self.frontend = frontend
+        self.dead_error: str | None = None
+        self.stats: SchedulerStats | None = None
+        self._processor = OutputProcessor(frontend.tokenizer)
+        self._slots: dict[str, _OutputSlot] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._core = None
+        self._is_accepting = True
+
+    @classmethod
+    def start(cls, config: EngineConfig, *, in_process: bool = False,
+              ready_timeout_s: float = 600.0) -> "AsyncEngineClient":
+        """Blocks until the core is ready (model loaded, KV cache allocated). Call it before
+        serving, or through a worker thread from async code."""
+        client = cls(config, Frontend(config))
+        if in_process:
+            client._core = ThreadCore(config, client._outputs_from_core, client._dead_from_core)
+        else:
+            client._core = ProcessCore(config, client._outputs_from_core, client._dead_from_core, ready_timeout_s)
+        return client
+
+    def is_healthy(self) -> bool:
+        return self.dead_error is None
+
+    # ---- called from the core's thread: hop onto the event loop
+
+    def _outputs_from_core(self, outputs: EngineOutputs) -> None:
+        if outputs.stats is not None:
+            self.stats = outputs.stats
+        if outputs.outputs and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._route_outputs, outputs)
+
+    def _dead_from_core(self, message: str) -> None:
+        self.dead_error = message
+        logger.error("engine core died: %s", message)
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._fail_all, message)
+
+    # ---- on the event loop
+
+    def _route_outputs(self, outputs: EngineOutputs) -> None:
+        states, stop_string_hits = self._processor.process(outputs.outputs)
+        if stop_string_hits and self.dead_error is None:
+            self._core.send_abort(stop_string_hits)
+        for state in states:
+            slot = self._slots.get(state.request.req_id)
+            if slot is not None:
+                slot.put(state.make_output())
+
+    def _fail_all(self, message: str) -> None:
+        for req_id, slot in list(self._slots.items()):
+            self._processor.abort(req_id, FinishReason.ERROR, message)
+            slot.fail(EngineDeadError(message))
+
+    def _check_accepting(self) -> None:
+        if self.dead_error is not None:
+            raise EngineDeadError(f"the engine is not running: {self.dead_error}")
+        if not self._is_accepting:
+            raise EngineDeadError("the engine is shutting down")
+
+    async def generate(self, request: EngineRequest, *, prompt: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Cumulative RequestOutputs of one request (n completions); the last has finished=True.
+        Raises EngineDeadError if the engine dies meanwhile. Stopping the iteration early aborts
+        the request in the engine."""
+        self._check_accepting()
+        self._loop = asyncio.get_running_loop()
+        state = self._processor.add(request, prompt)
+        slot = self._slots[request.req_id] = _OutputSlot()
+        finished = False
+        try:
+            for child in state.children:
+                self._core.send_request(child)
+            while not finished:
+                output = await slot.get()
+                finished = output.finished
+                yield output
+        finally:
+            self._slots.pop(request.req_id, None)
+            if not finished:
+                self._abort_now(request.req_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Ends the request now (its generator yields a final "abort" output) and frees its KV
+        blocks in the core. Unknown or finished ids are ignored."""
+        self._abort_now(request_id)
+
+    def _abort_now(self, request_id: str) -> None:
+        state, running_child_ids = self._processor.abort(request_id)
+        if running_child_ids and self.dead_error is None:
+            try:
+                self._core.send_abort(running_child_ids)
+            except EngineDeadError:
+                pass
+        slot = self._slots.get(request_id)
+        if state is not None and slot is not None:
+            slot.put(state.make_output())
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._processor.states)
+
+    async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
+        """Refuses new requests, lets in-flight ones finish for up to drain_timeout_s, aborts the
+        rest and stops the core."""
+        self._is_accepting = False
+        deadline = time.monotonic() + drain_timeout_s
+        while self._processor.states and self.dead_error is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for req_id in list(self._processor.states):
+            self._abort_now(req_id)
+        if self._core is not None:
+            await asyncio.to_thread(self._core.close, 10.0)
