@@ -98,7 +98,7 @@ class BlockPool:
         return self.free_queue.num_free_blocks
 
     def get_usage(self) -> float:
-        return 1.0 - self.get_num_free_blocks() / self.num_usable_blocks
+        return (self.num_usable_blocks - self.get_num_free_blocks()) / self.num_usable_blocks
 
     def get_cached_block(self, block_hash: BlockHash) -> KVCacheBlock | None:
         return self.cached_blocks.get(block_hash) if self.enable_caching else None
