@@ -3,7 +3,8 @@
 Caller: the engine's layers (attention, rotary, norm, activation) and the vision towers.
 Dispatch: the Triton kernel when the tensors are on CUDA; the torch `_reference` of the same
 kernel file otherwise (that reference is the CPU backend). CPU tests run the Triton kernels in
-the interpreter by setting TRITON_INTERPRET=1 and VLSERVE_FORCE_TRITON=1 (read at each call).
+the interpreter: TRITON_INTERPRET=1 must be set before triton is first imported (triton.jit reads it
+when decorating), plus VLSERVE_FORCE_TRITON=1 (read at each call) to route CPU tensors to Triton.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from kernels import paged_attention as _paged_attention
 from kernels import rmsnorm as _rmsnorm
 from kernels import rotary as _rotary
 from kernels import store_kv as _store_kv
-from kernels.jit import is_interpreting
 
 __all__ = [
     "apply_rotary", "fused_add_rms_norm", "paged_attention", "rms_norm", "silu_and_mul", "store_kv",
@@ -29,7 +29,8 @@ def uses_triton(tensor: torch.Tensor) -> bool:
     """True when a call on `tensor` runs the Triton kernel rather than the torch reference."""
     if tensor.is_cuda:
         return True
-    return os.environ.get("VLSERVE_FORCE_TRITON", "0") == "1" and is_interpreting()
+    return (os.environ.get("VLSERVE_FORCE_TRITON", "0") == "1"
+            and os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 def store_kv(

@@ -14,11 +14,22 @@ Its token t lives in the cache at (block_tables[r, t // block_size], t % block_s
 
 Query head h reads KV head h // (num_q_heads // num_kv_heads), as HF's repeat_kv does.
 The torch `_reference` is the CPU backend: float32 math, matmul + softmax like HF eager attention.
+
+Triton path, batch invariance: every query row walks its keys in fixed segments of
+KV_SPLIT_TOKENS absolute positions (online softmax inside a segment, then an ordered merge of
+segment results). Pure-decode batches with long sequences run the segments in parallel
+(flash-decoding: one program per segment, partials merged in order by a second kernel); other
+batches run them in a loop. Both perform the same arithmetic in the same order, and a row never
+depends on which other requests share the launch or its tile.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+import triton
+import triton.language as tl
 
 # Query rows per matmul in the reference: bounds its score matrix to
 # num_q_heads * _REFERENCE_QUERY_CHUNK * seq_len floats.
@@ -85,3 +96,211 @@ def _attend_one_request(
         probs = torch.softmax(scores, dim=-1)
         out[:, :, lo:hi] = torch.matmul(probs, v[:, None])
     return out.reshape(num_q_heads, q_len, head_dim).permute(1, 0, 2)
+
+
+# Tokens per KV segment: fixed, so a row's reduction order depends only on its own sequence.
+KV_SPLIT_TOKENS = 512
+_NO_SCORE = tl.constexpr(-1.0e30)   # finite "minus infinity" for running maxima: keeps exp(m_old - m_new) NaN-free
+_IS_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"   # what triton.jit saw at import
+
+
+@triton.jit
+def _find_request(query_start_loc_ptr, num_reqs, tile, BLOCK_Q: tl.constexpr):
+    """Request r owns tiles from query_start_loc[r] // BLOCK_Q + r on (at least cdiv(q_len, BLOCK_Q)
+    of them, at most one spare), so a grid of num_tokens // BLOCK_Q + num_reqs covers every row."""
+    lo: tl.int32 = 0
+    hi: tl.int32 = num_reqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _merge_segment(run_max, run_sum, run_acc, seg_max, seg_sum, seg_acc):
+    """Fold one segment's (max, sum, acc) into the running result; both kernels use this, in order."""
+    new_max = tl.maximum(run_max, seg_max)
+    old_weight = tl.exp(run_max - new_max)
+    seg_weight = tl.exp(seg_max - new_max)
+    run_sum = run_sum * old_weight + seg_sum * seg_weight
+    run_acc = run_acc * old_weight[:, None] + seg_acc * seg_weight[:, None]
+    return new_max, run_sum, run_acc
+
+
+@triton.jit
+def _attend_segment(q, row_pos, k_cache_ptr, v_cache_ptr, block_table, kv_head, seg_start, seg_end, scale,
+                    dims, dim_valid, stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIM_PADDED: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax of the tile's rows over keys [seg_start, seg_end), BLOCK_N keys at a time."""
+    seg_max = tl.full([BLOCK_M], _NO_SCORE, tl.float32)
+    seg_sum = tl.zeros([BLOCK_M], tl.float32)
+    seg_acc = tl.zeros([BLOCK_M, DIM_PADDED], tl.float32)
+    for start in range(seg_start, seg_end, BLOCK_N):
+        key_pos = start + tl.arange(0, BLOCK_N)                                     # [BLOCK_N]
+        key_valid = key_pos < seg_end
+        block_id = tl.load(block_table + key_pos // BLOCK_SIZE, mask=key_valid, other=0).to(tl.int64)
+        offset = key_pos % BLOCK_SIZE
+        k_t = tl.load(k_cache_ptr + block_id[None, :] * stride_kc_b + offset[None, :] * stride_kc_s
+                      + kv_head * stride_kc_h + dims[:, None],
+                      mask=key_valid[None, :] & dim_valid[:, None], other=0.0)       # [DIM_PADDED, BLOCK_N]
+        v = tl.load(v_cache_ptr + block_id[:, None] * stride_vc_b + offset[:, None] * stride_vc_s
+                    + kv_head * stride_vc_h + dims[None, :],
+                    mask=key_valid[:, None] & dim_valid[None, :], other=0.0)         # [BLOCK_N, DIM_PADDED]
+        scores = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale              # [BLOCK_M, BLOCK_N]
+        visible = (key_pos[None, :] <= row_pos[:, None]) & key_valid[None, :]
+        scores = tl.where(visible, scores, float("-inf"))
+        new_max = tl.maximum(seg_max, tl.max(scores, axis=1))
+        rescale = tl.exp(seg_max - new_max)
+        probs = tl.exp(scores - new_max[:, None])
+        seg_sum = seg_sum * rescale + tl.sum(probs, axis=1)
+        seg_acc = seg_acc * rescale[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=DOT_PRECISION)
+        seg_max = new_max
+    return seg_max, seg_sum, seg_acc
+
+
+@triton.jit
+def _paged_attention_kernel(
+    query_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr,
+    query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, scale, num_reqs, head_dim,
+    stride_q_t, stride_q_h, stride_o_t, stride_o_h,
+    stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h,
+    stride_bt_r, stride_pa_t, stride_pa_h, stride_pm_t, stride_pm_h,
+    GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DIM_PADDED: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLIT_TOKENS: tl.constexpr,
+    IS_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Program (query tile, kv head[, segment when IS_SPLIT]).
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    req = _find_request(query_start_loc_ptr, num_reqs, tile, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + req)
+    q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
+    tile_local = tile - (q_start // BLOCK_Q + req)
+    if tile_local * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + req)
+    # Row m = query token tile_local * BLOCK_Q + m // GROUP of the request, query head kv_head * GROUP + m % GROUP.
+    rows = tl.arange(0, BLOCK_M)
+    row_tok = tile_local * BLOCK_Q + rows // GROUP                                   # [BLOCK_M]
+    row_head = kv_head * GROUP + rows % GROUP                                        # [BLOCK_M]
+    row_valid = (rows < BLOCK_Q * GROUP) & (row_tok < q_len)
+    row_pos = seq_len - q_len + row_tok                                              # [BLOCK_M] absolute
+    row_t64 = (q_start + row_tok).to(tl.int64)
+    dims = tl.arange(0, DIM_PADDED)
+    dim_valid = dims < head_dim
+    row_mask = row_valid[:, None] & dim_valid[None, :]
+    q = tl.load(query_ptr + row_t64[:, None] * stride_q_t + row_head[:, None] * stride_q_h + dims[None, :],
+                mask=row_mask, other=0.0)                                            # [BLOCK_M, DIM_PADDED]
+    kv_end = tl.minimum(seq_len, seq_len - q_len + (tile_local + 1) * BLOCK_Q)
+    seg_first = 0
+    seg_last = (kv_end + SPLIT_TOKENS - 1) // SPLIT_TOKENS
+    if IS_SPLIT:
+        seg_first = tl.program_id(2)
+        seg_last = seg_first + 1
+        if seg_first * SPLIT_TOKENS >= kv_end:
+            return
+    run_max = tl.full([BLOCK_M], _NO_SCORE, tl.float32)
+    run_sum = tl.zeros([BLOCK_M], tl.float32)
+    run_acc = tl.zeros([BLOCK_M, DIM_PADDED], tl.float32)
+    block_table = block_tables_ptr + req.to(tl.int64) * stride_bt_r
+    for seg in range(seg_first, seg_last):
+        seg_max, seg_sum, seg_acc = _attend_segment(
+            q, row_pos, k_cache_ptr, v_cache_ptr, block_table, kv_head, seg * SPLIT_TOKENS,
+            tl.minimum((seg + 1) * SPLIT_TOKENS, kv_end), scale, dims, dim_valid,
+            stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h,
+            BLOCK_M, BLOCK_N, DIM_PADDED, BLOCK_SIZE, DOT_PRECISION)
+        run_max, run_sum, run_acc = _merge_segment(run_max, run_sum, run_acc, seg_max, seg_sum, seg_acc)
+    if IS_SPLIT:
+        partial = row_t64 * stride_pm_t + row_head * stride_pm_h + seg_first
+        tl.store(partial_max_ptr + partial, run_max, mask=row_valid)
+        tl.store(partial_sum_ptr + partial, run_sum, mask=row_valid)
+        partial_acc = row_t64[:, None] * stride_pa_t + row_head[:, None] * stride_pa_h + seg_first * DIM_PADDED
+        tl.store(partial_acc_ptr + partial_acc + dims[None, :], run_acc, mask=row_mask)
+    else:
+        out = run_acc / run_sum[:, None]
+        tl.store(out_ptr + row_t64[:, None] * stride_o_t + row_head[:, None] * stride_o_h + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _merge_kernel(
+    out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, seq_lens_ptr, head_dim,
+    stride_o_t, stride_o_h, stride_pa_t, stride_pa_h, stride_pm_t, stride_pm_h,
+    DIM_PADDED: tl.constexpr, SPLIT_TOKENS: tl.constexpr,
+):
+    # Program (decode token = request, query head): its segments merged in order, as the looped path does.
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    num_segments = (tl.load(seq_lens_ptr + token) + SPLIT_TOKENS - 1) // SPLIT_TOKENS
+    dims = tl.arange(0, DIM_PADDED)[None, :]                                         # [1, DIM_PADDED]
+    run_max = tl.full([1], _NO_SCORE, tl.float32)
+    run_sum = tl.zeros([1], tl.float32)
+    run_acc = tl.zeros([1, DIM_PADDED], tl.float32)
+    partial = token * stride_pm_t + head * stride_pm_h
+    partial_acc = partial_acc_ptr + token * stride_pa_t + head * stride_pa_h + dims
+    for seg in range(0, num_segments):
+        seg_max = tl.load(partial_max_ptr + partial + seg + tl.zeros([1], tl.int32))
+        seg_sum = tl.load(partial_sum_ptr + partial + seg + tl.zeros([1], tl.int32))
+        seg_acc = tl.load(partial_acc + seg * DIM_PADDED)
+        run_max, run_sum, run_acc = _merge_segment(run_max, run_sum, run_acc, seg_max, seg_sum, seg_acc)
+    out = run_acc / run_sum[:, None]
+    tl.store(out_ptr + token * stride_o_t + head * stride_o_h + dims, out.to(out_ptr.dtype.element_ty),
+             mask=dims < head_dim)
+
+
+def _tile_shape(group: int) -> tuple[int, int, int]:
+    """(BLOCK_Q query tokens, BLOCK_M rows = BLOCK_Q * group padded, BLOCK_N keys) per program.
+    Fixed per (group, mode), never per batch, so tiling never changes a row's arithmetic."""
+    target_rows, block_n = (16, 16) if _IS_INTERPRETING else (64, 64)
+    block_q = max(1, target_rows // group)
+    return block_q, max(16, triton.next_power_of_2(block_q * group)), block_n
+
+
+def _triton(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
+            max_query_len, max_seq_len, out, query_lens_cpu, kv_split_tokens=KV_SPLIT_TOKENS):
+    num_tokens, num_q_heads, head_dim = query.shape
+    num_kv_heads, num_reqs = k_cache.shape[2], query_start_loc.shape[0] - 1
+    _zero_padding_rows(out, query_lens_cpu)
+    if num_tokens == 0 or num_reqs == 0:
+        return out
+    group = num_q_heads // num_kv_heads
+    block_q, block_m, block_n = _tile_shape(group)
+    if kv_split_tokens % block_n:
+        raise ValueError(f"kv_split_tokens {kv_split_tokens} must be a multiple of {block_n}")
+    dim_padded = max(16, triton.next_power_of_2(head_dim))
+    # Pure-decode batches with long sequences: one program per segment (flash-decoding), then merge.
+    is_split = max_query_len == 1 and max_seq_len > kv_split_tokens
+    num_segments = triton.cdiv(max_seq_len, kv_split_tokens) if is_split else 1
+    partial_rows = (num_tokens, num_q_heads, num_segments) if is_split else (1, 1, 1)
+    partial_acc = query.new_empty((*partial_rows, dim_padded), dtype=torch.float32)
+    partial_max = query.new_empty(partial_rows, dtype=torch.float32)
+    partial_sum = torch.empty_like(partial_max)
+    _paged_attention_kernel[(num_tokens // block_q + num_reqs, num_kv_heads, num_segments)](
+        query, k_cache, v_cache, out, partial_acc, partial_max, partial_sum,
+        query_start_loc, seq_lens, block_tables, scale, num_reqs, head_dim,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), partial_acc.stride(0), partial_acc.stride(1),
+        partial_max.stride(0), partial_max.stride(1),
+        GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, DIM_PADDED=dim_padded,
+        BLOCK_SIZE=k_cache.shape[1], SPLIT_TOKENS=kv_split_tokens, IS_SPLIT=is_split,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32")
+    if is_split:   # token i is request i in a pure-decode batch
+        _merge_kernel[(num_reqs, num_q_heads)](
+            out, partial_acc, partial_max, partial_sum, seq_lens, head_dim,
+            out.stride(0), out.stride(1), partial_acc.stride(0), partial_acc.stride(1),
+            partial_max.stride(0), partial_max.stride(1), DIM_PADDED=dim_padded, SPLIT_TOKENS=kv_split_tokens)
+    return out
+
+
+def _zero_padding_rows(out: torch.Tensor, query_lens_cpu: list[int] | None) -> None:
+    """Rows past query_start_loc[-1] must read 0; without host lengths, clear everything first."""
+    if query_lens_cpu is None:
+        out.zero_()
+    else:
+        out[sum(query_lens_cpu):].zero_()

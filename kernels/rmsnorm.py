@@ -12,8 +12,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.jit import LazyKernel
-
 
 def _reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()                                               # [num_tokens, hidden]
@@ -24,3 +22,49 @@ def _reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tenso
 def _fused_add_reference(x, residual, weight, eps):
     new_residual = x + residual                                    # [num_tokens, hidden]
     return _reference(new_residual, weight, eps), new_residual
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, hidden, eps,
+    stride_x, stride_r, stride_o, stride_ro,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # One program per token row.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + residual.to(tl.float32)).to(x_ptr.dtype.element_ty)   # add in input dtype
+        tl.store(residual_out_ptr + row * stride_ro + cols, x, mask=mask)
+    x32 = x.to(tl.float32)
+    variance = tl.sum(x32 * x32, axis=0) / hidden
+    normed = (x32 * (1.0 / tl.sqrt(variance + eps))).to(x_ptr.dtype.element_ty)
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    out = normed.to(tl.float32) * weight.to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(x, residual, weight, eps):
+    num_tokens, hidden = x.shape
+    if x.stride(-1) != 1 or weight.stride(-1) != 1:
+        raise ValueError("x and weight must be contiguous in the hidden dimension")
+    out = x.new_empty((num_tokens, hidden), dtype=torch.promote_types(weight.dtype, x.dtype))
+    residual_out = torch.empty_like(x) if residual is not None else out
+    residual_in = residual if residual is not None else x
+    if num_tokens:
+        _rms_norm_kernel[(num_tokens,)](
+            x, residual_in, weight, out, residual_out, hidden, eps,
+            x.stride(0), residual_in.stride(0), out.stride(0), residual_out.stride(0),
+            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden))
+    return out, residual_out
+
+
+def _triton(x, weight, eps):
+    return _launch(x, None, weight, eps)[0]
+
+
+def _fused_add_triton(x, residual, weight, eps):
+    return _launch(x, residual, weight, eps)

@@ -18,8 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.jit import LazyKernel
-
 
 def _cos_sin_per_token(positions, cos_sin_cache, mrope_section):
     half = cos_sin_cache.shape[1] // 2
@@ -51,3 +49,67 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 def _reference(query, key, positions, cos_sin_cache, mrope_section):
     cos, sin = _cos_sin_per_token(positions, cos_sin_cache, mrope_section)
     return _rotate(query, cos, sin), _rotate(key, cos, sin)
+
+
+@triton.jit
+def _rotate_heads(x_ptr, out_ptr, token, num_heads, half, stride_t, stride_h, stride_ot, stride_oh,
+                  cos, sin, HEADS_PADDED: tl.constexpr, HALF_PADDED: tl.constexpr):
+    heads = tl.arange(0, HEADS_PADDED)[:, None]
+    freqs = tl.arange(0, HALF_PADDED)[None, :]
+    mask = (heads < num_heads) & (freqs < half)
+    first = x_ptr + token * stride_t + heads * stride_h + freqs
+    x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)              # [HEADS_PADDED, HALF_PADDED]
+    x2 = tl.load(first + half, mask=mask, other=0.0).to(tl.float32)
+    out = out_ptr + token * stride_ot + heads * stride_oh + freqs
+    tl.store(out, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + half, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    query_ptr, key_ptr, query_out_ptr, key_out_ptr, positions_ptr, cos_sin_ptr,
+    num_q_heads, num_kv_heads, half, section_0, section_1,
+    stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_qo_t, stride_qo_h, stride_ko_t, stride_ko_h,
+    stride_pos_row, stride_cache,
+    IS_MROPE: tl.constexpr, Q_HEADS_PADDED: tl.constexpr, K_HEADS_PADDED: tl.constexpr,
+    HALF_PADDED: tl.constexpr,
+):
+    # One program per token; frequency j takes its position from row 0/1/2 by M-RoPE section.
+    token = tl.program_id(0).to(tl.int64)
+    freqs = tl.arange(0, HALF_PADDED)
+    freq_valid = freqs < half
+    if IS_MROPE:
+        section = (freqs >= section_0).to(tl.int64) + (freqs >= section_0 + section_1).to(tl.int64)
+        position = tl.load(positions_ptr + section * stride_pos_row + token)      # [HALF_PADDED]
+    else:
+        position = tl.load(positions_ptr + token + freqs * 0)
+    row = cos_sin_ptr + position.to(tl.int64) * stride_cache + freqs
+    cos = tl.load(row, mask=freq_valid, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(row + half, mask=freq_valid, other=0.0).to(tl.float32)[None, :]
+    _rotate_heads(query_ptr, query_out_ptr, token, num_q_heads, half, stride_q_t, stride_q_h,
+                  stride_qo_t, stride_qo_h, cos, sin, Q_HEADS_PADDED, HALF_PADDED)
+    _rotate_heads(key_ptr, key_out_ptr, token, num_kv_heads, half, stride_k_t, stride_k_h,
+                  stride_ko_t, stride_ko_h, cos, sin, K_HEADS_PADDED, HALF_PADDED)
+
+
+def _triton(query, key, positions, cos_sin_cache, mrope_section):
+    num_tokens, num_q_heads, head_dim = query.shape
+    half = head_dim // 2
+    if mrope_section is not None and sum(mrope_section) != half:
+        raise ValueError(f"mrope_section {mrope_section} must sum to head_dim / 2 = {half}")
+    if any(t.stride(-1) != 1 for t in (query, key, cos_sin_cache)) or positions.stride(-1) != 1:
+        raise ValueError("query, key, positions and cos_sin_cache must be contiguous in the last dimension")
+    query_out, key_out = torch.empty_like(query), torch.empty_like(key)
+    sections = mrope_section if mrope_section is not None else [half, 0, 0]
+    if num_tokens:
+        _rotary_kernel[(num_tokens,)](
+            query, key, query_out, key_out, positions, cos_sin_cache,
+            num_q_heads, key.shape[1], half, sections[0], sections[1],
+            query.stride(0), query.stride(1), key.stride(0), key.stride(1),
+            query_out.stride(0), query_out.stride(1), key_out.stride(0), key_out.stride(1),
+            positions.stride(0) if positions.dim() == 2 else 0, cos_sin_cache.stride(0),
+            IS_MROPE=mrope_section is not None,
+            Q_HEADS_PADDED=triton.next_power_of_2(num_q_heads),
+            K_HEADS_PADDED=triton.next_power_of_2(key.shape[1]),
+            HALF_PADDED=triton.next_power_of_2(half))
+    return query_out, key_out

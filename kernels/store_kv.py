@@ -10,8 +10,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.jit import LazyKernel
-
 
 def _reference(
     key: torch.Tensor,           # [num_tokens, num_kv_heads, head_dim]
@@ -30,6 +28,7 @@ def _reference(
     v_cache[block_ids, offsets] = value[is_valid].to(v_cache.dtype)
 
 
+@triton.jit
 def _store_kv_kernel(
     key_ptr, value_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     stride_key_t, stride_key_h, stride_value_t, stride_value_h,
@@ -55,9 +54,6 @@ def _store_kv_kernel(
     tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
-_store_kv = LazyKernel(_store_kv_kernel)
-
-
 def _triton(key, value, k_cache, v_cache, slot_mapping) -> None:
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
@@ -65,7 +61,7 @@ def _triton(key, value, k_cache, v_cache, slot_mapping) -> None:
     for name, t in (("key", key), ("value", value), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in head_dim")
-    _store_kv[(num_tokens,)](
+    _store_kv_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, slot_mapping,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
