@@ -122,3 +122,24 @@ def test_encoder_budget_defaults_to_the_largest_item_that_fits_the_context():
     config = _config(max_model_len=64).replace(multimodal_config=MultiModalConfig(encoder_cache_size=10))
     core, _ = _core(config)
     assert core.scheduler.encoder_compute_budget == core.scheduler.encoder_cache.cache_size == 10
+
+
+def test_core_with_the_real_runner_matches_transformers_greedy_under_preemption(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    path = str(tiny_model_dir("qwen2"))
+    config = EngineConfig.create(model=path, device="cpu", dtype="float32", max_model_len=64,
+                                 block_size=4, num_gpu_blocks_override=30, max_num_batched_tokens=24)
+    core = EngineCore(config)  # builds the ModelRunner itself
+    prompts = {f"r{i}": [(37 * i + 11 * p) % 200 + 3 for p in range(9 + 5 * i)] for i in range(4)}
+    for req_id, prompt in prompts.items():
+        core.add_request(_request(req_id, prompt, temperature=0.0, max_tokens=20, ignore_eos=True))
+    outputs = _run(core)
+    assert core.stats().num_preemptions > 0  # 4 x ~40 tokens in 29 blocks of 4
+    assert_all_blocks_free(core.scheduler)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    for req_id, prompt in prompts.items():
+        with torch.no_grad():
+            generated = hf_model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
+                                          min_new_tokens=20, pad_token_id=0)
+        assert output_token_ids(outputs[req_id]) == generated[0, len(prompt):].tolist(), req_id
