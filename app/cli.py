@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field
 
 from app.chat_templates import resolve_chat_template
+from vision.limits import MultiModalLimits
 
 UNSET = None  # argparse default for engine flags: "not given" -> left out of the engine kwargs
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -33,7 +34,7 @@ class ServerConfig:
     trust_request_chat_template: bool = False
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
-    limit_mm_per_prompt: dict[str, int] = field(default_factory=dict)  # modality -> max items
+    limits: MultiModalLimits = field(default_factory=MultiModalLimits)  # --limit-mm-per-prompt
     allowed_local_media_path: str | None = None
     allowed_media_domains: tuple[str, ...] | None = None
     disable_log_requests: bool = False
@@ -147,17 +148,6 @@ def parse_limit_mm_per_prompt(text: str) -> dict:
     return limits
 
 
-def limit_counts(limits: dict) -> dict[str, int]:
-    counts = {}
-    for modality, value in limits.items():
-        count = value.get("count", 999) if isinstance(value, dict) else value
-        if modality not in ("image", "video") or not isinstance(count, int) or count < 0:
-            raise ValueError(f"--limit-mm-per-prompt: bad entry {modality}={value!r} "
-                             "(modalities: image, video; counts >= 0)")
-        counts[modality] = count
-    return counts
-
-
 def _check_supported(args: argparse.Namespace) -> None:
     unsupported = [
         (args.quantization not in (None, "None", "none"), "quantization",
@@ -207,7 +197,7 @@ def server_config_from(args: argparse.Namespace, model: str, engine_kwargs: dict
         chat_template=resolve_chat_template(args.chat_template) if args.chat_template else None,
         trust_request_chat_template=args.trust_request_chat_template,
         enable_auto_tool_choice=args.enable_auto_tool_choice, tool_call_parser=args.tool_call_parser,
-        limit_mm_per_prompt=limit_counts(engine_kwargs.get("limit_mm_per_prompt", {})),
+        limits=MultiModalLimits.parse(engine_kwargs.get("limit_mm_per_prompt")),
         allowed_local_media_path=args.allowed_local_media_path,
         allowed_media_domains=tuple(args.allowed_media_domains) if args.allowed_media_domains else None,
         disable_log_requests=args.disable_log_requests, disable_log_stats=args.disable_log_stats,

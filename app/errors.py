@@ -33,6 +33,10 @@ class EngineDeadError(Exception):
     """The engine process died or is shutting down (503)."""
 
 
+class ClientDisconnected(Exception):
+    """The HTTP client went away before the response was ready (nobody reads the reply)."""
+
+
 class UnauthorizedError(Exception):
     """Missing or wrong API key (401)."""
 
@@ -86,6 +90,7 @@ EXCEPTION_HANDLERS = {
     ModelNotFoundError: lambda _, exc: error_response(404, str(exc), "model"),
     UnauthorizedError: lambda _, exc: error_response(401, str(exc)),
     EngineDeadError: lambda _, exc: error_response(503, str(exc)),
+    ClientDisconnected: lambda _, exc: error_response(400, "client disconnected"),
     HTTPException: _on_http,
     Exception: _on_unexpected,
 }

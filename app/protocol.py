@@ -25,7 +25,7 @@ MAX_STOP_TOKEN_IDS = 64
 StopString = Annotated[str, Meta(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 Stop = StopString | Annotated[list[StopString], Meta(max_length=MAX_STOP_STRINGS)] | None
 TokenId = Annotated[int, Meta(ge=0, lt=2 ** 31)]
-Seed = Annotated[int, Meta(ge=-(2 ** 63), lt=2 ** 64)]
+Seed = Annotated[int, Meta(ge=-(2 ** 63), le=2 ** 63 - 1)]
 PositiveInt = Annotated[int, Meta(ge=1, lt=2 ** 31)]
 
 
@@ -166,11 +166,11 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     continue_final_message: bool = False
 
 
+# str | list[str] | list[int] | list[list[int]]; msgspec allows one list type per union, so the
+# list's items are a union and `prompts_of` (app.routes.completions) checks they agree.
 PromptInput = (
     Annotated[str, Meta(max_length=10_000_000)]
-    | Annotated[list[str], Meta(min_length=1)]
-    | Annotated[list[TokenId], Meta(min_length=1)]
-    | Annotated[list[Annotated[list[TokenId], Meta(min_length=1)]], Meta(min_length=1)]
+    | Annotated[list[str | TokenId | Annotated[list[TokenId], Meta(min_length=1)]], Meta(min_length=1)]
 )
 
 

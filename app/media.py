@@ -1,0 +1,69 @@
+"""Media of a chat request: count the parts against `--limit-mm-per-prompt` (before anything is
+fetched), then fetch (async, vision.fetch.MediaFetcher) and decode off the event loop.
+
+Caller: app.routes.chat and app.routes.tokenize. Decoding is CPU work (PIL, PyAV), so it runs in a
+worker thread; fetches of one request run concurrently. Every failure is a ValueError
+(vision.inputs.MediaError) with a user-facing message -> HTTP 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from app.protocol import ChatMessage, ImageURLPart, InputAudioPart, VideoURLPart
+from vision.image import decode_image
+from vision.limits import MultiModalLimits
+from vision.video import decode_video
+
+PART_MODALITY = {ImageURLPart: "image", VideoURLPart: "video"}
+
+
+def count_media(messages: list[ChatMessage]) -> dict[str, int]:
+    """modality -> number of parts; refuses part types this server cannot serve."""
+    counts: dict[str, int] = {}
+    for message in messages:
+        if not isinstance(message.content, list):
+            continue
+        for part in message.content:
+            if isinstance(part, InputAudioPart):
+                raise ValueError("input_audio content parts are not supported: this server takes "
+                                 "text, image_url and video_url parts")
+            modality = PART_MODALITY.get(type(part))
+            if modality:
+                counts[modality] = counts.get(modality, 0) + 1
+    return counts
+
+
+def check_media_counts(messages: list[ChatMessage], limits: MultiModalLimits) -> dict[str, int]:
+    counts = count_media(messages)
+    limits.check_counts(counts)
+    return counts
+
+
+def _decode(modality: str, data: Any, limits: MultiModalLimits) -> Any:
+    if modality == "image":
+        image = decode_image(data) if isinstance(data, (bytes, bytearray)) else data
+        limits.check_size("image", width=image.width, height=image.height)
+        return image
+    video = decode_video(bytes(data)) if isinstance(data, (bytes, bytearray)) else data
+    num_frames, height, width = video.frames.shape[:3]
+    limits.check_size("video", width=width, height=height, num_frames=num_frames)
+    return video
+
+
+async def _load_one(ref: Any, fetcher: Any, limits: MultiModalLimits) -> Any:
+    from engine.frontend import MediaInput
+
+    data = ref.data
+    if data is None:
+        if not ref.url:
+            raise ValueError(f"a {ref.modality} part has neither a url nor data")
+        data = await fetcher.fetch(ref.url)
+    decoded = await asyncio.to_thread(_decode, ref.modality, data, limits)
+    return MediaInput(modality=ref.modality, data=decoded, uuid=ref.uuid, detail=ref.detail)
+
+
+async def load_media(refs: list[Any], fetcher: Any, limits: MultiModalLimits) -> list[Any]:
+    """MediaRefs from Frontend.render_chat (prompt order) -> MediaInputs, same order."""
+    return list(await asyncio.gather(*(_load_one(ref, fetcher, limits) for ref in refs)))

@@ -1,0 +1,94 @@
+"""Finished RequestOutputs -> OpenAI response bodies (non-streaming), plus the pieces the
+streaming path shares: usage, and logprobs in the chat and the completions shapes.
+
+Caller: app.routes.chat / app.routes.completions (collect mode) and app.streaming (chunks).
+A RequestOutput's `logprobs[i]` maps token id -> Logprob for output position i; the sampled token
+is `token_ids[i]`, the rest are the top-k by rank.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.protocol import (AssistantMessage, ChatCompletionChoice, ChatCompletionResponse, ChoiceLogprobs,
+                          CompletionChoice, CompletionLogprobs, CompletionResponse, PromptTokensDetails,
+                          TokenLogprob, TopLogprob, Usage)
+from app.tool_parsers import hermes
+
+
+def usage_of(outputs: list[Any]) -> Usage:
+    """Usage over one or more RequestOutputs (several prompts in one /v1/completions call)."""
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    details = PromptTokensDetails(cached_tokens=sum(o.num_cached_tokens for o in outputs),
+                                  image_tokens=sum(o.num_image_tokens for o in outputs),
+                                  video_tokens=sum(o.num_video_tokens for o in outputs))
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=details)
+
+
+def _token_text(token_id: int, logprob: Any, tokenizer: Any) -> str:
+    if logprob.decoded_token is not None:
+        return logprob.decoded_token
+    return tokenizer.decode([token_id])
+
+
+def chat_logprobs(token_ids: list[int], logprobs: list[dict], num_top: int, tokenizer: Any) -> ChoiceLogprobs:
+    content = []
+    for token_id, position in zip(token_ids, logprobs):
+        sampled = position[token_id]
+        text = _token_text(token_id, sampled, tokenizer)
+        top = [TopLogprob(token=(t := _token_text(tid, lp, tokenizer)), logprob=lp.logprob,
+                          bytes=list(t.encode("utf-8")))
+               for tid, lp in sorted(position.items(), key=lambda item: -item[1].logprob)[:num_top]]
+        content.append(TokenLogprob(token=text, logprob=sampled.logprob, bytes=list(text.encode("utf-8")),
+                                    top_logprobs=top))
+    return ChoiceLogprobs(content=content)
+
+
+def completion_logprobs(token_ids: list[int], logprobs: list[dict], num_top: int, tokenizer: Any,
+                        text_offset: int = 0) -> CompletionLogprobs:
+    result = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    for token_id, position in zip(token_ids, logprobs):
+        sampled = position[token_id]
+        text = _token_text(token_id, sampled, tokenizer)
+        result.tokens.append(text)
+        result.token_logprobs.append(sampled.logprob)
+        ranked = sorted(position.items(), key=lambda item: -item[1].logprob)[:num_top]
+        result.top_logprobs.append({_token_text(tid, lp, tokenizer): lp.logprob for tid, lp in ranked})
+        result.text_offset.append(text_offset)
+        text_offset += len(text)
+    return result
+
+
+def chat_choice(completion: Any, *, use_tools: bool, num_top: int | None, tokenizer: Any) -> ChatCompletionChoice:
+    content, tool_calls = (hermes.parse(completion.text) if use_tools else (completion.text, []))
+    finish = "tool_calls" if tool_calls else completion.finish_reason
+    logprobs = None
+    if num_top is not None and completion.logprobs is not None:
+        logprobs = chat_logprobs(completion.token_ids, completion.logprobs, num_top, tokenizer)
+    return ChatCompletionChoice(index=completion.index, message=AssistantMessage(content=content, tool_calls=tool_calls),
+                                finish_reason=finish, logprobs=logprobs, stop_reason=completion.stop_reason)
+
+
+def chat_response(request_id: str, model: str, output: Any, *, use_tools: bool, num_top: int | None,
+                  tokenizer: Any) -> ChatCompletionResponse:
+    choices = [chat_choice(c, use_tools=use_tools, num_top=num_top, tokenizer=tokenizer)
+               for c in sorted(output.outputs, key=lambda c: c.index)]
+    return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage_of([output]))
+
+
+def completion_response(request_id: str, model: str, created: int, outputs: list[Any], *, n: int,
+                        echo_texts: list[str] | None, num_top: int | None, tokenizer: Any) -> CompletionResponse:
+    choices = []
+    for prompt_index, output in enumerate(outputs):
+        echo = echo_texts[prompt_index] if echo_texts else ""
+        for completion in sorted(output.outputs, key=lambda c: c.index):
+            logprobs = None
+            if num_top is not None and completion.logprobs is not None:
+                logprobs = completion_logprobs(completion.token_ids, completion.logprobs, num_top, tokenizer,
+                                               text_offset=len(echo))
+            choices.append(CompletionChoice(index=prompt_index * n + completion.index, text=echo + completion.text,
+                                            finish_reason=completion.finish_reason, logprobs=logprobs,
+                                            stop_reason=completion.stop_reason))
+    return CompletionResponse(id=request_id, model=model, created=created, choices=choices, usage=usage_of(outputs))

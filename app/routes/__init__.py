@@ -1,0 +1,1 @@
+"""One Litestar Controller per resource: chat, completions, models, tokenize, ops."""

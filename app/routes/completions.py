@@ -1,0 +1,83 @@
+"""POST /v1/completions: one or more prompts (text or token ids) -> one engine request each,
+streamed (SSE, merged as they produce) or collected. Choice index = prompt index * n + i.
+
+Caller: Litestar (registered by app.server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from litestar import Controller, Request, Response, post
+from litestar.di import NamedDependency
+from litestar.params import JSONBody
+from litestar.response import ServerSentEvent
+
+from app.auth import require_api_key
+from app.protocol import CompletionRequest, random_id, to_sampling_params
+from app.responses import completion_response
+from app.serving import ServingContext
+from app.streaming import CompletionStreamFormat, completion_events
+
+
+def prompts_of(data: CompletionRequest) -> list[str | list[int]]:
+    prompt = data.prompt
+    if isinstance(prompt, str):
+        return [prompt]
+    if all(isinstance(item, int) for item in prompt):
+        return [list(prompt)]
+    if all(isinstance(item, str) for item in prompt) or all(isinstance(item, list) for item in prompt):
+        return list(prompt)
+    raise ValueError("prompt must be a string, a list of strings, a list of token ids, or a list of such lists")
+
+
+def check_completion_options(data: CompletionRequest) -> None:
+    if data.suffix is not None:
+        raise ValueError("suffix is not supported")
+    if data.stream_options is not None and not data.stream:
+        raise ValueError("stream_options can only be given when stream is true")
+
+
+async def build_completion_requests(data: CompletionRequest, serving: ServingContext,
+                                    request_id: str) -> list[tuple[Any, str | None]]:
+    params = to_sampling_params(data, max_n=serving.config.max_n,
+                                max_tokens=16 if data.max_tokens is None else data.max_tokens, logprobs=data.logprobs)
+    frontend = serving.client.frontend
+    return [(await asyncio.to_thread(frontend.make_request, f"{request_id}-{i}", prompt, [], params),
+             prompt if isinstance(prompt, str) else None)
+            for i, prompt in enumerate(prompts_of(data))]
+
+
+def echo_texts(data: CompletionRequest, tokenizer: Any) -> list[str] | None:
+    if not data.echo:
+        return None
+    return [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts_of(data)]
+
+
+class CompletionsController(Controller):
+    path = "/v1/completions"
+    guards = [require_api_key]
+    tags = ["completions"]
+
+    @post("", status_code=200)
+    async def create(
+            self, data: JSONBody[CompletionRequest], serving: NamedDependency[ServingContext], request: Request,
+    ) -> Response:
+        model = serving.resolve_model(data.model)
+        check_completion_options(data)
+        request_id = random_id("cmpl")
+        engine_requests = await build_completion_requests(data, serving, request_id)
+        tokenizer = serving.client.frontend.tokenizer
+        echoes = echo_texts(data, tokenizer)
+        if data.stream:
+            serving.check_healthy()
+            include_usage = bool(data.stream_options and data.stream_options.include_usage)
+            fmt = CompletionStreamFormat(request_id=request_id, model=model, n=data.n, echo_texts=echoes,
+                                         num_top_logprobs=data.logprobs, include_usage=include_usage,
+                                         tokenizer=tokenizer)
+            return ServerSentEvent(completion_events(fmt, [serving.outputs(r, p) for r, p in engine_requests]))
+        outputs = await serving.final_outputs(engine_requests, request)
+        return Response(completion_response(request_id, model, int(time.time()), outputs, n=data.n,
+                                            echo_texts=echoes, num_top=data.logprobs, tokenizer=tokenizer))

@@ -1,0 +1,147 @@
+"""The Litestar app factory and `serve` (uvicorn).
+
+`create_app(engine_kwargs, server_config, client=None)`: controllers (one per resource), the API-key
+guard, the OpenAI error handlers, `ServingContext` injected with `Provide`, and a lifespan that
+owns the engine client: it builds EngineConfig, starts `AsyncEngineClient` (unless a client was
+injected, as tests do), logs the start-up summary, runs the 10-second throughput logger, and on
+shutdown (SIGTERM: uvicorn stops accepting and finishes in-flight responses first) drains and stops
+the engine. Caller: app.cli.main -> `serve`; tests call `create_app` directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+
+from app.chat_templates import default_chat_template
+from app.cli import ServerConfig
+from app.errors import EXCEPTION_HANDLERS
+from app.metrics import ServerMetrics
+from app.routes.chat import ChatController
+from app.routes.completions import CompletionsController
+from app.routes.models import ModelsController
+from app.routes.ops import OpsController, package_version
+from app.routes.tokenize import TokenizeController
+from app.serving import ServingContext
+from engine.config import EngineConfig
+from vision.fetch import FetchConfig, MediaFetcher
+
+logger = logging.getLogger("vlserve.server")
+THROUGHPUT_LOG_INTERVAL_S = 10.0
+
+
+def build_serving(server_config: ServerConfig, client: Any) -> ServingContext:
+    frontend = client.frontend
+    model_config = frontend.config.model_config
+    chat_template = server_config.chat_template
+    if chat_template is None and not frontend.chat_template:
+        chat_template = default_chat_template(model_config.architecture)
+    fetcher = MediaFetcher(FetchConfig(allowed_local_media_path=server_config.allowed_local_media_path,
+                                       allowed_media_domains=server_config.allowed_media_domains or ()))
+    return ServingContext(config=server_config, client=client, metrics=ServerMetrics(server_config.served_names[0]),
+                          fetcher=fetcher, chat_template=chat_template, max_model_len=model_config.max_model_len)
+
+
+async def start_client(engine_config: EngineConfig) -> Any:
+    from engine.client import AsyncEngineClient
+
+    # start() blocks until the core has loaded the model and allocated the KV cache.
+    return await asyncio.to_thread(AsyncEngineClient.start, engine_config)
+
+
+def log_startup_summary(serving: ServingContext) -> None:
+    engine_config = serving.client.frontend.config
+    model, cache = engine_config.model_config, engine_config.cache_config
+    stats = serving.client.stats
+    num_blocks = getattr(stats, "num_total_blocks", 0) or cache.num_gpu_blocks_override or 0
+    limits = serving.config.limits
+    logger.info("vlserve %s serving %s as %s | dtype %s | device %s", package_version(), model.model,
+                ", ".join(serving.config.served_names), str(model.dtype).removeprefix("torch."),
+                engine_config.device_config.device)
+    logger.info("KV cache: %d blocks x %d tokens = %d tokens; max_model_len %d; max_num_seqs %d; "
+                "limits per prompt: image %d, video %d", num_blocks, cache.block_size, num_blocks * cache.block_size,
+                model.max_model_len, engine_config.scheduler_config.max_num_seqs,
+                limits.max_items("image"), limits.max_items("video"))
+
+
+async def log_throughput(serving: ServingContext) -> None:
+    metrics, last_time = serving.metrics, time.monotonic()
+    last_prompt, last_generation = metrics.total_prompt_tokens, metrics.total_generation_tokens
+    while True:
+        await asyncio.sleep(THROUGHPUT_LOG_INTERVAL_S)
+        now = time.monotonic()
+        elapsed, stats = now - last_time, serving.client.stats
+        logger.info("prompt throughput %.1f tokens/s, generation throughput %.1f tokens/s, running %d, "
+                    "waiting %d, KV cache usage %.1f%%",
+                    (metrics.total_prompt_tokens - last_prompt) / elapsed,
+                    (metrics.total_generation_tokens - last_generation) / elapsed,
+                    getattr(stats, "num_running_reqs", 0), getattr(stats, "num_waiting_reqs", 0),
+                    100 * getattr(stats, "kv_cache_usage", 0.0))
+        last_time, last_prompt, last_generation = now, metrics.total_prompt_tokens, metrics.total_generation_tokens
+
+
+def make_lifespan(engine_kwargs: dict, server_config: ServerConfig, client: Any, engine_config: EngineConfig | None):
+    @asynccontextmanager
+    async def lifespan(app: Litestar):
+        is_owned = client is None
+        engine_client = client
+        if is_owned:
+            config = engine_config or await asyncio.to_thread(lambda: EngineConfig.create(**engine_kwargs))
+            engine_client = await start_client(config)
+        serving = build_serving(server_config, engine_client)
+        app.state.serving = serving
+        log_startup_summary(serving)
+        ticker = None if server_config.disable_log_stats else asyncio.ensure_future(log_throughput(serving))
+        try:
+            yield
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+            if is_owned:
+                await engine_client.shutdown(server_config.drain_timeout_s)
+
+    return lifespan
+
+
+def _serving_from_state(state: State) -> ServingContext:
+    return state.serving
+
+
+def create_app(engine_kwargs: dict, server_config: ServerConfig, client: Any = None, *,
+               engine_config: EngineConfig | None = None) -> Litestar:
+    return Litestar(
+        route_handlers=[ChatController, CompletionsController, ModelsController, TokenizeController, OpsController],
+        dependencies={"serving": Provide(_serving_from_state, sync_to_thread=False)},
+        lifespan=[make_lifespan(engine_kwargs, server_config, client, engine_config)],
+        exception_handlers=EXCEPTION_HANDLERS,
+        openapi_config=OpenAPIConfig(title="vlserve", version=package_version(), path="/docs",
+                                     render_plugins=[SwaggerRenderPlugin()]),
+        request_max_body_size=server_config.request_max_body_size,
+        debug=False,
+    )
+
+
+def serve(engine_kwargs: dict, server_config: ServerConfig) -> int:
+    """Validate the engine configuration (a clear error before anything loads), then run uvicorn."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        engine_config = EngineConfig.create(**engine_kwargs)
+    except (ValueError, TypeError) as exc:
+        print(f"vlserve: error: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(engine_kwargs, server_config, engine_config=engine_config)
+    uvicorn.run(app, host=server_config.host, port=server_config.port, log_level=server_config.uvicorn_log_level,
+                timeout_graceful_shutdown=int(server_config.drain_timeout_s))
+    return 0

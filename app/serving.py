@@ -1,0 +1,124 @@
+"""ServingContext: what every route handler needs (config, engine client, fetcher, metrics), and
+the one place that runs a request through the engine client.
+
+Caller: app.server builds one per app and injects it with `Provide`; route handlers call
+`resolve_model`, `outputs` (streaming) or `final_output` (collect). `outputs` owns the request's
+lifetime: it aborts the request in the engine when the consumer goes away (client disconnect,
+cancelled stream) so its KV blocks are freed at once, records metrics, and logs one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from litestar import Request
+
+from app.cli import ServerConfig
+from app.errors import ClientDisconnected, EngineDeadError, ModelNotFoundError
+from app.metrics import RequestTiming, ServerMetrics
+from engine.client import EngineDeadError as EngineClientDeadError
+
+logger = logging.getLogger("vlserve.requests")
+
+
+@dataclass
+class ServingContext:
+    config: ServerConfig
+    client: Any                 # engine.client.AsyncEngineClient (tests: a double with its interface)
+    metrics: ServerMetrics
+    fetcher: Any                # vision.fetch.MediaFetcher
+    chat_template: str | None   # --chat-template, else the tokenizer's, else the bundled default
+    max_model_len: int
+
+    def resolve_model(self, requested: str | None) -> str:
+        names = self.config.served_names
+        if not requested:
+            return names[0]
+        if requested not in names:
+            raise ModelNotFoundError(f"The model `{requested}` does not exist (served: {', '.join(names)})")
+        return requested
+
+    def check_healthy(self) -> None:
+        if not self.client.is_healthy():
+            raise EngineDeadError(f"the engine is not running: {self.client.dead_error or 'stopped'}")
+
+    async def outputs(self, engine_request: Any, prompt: str | None = None) -> AsyncIterator[Any]:
+        """Cumulative RequestOutputs of one request; aborts it if the consumer stops early."""
+        self.check_healthy()
+        timing, last = RequestTiming(arrival=time.monotonic()), None
+        try:
+            async for output in self._generate(engine_request, prompt):
+                if timing.first_token is None and any(c.token_ids for c in output.outputs):
+                    timing.first_token = time.monotonic()
+                if output.error:
+                    raise ValueError(output.error)
+                last = output
+                yield output
+        finally:
+            timing.finished = time.monotonic()
+            if last is None or not last.finished:
+                with anyio.CancelScope(shield=True):
+                    await self.client.abort(engine_request.req_id)
+            self._record(engine_request.req_id, timing, last)
+
+    async def _generate(self, engine_request: Any, prompt: str | None) -> AsyncIterator[Any]:
+        try:
+            async for output in self.client.generate(engine_request, prompt=prompt):
+                yield output
+        except (ValueError, asyncio.CancelledError, GeneratorExit):
+            raise
+        except EngineClientDeadError as exc:
+            raise EngineDeadError(str(exc)) from None
+        except Exception as exc:
+            if not self.client.is_healthy():
+                raise EngineDeadError(f"the engine died: {self.client.dead_error or type(exc).__name__}") from None
+            raise
+
+    async def final_outputs(self, engine_requests: list[tuple[Any, str | None]],
+                            http_request: Request | None) -> list[Any]:
+        """(EngineRequest, prompt text) pairs -> their finished RequestOutputs; a client disconnect
+        aborts them all."""
+        async def collect(engine_request: Any, prompt: str | None) -> Any:
+            last = None
+            async for output in self.outputs(engine_request, prompt):
+                last = output
+            return last
+
+        work = asyncio.ensure_future(asyncio.gather(*(collect(r, p) for r, p in engine_requests)))
+        if http_request is None:
+            return await work
+        watcher = asyncio.ensure_future(_wait_for_disconnect(http_request))
+        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            watcher.cancel()
+            return work.result()
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        raise ClientDisconnected(", ".join(r.req_id for r, _ in engine_requests))
+
+    def _record(self, req_id: str, timing: RequestTiming, last: Any) -> None:
+        num_prompt = len(last.prompt_token_ids) if last else 0
+        num_generated = sum(len(c.token_ids) for c in last.outputs) if last else 0
+        reasons = [c.finish_reason or "abort" for c in last.outputs] if last else ["abort"]
+        self.metrics.observe_request(timing, num_prompt, num_generated, reasons)
+        if self.config.disable_log_requests:
+            return
+        prompt = ""
+        if last is not None and last.prompt and self.config.max_log_len is not None:
+            prompt = f" prompt={last.prompt[:self.config.max_log_len]!r}"
+        ttft = f"{timing.first_token - timing.arrival:.3f}s" if timing.first_token else "-"
+        logger.info("%s: prompt_tokens=%d generated_tokens=%d finish=%s ttft=%s e2e=%.3fs%s", req_id,
+                    num_prompt, num_generated, ",".join(reasons), ttft, timing.finished - timing.arrival, prompt)
+
+
+async def _wait_for_disconnect(http_request: Request) -> None:
+    while True:
+        message = await http_request.receive()
+        if message["type"] == "http.disconnect":
+            return
