@@ -316,6 +316,11 @@ class AsyncEngineClient:
     def is_healthy(self) -> bool:
         return self.dead_error is None
 
+    @property
+    def core_pid(self) -> int | None:
+        """The engine-core process id (None when the core runs in a thread here)."""
+        return getattr(self._core, "pid", None)
+
     # ---- called from the core's thread: hop onto the event loop
 
     def _outputs_from_core(self, outputs: EngineOutputs) -> None:
