@@ -82,7 +82,7 @@ def decode_video(data: bytes, *, fps: float | None = FPS, min_frames: int = FPS_
     with container:
         stream = _video_stream(container, max_pixels)
         video_fps = _video_fps(stream)
-        total_frames = _total_frames(container, stream)
+        total_frames = _total_frames(data, stream)
         count = smart_nframes(total_frames, video_fps, fps=fps, min_frames=min_frames,
                               max_frames=max_frames, nframes=nframes)
         indices = sample_frame_indices(total_frames, count)
@@ -132,18 +132,20 @@ def _video_fps(stream) -> float:
     return video_fps
 
 
-def _total_frames(container, stream) -> int:
-    """Frame count from the header; when absent, count packets (demuxing only, no decoding)."""
-    total = stream.frames
-    if total <= 0:
-        try:
-            total = sum(1 for packet in container.demux(stream) if packet.size > 0)
-        except av.error.FFmpegError:
-            raise MediaError("the video container is corrupt") from None
-        container.seek(0)
+def _total_frames(data: bytes, stream) -> int:
+    """Frame count from the header; when absent, count packets in a second pass (demuxing only)."""
+    total = stream.frames if stream.frames > 0 else _count_packets(data)
     if not 0 < total <= MAX_TOTAL_FRAMES:
         raise MediaError(f"the video reports an invalid frame count ({total})" if total else "the video has no frames")
     return total
+
+
+def _count_packets(data: bytes) -> int:
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            return sum(1 for packet in container.demux(video=0) if packet.size > 0)
+    except av.error.FFmpegError:
+        raise MediaError("the video container is corrupt") from None
 
 
 def _read_frames(container, stream, indices: list[int], video_fps: float) -> list[np.ndarray]:
@@ -213,7 +215,10 @@ class _FrameReader:
 
     def _restart_without_seeking(self) -> None:
         self._can_seek = False
-        self._container.seek(0, stream=self._stream, backward=True)
+        try:
+            self._container.seek(0, stream=self._stream, backward=True)
+        except av.error.FFmpegError:
+            raise MediaError("the video's timestamps are inconsistent; it cannot be sampled") from None
         self._frames = self._container.decode(self._stream)
         self.position = 0
 
