@@ -177,6 +177,8 @@ def write_preprocessor_configs(name: str, out_dir: Path) -> None:
         "temporal_patch_size": 2, "merge_size": 2, "image_mean": IMAGE_MEAN, "image_std": IMAGE_STD,
         "video_processor_type": "Qwen2VLVideoProcessor", "processor_class": processor_class,
         "size": {"shortest_edge": VIDEO_MIN_PIXELS, "longest_edge": VIDEO_MAX_PIXELS},
+        # qwen-vl-utils' total-pixel budget per video; transformers' default from v5.22 on, explicit here.
+        "cap_pixels_per_frame": True,
     })
     video_path.write_text(json.dumps(video, indent=2, sort_keys=True) + "\n")
 

@@ -85,3 +85,42 @@ def test_hf_loads_every_weight_and_generates(tiny_model_dir, name):
     new_tokens = output[0, prompt["input_ids"].shape[1]:].tolist()
     assert len(new_tokens) == 16 and len(set(new_tokens)) >= 4  # not one token repeated forever
     assert max(new_tokens) < len(tokenizer)
+
+
+@pytest.mark.parametrize("text", [
+    "The quick brown fox jumps over the lazy dog.",
+    "你好，世界！请描述这张图片。",
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich", "days": [1, 2]}}\n</tool_call>',
+    "tabs\tand  spaces\n\nnewlines 🙂 emoji",
+])
+def test_tokenizer_round_trips(tiny_model_dir, text):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("qwen2"))
+    token_ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(token_ids) == text
+    if text.startswith("<tool_call>"):  # an added token: one id, and not skipped as special
+        assert token_ids[0] == tokenizer.convert_tokens_to_ids("<tool_call>")
+        assert tokenizer.decode(token_ids, skip_special_tokens=True) == text
+
+
+def test_special_tokens_are_single_ids_and_skippable(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("qwen2_5_vl"))
+    text = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>hi<|im_end|>"
+    token_ids = tokenizer.encode(text, add_special_tokens=False)
+    names = ["<|im_start|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|im_end|>"]
+    assert set(tokenizer.convert_tokens_to_ids(names)) <= set(token_ids)
+    assert tokenizer.decode(token_ids, skip_special_tokens=True) == "user\nhi"
+
+
+def test_chat_templates_render_media_and_tools(tiny_model_dir):
+    vl_tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("qwen2_vl"))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "Hi"}]}]
+    rendered = vl_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                        "<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|video_pad|><|vision_end|>"
+                        "Hi<|im_end|>\n<|im_start|>assistant\n")
+    text_tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("qwen2"))
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    rendered = text_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Weather?"}], tools=[tool], tokenize=False, add_generation_prompt=True)
+    assert "# Tools" in rendered and '"name": "get_weather"' in rendered
+    assert rendered.endswith("Weather?<|im_end|>\n<|im_start|>assistant\n")
