@@ -1,0 +1,181 @@
+"""GPU check of every Triton kernel at real sizes (Qwen2.5-VL-3B LM: 16 query heads, 2 KV heads,
+head_dim 128, hidden 2048, intermediate 11008, block 16) in bfloat16 against the float32 torch
+references; prints a table (time by triton.testing.do_bench, bandwidth for decode attention) and
+exits 1 on any failure. Run on a CUDA machine: `python bench/check_kernels.py`. Not a pytest file.
+
+Each case poisons its outputs with NaN before the checked run, so an unwritten element fails.
+Also checks batch invariance: a decode row computed alone, in a decode batch (split-KV launch)
+and in a mixed prefill+decode batch (looped-segment launch) must agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import random
+import sys
+
+import torch
+import triton
+
+import kernels
+
+attention = importlib.import_module("kernels.paged_attention")
+rmsnorm = importlib.import_module("kernels.rmsnorm")
+rotary = importlib.import_module("kernels.rotary")
+activation = importlib.import_module("kernels.activation")
+store = importlib.import_module("kernels.store_kv")
+
+NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 16, 2, 128, 16
+HIDDEN, INTERMEDIATE, MROPE_SECTION = 2048, 11008, [16, 24, 24]
+MAX_REL_ERROR = 1e-2
+DEVICE = "cuda"
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.float(), want.float()
+    if not torch.isfinite(got).all():
+        return math.inf
+    return ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
+
+
+def make_attention_batch(query_lens, seq_lens, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_req = [-(-s // BLOCK_SIZE) for s in seq_lens]
+    block_ids = list(range(sum(blocks_per_req)))
+    random.Random(seed).shuffle(block_ids)   # non-contiguous blocks
+    block_tables = torch.zeros(len(seq_lens), max(blocks_per_req), dtype=torch.int32)
+    for r, n in enumerate(blocks_per_req):
+        block_tables[r, :n] = torch.tensor([block_ids.pop() for _ in range(n)], dtype=torch.int32)
+    cache_shape = (sum(blocks_per_req), BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    starts = [0]
+    for q_len in query_lens:
+        starts.append(starts[-1] + q_len)
+    cpu = dict(query=torch.randn(starts[-1], NUM_Q_HEADS, HEAD_DIM, generator=gen),
+               k_cache=torch.randn(cache_shape, generator=gen), v_cache=torch.randn(cache_shape, generator=gen),
+               query_start_loc=torch.tensor(starts, dtype=torch.int32),
+               seq_lens=torch.tensor(seq_lens, dtype=torch.int32), block_tables=block_tables)
+    batch = {k: v.to(DEVICE).to(torch.bfloat16) if v.is_floating_point() else v.to(DEVICE) for k, v in cpu.items()}
+    batch.update(scale=1 / math.sqrt(HEAD_DIM), max_query_len=max(query_lens), max_seq_len=max(seq_lens))
+    return batch
+
+
+def check_attention(name, query_lens, seq_lens):
+    batch = make_attention_batch(query_lens, seq_lens)
+    out = torch.full_like(batch["query"], float("nan"))
+    run = lambda: kernels.paged_attention(**batch, out=out, query_lens_cpu=list(query_lens))
+    run()
+    reference = attention._reference(
+        *(batch[k].float() if batch[k].is_floating_point() else batch[k]
+          for k in ("query", "k_cache", "v_cache", "query_start_loc", "seq_lens", "block_tables")),
+        batch["scale"], out=torch.empty_like(batch["query"], dtype=torch.float32),
+        query_lens_cpu=list(query_lens), seq_lens_cpu=list(seq_lens))
+    error = relative_error(out, reference)
+    ms = triton.testing.do_bench(run)
+    kv_bytes = sum(seq_lens) * NUM_KV_HEADS * HEAD_DIM * 2 * batch["k_cache"].element_size()
+    io_bytes = 2 * batch["query"].numel() * batch["query"].element_size()
+    return name, error, ms, (kv_bytes + io_bytes) / ms / 1e6
+
+
+def check_batch_invariance():
+    """One 3000-token decode row: alone, among other decodes (split-KV), in a mixed batch (looped)."""
+    seq_lens = [3000, 1200, 4096, 17]
+    decode = make_attention_batch([1, 1, 1, 1], seq_lens, seed=1)
+    alone = {k: v for k, v in decode.items()}
+    alone.update(query=decode["query"][:1], query_start_loc=decode["query_start_loc"][:2],
+                 seq_lens=decode["seq_lens"][:1], block_tables=decode["block_tables"][:1], max_seq_len=3000)
+    in_decode_batch = kernels.paged_attention(**decode)[0]
+    by_itself = kernels.paged_attention(**alone)[0]
+    mixed = dict(decode, max_query_len=2)   # same rows through the looped (mixed-batch) launch
+    in_mixed_batch = kernels.paged_attention(**mixed)[0]
+    same = torch.equal(in_decode_batch, by_itself) and torch.equal(in_decode_batch, in_mixed_batch)
+    return "decode row alone/batched/mixed bitwise", 0.0 if same else math.inf, float("nan"), float("nan")
+
+
+def check_store_kv(num_tokens=4096):
+    key = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
+    value = torch.randn_like(key)
+    num_blocks = 2 * num_tokens // BLOCK_SIZE
+    slots = torch.randperm(num_blocks * BLOCK_SIZE, device=DEVICE)[:num_tokens]
+    slots[::7] = -1
+    cache_shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    k_cache = torch.full(cache_shape, float("nan"), device=DEVICE, dtype=torch.bfloat16)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    run = lambda: kernels.store_kv(key, value, k_cache, v_cache, slots)
+    run()
+    store._reference(key, value, k_ref, v_ref, slots)
+    same = torch.equal(k_cache.nan_to_num(7.0), k_ref.nan_to_num(7.0)) and torch.equal(
+        v_cache.nan_to_num(7.0), v_ref.nan_to_num(7.0))
+    return f"store_kv T={num_tokens}", 0.0 if same else math.inf, triton.testing.do_bench(run), float("nan")
+
+
+def check_rms_norm(num_tokens=2048):
+    x = torch.randn(num_tokens, HIDDEN, device=DEVICE, dtype=torch.bfloat16) * 4
+    residual = torch.randn_like(x)
+    weight = torch.randn(HIDDEN, device=DEVICE, dtype=torch.bfloat16) + 1
+    normed, new_residual = kernels.fused_add_rms_norm(x, residual, weight, 1e-6)
+    want_normed, want_residual = rmsnorm._fused_add_reference(x.float(), residual.float(), weight.float(), 1e-6)
+    error = max(relative_error(normed, want_normed), relative_error(new_residual, want_residual),
+                relative_error(kernels.rms_norm(x, weight, 1e-6), rmsnorm._reference(x.float(), weight.float(), 1e-6)))
+    ms = triton.testing.do_bench(lambda: kernels.fused_add_rms_norm(x, residual, weight, 1e-6))
+    return f"rms_norm + fused_add T={num_tokens}", error, ms, float("nan")
+
+
+def check_rotary(mrope_section, num_tokens=2048):
+    query = torch.randn(num_tokens, NUM_Q_HEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
+    key = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, HEAD_DIM, 2, device=DEVICE).float() / HEAD_DIM))
+    freqs = torch.arange(32768, device=DEVICE).float()[:, None] * inv_freq[None]
+    cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+    shape = (3, num_tokens) if mrope_section else (num_tokens,)
+    positions = torch.randint(0, 32768, shape, device=DEVICE)
+    run = lambda: kernels.apply_rotary(query, key, positions, cache, mrope_section)
+    got = run()
+    want = rotary._reference(query.float(), key.float(), positions, cache, mrope_section)
+    error = max(relative_error(g, w) for g, w in zip(got, want))
+    return f"apply_rotary {'mrope' if mrope_section else '1d'} T={num_tokens}", error, triton.testing.do_bench(run), float("nan")
+
+
+def check_silu_and_mul(num_tokens=2048):
+    x = torch.randn(num_tokens, 2 * INTERMEDIATE, device=DEVICE, dtype=torch.bfloat16)
+    run = lambda: kernels.silu_and_mul(x)
+    error = relative_error(run(), activation._reference(x.float()))
+    ms = triton.testing.do_bench(run)
+    return f"silu_and_mul T={num_tokens}", error, ms, 3 * x.numel() // 2 * 2 / ms / 1e6
+
+
+def all_checks():
+    rng = random.Random(0)
+    yield check_store_kv()
+    for batch_size, max_len in ((1, 4096), (32, 4096), (128, 1024), (256, 4096)):
+        seq_lens = [rng.randint(max_len // 2, max_len) for _ in range(batch_size)]
+        yield check_attention(f"decode B={batch_size} seq<={max_len}", [1] * batch_size, seq_lens)
+    yield check_attention("decode B=64 seq<=500 (no split)", [1] * 64, [rng.randint(100, 500) for _ in range(64)])
+    yield check_attention("prefill 512", [512], [512])
+    yield check_attention("prefill chunk 2048 after 2048", [2048], [4096])
+    yield check_attention("mixed: 1024 chunk + 63 decodes", [1024] + [1] * 63, [1500] + [rng.randint(16, 4096) for _ in range(63)])
+    yield check_batch_invariance()
+    yield check_rms_norm()
+    yield check_rotary(None)
+    yield check_rotary(MROPE_SECTION)
+    yield check_silu_and_mul()
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("check_kernels needs a CUDA device", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    print(f"{'case':44s} {'rel err':>10s} {'ms':>9s} {'GB/s':>8s}  status")
+    failures = 0
+    for name, error, ms, gbps in all_checks():
+        ok = error < MAX_REL_ERROR
+        failures += not ok
+        print(f"{name:44s} {error:10.2e} {ms:9.4f} {gbps:8.1f}  {'ok' if ok else 'FAIL'}")
+    print(f"{failures} failure(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
