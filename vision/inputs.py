@@ -11,7 +11,10 @@ smaller than float32 pixel values.
 
 from __future__ import annotations
 
+import dataclasses
+
 import msgspec
+import numpy as np
 
 IMAGE = "image"
 VIDEO = "video"
@@ -49,10 +52,6 @@ class MultiModalItem(msgspec.Struct, frozen=True, array_like=True, omit_defaults
 
 
 # ---- API-process side (added by the vision processors; never crosses the process boundary) ----
-
-import dataclasses  # noqa: E402
-
-import numpy as np  # noqa: E402
 
 
 class MediaError(ValueError):

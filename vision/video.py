@@ -67,10 +67,11 @@ def sample_frame_indices(total_frames: int, num_frames: int) -> list[int]:
     return torch.linspace(0, total_frames - 1, num_frames).round().long().tolist()
 
 
-def decode_video(data: bytes, *, fps: float | None = FPS, min_frames: int = FPS_MIN_FRAMES,
+def decode_video(data: bytes, *, fps: float | None = None, min_frames: int = FPS_MIN_FRAMES,
                  max_frames: int = FPS_MAX_FRAMES, nframes: int | None = None,
                  max_pixels: int = DEFAULT_MAX_FRAME_PIXELS) -> VideoFrames:
-    """Decode only the frames qwen-vl-utils would keep. `max_pixels` bounds one frame's size."""
+    """Decode only the frames qwen-vl-utils would keep: `nframes` frames, or `fps` (default 2.0)
+    frames per second within [min_frames, max_frames]. `max_pixels` bounds one frame's size."""
     if fps is not None and nframes is not None:
         raise ValueError("fps and nframes are mutually exclusive; pass one")
     if not data:
