@@ -148,10 +148,11 @@ def _top_k(logits: torch.Tensor, top_k: int) -> dict[int, float]:
 
 
 @torch.inference_mode()
-def _generate_one(model_dir: str, request, max_new_tokens: int, top_k: int, ignore_eos: bool) -> RefOutput:
+def _generate_one(model_dir: str, request, max_new_tokens: int, top_k: int, ignore_eos: bool,
+                  stop_token_ids: tuple[int, ...]) -> RefOutput:
     loaded = load(model_dir)
     inputs = prepare_inputs(model_dir, request)
-    eos_token_ids = [] if ignore_eos else list(loaded.eos_token_ids)
+    eos_token_ids = ([] if ignore_eos else list(loaded.eos_token_ids)) + list(stop_token_ids)
     loaded.model.generation_config.eos_token_id = eos_token_ids or None
     output = loaded.model.generate(
         **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, output_logits=True,
@@ -168,9 +169,15 @@ def _generate_one(model_dir: str, request, max_new_tokens: int, top_k: int, igno
 
 
 def hf_generate(model_dir: str | Path, requests: list, max_new_tokens: int, top_k: int = 5,
-                ignore_eos: bool = False) -> list[RefOutput]:
-    """Greedy HF generation, one request at a time, with top_k logprobs of every generated step."""
-    return [_generate_one(str(model_dir), request, max_new_tokens, top_k, ignore_eos) for request in requests]
+                ignore_eos: bool = False, stop_token_ids: tuple[int, ...] = ()) -> list[RefOutput]:
+    """Greedy HF generation, one request at a time, with top_k logprobs of every generated step.
+
+    Stops on the checkpoint's EOS ids (generation_config.json) unless ignore_eos, and on stop_token_ids
+    always (vLLM's semantics); the stopping token is included in token_ids.
+    """
+    stop_token_ids = tuple(stop_token_ids)
+    return [_generate_one(str(model_dir), request, max_new_tokens, top_k, ignore_eos, stop_token_ids)
+            for request in requests]
 
 
 @torch.inference_mode()

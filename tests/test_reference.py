@@ -123,3 +123,15 @@ def test_image_prompt_logprobs_are_causal_in_the_image(tiny_model_dir):
         for token_id, logprob in text_prefix[position].items():
             assert abs(with_first[position][token_id] - logprob) < 1e-4
     assert with_first[-1] != with_second[-1]  # after it, they do
+
+
+def test_stop_token_ids_end_the_run_on_first_occurrence(tiny_model_dir):
+    model_dir = tiny_model_dir("qwen2")
+    prompt = "Once upon a time"
+    [free_run] = hf_generate(model_dir, [prompt], 12, ignore_eos=True)
+    stop_id = free_run.token_ids[4]
+    first = free_run.token_ids.index(stop_id)
+    [stopped] = hf_generate(model_dir, [prompt], 12, ignore_eos=True, stop_token_ids=[stop_id])
+    assert stopped.token_ids == free_run.token_ids[: first + 1]
+    assert stopped.finish_reason == "stop" and len(stopped.top_logprobs) == first + 1
+    assert free_run.finish_reason == "length"
