@@ -67,7 +67,8 @@ def test_text_generation_matches_uncached_forward(tiny_model_dir, request_kind):
 @pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
 def test_image_generation_matches_uncached_forward_and_sees_the_image(tiny_model_dir, name):
     model_dir = tiny_model_dir(name)
-    requests = [image_messages(pattern_image(100, 80, 0)), image_messages(pattern_image(100, 80, 1))]
+    # 250x180 -> 18x13 patches: several 112-px windows, so Qwen2.5-VL's window attention really partitions
+    requests = [image_messages(pattern_image(250, 180, 0)), image_messages(pattern_image(250, 180, 1))]
     outputs = hf_generate(model_dir, requests, MAX_NEW_TOKENS)
     assert outputs[0].prompt_token_ids == outputs[1].prompt_token_ids  # same size: same placeholders
     assert outputs[0].token_ids != outputs[1].token_ids  # greedy continuation depends on the pixels
