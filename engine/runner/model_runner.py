@@ -19,6 +19,7 @@ from engine.config import EngineConfig
 from engine.models import get_model_class
 from engine.protocol import TokenLogprobs
 from engine.runner import memory_plan
+from engine.runner.encoder_runner import EncoderRunner
 from engine.runner.input_batch import InputBatch, StepBatch
 from engine.runner_output import ModelRunnerOutput
 from engine.sampler import Sampler, compute_logprobs
@@ -65,7 +66,7 @@ class ModelRunner:
         self.input_batch = self._new_input_batch()
         # VL models: computes vision embeddings for scheduler_output.scheduled_encoder_inputs and
         # scatters them into inputs_embeds at the placeholder rows (engine/runner/encoder_runner.py).
-        self.encoder_runner = None
+        self.encoder_runner = EncoderRunner.create(config) if hasattr(self.model, "embed_multimodal") else None
 
     def _new_input_batch(self) -> InputBatch:
         model_config = self.config.model_config
@@ -108,21 +109,25 @@ class ModelRunner:
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         for new_req in self.input_batch.update(scheduler_output):
             self._init_mrope_positions(new_req)
+        if self.encoder_runner is not None:  # evicted by the scheduler: drop before anything else
+            self.encoder_runner.free(scheduler_output.free_encoder_mm_hashes)
         if scheduler_output.is_empty:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         batch = self.input_batch.prepare(scheduler_output)
-        inputs_embeds = self._inputs_embeds(scheduler_output, batch)
+        inputs_embeds, failed = self._inputs_embeds(scheduler_output, batch)
         hidden = self.model(batch.input_ids, batch.positions, batch.attn_metadata, self.kv_caches,
                             inputs_embeds=inputs_embeds)                     # [T, H]
         sampled, logprobs = self._sample(hidden, batch)
         sampled_token_ids = [[sampled[r]] if r in sampled else [] for r in batch.req_ids]
         self.input_batch.append_sampled(batch.req_ids, sampled_token_ids)
         return ModelRunnerOutput(req_ids=batch.req_ids, sampled_token_ids=sampled_token_ids,
-                                 logprobs=logprobs, prompt_logprobs=self._prompt_logprobs(hidden, batch))
+                                 logprobs=logprobs, prompt_logprobs=self._prompt_logprobs(hidden, batch),
+                                 failed=failed)
 
-    def _inputs_embeds(self, scheduler_output: SchedulerOutput, batch: StepBatch) -> torch.Tensor | None:
+    def _inputs_embeds(self, scheduler_output: SchedulerOutput, batch: StepBatch):
+        """-> (inputs_embeds [T, H] or None, {req_id: error} for requests whose media failed)."""
         if self.encoder_runner is None:
-            return None  # text model: the model embeds input_ids itself
+            return None, {}  # text model: the model embeds input_ids itself
         return self.encoder_runner.inputs_embeds(self.model, scheduler_output, self.input_batch, batch)
 
     def _init_mrope_positions(self, new_req: NewRequestData) -> None:

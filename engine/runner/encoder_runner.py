@@ -1,0 +1,172 @@
+"""EncoderRunner: the vision half of a model step. Runs the tower for the step's media items and
+builds the step's `inputs_embeds` with their rows in place of the placeholder tokens.
+
+Caller: engine.runner.model_runner (VL models only: those with `embed_multimodal`), once per step,
+after InputBatch.prepare and before the model forward.
+
+Per step:
+  1. drop the embeddings the scheduler evicted (free_encoder_mm_hashes) -- always first, even in
+     an empty step (`free`, called by the model runner);
+  2. encode, in ONE tower call, every item the scheduler scheduled (scheduled_encoder_inputs) plus
+     any item this step needs that is not held (a fallback: e.g. a failed earlier encode);
+  3. embed the step's input ids, then copy each item's rows over its placeholder rows.
+
+A chunk may cut through a placeholder: the step covers prompt positions [start, end) of a request
+and copies only the overlap, e.g. an item at offset 5 of length 8 and a chunk [8, 16):
+
+    positions   5 6 7 | 8 9 10 11 12 | 13 ...        embedding rows 3..7 -> step rows of 8..12
+               (earlier chunk)  this chunk
+
+Failure isolation: an item whose frames cannot become pixel values, or whose tower call fails,
+fails only the requests that need it this step (returned as req_id -> message, which the model
+runner puts in ModelRunnerOutput.failed); the rest of the batch runs normally.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from engine.scheduler_output import SchedulerOutput
+from vision.inputs import MultiModalItem
+
+logger = logging.getLogger(__name__)
+
+
+class EncoderRunner:
+    def __init__(self, processor, device: torch.device, dtype: torch.dtype):
+        self.processor = processor   # provides pixel_values_from_frames (vision.processors)
+        self.device = device
+        self.dtype = dtype
+        self.embeddings: dict[str, torch.Tensor] = {}   # mm_hash -> [num_tokens, hidden]
+        self.num_tower_calls = 0      # counters for tests and metrics
+        self.num_encoded_items = 0
+
+    @classmethod
+    def create(cls, config) -> "EncoderRunner":
+        from vision.processors import get_processor
+
+        model_config = config.model_config
+        processor = get_processor(model_config.path, model_config.hf_config)
+        return cls(processor, torch.device(config.device_config.device), model_config.dtype)
+
+    def free(self, mm_hashes: list[str]) -> None:
+        """Drop embeddings the scheduler evicted (SchedulerOutput.free_encoder_mm_hashes)."""
+        for mm_hash in mm_hashes:
+            self.embeddings.pop(mm_hash, None)
+
+    def inputs_embeds(self, model, scheduler_output: SchedulerOutput, input_batch, batch
+                      ) -> tuple[torch.Tensor, dict[str, str]]:
+        """-> (inputs_embeds [T, hidden], {req_id: error} for requests whose media failed).
+        The step's free_encoder_mm_hashes must have been dropped with `free` before."""
+        failed_items = self._encode(model, self._items_to_encode(scheduler_output, input_batch, batch))
+        embeds = model.embed_input_ids(batch.input_ids)   # [T, hidden]
+        failed: dict[str, str] = {}
+        first_row = 0
+        for req_id, num_new in zip(batch.req_ids, batch.num_scheduled_tokens):
+            state = input_batch.requests[req_id]
+            error = self._merge_request(embeds, first_row, state.num_computed_tokens, num_new,
+                                        state.mm_items, failed_items)
+            if error is not None:
+                failed[req_id] = error
+            first_row += num_new
+        return embeds, failed
+
+    # ---- which items ----------------------------------------------------------------------
+
+    def _items_to_encode(self, scheduler_output: SchedulerOutput, input_batch, batch
+                         ) -> dict[str, MultiModalItem]:
+        """mm_hash -> item, in first-use order: the scheduled ones, then needed-but-missing ones."""
+        items: dict[str, MultiModalItem] = {}
+        for req_id, input_ids in scheduler_output.scheduled_encoder_inputs.items():
+            mm_items = input_batch.requests[req_id].mm_items
+            for input_id in input_ids:
+                items.setdefault(mm_items[input_id].mm_hash, mm_items[input_id])
+        for req_id, num_new in zip(batch.req_ids, batch.num_scheduled_tokens):
+            state = input_batch.requests[req_id]
+            for item in _overlapping(state.mm_items, state.num_computed_tokens, num_new):
+                if item.mm_hash not in self.embeddings:
+                    items.setdefault(item.mm_hash, item)
+        return items
+
+    # ---- encoding -------------------------------------------------------------------------
+
+    def _encode(self, model, items: dict[str, MultiModalItem]) -> dict[str, str]:
+        """Encode the items into self.embeddings; returns {mm_hash: error} for those that failed."""
+        failed: dict[str, str] = {}
+        ready: dict[str, tuple[torch.Tensor, MultiModalItem]] = {}
+        for mm_hash, item in items.items():
+            try:
+                ready[mm_hash] = (self._pixel_values(item), item)
+            except Exception as exc:  # bad frames fail their requests only
+                failed[mm_hash] = _error(item, exc)
+        if not ready:
+            return failed
+        try:
+            self._run_tower(model, ready)
+        except Exception as exc:
+            if len(ready) == 1:
+                mm_hash, (_, item) = next(iter(ready.items()))
+                failed[mm_hash] = _error(item, exc)
+                return failed
+            for mm_hash, entry in ready.items():  # find the culprit: one item per call
+                try:
+                    self._run_tower(model, {mm_hash: entry})
+                except Exception as item_exc:
+                    failed[mm_hash] = _error(entry[1], item_exc)
+        return failed
+
+    def _pixel_values(self, item: MultiModalItem) -> torch.Tensor:
+        """The item's uint8 frames, moved to the device, -> pixel values [patches, patch_dim]."""
+        num_bytes = math.prod(item.frames_shape)
+        if len(item.frames) != num_bytes:
+            raise ValueError(f"its frames hold {len(item.frames)} bytes but shape {list(item.frames_shape)} "
+                             f"needs {num_bytes}")
+        frames = torch.frombuffer(bytearray(item.frames), dtype=torch.uint8).view(item.frames_shape)
+        return self.processor.pixel_values_from_frames(frames.to(self.device), item, self.dtype)
+
+    def _run_tower(self, model, ready: dict[str, tuple[torch.Tensor, MultiModalItem]]) -> None:
+        pixel_values = torch.cat([values for values, _ in ready.values()])           # [N, patch_dim]
+        grid_thw = torch.tensor([item.grid_thw for _, item in ready.values()], dtype=torch.int64)  # [n, 3]
+        embeddings = model.embed_multimodal(pixel_values, grid_thw)
+        self.num_tower_calls += 1
+        self.num_encoded_items += len(ready)
+        for mm_hash, embedding in zip(ready, embeddings, strict=True):
+            self.embeddings[mm_hash] = embedding   # [num_tokens, hidden]
+
+    # ---- merging --------------------------------------------------------------------------
+
+    def _merge_request(self, embeds: torch.Tensor, first_row: int, start: int, num_new: int,
+                       mm_items: list[MultiModalItem], failed_items: dict[str, str]) -> str | None:
+        """Copy the rows of the items overlapping positions [start, start + num_new) into embeds
+        (step rows from first_row). Returns an error message when an item is unusable."""
+        end = start + num_new
+        for item in _overlapping(mm_items, start, num_new):
+            if item.mm_hash in failed_items:
+                return failed_items[item.mm_hash]
+            embedding = self.embeddings.get(item.mm_hash)
+            offset, length = item.placeholder.offset, item.placeholder.length
+            if embedding is None or embedding.shape[0] != length:
+                return (f"{item.modality} embedding is unavailable or has the wrong size for its "
+                        f"{length} placeholder tokens")
+            lo, hi = max(start, offset), min(end, offset + length)
+            embeds[first_row + lo - start:first_row + hi - start] = embedding[lo - offset:hi - offset]
+        return None
+
+
+def _overlapping(mm_items: list[MultiModalItem], start: int, num_new: int):
+    """Items (sorted by offset) whose placeholder overlaps positions [start, start + num_new)."""
+    end = start + num_new
+    for item in mm_items:
+        offset, length = item.placeholder.offset, item.placeholder.length
+        if offset >= end:
+            break
+        if offset + length > start:
+            yield item
+
+
+def _error(item: MultiModalItem, exc: BaseException) -> str:
+    logger.warning("encoding a %s item failed: %r", item.modality, exc)
+    return f"failed to process the {item.modality} input: {exc}"
