@@ -1,0 +1,140 @@
+"""End to end: a real uvicorn server on 127.0.0.1 (one per module) serving the tiny qwen2_5_vl on
+the CPU through the real AsyncEngineClient, driven by the official `openai` client.
+
+Oracles: the offline `engine.LLM` greedy output on the same messages (same tokens and text), the
+prometheus_client parser, and the server's own schema (schemathesis finds no 5xx)."""
+
+import asyncio
+import base64
+import io
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.server import create_app
+from engine import LLM, SamplingParams
+from tests.app.conftest import UvicornThread, server_config
+
+API_KEY = "e2e-key"
+MAX_MODEL_LEN = 1024
+MAX_TOKENS = 12
+ENGINE_KWARGS = dict(max_model_len=MAX_MODEL_LEN, limit_mm_per_prompt={"image": 5, "video": 5}, device="cpu",
+                     num_gpu_blocks_override=256, max_num_seqs=32)
+
+
+def image_url(seed: int, size=(96, 72)) -> str:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+MESSAGES = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url(0)}},
+                                         {"type": "text", "text": "Describe the picture."}]}]
+
+
+@pytest.fixture(scope="module")
+def model_path(tiny_model_dir) -> str:
+    return str(tiny_model_dir("qwen2_5_vl"))
+
+
+@pytest.fixture(scope="module")
+def server(model_path):
+    config = server_config(model=model_path, served_model_names=("tiny-vl",), api_keys=(API_KEY,))
+    with UvicornThread(create_app({"model": model_path, **ENGINE_KWARGS}, config)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def offline_output(model_path):
+    llm = LLM(model_path, **ENGINE_KWARGS)
+    [output] = llm.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)
+    return output
+
+
+def test_base64_image_chat_equals_offline_greedy(client, offline_output):
+    response = client.chat.completions.create(model="tiny-vl", messages=MESSAGES, temperature=0,
+                                              max_tokens=MAX_TOKENS)
+    expected = offline_output.outputs[0]
+    assert response.choices[0].message.content == expected.text
+    assert response.choices[0].finish_reason == expected.finish_reason
+    assert response.usage.completion_tokens == len(expected.token_ids)
+    assert response.usage.prompt_tokens == len(offline_output.prompt_token_ids)
+    details = response.usage.prompt_tokens_details.model_dump()
+    assert details["image_tokens"] == offline_output.num_image_tokens > 0
+
+
+def test_streaming_same_text_and_usage_chunk(client, offline_output):
+    stream = client.chat.completions.create(model="tiny-vl", messages=MESSAGES, temperature=0, max_tokens=MAX_TOKENS,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == offline_output.outputs[0].text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(offline_output.outputs[0].token_ids)
+
+
+def test_six_images_is_a_400(client):
+    content = [{"type": "image_url", "image_url": {"url": image_url(i)}} for i in range(6)]
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model="tiny-vl", messages=[{"role": "user", "content": content}], max_tokens=2)
+    assert error.value.status_code == 400 and "at most 5 image" in error.value.body["message"]
+
+
+def test_twenty_identical_greedy_requests_agree(server):
+    async def run() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key=API_KEY, max_retries=0) as aclient:
+            calls = [aclient.chat.completions.create(model="tiny-vl", messages=MESSAGES, temperature=0,
+                                                     max_tokens=MAX_TOKENS) for _ in range(20)]
+            return [r.choices[0].message.content for r in await asyncio.gather(*calls)]
+
+    texts = asyncio.run(run())
+    assert len(texts) == 20 and len(set(texts)) == 1
+
+
+def test_wrong_key_is_401(server):
+    bad = openai.OpenAI(base_url=server.base_url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as error:
+        bad.models.list()
+    assert error.value.status_code == 401
+
+
+def test_models_and_metrics(client, server):
+    [card] = client.models.list().data
+    assert card.id == "tiny-vl" and card.model_extra["max_model_len"] == MAX_MODEL_LEN
+    text = httpx.get(server.base_url + "/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    generated = sum(s.value for s in families["vlserve:generation_tokens"].samples if s.name.endswith("_total"))
+    assert generated > 0 and "vlserve:kv_cache_usage_perc" in families
+    assert httpx.get(server.base_url + "/health").status_code == 200
+
+
+def test_schemathesis_finds_no_5xx(server):
+    schema = schemathesis.openapi.from_dict(httpx.get(server.base_url + "/openapi.json").json())
+    failures = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=15, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        def check(case):
+            if isinstance(case.body, dict) and operation.path.endswith("completions"):
+                case.body["max_tokens"] = 4  # bounded work per example; every other field is random
+                case.body.pop("max_completion_tokens", None)
+            response = case.call(base_url=server.base_url, headers={"Authorization": f"Bearer {API_KEY}"})
+            if response.status_code >= 500:
+                failures.append((operation.label, case.body, response.status_code, response.text[:300]))
+
+        check()
+    assert failures == []
