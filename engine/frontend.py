@@ -68,7 +68,8 @@ class Frontend:
             from vision.processors import get_processor
 
             model_config = self.config.model_config
-            self._processor = get_processor(model_config.path, model_config.hf_config)
+            self._processor = get_processor(model_config.path, model_config.hf_config,
+                                            self.config.multimodal_config.mm_processor_kwargs or None)
         return self._processor
 
     def render_chat(self, messages: list[dict], *, tools=None, chat_template: str | None = None,
@@ -128,7 +129,7 @@ class Frontend:
 
     def _expand_media(self, token_ids: list[int], media: list[MediaInput], mm_processor_kwargs: dict | None):
         """Processes the items (in prompt order) and expands their placeholders in the prompt."""
-        mm_kwargs = {**self.config.multimodal_config.mm_processor_kwargs, **(mm_processor_kwargs or {})} or None
+        mm_kwargs = mm_processor_kwargs or None  # per request; the server's are in the processor
         processed = [self._process_one(item, mm_kwargs) for item in media]
         token_ids, placeholders = self.processor.expand_placeholders(token_ids, processed)
         items = [one.to_item(placeholder) for one, placeholder in zip(processed, placeholders)]

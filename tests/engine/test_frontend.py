@@ -92,3 +92,31 @@ def test_render_chat_uses_the_model_template(frontend):
     assert rendered.media == []
     inline = frontend.render_chat(messages, chat_template="{% for m in messages %}[{{ m.content }}]{% endfor %}")
     assert inline.prompt == "[Be brief.][Hi!]"
+
+
+def test_image_and_video_placeholders_expand_like_the_hf_processor(tiny_model_dir):
+    from transformers import AutoProcessor
+
+    path = str(tiny_model_dir("qwen2_vl"))
+    frontend = Frontend(EngineConfig.create(model=path, dtype="float32", max_model_len=4096))
+    hf_processor = AutoProcessor.from_pretrained(path)
+    image = Image.new("RGB", (90, 60), (200, 30, 10))
+    video = [Image.new("RGB", (56, 84), (i * 40, 0, 0)) for i in range(4)]
+    rendered = frontend.render_chat([{"role": "user", "content": [
+        {"type": "video", "video": video}, {"type": "text", "text": "and"},
+        {"type": "image_pil", "image_pil": image}]}])
+    media = [MediaInput(ref.modality, ref.data) for ref in rendered.media]
+    request = frontend.make_request("vl", rendered.prompt, media, SamplingParams(), add_special_tokens=False)
+    expected = hf_processor(text=[rendered.prompt], images=[image], videos=[video], return_tensors="pt",
+                            videos_kwargs={"do_sample_frames": False})
+    assert request.prompt_token_ids == expected["input_ids"][0].tolist()
+    video_item, image_item = request.mm_items
+    ids = request.prompt_token_ids
+    for item, token_id, grid in ((video_item, frontend.config.model_config.hf_config.video_token_id,
+                                  expected["video_grid_thw"][0]),
+                                 (image_item, frontend.config.model_config.hf_config.image_token_id,
+                                  expected["image_grid_thw"][0])):
+        start, length = item.placeholder.offset, item.placeholder.length
+        assert ids[start:start + length] == [token_id] * length and ids.count(token_id) == length
+        assert item.grid_thw == tuple(grid.tolist())
+    assert video_item.placeholder.offset < image_item.placeholder.offset
