@@ -140,7 +140,7 @@ def core_process_main(config: EngineConfig, request_reader, output_writer) -> No
 
         core = EngineCore(config)
     except BaseException as exc:  # noqa: BLE001 - tell the parent why, then exit
-        output_writer.send_bytes(FAILED + msgspec.msgpack.encode([type(exc).__name__, str(exc), traceback.format_exc()]))
+        output_writer.send_bytes(_failure(exc))
         return
     output_writer.send_bytes(READY)
     encoder = msgspec.msgpack.Encoder()
@@ -149,24 +149,23 @@ def core_process_main(config: EngineConfig, request_reader, output_writer) -> No
 
     def receive(block: bool) -> list[tuple[bytes, object]]:
         messages = []
-        if block:
-            request_reader.poll(None)
-        while request_reader.poll(0):
+        while request_reader.poll(None if block and not messages else 0):
             data = request_reader.recv_bytes()
             tag, body = data[:1], data[1:]
-            if tag == ADD:
-                messages.append((ADD, request_decoder.decode(body)))
-            elif tag == ABORT:
-                messages.append((ABORT, abort_decoder.decode(body).req_ids))
-            else:
-                messages.append((SHUTDOWN, None))
+            payload = (request_decoder.decode(body) if tag == ADD
+                       else abort_decoder.decode(body).req_ids if tag == ABORT else None)
+            messages.append((tag, payload))
         return messages
 
     try:
         run_core_loop(core, receive, lambda outputs: output_writer.send_bytes(OUTPUTS + encoder.encode(outputs)))
     except BaseException as exc:  # noqa: BLE001
-        output_writer.send_bytes(FAILED + msgspec.msgpack.encode([type(exc).__name__, str(exc), traceback.format_exc()]))
+        output_writer.send_bytes(_failure(exc))
         raise SystemExit(1) from None
+
+
+def _failure(exc: BaseException) -> bytes:
+    return FAILED + msgspec.msgpack.encode([type(exc).__name__, str(exc), traceback.format_exc()])
 
 
 class ProcessCore:
@@ -393,10 +392,6 @@ class AsyncEngineClient:
         slot = self._slots.get(request_id)
         if state is not None and slot is not None:
             slot.put(state.make_output())
-
-    @property
-    def num_in_flight(self) -> int:
-        return len(self._processor.states)
 
     async def shutdown(self, drain_timeout_s: float = 0.0) -> None:
         """Refuses new requests, lets in-flight ones finish for up to drain_timeout_s, aborts the
