@@ -101,6 +101,7 @@ class ThreadCore:
         from engine.core import EngineCore
 
         self._core = EngineCore(config)
+        self.initial_stats = self._core.stats()
         self._inbox: queue.Queue = queue.Queue()
         self._on_outputs, self._on_dead = on_outputs, on_dead
         self._thread = threading.Thread(target=self._run, name="vlserve-engine-core", daemon=True)
@@ -142,8 +143,8 @@ def core_process_main(config: EngineConfig, request_reader, output_writer) -> No
     except BaseException as exc:  # noqa: BLE001 - tell the parent why, then exit
         output_writer.send_bytes(_failure(exc))
         return
-    output_writer.send_bytes(READY)
     encoder = msgspec.msgpack.Encoder()
+    output_writer.send_bytes(READY + encoder.encode(core.stats()))
     request_decoder = msgspec.msgpack.Decoder(EngineRequest)
     abort_decoder = msgspec.msgpack.Decoder(AbortRequests)
 
@@ -195,6 +196,7 @@ class ProcessCore:
             raise RuntimeError(f"the engine core did not start within {timeout_s:.0f} s")
         data = self._output_reader.recv_bytes() if self._output_reader.poll(0) else b""
         if data[:1] == READY:
+            self.initial_stats = msgspec.msgpack.decode(data[1:], type=SchedulerStats)
             return
         self._process.join(5)
         if data[:1] == FAILED:
@@ -310,6 +312,7 @@ class AsyncEngineClient:
             client._core = ThreadCore(config, client._outputs_from_core, client._dead_from_core)
         else:
             client._core = ProcessCore(config, client._outputs_from_core, client._dead_from_core, ready_timeout_s)
+        client.stats = client._core.initial_stats  # block counts before the first step
         return client
 
     def is_healthy(self) -> bool:

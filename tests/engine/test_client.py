@@ -40,6 +40,7 @@ def hf_greedy(hf_model, prompt_ids, num_tokens):
 @pytest.fixture(scope="module")
 def process_client(config):
     client = AsyncEngineClient.start(config)
+    assert client.stats.num_total_blocks == client.stats.num_free_blocks == 127  # 128 minus the null block
     yield client
     asyncio.run(client.shutdown(0))
 
