@@ -181,6 +181,15 @@ class CompletionRequest(SamplingFields, kw_only=True):
     suffix: str | None = None
 
 
+def check_stream_options(request: SamplingFields) -> None:
+    if request.stream_options is None:
+        return
+    if not request.stream:
+        raise ValueError("stream_options can only be given when stream is true")
+    if request.stream_options.continuous_usage_stats:
+        raise ValueError("stream_options.continuous_usage_stats is not supported (use include_usage)")
+
+
 def to_sampling_params(request: SamplingFields, *, max_n: int, max_tokens: int | None,
                        logprobs: int | None) -> SamplingParams:
     """Request fields -> SamplingParams (ValueError on values bounded by the server)."""

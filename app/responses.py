@@ -67,7 +67,8 @@ def chat_choice(completion: Any, *, use_tools: bool, num_top: int | None, tokeni
     logprobs = None
     if num_top is not None and completion.logprobs is not None:
         logprobs = chat_logprobs(completion.token_ids, completion.logprobs, num_top, tokenizer)
-    return ChatCompletionChoice(index=completion.index, message=AssistantMessage(content=content, tool_calls=tool_calls),
+    message = AssistantMessage(content=content, tool_calls=tool_calls)
+    return ChatCompletionChoice(index=completion.index, message=message,
                                 finish_reason=finish, logprobs=logprobs, stop_reason=completion.stop_reason)
 
 

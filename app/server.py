@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -62,16 +63,17 @@ async def start_client(engine_config: EngineConfig) -> Any:
 def log_startup_summary(serving: ServingContext) -> None:
     engine_config = serving.client.frontend.config
     model, cache = engine_config.model_config, engine_config.cache_config
-    stats = serving.client.stats
-    num_blocks = getattr(stats, "num_total_blocks", 0) or cache.num_gpu_blocks_override or 0
+    num_blocks = getattr(serving.client.stats, "num_total_blocks", 0) or cache.num_gpu_blocks_override
+    kv = (f"{num_blocks} blocks x {cache.block_size} tokens = {num_blocks * cache.block_size} tokens"
+          if num_blocks else "sized by the engine core (its log line gives blocks and tokens)")
     limits = serving.config.limits
     logger.info("vlserve %s serving %s as %s | dtype %s | device %s", package_version(), model.model,
                 ", ".join(serving.config.served_names), str(model.dtype).removeprefix("torch."),
                 engine_config.device_config.device)
-    logger.info("KV cache: %d blocks x %d tokens = %d tokens; max_model_len %d; max_num_seqs %d; "
-                "limits per prompt: image %d, video %d", num_blocks, cache.block_size, num_blocks * cache.block_size,
-                model.max_model_len, engine_config.scheduler_config.max_num_seqs,
-                limits.max_items("image"), limits.max_items("video"))
+    logger.info("KV cache: %s | max_model_len %d | max_num_seqs %d | per prompt: image %d, video %d | "
+                "API key %s", kv, model.max_model_len, engine_config.scheduler_config.max_num_seqs,
+                limits.max_items("image"), limits.max_items("video"),
+                "required" if serving.config.api_keys else "off")
 
 
 async def log_throughput(serving: ServingContext) -> None:
@@ -142,6 +144,10 @@ def serve(engine_kwargs: dict, server_config: ServerConfig) -> int:
         print(f"vlserve: error: {exc}", file=sys.stderr)
         return 2
     app = create_app(engine_kwargs, server_config, engine_config=engine_config)
+    # uvicorn catches SIGTERM itself (stop accepting, finish in-flight responses, run the lifespan
+    # shutdown that drains the engine), then re-raises it under the handler found at start: make
+    # that one a no-op so a drained SIGTERM ends with exit status 0, as service managers expect.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(app, host=server_config.host, port=server_config.port, log_level=server_config.uvicorn_log_level,
                 timeout_graceful_shutdown=int(server_config.drain_timeout_s))
     return 0

@@ -20,7 +20,8 @@ from app.auth import require_api_key
 from app.cli import ServerConfig
 from app.errors import EngineDeadError
 from app.media import check_media_counts, load_media
-from app.protocol import ChatCompletionRequest, ChatCompletionResponse, random_id, to_sampling_params
+from app.protocol import (ChatCompletionRequest, ChatCompletionResponse, check_stream_options, random_id,
+                          to_sampling_params)
 from app.responses import chat_response
 from app.serving import ServingContext
 from app.streaming import ChatStreamFormat, chat_events
@@ -33,8 +34,7 @@ def check_chat_options(data: ChatCompletionRequest, config: ServerConfig) -> boo
     if data.chat_template is not None and not config.trust_request_chat_template:
         raise ValueError("chat_template in the request is refused: start the server with "
                          "--trust-request-chat-template to allow it")
-    if data.stream_options is not None and not data.stream:
-        raise ValueError("stream_options can only be given when stream is true")
+    check_stream_options(data)
     if data.top_logprobs is not None and not data.logprobs:
         raise ValueError("top_logprobs requires logprobs to be true")
     choice = data.tool_choice

@@ -16,7 +16,7 @@ from litestar.params import JSONBody
 from litestar.response import ServerSentEvent
 
 from app.auth import require_api_key
-from app.protocol import CompletionRequest, random_id, to_sampling_params
+from app.protocol import CompletionRequest, check_stream_options, random_id, to_sampling_params
 from app.responses import completion_response
 from app.serving import ServingContext
 from app.streaming import CompletionStreamFormat, completion_events
@@ -36,8 +36,7 @@ def prompts_of(data: CompletionRequest) -> list[str | list[int]]:
 def check_completion_options(data: CompletionRequest) -> None:
     if data.suffix is not None:
         raise ValueError("suffix is not supported")
-    if data.stream_options is not None and not data.stream:
-        raise ValueError("stream_options can only be given when stream is true")
+    check_stream_options(data)
 
 
 async def build_completion_requests(data: CompletionRequest, serving: ServingContext,

@@ -24,7 +24,8 @@ async def tokenize_messages(data: TokenizeRequest, serving: ServingContext) -> l
     """Render + fetch + process media exactly as a chat request would; the prompt ids are the answer."""
     frontend = serving.client.frontend
     check_media_counts(data.messages, serving.config.limits)
-    rendered = frontend.render_chat([msgspec.to_builtins(m) for m in data.messages], chat_template=serving.chat_template,
+    messages = [msgspec.to_builtins(m) for m in data.messages]
+    rendered = frontend.render_chat(messages, chat_template=serving.chat_template,
                                     add_generation_prompt=data.add_generation_prompt,
                                     continue_final_message=data.continue_final_message,
                                     chat_template_kwargs=data.chat_template_kwargs)
