@@ -1,6 +1,7 @@
 """Session fixtures shared by every test: tiny HF checkpoints and sample media, built once and cached.
 
-`tiny_model_dir(name)` -> Path of samples/models/out/<name> ("qwen2", "qwen2_vl", "qwen2_5_vl");
+`tiny_model_dir(name)` -> Path of samples/models/out/<name> ("qwen2", "qwen2_vl", "qwen2_5_vl",
+"internvl", "internvl_chat");
 `media_dir` -> Path of samples/media/out. Both are rebuilt when their builder sources (or the installed
 transformers / PyAV version) change: a stamp file inside the directory holds that hash. Builds happen in
 a temporary sibling directory under an exclusive file lock and are renamed into place, so concurrent
@@ -66,10 +67,17 @@ def tiny_model_dir() -> Callable[[str], Path]:
     builder = _load_module(MODELS_DIR / "build_tiny.py")
     sources = [MODELS_DIR / "build_tiny.py", MODELS_DIR / "tiny_tokenizer.py"]
     stamp = _source_stamp(sources, f"transformers={transformers.__version__}")
+    # InternVL ("internvl": transformers' layout, "internvl_chat": the original layout) has its own builder.
+    internvl = _load_module(MODELS_DIR / "build_tiny_internvl.py")
+    internvl_stamp = _source_stamp(sources + [MODELS_DIR / "build_tiny_internvl.py"],
+                                   f"transformers={transformers.__version__}")
 
     def get(name: str) -> Path:
+        if name in internvl.MODEL_NAMES:
+            return build_cached(MODELS_DIR / "out" / name, internvl_stamp, lambda tmp: internvl.build(name, tmp))
         if name not in builder.MODEL_NAMES:
-            raise ValueError(f"name: unknown tiny model {name!r}; expected one of {builder.MODEL_NAMES}")
+            raise ValueError(f"name: unknown tiny model {name!r}; expected one of "
+                             f"{builder.MODEL_NAMES + internvl.MODEL_NAMES}")
         return build_cached(MODELS_DIR / "out" / name, stamp, lambda tmp: builder.build(name, tmp))
 
     return get

@@ -16,6 +16,8 @@ from typing import Any
 PROCESSORS: dict[str, str] = {
     "Qwen2VLForConditionalGeneration": "vision.processors.qwen2_vl:Qwen2VLProcessor",
     "Qwen2_5_VLForConditionalGeneration": "vision.processors.qwen2_vl:Qwen2VLProcessor",
+    "InternVLForConditionalGeneration": "vision.processors.internvl:InternVLProcessor",
+    "InternVLChatModel": "vision.processors.internvl:InternVLProcessor",
 }
 
 
