@@ -140,7 +140,7 @@ class InputBatch:
             return torch.arange(start, end, dtype=torch.int64)                 # [n]
         num_prompt = state.mrope_positions.shape[1]
         in_prompt = state.mrope_positions[:, start:min(end, num_prompt)]       # [3, n_prompt]
-        later = torch.arange(max(start, num_prompt), end, dtype=torch.int64) + state.mrope_delta
+        later = torch.arange(max(start, num_prompt), max(end, num_prompt), dtype=torch.int64) + state.mrope_delta
         return torch.cat([in_prompt, later.expand(3, -1)], dim=1)              # [3, n]
 
     def _slots(self, state: CachedRequestState, start: int, end: int) -> list[int]:
