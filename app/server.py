@@ -129,6 +129,7 @@ def create_app(engine_kwargs: dict, server_config: ServerConfig, client: Any = N
         openapi_config=OpenAPIConfig(title="vlserve", version=package_version(), path="/docs",
                                      render_plugins=[SwaggerRenderPlugin()]),
         request_max_body_size=server_config.request_max_body_size,
+        logging_config=None,  # `serve` configures logging once; the app never rewires handlers
         debug=False,
     )
 

@@ -149,3 +149,68 @@ def _post_and_hang_up(base_url: str) -> None:
                    timeout=0.5)
     except httpx.TimeoutException:
         pass
+
+
+def test_engine_errors_map_to_400_and_503(make_client):
+    from engine.client import EngineDeadError
+
+    client, fake = make_client()
+    original = fake.generate
+
+    async def failing_request(request, *, prompt=None):
+        async for output in original(request, prompt=prompt):
+            output.error, output.finished = "the video could not be processed", True
+            yield output
+            return
+
+    fake.generate = failing_request
+    payload = {"messages": [{"role": "user", "content": "x"}]}
+    for stream in (False, True):
+        response = client.post("/v1/chat/completions", json={**payload, "stream": stream})
+        assert response.status_code == 400 and "could not be processed" in response.json()["error"]["message"]
+
+    async def dying_engine(request, *, prompt=None):
+        fake.dead_error = "core process exited with code -9"
+        raise EngineDeadError(fake.dead_error)
+        yield  # pragma: no cover - makes this an async generator
+
+    fake.generate = dying_engine
+    response = client.post("/v1/chat/completions", json=payload)
+    assert response.status_code == 503 and "code -9" in response.json()["error"]["message"]
+
+
+def test_local_files_only_under_allowed_path(make_client, media_dir):
+    url = (media_dir / "rgb.png").as_uri()
+    payload = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
+    refused, _ = make_client()
+    response = refused.post("/v1/chat/completions", json=payload)
+    assert response.status_code == 400 and str(media_dir) not in response.json()["error"]["message"]
+    allowed, fake = make_client(allowed_local_media_path=str(media_dir))
+    response = allowed.post("/v1/chat/completions", json=payload)
+    assert response.status_code == 200 and response.json()["usage"]["prompt_tokens_details"]["image_tokens"] > 0
+
+
+def test_startup_summary_request_line_and_throughput_log(make_client, monkeypatch, caplog):
+    import logging
+
+    import app.server
+
+    monkeypatch.setattr(app.server, "THROUGHPUT_LOG_INTERVAL_S", 0.05)
+    with caplog.at_level(logging.INFO):
+        client, fake = make_client(disable_log_stats=False, max_log_len=5)
+        body = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}).json()
+        time.sleep(0.3)
+    text = caplog.text
+    assert "qwen2_5_vl as tiny-vl, alias | dtype float32 | device cpu" in text and "per prompt: image 5, video 5" in text
+    request_line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith(body["id"]))
+    assert f"prompt_tokens={body['usage']['prompt_tokens']}" in request_line and "prompt='<|im_" in request_line
+    assert "generation throughput" in text and "KV cache usage 25.0%" in text
+
+
+def test_request_log_can_be_disabled(make_client, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        client, _ = make_client(disable_log_requests=True)
+        body = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}).json()
+    assert body["id"] not in caplog.text
