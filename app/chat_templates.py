@@ -2,15 +2,17 @@
 default by architecture when the tokenizer ships none.
 
 Caller: app.cli (the flag) and app.server (the fallback once the tokenizer is loaded). The
-templates live in the repository's `chat_templates/` directory, next to `app/`; an editable
-install (`pip install -e .`) imports `app` from the checkout, so `TEMPLATES_DIR` resolves there.
+templates live in the top-level `chat_templates` package (data only, shipped as package data), so
+editable and regular installs find them the same way.
 """
 
 from __future__ import annotations
 
 import pathlib
 
-TEMPLATES_DIR = pathlib.Path(__file__).resolve().parent.parent / "chat_templates"
+import chat_templates
+
+TEMPLATES_DIR = pathlib.Path(chat_templates.__file__).resolve().parent
 
 # HF `architectures[0]` -> bundled template name.
 DEFAULT_BY_ARCHITECTURE = {
