@@ -61,7 +61,7 @@ def pattern_video(num_frames: int, width: int, height: int, seed: int) -> np.nda
 def cases():
     """name -> (prompt text, images, videos as (frames, fps)); media in prompt order."""
     video_a = pattern_video(4, 56, 40, seed=20)   # given as a bare array: fps 2 (qwen-vl-utils' default)
-    video_b = pattern_video(6, 42, 42, seed=30)   # given as VideoFrames at fps 3: non-integer time steps
+    video_b = pattern_video(6, 42, 42, seed=30)   # VideoFrames at fps 1.5: 2.5-VL time steps of 8/3 -> 0, 2, 5
     one_image = pattern_image(112, 84, 1)
     return {
         "one_image": (chat(f"{IMG}Describe this image."), [one_image], []),
@@ -73,7 +73,7 @@ def cases():
         "long_text_after_image": (chat(f"{IMG}{LONG_TEXT}"), [one_image], []),
         "video": (chat(f"{VID}What is in the video?"), [], [(video_a, None)]),
         "video_then_image": (chat(f"{VID}Now this picture: {IMG}Describe both."),
-                             [pattern_image(98, 70, 8)], [(video_b, 3.0)]),
+                             [pattern_image(98, 70, 8)], [(video_b, 1.5)]),
         "text_only": (chat("Please answer the question briefly."), [], []),
     }
 
