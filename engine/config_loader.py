@@ -34,7 +34,16 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 
 # Architectures whose config.json transformers cannot read without remote code (the original
 # InternVL layout): architecture -> reader(path, raw config dict) -> config object.
-DICT_CONFIG_READERS: dict[str, Callable[[str, dict], Any]] = {}
+# Accepted only with --trust-remote-code (vLLM's rule), although no remote code is ever run.
+DICT_CONFIG_READERS: dict[str, Callable[[str, dict], Any]] = {
+    "InternVLChatModel": lambda path, raw: _internvl_chat_reader()(path, raw),
+}
+
+
+def _internvl_chat_reader() -> Callable[[str, dict], Any]:
+    from engine.models.internvl import read_internvl_chat_config
+
+    return read_internvl_chat_config
 
 
 def build_engine_config(**kwargs: Any) -> EngineConfig:
@@ -91,6 +100,9 @@ def read_hf_config(path: str, trust_remote_code: bool = False) -> Any:
         raw = json.load(f)
     architecture = (raw.get("architectures") or [None])[0]
     if architecture in DICT_CONFIG_READERS:
+        if not trust_remote_code:
+            raise ValueError(f"--model: {path} is a remote-code checkpoint (architecture {architecture}); add "
+                             f"--trust-remote-code to load it (its weights are mapped, its Python is never run)")
         return DICT_CONFIG_READERS[architecture](path, raw)
     from transformers import AutoConfig
 

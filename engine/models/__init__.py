@@ -9,11 +9,14 @@ from __future__ import annotations
 from torch import nn
 
 from engine.models.qwen2 import Qwen2ForCausalLM
+from engine.models.internvl import InternVLForConditionalGeneration
 from engine.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from engine.models.qwen2_vl import Qwen2VLForConditionalGeneration
 
 _MODELS: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "InternVLForConditionalGeneration": InternVLForConditionalGeneration,
+    "InternVLChatModel": InternVLForConditionalGeneration,  # original layout, --trust-remote-code
     "Qwen2VLForConditionalGeneration": Qwen2VLForConditionalGeneration,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
 }

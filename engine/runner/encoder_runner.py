@@ -68,7 +68,8 @@ class EncoderRunner:
         for req_id, num_new in zip(batch.req_ids, batch.num_scheduled_tokens):
             state = input_batch.requests[req_id]
             error = self._merge_request(embeds, first_row, state.num_computed_tokens, num_new,
-                                        state.mm_items, failed_items)
+                                        state.mm_items, failed_items,
+                                        _EmbedMask(getattr(model, "embed_token_id", None), state.prompt_token_ids))
             if error is not None:
                 failed[req_id] = error
             first_row += num_new
@@ -139,7 +140,8 @@ class EncoderRunner:
     # ---- merging --------------------------------------------------------------------------
 
     def _merge_request(self, embeds: torch.Tensor, first_row: int, start: int, num_new: int,
-                       mm_items: list[MultiModalItem], failed_items: dict[str, str]) -> str | None:
+                       mm_items: list[MultiModalItem], failed_items: dict[str, str],
+                       embed_mask: "_EmbedMask") -> str | None:
         """Copy the rows of the items overlapping positions [start, start + num_new) into embeds
         (step rows from first_row). Returns an error message when an item is unusable."""
         end = start + num_new
@@ -148,12 +150,35 @@ class EncoderRunner:
                 return failed_items[item.mm_hash]
             embedding = self.embeddings.get(item.mm_hash)
             offset, length = item.placeholder.offset, item.placeholder.length
-            if embedding is None or embedding.shape[0] != length:
+            is_embed = embed_mask.of(item)  # None: every placeholder row takes an embedding row
+            num_rows = length if is_embed is None else int(is_embed.sum())
+            if embedding is None or embedding.shape[0] != num_rows:
                 return (f"{item.modality} embedding is unavailable or has the wrong size for its "
-                        f"{length} placeholder tokens")
+                        f"{num_rows} placeholder tokens")
             lo, hi = max(start, offset), min(end, offset + length)
-            embeds[first_row + lo - start:first_row + hi - start] = embedding[lo - offset:hi - offset]
+            if is_embed is None:
+                embeds[first_row + lo - start:first_row + hi - start] = embedding[lo - offset:hi - offset]
+                continue
+            picked = is_embed[lo - offset:hi - offset]           # [hi - lo] bool
+            skipped = int(is_embed[:lo - offset].sum())          # embedding rows of earlier chunks
+            step_rows = first_row + lo - start + picked.nonzero().squeeze(1)
+            embeds[step_rows.to(embeds.device)] = embedding[skipped:skipped + len(step_rows)]
         return None
+
+
+class _EmbedMask:
+    """Models whose placeholder spans also hold plain tokens (InternVL: `<img>`, `</img>`, "Frame2: "
+    around its `<IMG_CONTEXT>` rows) name the token that takes vision rows as `embed_token_id`;
+    the item's embedding then has one row per such token, in order."""
+
+    def __init__(self, embed_token_id: int | None, prompt_token_ids: list[int]):
+        self.embed_token_id, self.prompt_token_ids = embed_token_id, prompt_token_ids
+
+    def of(self, item: MultiModalItem) -> torch.Tensor | None:  # [length] bool, or None
+        if self.embed_token_id is None:
+            return None
+        offset, length = item.placeholder.offset, item.placeholder.length
+        return torch.tensor(self.prompt_token_ids[offset:offset + length]) == self.embed_token_id
 
 
 def _overlapping(mm_items: list[MultiModalItem], start: int, num_new: int):

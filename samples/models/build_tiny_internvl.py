@@ -125,16 +125,15 @@ def build_hf_native(out_dir: Path) -> Path:
 
 # ---- original (OpenGVLab) layout --------------------------------------------------------------
 
-_RENAMES = (  # transformers' name piece -> original name piece, applied in order
-    ("model.vision_tower.", "vision_model."), (".cls_token", ".class_embedding"),
+_RENAMES = (  # transformers' on-disk name piece -> original name piece, applied in order
+    ("vision_tower.", "vision_model."), (".cls_token", ".class_embedding"),
     (".position_embeddings", ".position_embedding"), (".patch_embeddings.projection.", ".patch_embedding."),
     ("encoder.layer.", "encoder.layers."), (".attention.projection_layer.", ".attn.proj."),
     (".attention.q_norm.", ".attn.q_norm."), (".attention.k_norm.", ".attn.k_norm."),
     (".layernorm_before.", ".norm1."), (".layernorm_after.", ".norm2."), (".lambda_1", ".ls1"),
-    (".lambda_2", ".ls2"), ("model.multi_modal_projector.layer_norm.", "mlp1.0."),
-    ("model.multi_modal_projector.linear_1.", "mlp1.1."), ("model.multi_modal_projector.linear_2.", "mlp1.3."),
-    ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
-)
+    (".lambda_2", ".ls2"), ("multi_modal_projector.layer_norm.", "mlp1.0."),
+    ("multi_modal_projector.linear_1.", "mlp1.1."), ("multi_modal_projector.linear_2.", "mlp1.3."),
+)  # language_model.model.* and language_model.lm_head.* are already the original names
 
 
 def original_weights(hf_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -143,8 +142,8 @@ def original_weights(hf_weights: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         if ".attention.k_proj." in name or ".attention.v_proj." in name:
             continue  # fused into attn.qkv below
         new = name
-        for old, repl in _RENAMES:
-            if old in new and not (old == "lm_head." and new.startswith("language_model.")):
+        if not name.startswith("language_model."):
+            for old, repl in _RENAMES:
                 new = new.replace(old, repl)
         if ".attention.q_proj." in name:
             tensor = torch.cat([hf_weights[name.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")])

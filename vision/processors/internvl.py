@@ -231,7 +231,8 @@ class InternVLProcessor:
         from transformers import AutoTokenizer
 
         settings = _settings(model_dir, hf_config, dict(mm_processor_kwargs or {}))
-        return cls(settings, AutoTokenizer.from_pretrained(model_dir))
+        # never the checkpoint's Python, even for remote-code (original layout) checkpoints
+        return cls(settings, AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False))
 
     def _token_id(self, token: str) -> int:
         token_id = self.tokenizer.convert_tokens_to_ids(token)

@@ -367,10 +367,11 @@ class InternVisionTower(nn.Module):
     def expected_weight_names(self) -> set[str]:
         return {name for name, _ in self.named_parameters()}
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], hf_native: bool = False) -> set[str]:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], hf_native: bool = False,
+                     merge_shards: bool = True) -> set[str]:
         """(name, tensor) in the original names (`vision_model.*`, `mlp1.*`), or transformers'
-        names without `model.` when hf_native. Returns our names loaded (qkv as `name#shard`
-        for the sharded layout)."""
+        names without `model.` when hf_native. Returns our names loaded; with merge_shards=False
+        the q/k/v shards stay `name#0..2` (for callers that load in pieces: `merge_shard_keys`)."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for ckpt_name, tensor in weights:
@@ -388,10 +389,10 @@ class InternVisionTower(nn.Module):
                 else:
                     param.copy_(tensor)
             loaded.add(name if shard is None else f"{name}#{shard}")
-        return _merge_shard_keys(loaded)
+        return merge_shard_keys(loaded) if merge_shards else loaded
 
 
-def _merge_shard_keys(loaded: set[str]) -> set[str]:
+def merge_shard_keys(loaded: set[str]) -> set[str]:
     """name#0, name#1, name#2 all present -> name (a fused qkv parameter filled completely)."""
     merged = {key for key in loaded if "#" not in key}
     shards: dict[str, set[str]] = {}
