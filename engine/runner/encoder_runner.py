@@ -18,7 +18,7 @@ and copies only the overlap, e.g. an item at offset 5 of length 8 and a chunk [8
                (earlier chunk)  this chunk
 
 Failure isolation: an item whose frames cannot become pixel values, or whose tower call fails,
-fails only the requests that need it this step (returned as req_id -> message, which the model
+fails only the requests of this step that hold it (returned as req_id -> message, which the model
 runner puts in ModelRunnerOutput.failed); the rest of the batch runs normally.
 """
 
@@ -67,9 +67,9 @@ class EncoderRunner:
         first_row = 0
         for req_id, num_new in zip(batch.req_ids, batch.num_scheduled_tokens):
             state = input_batch.requests[req_id]
-            error = self._merge_request(embeds, first_row, state.num_computed_tokens, num_new,
-                                        state.mm_items, failed_items,
-                                        _EmbedMask(getattr(model, "embed_token_id", None), state.prompt_token_ids))
+            error = _failed_item(state.mm_items, failed_items) or self._merge_request(
+                embeds, first_row, state.num_computed_tokens, num_new, state.mm_items, failed_items,
+                _EmbedMask(getattr(model, "embed_token_id", None), state.prompt_token_ids))
             if error is not None:
                 failed[req_id] = error
             first_row += num_new
@@ -179,6 +179,13 @@ class _EmbedMask:
             return None
         offset, length = item.placeholder.offset, item.placeholder.length
         return torch.tensor(self.prompt_token_ids[offset:offset + length]) == self.embed_token_id
+
+
+def _failed_item(mm_items: list[MultiModalItem], failed_items: dict[str, str]) -> str | None:
+    """The error of any item of the request that failed this step, even one outside this step's
+    tokens: a request that skipped it through a prefix-cache hit (e.g. a twin scheduled in the same
+    step) shares KV that was computed without it."""
+    return next((failed_items[item.mm_hash] for item in mm_items if item.mm_hash in failed_items), None)
 
 
 def _overlapping(mm_items: list[MultiModalItem], start: int, num_new: int):

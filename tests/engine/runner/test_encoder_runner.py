@@ -74,12 +74,13 @@ class Harness:
         self.computed = {}
 
     def step(self, plan: dict[str, int], new: dict | None = None, encoder_inputs=None, freed=()):
-        """plan: req_id -> tokens this step; new: req_id -> (prompt, items) for first-time requests."""
+        """plan: req_id -> tokens this step; new: req_id -> (prompt, items[, prefix-cache hit tokens])
+        for first-time requests."""
         new_reqs, cached = [], CachedRequestData()
-        for req_id, (prompt, items) in (new or {}).items():
+        for req_id, (prompt, items, *hit) in (new or {}).items():
             blocks = list(range(len(self.computed) * 8, len(self.computed) * 8 + 8))
-            new_reqs.append(NewRequestData(req_id, prompt, [], items, SamplingParams(), blocks, 0))
-            self.computed[req_id] = 0
+            self.computed[req_id] = hit[0] if hit else 0
+            new_reqs.append(NewRequestData(req_id, prompt, [], items, SamplingParams(), blocks, self.computed[req_id]))
         for req_id in plan:
             if req_id not in (new or {}):
                 cached.req_ids.append(req_id)
@@ -158,11 +159,13 @@ def test_bad_frames_fail_only_the_requests_that_need_them():
     bad_items = [MultiModalItem(IMAGE, "bad", bad_item.placeholder, bad_item.frames[:-5], bad_item.frames_shape,
                                 bad_item.grid_thw)]
     prompt_good, prompt_bad = prompt_with(good_items, 8), prompt_with(bad_items, 6)
-    embeds, failed = h.step({"good": 8, "bad": 6, "also_bad": 6},
+    embeds, failed = h.step({"good": 8, "bad": 6, "also_bad": 6, "twin_past_it": 2},
                             new={"good": (prompt_good, good_items), "bad": (prompt_bad, bad_items),
-                                 "also_bad": (prompt_bad, bad_items)},
+                                 "also_bad": (prompt_bad, bad_items),
+                                 "twin_past_it": (prompt_bad, bad_items, 4)},   # a prefix hit past the item
                             encoder_inputs={"good": [0], "bad": [0]})
-    assert set(failed) == {"bad", "also_bad"} and "bytes" in failed["bad"] and "image" in failed["bad"]
+    assert set(failed) == {"bad", "also_bad", "twin_past_it"}
+    assert "bytes" in failed["bad"] and "image" in failed["bad"]
     torch.testing.assert_close(embeds[:8], expected_embeds(prompt_good, good_items, rows), rtol=0, atol=0)
 
 
