@@ -96,11 +96,25 @@ class SchedulerConfig:
 class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # "uni" (one rank in the core's process), "mp" (a process per rank), "ray" (a Ray actor per
+    # rank); None: uni for one rank, else chosen by engine.config_loader.
     distributed_executor_backend: str | None = None
+    # The vision tower under TP: "data" = replicated, a step's images split across the ranks.
+    # ("weights", a sharded tower, is not implemented.)
+    mm_encoder_tp_mode: str = "data"
 
     def __post_init__(self) -> None:
         _require(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be positive")
         _require(self.pipeline_parallel_size >= 1, "pipeline_parallel_size", "must be positive")
+        _require(self.distributed_executor_backend in (None, "uni", "mp", "ray"), "distributed_executor_backend",
+                 f"must be uni, mp or ray, got {self.distributed_executor_backend!r}")
+        _require(self.distributed_executor_backend != "uni" or self.world_size == 1, "distributed_executor_backend",
+                 f"uni runs one rank, but tensor x pipeline parallel size is {self.world_size} (use mp or ray)")
+        _require(self.mm_encoder_tp_mode != "weights", "mm_encoder_tp_mode",
+                 "weights (a sharded vision tower) is not supported; use data (the tower is replicated "
+                 "on every rank and a step's images are split across them)")
+        _require(self.mm_encoder_tp_mode == "data", "mm_encoder_tp_mode",
+                 f"must be data, got {self.mm_encoder_tp_mode!r}")
 
     @property
     def world_size(self) -> int:

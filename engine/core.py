@@ -1,7 +1,11 @@
 """EngineCore: the synchronous heart of the engine. Callers: engine.client (in-process, or the
 busy loop of the core process) and tests. No I/O here: the client owns queues and pipes.
 
-    step() = scheduler.schedule() -> runner.execute() -> scheduler.update_from_output()
+    step() = scheduler.schedule() -> executor.execute() -> scheduler.update_from_output()
+
+The executor (engine.executor) runs the model: one ModelRunner in this process, or a TP/PP world
+of worker processes / Ray actors. A dead worker raises out of step(); the caller (engine.client)
+reports the engine dead.
 
 Invalid requests never raise into the loop: they come back as FinishReason.ERROR outputs with a
 message in the next step's EngineOutputs.
@@ -33,16 +37,22 @@ class EngineCore:
         self._init_scheduler()
 
     def _init_runner(self, runner) -> None:
+        # An injected runner (tests) stands in for the executor: it offers the same methods.
         if runner is None:
-            from engine.runner.model_runner import ModelRunner
+            from engine.executor import create_executor
 
-            runner = ModelRunner(self.config)
-        self.runner = runner
+            runner = create_executor(self.config)
+        self.executor = runner
+
+    @property
+    def runner(self):
+        """The ModelRunner when it runs in this process (uni executor), else the executor."""
+        return getattr(self.executor, "runner", self.executor)
 
     def _init_kv_cache(self) -> None:
         cache_config, max_model_len = self.config.cache_config, self.config.model_config.max_model_len
         override = cache_config.num_gpu_blocks_override
-        self.num_blocks = override or self.runner.num_blocks_for_memory()
+        self.num_blocks = override or self.executor.num_blocks_for_memory()
         num_tokens = (self.num_blocks - 1) * cache_config.block_size  # block 0 is the null block
         if num_tokens < max_model_len:
             message = (f"the KV cache holds {num_tokens} tokens ({self.num_blocks} blocks), fewer "
@@ -51,7 +61,7 @@ class EngineCore:
                 raise ValueError(f"--max-model-len: {message}; lower it or give the KV cache more "
                                  f"memory (--gpu-memory-utilization / --kv-cache-memory-bytes)")
             logger.warning("%s; longer requests will fail", message)
-        self.runner.initialize_kv_cache(self.num_blocks)
+        self.executor.initialize_kv_cache(self.num_blocks)
         logger.info("KV cache: %d blocks x %d = %d tokens; max concurrency at max_model_len %d: "
                     "%.2f requests", self.num_blocks - 1, cache_config.block_size, num_tokens,
                     max_model_len, num_tokens / max_model_len)
@@ -72,7 +82,7 @@ class EngineCore:
         explicit = self.config.multimodal_config.encoder_cache_size
         if explicit is not None:
             return explicit
-        max_item = getattr(self.runner, "max_encoder_tokens_per_item", None)
+        max_item = getattr(self.executor, "max_encoder_tokens_per_item", None)
         max_item_tokens = max_item() if callable(max_item) else self.config.model_config.max_model_len
         return max(self.config.scheduler_config.max_num_batched_tokens, max_item_tokens)
 
@@ -90,7 +100,7 @@ class EngineCore:
 
     def step(self) -> EngineOutputs:
         scheduler_output = self.scheduler.schedule()
-        runner_output = self.runner.execute(scheduler_output)
+        runner_output = self.executor.execute(scheduler_output)
         return self.scheduler.update_from_output(scheduler_output, runner_output)
 
     def has_unfinished_requests(self) -> bool:
@@ -98,6 +108,12 @@ class EngineCore:
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.make_stats()
+
+    def shutdown(self) -> None:
+        """Stop the executor's workers (no-op in process)."""
+        shutdown = getattr(self.executor, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
 
     def reset_prefix_cache(self) -> bool:
         return self.scheduler.kv_cache_manager.reset_prefix_cache()

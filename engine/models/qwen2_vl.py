@@ -11,6 +11,10 @@ Checkpoint layouts accepted (both seen in the wild; `load_weights` renames, then
     visual.*                                      model.visual.*
     model.embed_tokens / model.layers / model.norm model.language_model.{embed_tokens,layers,norm}
     lm_head.weight (absent or ignored when tied)  lm_head.weight
+
+Parallelism: the language model is sharded / staged as engine.models.qwen2 describes. The tower
+is replicated on the first pipeline stage only (`--mm-encoder-tp-mode data`): under TP a step's
+items are split across the ranks and their embeddings all-gathered (engine.distributed.mm_encoder).
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ from torch import nn
 from engine.layers.attention import AttentionMetadata
 from engine.layers.embedding import LMHead
 from engine.models.mrope import mrope_positions
-from engine.models.qwen2 import KVCache, Qwen2ForCausalLM, Qwen2Model
+from engine.distributed.mm_encoder import encode_data_parallel
+from engine.distributed.parallel_context import SINGLE_RANK, ParallelContext
+from engine.models.qwen2 import (KVCache, Qwen2ForCausalLM, Qwen2Model, make_lm_head, stage_skip_prefixes,
+                                 stage_weights)
 from engine.weights import Weights, load_named_weights, rename
 from vision.inputs import MultiModalItem
 from vision.towers import Qwen2VisionTransformer
@@ -44,17 +51,18 @@ class Qwen2VLForConditionalGeneration(nn.Module):
     }
     tower_class: type[nn.Module] = Qwen2VisionTransformer
 
-    def __init__(self, config: Any):
+    def __init__(self, config: Any, parallel: ParallelContext = SINGLE_RANK):
         super().__init__()
         self.config = config
+        self.parallel = parallel
         text_config = config.get_text_config()
+        self.hidden_size = text_config.hidden_size
         self.spatial_merge_size = int(config.vision_config.spatial_merge_size)
         self.tokens_per_second = self._tokens_per_second(config.vision_config)
-        self.visual = self.tower_class(config.vision_config)
-        self.model = Qwen2Model(text_config)
+        self.visual = self.tower_class(config.vision_config) if parallel.is_first_stage else None
+        self.model = Qwen2Model(text_config, parallel)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        tied = self.model.embed_tokens if self.tie_word_embeddings else None
-        self.lm_head = LMHead(text_config.vocab_size, text_config.hidden_size, tied_embedding=tied)
+        self.lm_head: LMHead | None = make_lm_head(text_config, self.model, self.tie_word_embeddings, parallel)
 
     @staticmethod
     def _tokens_per_second(vision_config: Any) -> float | None:
@@ -64,9 +72,10 @@ class Qwen2VLForConditionalGeneration(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 attn_metadata: AttentionMetadata, kv_caches: list[KVCache],
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [T] or inputs_embeds [T, H] (vision rows merged); positions [3, T] -> [T, H]."""
-        return self.model(input_ids, positions, attn_metadata, kv_caches, inputs_embeds)
+                inputs_embeds: torch.Tensor | None = None, intermediate_tensors=None):
+        """input_ids [T] or inputs_embeds [T, H] (vision rows merged); positions [3, T] -> [T, H]
+        (or a non-last pipeline stage's (hidden, residual))."""
+        return self.model(input_ids, positions, attn_metadata, kv_caches, inputs_embeds, intermediate_tensors)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, H]
         return self.model.embed_tokens(input_ids)
@@ -74,6 +83,9 @@ class Qwen2VLForConditionalGeneration(nn.Module):
     def embed_multimodal(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
         """pixel_values [N_patches, C*T*P*P] of all items, grid_thw [num_items, 3] (CPU int64)
         -> one [t*h*w / merge², H] embedding per item, in order."""
+        if self.parallel.tp_size > 1:
+            return encode_data_parallel(self.visual, pixel_values, grid_thw, self.spatial_merge_size,
+                                        self.hidden_size, self.parallel)
         embeds = self.visual(pixel_values, grid_thw)                 # [sum tokens, H]
         sizes = (grid_thw.prod(dim=-1) // self.spatial_merge_size**2).tolist()
         return list(embeds.split(sizes))
@@ -98,6 +110,8 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         def language_weights():
             for ckpt_name, tensor in weights:
                 name = rename(ckpt_name, self.hf_to_ours_prefixes)
+                if name.startswith(_VISUAL) and self.visual is None:
+                    continue  # the tower lives on the first pipeline stage
                 if name.startswith(_VISUAL):
                     names = self.visual.load_weights([(name[len(_VISUAL):], tensor)])
                     loaded_visual.update(_VISUAL + n for n in names)
@@ -105,6 +119,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
                     yield name, tensor
 
         params = {name: p for name, p in self.named_parameters() if not name.startswith(_VISUAL)}
-        skip = ("lm_head.",) if self.tie_word_embeddings else ()
-        loaded = load_named_weights(params, language_weights(), self.packed_modules_mapping, skip=skip)
+        weights_here = stage_weights(language_weights(), self.tie_word_embeddings, self.lm_head, self.model)
+        loaded = load_named_weights(params, weights_here, self.packed_modules_mapping,
+                                    skip=stage_skip_prefixes(self.model, self.lm_head))
         return loaded | loaded_visual

@@ -54,8 +54,10 @@ def test_limit_mm_per_prompt_object_form(model_dir):
 @pytest.mark.parametrize("kwargs,error,match", [
     ({"max_model_len": 97}, ValueError, "max-model-len.*max_position_embeddings \\(96\\)"),
     ({"dtype": "float8"}, ValueError, "--dtype"),
-    ({"tensor_parallel_size": 2}, ValueError, "tensor-parallel-size: 2 is not supported yet"),
-    ({"pipeline_parallel_size": 2}, ValueError, "pipeline-parallel-size"),
+    ({"tensor_parallel_size": 3}, ValueError, "tensor-parallel-size: 3 does not divide the model's num_attention_heads"),
+    ({"pipeline_parallel_size": 2}, ValueError, "pipeline-parallel-size: 2 stages need at least as many layers"),
+    ({"tensor_parallel_size": 2, "distributed_executor_backend": "uni"}, ValueError, "--distributed-executor-backend"),
+    ({"mm_encoder_tp_mode": "weights"}, ValueError, "--mm-encoder-tp-mode: weights .* is not supported"),
     ({"load_format": "pt"}, ValueError, "--load-format"),
     ({"block_size": 3}, ValueError, "--block-size"),
     ({"not_a_flag": 1, "max_model_lenn": 4}, TypeError, "max_model_lenn, not_a_flag"),
