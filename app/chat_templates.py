@@ -40,11 +40,11 @@ def resolve_chat_template(value: str) -> str:
     stem = value[:-len(".jinja")] if value.endswith(".jinja") else value
     if stem in bundled_names():
         return load_bundled(stem)
+    if "{{" in value or "{%" in value:
+        return value  # inline Jinja; checked first because a long one-line template overflows stat()
     path = pathlib.Path(value).expanduser()
     if "\n" not in value and len(value) < 4096 and path.is_file():
         return path.read_text(encoding="utf-8")
-    if "{{" in value or "{%" in value:
-        return value
     raise ValueError(f"--chat-template: {value!r} is not a file, a bundled template name "
                      f"({', '.join(bundled_names())}) or inline Jinja")
 

@@ -50,12 +50,12 @@ class RenderedChat:
 
 def resolve_template_text(chat_template: str) -> str:
     """A path to a template file, or inline Jinja."""
+    if "{{" in chat_template or "{%" in chat_template:
+        return chat_template  # inline Jinja (a path never holds these; long ones overflow stat())
     if "\n" not in chat_template and len(chat_template) < 4096:
         path = pathlib.Path(chat_template).expanduser()
         if path.is_file():
             return path.read_text(encoding="utf-8")
-    if "{{" in chat_template or "{%" in chat_template:
-        return chat_template
     raise ValueError(f"chat_template: {chat_template[:80]!r} is neither a file nor inline Jinja")
 
 

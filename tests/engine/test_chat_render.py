@@ -108,3 +108,9 @@ def test_missing_template_is_a_value_error():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()))
     with pytest.raises(ValueError, match="chat template"):
         render_chat(tokenizer, [{"role": "user", "content": "x"}])
+
+
+def test_long_single_line_inline_template_is_not_taken_for_a_path():
+    from engine.chat_render import resolve_template_text
+    template = "{{ 'x' }}" + "{# padding #}" * 400  # one line, far longer than a file name may be
+    assert resolve_template_text(template) == template
