@@ -59,7 +59,12 @@ def pattern_video(num_frames: int, width: int, height: int, seed: int) -> np.nda
 
 @pytest.fixture(scope="module")
 def cases():
-    """name -> (prompt text, images, videos as (frames, fps)); media in prompt order."""
+    return make_cases()
+
+
+def make_cases() -> dict:
+    """name -> (prompt text, images, videos as (frames, fps)); media in prompt order. Also used by
+    bench/check_vl_gpu.py."""
     video_a = pattern_video(4, 56, 40, seed=20)   # given as a bare array: fps 2 (qwen-vl-utils' default)
     video_b = pattern_video(6, 42, 42, seed=30)   # VideoFrames at fps 1.5: 2.5-VL time steps of 8/3 -> 0, 2, 5
     one_image = pattern_image(112, 84, 1)
