@@ -95,9 +95,16 @@ class Qwen2VLForConditionalGeneration(nn.Module):
 
     def get_mrope_positions(self, prompt_token_ids: list[int],
                             mm_items: list[MultiModalItem]) -> tuple[torch.Tensor, int]:
-        """(positions [3, len(prompt)] int64 on the CPU, delta for later positions)."""
-        return mrope_positions(len(prompt_token_ids), mm_items, self.spatial_merge_size,
-                               self.tokens_per_second)
+        """(positions [3, len(prompt)] int64 on the CPU, delta for later positions).
+
+        Items whose grid does not match their placeholder get text positions instead of an
+        exception: the encoder runner fails that request when its step reaches the item (the
+        embedding has the wrong size), and the rest of the batch is unaffected."""
+        try:
+            return mrope_positions(len(prompt_token_ids), mm_items, self.spatial_merge_size,
+                                   self.tokens_per_second)
+        except ValueError:
+            return torch.arange(len(prompt_token_ids)).expand(3, -1).clone(), 0
 
     # ---- weights ----------------------------------------------------------------------------
 

@@ -239,9 +239,13 @@ def test_broken_media_fails_only_its_request(model_dir, cases, reference):
     bad = llm.frontend.make_request("bad", cases["three_images"][0], _media(cases["three_images"][1]), GREEDY)
     broken = msgspec.structs.replace(bad.mm_items[1], frames=bad.mm_items[1].frames[:-7])  # truncated
     bad = msgspec.structs.replace(bad, mm_items=[bad.mm_items[0], broken, bad.mm_items[2]])
-    outputs = _run_engine(llm, [bad, good])
+    item = good.mm_items[0]   # a grid that disagrees with its placeholder and frames
+    bad_grid = msgspec.structs.replace(good, req_id="bad_grid", mm_items=[msgspec.structs.replace(
+        item, mm_hash="other", grid_thw=(1, item.grid_thw[1], item.grid_thw[2] + 2))])
+    outputs = _run_engine(llm, [bad, bad_grid, good])
     assert outputs["bad"][-1].finish_reason == FinishReason.ERROR
     assert "image" in outputs["bad"][-1].error and "bytes" in outputs["bad"][-1].error
+    assert outputs["bad_grid"][-1].finish_reason == FinishReason.ERROR and "grid" in outputs["bad_grid"][-1].error
     good_tokens = [t for out in outputs["good"] for t in out.new_token_ids]
     assert good_tokens == reference["one_image"].token_ids
     stats = llm.client.stats()
