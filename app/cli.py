@@ -17,7 +17,10 @@ import sys
 from dataclasses import dataclass, field
 
 from app.chat_templates import resolve_chat_template
+from app.media import DecodeLimits
+from vision.fetch import FetchConfig
 from vision.limits import MultiModalLimits
+from vision.video import VideoDecodeLimits
 
 UNSET = None  # argparse default for engine flags: "not given" -> left out of the engine kwargs
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -44,8 +47,33 @@ class ServerConfig:
     max_n: int = 16                           # cap on `n` per request
     request_max_body_size: int = 64 * 1024 * 1024
     drain_timeout_s: float = 30.0
+    # Hardening limits (SECURITY.md lists each with its flag and environment variable).
+    allow_private_media_addresses: bool = False
+    media_fetch_connect_timeout_s: float = 5.0
+    media_fetch_timeout_s: float = 30.0
+    max_media_bytes: int = 64 * 1024 * 1024   # per item
+    max_concurrent_media_fetches: int = 16
+    max_media_redirects: int = 3
+    max_image_pixels: int = 64 * 1024 * 1024
+    max_video_frame_pixels: int = 8192 * 8192
+    max_video_duration_s: float = 3600.0
+    max_video_decoded_frames: int = 20_000
+    video_decode_timeout_s: float = 30.0
+    max_waiting_requests: int = 512
+    max_queued_media_bytes: int = 1024 * 1024 * 1024
+    request_timeout_s: float = 600.0          # longest wait for the engine's first output
+    h11_max_incomplete_event_size: int = 16 * 1024  # request line + headers; larger -> 431
+    exit_on_engine_death: bool = True
 
     def __post_init__(self) -> None:
+        positive = ("max_n", "request_max_body_size", "max_waiting_requests", "max_queued_media_bytes",
+                    "request_timeout_s", "h11_max_incomplete_event_size")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.removesuffix('_s').replace('_', '-')}: must be positive, "
+                                 f"got {getattr(self, name)}")
+        self.fetch_config()  # validates the fetch flags
+        self.decode_limits()
         if not 0 <= self.port < 65536:
             raise ValueError(f"--port: must be in [0, 65535], got {self.port}")
         if self.uvicorn_log_level not in LOG_LEVELS:
@@ -58,6 +86,30 @@ class ServerConfig:
     @property
     def served_names(self) -> tuple[str, ...]:
         return self.served_model_names or (self.model,)
+
+    def fetch_config(self) -> FetchConfig:
+        try:
+            return FetchConfig(allowed_local_media_path=self.allowed_local_media_path,
+                               allowed_media_domains=self.allowed_media_domains or (),
+                               allow_private_addresses=self.allow_private_media_addresses,
+                               connect_timeout=self.media_fetch_connect_timeout_s,
+                               total_timeout=self.media_fetch_timeout_s, max_bytes=self.max_media_bytes,
+                               max_redirects=self.max_media_redirects,
+                               max_concurrent=self.max_concurrent_media_fetches)
+        except ValueError as exc:
+            raise ValueError(f"media fetch flags: {exc}") from None
+
+    def decode_limits(self) -> DecodeLimits:
+        if self.max_image_pixels < 1:
+            raise ValueError(f"--max-image-pixels: must be positive, got {self.max_image_pixels}")
+        try:
+            video = VideoDecodeLimits(max_pixels=self.max_video_frame_pixels,
+                                      max_duration_s=self.max_video_duration_s,
+                                      max_decoded_frames=self.max_video_decoded_frames,
+                                      max_decode_s=self.video_decode_timeout_s)
+        except ValueError as exc:
+            raise ValueError(f"video limit flags: {exc}") from None
+        return DecodeLimits(max_image_pixels=self.max_image_pixels, video=video)
 
 
 def _add(parser: argparse.ArgumentParser, name: str, *aliases: str, **kwargs) -> None:
@@ -107,12 +159,64 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     _add(parser, "max-log-len", type=int, default=None)
 
 
+# (flag, ServerConfig field, type, environment variable): the hardening limits. The environment
+# variable, when set, replaces the built-in default; the flag wins over both.
+LIMIT_FLAGS = (
+    ("media-fetch-connect-timeout", "media_fetch_connect_timeout_s", float, "VLSERVE_MEDIA_FETCH_CONNECT_TIMEOUT"),
+    ("media-fetch-timeout", "media_fetch_timeout_s", float, "VLSERVE_MEDIA_FETCH_TIMEOUT"),
+    ("max-media-bytes", "max_media_bytes", int, "VLSERVE_MAX_MEDIA_BYTES"),
+    ("max-concurrent-media-fetches", "max_concurrent_media_fetches", int, "VLSERVE_MAX_CONCURRENT_MEDIA_FETCHES"),
+    ("max-media-redirects", "max_media_redirects", int, "VLSERVE_MAX_MEDIA_REDIRECTS"),
+    ("max-image-pixels", "max_image_pixels", int, "VLSERVE_MAX_IMAGE_PIXELS"),
+    ("max-video-frame-pixels", "max_video_frame_pixels", int, "VLSERVE_MAX_VIDEO_FRAME_PIXELS"),
+    ("max-video-duration", "max_video_duration_s", float, "VLSERVE_MAX_VIDEO_DURATION"),
+    ("max-video-decoded-frames", "max_video_decoded_frames", int, "VLSERVE_MAX_VIDEO_DECODED_FRAMES"),
+    ("video-decode-timeout", "video_decode_timeout_s", float, "VLSERVE_VIDEO_DECODE_TIMEOUT"),
+    ("max-waiting-requests", "max_waiting_requests", int, "VLSERVE_MAX_WAITING_REQUESTS"),
+    ("max-queued-media-bytes", "max_queued_media_bytes", int, "VLSERVE_MAX_QUEUED_MEDIA_BYTES"),
+    ("request-timeout", "request_timeout_s", float, "VLSERVE_REQUEST_TIMEOUT"),
+    ("max-n", "max_n", int, "VLSERVE_MAX_N"),
+    ("max-request-body-bytes", "request_max_body_size", int, "VLSERVE_MAX_REQUEST_BODY_BYTES"),
+    ("h11-max-incomplete-event-size", "h11_max_incomplete_event_size", int, "VLSERVE_H11_MAX_INCOMPLETE_EVENT_SIZE"),
+    ("drain-timeout", "drain_timeout_s", float, "VLSERVE_DRAIN_TIMEOUT"),
+)
+
+
+def _env_default(flag: str, field_name: str, kind: type, env_name: str):
+    text = os.environ.get(env_name)
+    if text is None or not text.strip():
+        return ServerConfig.__dataclass_fields__[field_name].default
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{env_name} (--{flag}): expected a number, got {text!r}") from None
+
+
+def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    for flag, field_name, kind, env_name in LIMIT_FLAGS:
+        _add(parser, flag, type=kind, default=None, help=f"or {env_name}; default "
+             f"{ServerConfig.__dataclass_fields__[field_name].default}")
+    _add(parser, "allow-private-media-addresses", action="store_true",
+         help="let media URLs reach loopback/private/link-local addresses (off: refused)")
+    _add(parser, "keep-serving-on-engine-death", action="store_true",
+         help="stay up (answering 503) when the engine dies, instead of exiting with status 1")
+
+
+def limit_values_from(args: argparse.Namespace) -> dict:
+    values = {}
+    for flag, field_name, kind, env_name in LIMIT_FLAGS:
+        given = getattr(args, flag.replace("-", "_"))
+        values[field_name] = given if given is not None else _env_default(flag, field_name, kind, env_name)
+    return values
+
+
 def build_serve_parser(prog: str = "vlserve serve") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False,
                                      description="Serve a model over an OpenAI-compatible HTTP API.")
     parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL")
     _add_engine_flags(parser)
     _add_server_flags(parser)
+    _add_limit_flags(parser)
     return parser
 
 
@@ -202,6 +306,8 @@ def server_config_from(args: argparse.Namespace, model: str, engine_kwargs: dict
         allowed_media_domains=tuple(args.allowed_media_domains) if args.allowed_media_domains else None,
         disable_log_requests=args.disable_log_requests, disable_log_stats=args.disable_log_stats,
         uvicorn_log_level=args.uvicorn_log_level.lower(), max_log_len=args.max_log_len,
+        allow_private_media_addresses=args.allow_private_media_addresses,
+        exit_on_engine_death=not args.keep_serving_on_engine_death, **limit_values_from(args),
     )
 
 

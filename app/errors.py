@@ -14,6 +14,7 @@ import msgspec
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 
+from app.admission import OverloadedError, RequestTimeoutError
 from app.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger("vlserve.app")
@@ -21,7 +22,8 @@ logger = logging.getLogger("vlserve.app")
 _TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
     404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-    415: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
+    415: "invalid_request_error", 429: "rate_limit_error", 431: "invalid_request_error",
+    503: "service_unavailable",
 }
 
 
@@ -90,6 +92,8 @@ EXCEPTION_HANDLERS = {
     ModelNotFoundError: lambda _, exc: error_response(404, str(exc), "model"),
     UnauthorizedError: lambda _, exc: error_response(401, str(exc)),
     EngineDeadError: lambda _, exc: error_response(503, str(exc)),
+    OverloadedError: lambda _, exc: error_response(503, str(exc)),
+    RequestTimeoutError: lambda _, exc: error_response(503, str(exc)),
     ClientDisconnected: lambda _, exc: error_response(400, "client disconnected"),
     HTTPException: _on_http,
     Exception: _on_unexpected,

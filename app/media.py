@@ -9,12 +9,14 @@ worker thread; fetches of one request run concurrently. Every failure is a Value
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from app.protocol import ChatMessage, ImageURLPart, InputAudioPart, VideoURLPart
-from vision.image import decode_image
+from vision.image import DEFAULT_MAX_PIXELS, decode_image
 from vision.limits import MultiModalLimits
-from vision.video import decode_video
+from vision.video import VideoDecodeLimits, decode_video
 
 PART_MODALITY = {ImageURLPart: "image", VideoURLPart: "video"}
 
@@ -41,18 +43,28 @@ def check_media_counts(messages: list[ChatMessage], limits: MultiModalLimits) ->
     return counts
 
 
-def _decode(modality: str, data: Any, limits: MultiModalLimits) -> Any:
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Per-item decode bounds from the server flags (SECURITY.md)."""
+
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    video: VideoDecodeLimits = field(default_factory=VideoDecodeLimits)
+
+
+def _decode(modality: str, data: Any, limits: MultiModalLimits, decode_limits: DecodeLimits) -> Any:
     if modality == "image":
-        image = decode_image(data) if isinstance(data, (bytes, bytearray)) else data
+        image = decode_image(data, decode_limits.max_image_pixels) if isinstance(data, (bytes, bytearray)) else data
         limits.check_size("image", width=image.width, height=image.height)
         return image
-    video = decode_video(bytes(data)) if isinstance(data, (bytes, bytearray)) else data
+    is_bytes = isinstance(data, (bytes, bytearray))
+    video = decode_video(bytes(data), limits=decode_limits.video) if is_bytes else data
     num_frames, height, width = video.frames.shape[:3]
     limits.check_size("video", width=width, height=height, num_frames=num_frames)
     return video
 
 
-async def _load_one(ref: Any, fetcher: Any, limits: MultiModalLimits) -> Any:
+async def _load_one(ref: Any, fetcher: Any, limits: MultiModalLimits, decode_limits: DecodeLimits,
+                    on_fetched: Callable[[int], None]) -> Any:
     from engine.frontend import MediaInput
 
     data = ref.data
@@ -60,10 +72,22 @@ async def _load_one(ref: Any, fetcher: Any, limits: MultiModalLimits) -> Any:
         if not ref.url:
             raise ValueError(f"a {ref.modality} part has neither a url nor data")
         data = await fetcher.fetch(ref.url)
-    decoded = await asyncio.to_thread(_decode, ref.modality, data, limits)
+        on_fetched(len(data))
+    decoded = await asyncio.to_thread(_decode, ref.modality, data, limits, decode_limits)
     return MediaInput(modality=ref.modality, data=decoded, uuid=ref.uuid, detail=ref.detail)
 
 
-async def load_media(refs: list[Any], fetcher: Any, limits: MultiModalLimits) -> list[Any]:
-    """MediaRefs from Frontend.render_chat (prompt order) -> MediaInputs, same order."""
-    return list(await asyncio.gather(*(_load_one(ref, fetcher, limits) for ref in refs)))
+async def load_media(refs: list[Any], fetcher: Any, limits: MultiModalLimits, *,
+                     decode_limits: DecodeLimits | None = None,
+                     on_fetched: Callable[[int], None] = lambda num_bytes: None) -> list[Any]:
+    """MediaRefs from Frontend.render_chat (prompt order) -> MediaInputs, same order. `on_fetched`
+    gets the byte count of each fetched item (queued-media accounting)."""
+    decode_limits = decode_limits or DecodeLimits()
+    tasks = [asyncio.ensure_future(_load_one(ref, fetcher, limits, decode_limits, on_fetched)) for ref in refs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:  # one bad item (or a disconnect) stops the other fetches at once
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

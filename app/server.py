@@ -15,6 +15,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -35,10 +36,11 @@ from app.routes.ops import OpsController, package_version
 from app.routes.tokenize import TokenizeController
 from app.serving import ServingContext
 from engine.config import EngineConfig
-from vision.fetch import FetchConfig, MediaFetcher
+from vision.fetch import MediaFetcher
 
 logger = logging.getLogger("vlserve.server")
 THROUGHPUT_LOG_INTERVAL_S = 10.0
+ENGINE_WATCH_INTERVAL_S = 0.05
 
 
 def build_serving(server_config: ServerConfig, client: Any) -> ServingContext:
@@ -47,8 +49,7 @@ def build_serving(server_config: ServerConfig, client: Any) -> ServingContext:
     chat_template = server_config.chat_template
     if chat_template is None and not frontend.chat_template:
         chat_template = default_chat_template(model_config.architecture)
-    fetcher = MediaFetcher(FetchConfig(allowed_local_media_path=server_config.allowed_local_media_path,
-                                       allowed_media_domains=server_config.allowed_media_domains or ()))
+    fetcher = MediaFetcher(server_config.fetch_config())
     return ServingContext(config=server_config, client=client, metrics=ServerMetrics(server_config.served_names[0]),
                           fetcher=fetcher, chat_template=chat_template, max_model_len=model_config.max_model_len)
 
@@ -92,7 +93,19 @@ async def log_throughput(serving: ServingContext) -> None:
         last_time, last_prompt, last_generation = now, metrics.total_prompt_tokens, metrics.total_generation_tokens
 
 
-def make_lifespan(engine_kwargs: dict, server_config: ServerConfig, client: Any, engine_config: EngineConfig | None):
+async def watch_engine(serving: ServingContext, on_engine_death: Callable[[], None] | None) -> None:
+    """Engine death -> (unless --keep-serving-on-engine-death) `on_engine_death`, which makes
+    `serve` stop uvicorn and exit 1 so a service manager restarts the server. /health already
+    answers 503 and in-flight requests have failed (the client saw the death first)."""
+    while serving.client.is_healthy():
+        await asyncio.sleep(ENGINE_WATCH_INTERVAL_S)
+    if serving.config.exit_on_engine_death and on_engine_death is not None:
+        logger.error("the engine died (%s); stopping the server (exit status 1)", serving.client.dead_error)
+        on_engine_death()
+
+
+def make_lifespan(engine_kwargs: dict, server_config: ServerConfig, client: Any, engine_config: EngineConfig | None,
+                  on_engine_death: Callable[[], None] | None = None):
     @asynccontextmanager
     async def lifespan(app: Litestar):
         is_owned = client is None
@@ -104,9 +117,11 @@ def make_lifespan(engine_kwargs: dict, server_config: ServerConfig, client: Any,
         app.state.serving = serving
         log_startup_summary(serving)
         ticker = None if server_config.disable_log_stats else asyncio.ensure_future(log_throughput(serving))
+        watcher = asyncio.ensure_future(watch_engine(serving, on_engine_death))
         try:
             yield
         finally:
+            watcher.cancel()
             if ticker is not None:
                 ticker.cancel()
             if is_owned:
@@ -120,11 +135,12 @@ def _serving_from_state(state: State) -> ServingContext:
 
 
 def create_app(engine_kwargs: dict, server_config: ServerConfig, client: Any = None, *,
-               engine_config: EngineConfig | None = None) -> Litestar:
+               engine_config: EngineConfig | None = None,
+               on_engine_death: Callable[[], None] | None = None) -> Litestar:
     return Litestar(
         route_handlers=[ChatController, CompletionsController, ModelsController, TokenizeController, OpsController],
         dependencies={"serving": Provide(_serving_from_state, sync_to_thread=False)},
-        lifespan=[make_lifespan(engine_kwargs, server_config, client, engine_config)],
+        lifespan=[make_lifespan(engine_kwargs, server_config, client, engine_config, on_engine_death)],
         exception_handlers=EXCEPTION_HANDLERS,
         openapi_config=OpenAPIConfig(title="vlserve", version=package_version(), path="/docs",
                                      render_plugins=[SwaggerRenderPlugin()]),
@@ -144,11 +160,30 @@ def serve(engine_kwargs: dict, server_config: ServerConfig) -> int:
     except (ValueError, TypeError) as exc:
         print(f"vlserve: error: {exc}", file=sys.stderr)
         return 2
-    app = create_app(engine_kwargs, server_config, engine_config=engine_config)
+    engine_died: list[bool] = []
+    server: uvicorn.Server | None = None
+
+    def on_engine_death() -> None:
+        engine_died.append(True)
+        server.should_exit = True
+
+    app = create_app(engine_kwargs, server_config, engine_config=engine_config, on_engine_death=on_engine_death)
+    server = uvicorn.Server(uvicorn_config(app, server_config))
     # uvicorn catches SIGTERM itself (stop accepting, finish in-flight responses, run the lifespan
     # shutdown that drains the engine), then re-raises it under the handler found at start: make
     # that one a no-op so a drained SIGTERM ends with exit status 0, as service managers expect.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.run(app, host=server_config.host, port=server_config.port, log_level=server_config.uvicorn_log_level,
-                timeout_graceful_shutdown=int(server_config.drain_timeout_s))
-    return 0
+    server.run()
+    return 1 if engine_died else 0
+
+
+def uvicorn_config(app: Litestar, server_config: ServerConfig, **overrides: Any):
+    """The uvicorn settings of `serve` (also used by tests that run the server in a thread)."""
+    import uvicorn
+
+    from app.http_protocol import H11StatusHintProtocol
+
+    settings = dict(host=server_config.host, port=server_config.port, log_level=server_config.uvicorn_log_level,
+                    timeout_graceful_shutdown=int(server_config.drain_timeout_s), http=H11StatusHintProtocol,
+                    h11_max_incomplete_event_size=server_config.h11_max_incomplete_event_size, lifespan="on")
+    return uvicorn.Config(app, **{**settings, **overrides})

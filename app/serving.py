@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 from litestar import Request
 
+from app.admission import Admission, RequestTimeoutError
 from app.cli import ServerConfig
 from app.errors import ClientDisconnected, EngineDeadError, ModelNotFoundError
 from app.metrics import RequestTiming, ServerMetrics
@@ -35,6 +36,11 @@ class ServingContext:
     fetcher: Any                # vision.fetch.MediaFetcher
     chat_template: str | None   # --chat-template, else the tokenizer's, else the bundled default
     max_model_len: int
+    admission: Admission | None = None  # built from the config when not given
+
+    def __post_init__(self) -> None:
+        if self.admission is None:
+            self.admission = Admission(self.config.max_waiting_requests, self.config.max_queued_media_bytes)
 
     def resolve_model(self, requested: str | None) -> str:
         names = self.config.served_names
@@ -49,23 +55,40 @@ class ServingContext:
             raise EngineDeadError(f"the engine is not running: {self.client.dead_error or 'stopped'}")
 
     async def outputs(self, engine_request: Any, prompt: str | None = None) -> AsyncIterator[Any]:
-        """Cumulative RequestOutputs of one request; aborts it if the consumer stops early."""
+        """Cumulative RequestOutputs of one request; aborts it if the consumer stops early. It
+        counts as waiting (admission) until its first output, which must come within
+        --request-timeout."""
         self.check_healthy()
         timing, last = RequestTiming(arrival=time.monotonic()), None
+        generator = self._generate(engine_request, prompt)
         try:
-            async for output in self._generate(engine_request, prompt):
-                if timing.first_token is None and any(c.token_ids for c in output.outputs):
-                    timing.first_token = time.monotonic()
-                if output.error:
-                    raise ValueError(output.error)
-                last = output
-                yield output
+            with self.admission.waiting_for_engine() as stop_waiting:
+                output = await self._first_output(generator)
+                stop_waiting()
+                while output is not None:
+                    if timing.first_token is None and any(c.token_ids for c in output.outputs):
+                        timing.first_token = time.monotonic()
+                    if output.error:
+                        raise ValueError(output.error)
+                    last = output
+                    yield output
+                    output = await anext(generator, None)
         finally:
             timing.finished = time.monotonic()
-            if last is None or not last.finished:
-                with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):
+                await generator.aclose()
+                if last is None or not last.finished:
                     await self.client.abort(engine_request.req_id)
             self._record(engine_request.req_id, timing, last)
+
+    async def _first_output(self, generator: AsyncIterator[Any]) -> Any:
+        timeout_s = self.config.request_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await anext(generator, None)
+        except TimeoutError:
+            raise RequestTimeoutError(f"the request waited more than {timeout_s:g} s for the engine "
+                                      f"(--request-timeout); the server is busy, retry later") from None
 
     async def _generate(self, engine_request: Any, prompt: str | None) -> AsyncIterator[Any]:
         try:

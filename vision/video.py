@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 from dataclasses import dataclass
 
 import av
@@ -67,11 +68,30 @@ def sample_frame_indices(total_frames: int, num_frames: int) -> list[int]:
     return torch.linspace(0, total_frames - 1, num_frames).round().long().tolist()
 
 
+@dataclass(frozen=True)
+class VideoDecodeLimits:
+    """Server-side bounds on one video (SECURITY.md lists them with their flags)."""
+
+    max_pixels: int = DEFAULT_MAX_FRAME_PIXELS  # one frame's width * height
+    max_duration_s: float = 3600.0  # declared frames / frame rate
+    max_decoded_frames: int = 20_000  # frames run through the decoder (seeking skips some)
+    max_decode_s: float = 30.0  # wall-clock time spent decoding
+
+    def __post_init__(self) -> None:
+        for name in ("max_pixels", "max_duration_s", "max_decoded_frames", "max_decode_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"VideoDecodeLimits.{name} must be positive, got {getattr(self, name)}")
+
+
 def decode_video(data: bytes, *, fps: float | None = None, min_frames: int = FPS_MIN_FRAMES,
                  max_frames: int = FPS_MAX_FRAMES, nframes: int | None = None,
-                 max_pixels: int = DEFAULT_MAX_FRAME_PIXELS) -> VideoFrames:
+                 max_pixels: int | None = None, limits: VideoDecodeLimits | None = None) -> VideoFrames:
     """Decode only the frames qwen-vl-utils would keep: `nframes` frames, or `fps` (default 2.0)
-    frames per second within [min_frames, max_frames]. `max_pixels` bounds one frame's size."""
+    frames per second within [min_frames, max_frames]. `limits` bound frame size, duration, decoded
+    frames and decode time (`max_pixels`, if given, overrides limits.max_pixels)."""
+    limits = limits or VideoDecodeLimits()
+    if max_pixels is not None:
+        limits = VideoDecodeLimits(max_pixels, limits.max_duration_s, limits.max_decoded_frames, limits.max_decode_s)
     if fps is not None and nframes is not None:
         raise ValueError("fps and nframes are mutually exclusive; pass one")
     if not data:
@@ -81,13 +101,16 @@ def decode_video(data: bytes, *, fps: float | None = None, min_frames: int = FPS
     except Exception:  # noqa: BLE001
         raise MediaError("the data is not a supported video container") from None
     with container:
-        stream = _video_stream(container, max_pixels)
+        stream = _video_stream(container, limits.max_pixels)
         video_fps = _video_fps(stream)
         total_frames = _total_frames(data, stream)
+        if total_frames / video_fps > limits.max_duration_s:
+            raise MediaError(f"the video is too long: {total_frames / video_fps:.0f} s declared, at most "
+                             f"{limits.max_duration_s:g} s allowed")
         count = smart_nframes(total_frames, video_fps, fps=fps, min_frames=min_frames,
                               max_frames=max_frames, nframes=nframes)
         indices = sample_frame_indices(total_frames, count)
-        frames = _read_frames(container, stream, indices, video_fps)
+        frames = _read_frames(container, stream, indices, video_fps, limits)
     return VideoFrames(frames=np.stack(frames), fps=count / max(total_frames, 1e-6) * video_fps,
                        total_frames=total_frames, video_fps=video_fps, frame_indices=tuple(indices))
 
@@ -149,8 +172,9 @@ def _count_packets(data: bytes) -> int:
         raise MediaError("the video container is corrupt") from None
 
 
-def _read_frames(container, stream, indices: list[int], video_fps: float) -> list[np.ndarray]:
-    reader = _FrameReader(container, stream, video_fps)
+def _read_frames(container, stream, indices: list[int], video_fps: float,
+                 limits: VideoDecodeLimits) -> list[np.ndarray]:
+    reader = _FrameReader(container, stream, video_fps, limits)
     found: dict[int, np.ndarray] = {}
     for target in sorted(set(indices)):
         frame = reader.read(target)
@@ -172,8 +196,10 @@ def _read_frames(container, stream, indices: list[int], video_fps: float) -> lis
 class _FrameReader:
     """Forward-only access to frame number `target`; seeks to a keyframe across long gaps."""
 
-    def __init__(self, container, stream, video_fps: float):
+    def __init__(self, container, stream, video_fps: float, limits: VideoDecodeLimits):
         self._container, self._stream, self._video_fps = container, stream, video_fps
+        self._limits, self._num_decoded = limits, 0
+        self._deadline = time.monotonic() + limits.max_decode_s
         self._frames = container.decode(stream)
         self.position = 0  # frame number of the next frame `_frames` yields
         self._first_pts: int | None = None
@@ -192,6 +218,13 @@ class _FrameReader:
         return None
 
     def _next_frame(self):
+        self._num_decoded += 1
+        if self._num_decoded > self._limits.max_decoded_frames:
+            raise MediaError(f"decoding the video needs more than {self._limits.max_decoded_frames} frames "
+                             f"(this server's limit)")
+        if time.monotonic() > self._deadline:
+            raise MediaError(f"decoding the video took longer than {self._limits.max_decode_s:g} s "
+                             f"(this server's limit)")
         try:
             return next(self._frames, None)
         except av.error.FFmpegError:

@@ -16,6 +16,7 @@ from litestar.di import NamedDependency
 from litestar.params import JSONBody
 from litestar.response import ServerSentEvent
 
+from app.admission import Ticket, body_size
 from app.auth import require_api_key
 from app.cli import ServerConfig
 from app.errors import EngineDeadError
@@ -52,7 +53,7 @@ def message_dicts(data: ChatCompletionRequest) -> list[dict]:
 
 
 async def build_chat_request(data: ChatCompletionRequest, serving: ServingContext, request_id: str,
-                             use_tools: bool) -> tuple[Any, str]:
+                             use_tools: bool, ticket: Ticket | None = None) -> tuple[Any, str]:
     """Everything before the engine: limits, template, media, SamplingParams -> (EngineRequest, prompt)."""
     frontend = serving.client.frontend
     check_media_counts(data.messages, serving.config.limits)
@@ -64,7 +65,9 @@ async def build_chat_request(data: ChatCompletionRequest, serving: ServingContex
         chat_template=data.chat_template or serving.chat_template,
         add_generation_prompt=data.add_generation_prompt, continue_final_message=data.continue_final_message,
         chat_template_kwargs=data.chat_template_kwargs)
-    media = await load_media(rendered.media, serving.fetcher, serving.config.limits)
+    media = await load_media(rendered.media, serving.fetcher, serving.config.limits,
+                             decode_limits=serving.config.decode_limits(),
+                             on_fetched=lambda num_bytes: serving.admission.add_media_bytes(ticket, num_bytes))
     engine_request = await asyncio.to_thread(frontend.make_request, request_id, rendered.prompt, media, params,
                                              data.mm_processor_kwargs, add_special_tokens=False)
     return engine_request, rendered.prompt
@@ -82,7 +85,9 @@ class ChatController(Controller):
         model = serving.resolve_model(data.model)
         use_tools = check_chat_options(data, serving.config)
         request_id = random_id("chatcmpl")
-        engine_request, prompt = await build_chat_request(data, serving, request_id, use_tools)
+        serving.check_healthy()
+        async with serving.admission.admit(body_size(request)) as ticket:  # 503 before any fetch
+            engine_request, prompt = await build_chat_request(data, serving, request_id, use_tools, ticket)
         num_top = (data.top_logprobs or 0) if data.logprobs else None
         tokenizer = serving.client.frontend.tokenizer
         if data.stream:

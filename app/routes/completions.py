@@ -15,6 +15,7 @@ from litestar.di import NamedDependency
 from litestar.params import JSONBody
 from litestar.response import ServerSentEvent
 
+from app.admission import body_size
 from app.auth import require_api_key
 from app.protocol import CompletionRequest, check_stream_options, random_id, to_sampling_params
 from app.responses import completion_response
@@ -67,7 +68,9 @@ class CompletionsController(Controller):
         model = serving.resolve_model(data.model)
         check_completion_options(data)
         request_id = random_id("cmpl")
-        engine_requests = await build_completion_requests(data, serving, request_id)
+        serving.check_healthy()
+        async with serving.admission.admit(body_size(request)):
+            engine_requests = await build_completion_requests(data, serving, request_id)
         tokenizer = serving.client.frontend.tokenizer
         echoes = echo_texts(data, tokenizer)
         if data.stream:

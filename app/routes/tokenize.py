@@ -29,7 +29,8 @@ async def tokenize_messages(data: TokenizeRequest, serving: ServingContext) -> l
                                     add_generation_prompt=data.add_generation_prompt,
                                     continue_final_message=data.continue_final_message,
                                     chat_template_kwargs=data.chat_template_kwargs)
-    media = await load_media(rendered.media, serving.fetcher, serving.config.limits)
+    media = await load_media(rendered.media, serving.fetcher, serving.config.limits,
+                             decode_limits=serving.config.decode_limits())
     request = await asyncio.to_thread(frontend.make_request, random_id("tokenize"), rendered.prompt, media,
                                       SamplingParams(max_tokens=1), data.mm_processor_kwargs, add_special_tokens=False)
     return list(request.prompt_token_ids)
