@@ -134,6 +134,10 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     _add(parser, "trust-remote-code", action="store_true", default=UNSET)
     _add(parser, "tensor-parallel-size", "-tp", type=int, default=UNSET)
     _add(parser, "pipeline-parallel-size", "-pp", type=int, default=UNSET)
+    _add(parser, "distributed-executor-backend", default=UNSET, choices=("mp", "ray", "uni"),
+         help="mp (a process per rank, one host), ray (Ray actors, several hosts) or uni (one rank)")
+    _add(parser, "mm-encoder-tp-mode", default=UNSET, help="data (the vision tower replicated, images split "
+         "across the TP ranks); weights is not supported")
     _add(parser, "cpu-offload-gb", type=float, default=UNSET)
     _add(parser, "kv-cache-dtype", default=UNSET)
     _add(parser, "quantization", "-q", default=UNSET)
@@ -256,10 +260,6 @@ def _check_supported(args: argparse.Namespace) -> None:
     unsupported = [
         (args.quantization not in (None, "None", "none"), "quantization",
          f"{args.quantization!r}: quantized checkpoints are not supported"),
-        (args.tensor_parallel_size not in (None, 1), "tensor-parallel-size",
-         f"{args.tensor_parallel_size}: not supported yet (only 1)"),
-        (args.pipeline_parallel_size not in (None, 1), "pipeline-parallel-size",
-         f"{args.pipeline_parallel_size}: not supported yet (only 1)"),
         (args.kv_cache_dtype not in (None, "auto"), "kv-cache-dtype",
          f"{args.kv_cache_dtype!r}: not supported (only auto, the model dtype)"),
         (args.cpu_offload_gb not in (None, 0), "cpu-offload-gb",
@@ -278,7 +278,8 @@ def _check_supported(args: argparse.Namespace) -> None:
 ENGINE_FLAGS = ("dtype", "max_model_len", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens",
                 "block_size", "enable_prefix_caching", "seed", "enforce_eager", "trust_remote_code",
                 "tensor_parallel_size", "pipeline_parallel_size", "cpu_offload_gb", "kv_cache_dtype",
-                "device", "num_gpu_blocks_override", "load_format")
+                "device", "num_gpu_blocks_override", "load_format", "distributed_executor_backend",
+                "mm_encoder_tp_mode")
 
 
 def engine_kwargs_from(args: argparse.Namespace, model: str) -> dict:

@@ -32,7 +32,8 @@ class WorkerGroup(Protocol):
     def call_all(self, method: str, *args: Any) -> list[Any]:
         """Run worker.method(*args) on every rank; results in rank order. Raises WorkerError."""
 
-    def shutdown(self) -> None: ...
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop every rank; graceful=False kills at once (survivors may be stuck in a collective)."""
 
 
 class DistributedExecutor:
@@ -68,7 +69,7 @@ class DistributedExecutor:
             return self.workers.call_all(method, *args)
         except WorkerError as exc:
             self._dead_error = str(exc)
-            self.workers.shutdown()
+            self.workers.shutdown(graceful=False)
             raise
 
     def shutdown(self) -> None:

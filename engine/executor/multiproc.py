@@ -78,7 +78,7 @@ class MultiprocWorkers:
         try:
             self._collect(READY_TIMEOUT_S)   # each rank answers once its model is loaded
         except WorkerError:
-            self.shutdown()
+            self.shutdown(graceful=False)
             raise
 
     def call_all(self, method: str, *args: Any) -> list[Any]:
@@ -121,7 +121,7 @@ class MultiprocWorkers:
         process.join(1.0)
         return f"worker rank {rank} (pid {process.pid}) died (exit code {process.exitcode})"
 
-    def shutdown(self) -> None:
+    def shutdown(self, graceful: bool = True) -> None:
         if self._closed:
             return
         self._closed = True
@@ -130,7 +130,7 @@ class MultiprocWorkers:
             with contextlib.suppress(OSError):
                 pipe.send_bytes(data)
         for process in self.processes:
-            process.join(5.0)
+            process.join(5.0 if graceful else 0.0)
             if process.is_alive():   # e.g. blocked in a collective with a dead peer
                 process.kill()
                 process.join(5.0)

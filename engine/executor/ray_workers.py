@@ -85,7 +85,7 @@ class RayWorkers:
             init_method = f"tcp://{host}:{port}"
             self._gather([actor.start.remote(config, rank, init_method) for rank, actor in enumerate(self.actors)])
         except WorkerError:
-            self.shutdown()
+            self.shutdown(graceful=False)
             raise
 
     def call_all(self, method: str, *args: Any) -> list[Any]:
@@ -113,9 +113,10 @@ class RayWorkers:
                 raise WorkerError(f"Ray worker rank {index[ref]} failed: {_first_line(exc)}") from None
         return results
 
-    def shutdown(self) -> None:
+    def shutdown(self, graceful: bool = True) -> None:
         import ray
 
+        del graceful   # ray.kill stops an actor at once either way
         if getattr(self, "_closed", True):
             return
         self._closed = True

@@ -53,8 +53,6 @@ def test_json_limits_and_enable_prefix_caching():
 
 @pytest.mark.parametrize("argv, message", [
     (["m", "--quantization", "awq"], "--quantization 'awq': quantized checkpoints are not supported"),
-    (["m", "--tensor-parallel-size", "2"], "--tensor-parallel-size 2: not supported yet"),
-    (["m", "-tp", "4"], "--tensor-parallel-size 4: not supported yet"),
     (["m", "--kv-cache-dtype", "fp8"], "--kv-cache-dtype 'fp8': not supported"),
     (["m", "--cpu-offload-gb", "4"], "--cpu-offload-gb 4.0: weight offloading is not supported"),
     (["m", "--device", "tpu"], "--device 'tpu'"),
