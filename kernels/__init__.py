@@ -14,14 +14,15 @@ import os
 import torch
 
 from kernels import activation as _activation
+from kernels import matmul as _matmul
 from kernels import paged_attention as _paged_attention
 from kernels import rmsnorm as _rmsnorm
 from kernels import rotary as _rotary
 from kernels import store_kv as _store_kv
 
 __all__ = [
-    "apply_rotary", "fused_add_rms_norm", "paged_attention", "rms_norm", "silu_and_mul", "store_kv",
-    "uses_triton",
+    "apply_rotary", "batch_invariant_linear", "fused_add_rms_norm", "paged_attention", "rms_norm",
+    "silu_and_mul", "store_kv", "uses_triton",
 ]
 
 
@@ -108,3 +109,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if uses_triton(x):
         return _activation._triton(x)
     return _activation._reference(x)
+
+
+def batch_invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [num_tokens, in], weight: [out, in], bias: [out] -> [num_tokens, out]; each row's result is
+    independent of num_tokens (no split-K, no kernel choice by batch size). CPU: F.linear."""
+    if uses_triton(x):
+        return _matmul._triton(x, weight, bias)
+    return _matmul._reference(x, weight, bias)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
+
 from engine.layers.linear import default_weight_loader
 
 
@@ -31,5 +33,9 @@ class LMHead(nn.Module):
             self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
             self.weight.weight_loader = default_weight_loader
 
+    batch_invariant = False   # see engine.layers.linear.set_batch_invariant
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, vocab]
+        if self.batch_invariant:
+            return kernels.batch_invariant_linear(hidden, self.weight)
         return F.linear(hidden, self.weight)

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
+
 
 def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
     if param.shape != loaded_weight.shape:
@@ -47,8 +49,22 @@ class Linear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    # Deterministic mode (set_batch_invariant): a row's result does not depend on how many rows
+    # the step has (kernels.batch_invariant_linear instead of cuBLAS, which picks kernels by M).
+    batch_invariant = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+        if self.batch_invariant:
+            return kernels.batch_invariant_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+def set_batch_invariant(model: nn.Module, enabled: bool) -> int:
+    """Switch every layer with a `batch_invariant` flag (Linear, LMHead) in `model`; -> how many."""
+    layers = [m for m in model.modules() if hasattr(type(m), "batch_invariant")]
+    for layer in layers:
+        layer.batch_invariant = enabled
+    return len(layers)
 
 
 class MergedLinear(Linear):

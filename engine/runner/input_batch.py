@@ -50,6 +50,8 @@ class CachedRequestState:
         num_prompt = len(self.prompt_token_ids)
         if end <= num_prompt:
             return self.prompt_token_ids[start:end]
+        if start >= num_prompt:   # decode: no copy of the whole sequence per step
+            return self.output_token_ids[start - num_prompt:end - num_prompt]
         return (self.prompt_token_ids + self.output_token_ids)[start:end]
 
 

@@ -16,9 +16,11 @@ import logging
 import torch
 
 from engine.config import EngineConfig
+from engine.layers.linear import set_batch_invariant
 from engine.models import get_model_class
 from engine.protocol import TokenLogprobs
 from engine.runner import memory_plan
+from engine.runner.cuda_graphs import DecodeGraphs
 from engine.runner.encoder_runner import EncoderRunner
 from engine.runner.input_batch import InputBatch, StepBatch
 from engine.runner_output import ModelRunnerOutput
@@ -61,8 +63,11 @@ class ModelRunner:
         self.device = torch.device(config.device_config.device)
         self.text_config = _text_config(config.model_config.hf_config)
         self.model = load_model(config)
+        if self.device.type == "cuda" and config.device_config.deterministic:
+            set_batch_invariant(self.model, True)   # see kernels/matmul.py
         self.sampler = Sampler()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.decode_graphs: DecodeGraphs | None = None
         self.input_batch = self._new_input_batch()
         # VL models: computes vision embeddings for scheduler_output.scheduled_encoder_inputs and
         # scatters them into inputs_embeds at the placeholder rows (engine/runner/encoder_runner.py).
@@ -95,6 +100,18 @@ class ModelRunner:
         return plan.num_blocks
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
+        """Allocate the cache, then capture the decode CUDA graphs over it (CUDA, not enforce_eager)."""
+        self._allocate_kv_cache(num_blocks)
+        self.decode_graphs = None
+        if self.device.type == "cuda" and not self.config.device_config.enforce_eager:
+            sched = self.config.scheduler_config
+            self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, sched.max_num_seqs,
+                                              self.config.model_config.max_model_len,
+                                              self.config.cache_config.block_size, self.input_batch.uses_mrope,
+                                              self.device)
+            self.decode_graphs.capture()
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
         """One [2, num_blocks, block_size, num_kv_heads, head_dim] tensor per layer; k/v are views."""
         shape = self.kv_cache_shape()
         self.kv_caches = []
@@ -114,15 +131,26 @@ class ModelRunner:
         if scheduler_output.is_empty:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         batch = self.input_batch.prepare(scheduler_output)
-        inputs_embeds, failed = self._inputs_embeds(scheduler_output, batch)
-        hidden = self.model(batch.input_ids, batch.positions, batch.attn_metadata, self.kv_caches,
-                            inputs_embeds=inputs_embeds)                     # [T, H]
+        hidden, failed = self._forward(scheduler_output, batch)               # [T, H]
         sampled, logprobs = self._sample(hidden, batch)
         sampled_token_ids = [[sampled[r]] if r in sampled else [] for r in batch.req_ids]
         self.input_batch.append_sampled(batch.req_ids, sampled_token_ids)
         return ModelRunnerOutput(req_ids=batch.req_ids, sampled_token_ids=sampled_token_ids,
                                  logprobs=logprobs, prompt_logprobs=self._prompt_logprobs(hidden, batch),
                                  failed=failed)
+
+    def _forward(self, scheduler_output: SchedulerOutput, batch: StepBatch):
+        """-> (hidden [T, H], {req_id: error}). Steps that only decode output tokens (no prompt or
+        vision rows) replay a captured CUDA graph; everything else runs eagerly."""
+        graphs = self.decode_graphs
+        if (graphs is not None and not scheduler_output.scheduled_encoder_inputs
+                and graphs.can_replay(batch.attn_metadata)
+                and all(s.num_computed_tokens >= len(s.prompt_token_ids)
+                        for s in map(self.input_batch.requests.__getitem__, batch.req_ids))):
+            return graphs.replay(batch.input_ids, batch.positions, batch.attn_metadata), {}
+        inputs_embeds, failed = self._inputs_embeds(scheduler_output, batch)
+        return self.model(batch.input_ids, batch.positions, batch.attn_metadata, self.kv_caches,
+                          inputs_embeds=inputs_embeds), failed
 
     def _inputs_embeds(self, scheduler_output: SchedulerOutput, batch: StepBatch):
         """-> (inputs_embeds [T, H] or None, {req_id: error} for requests whose media failed)."""
@@ -184,7 +212,7 @@ class ModelRunner:
             new_reqs.append(NewRequestData(f"profile-{i}", [0] * length, [], [], params,
                                            list(range(next_block, next_block + num_blocks)), 0))
             next_block += num_blocks
-        self.initialize_kv_cache(next_block)
+        self._allocate_kv_cache(next_block)
         self.execute(SchedulerOutput(new_reqs, CachedRequestData(), {r.req_id: len(r.prompt_token_ids) for r in new_reqs},
                                      num_tokens, {}, set(), []))
         self.kv_caches = []
