@@ -26,6 +26,7 @@ ENGINE_ARG_DEFAULTS: dict[str, Any] = {
     "cpu_offload_gb": 0.0, "swap_space": None,
     "max_num_seqs": 256, "max_num_batched_tokens": None, "enable_chunked_prefill": True,
     "tensor_parallel_size": 1, "pipeline_parallel_size": 1, "distributed_executor_backend": None,
+    "mm_encoder_tp_mode": "data",
     "enforce_eager": False, "deterministic": True,
     "limit_mm_per_prompt": None, "mm_processor_kwargs": None, "encoder_cache_size": None,
 }
@@ -53,24 +54,67 @@ def build_engine_config(**kwargs: Any) -> EngineConfig:
     args = {**ENGINE_ARG_DEFAULTS, **kwargs}
     if not args["model"]:
         raise ValueError("--model: a model name or path is required")
-    _check_parallel(args)
+    _check_load_format(args)
     device = resolve_device(args["device"])
     model_config = _model_config(args, device)
     return EngineConfig(
         model_config=model_config,
         cache_config=_cache_config(args),
         scheduler_config=_scheduler_config(args, model_config.max_model_len),
-        parallel_config=ParallelConfig(distributed_executor_backend=args["distributed_executor_backend"]),
+        parallel_config=_parallel_config(args, model_config, device),
         device_config=DeviceConfig(device=device, enforce_eager=bool(args["enforce_eager"]),
                                    deterministic=bool(args["deterministic"])),
         multimodal_config=_multimodal_config(args),
     )
 
 
-def _check_parallel(args: dict) -> None:
-    for flag in ("tensor_parallel_size", "pipeline_parallel_size"):
-        if args[flag] != 1:
-            raise ValueError(f"--{flag.replace('_', '-')}: {args[flag]} is not supported yet (only 1)")
+def _parallel_config(args: dict, model_config: ModelConfig, device: str) -> ParallelConfig:
+    """TP/PP sizes checked against the model's shape; the executor backend resolved: uni for one
+    rank, else mp on one host, ray when the world needs more GPUs than this host has."""
+    tp, pp = int(args["tensor_parallel_size"]), int(args["pipeline_parallel_size"])
+    backend = args["distributed_executor_backend"]
+    if backend is None and tp * pp > 1:
+        backend = "ray" if device == "cuda" and tp * pp > torch.cuda.device_count() else "mp"
+    config = ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                            distributed_executor_backend=backend, mm_encoder_tp_mode=args["mm_encoder_tp_mode"])
+    if config.world_size > 1:
+        _check_model_supports_parallel(model_config.architecture)
+        _check_model_splits(config, model_config.hf_config)
+    if device == "cuda" and backend == "mp" and config.world_size > torch.cuda.device_count():
+        raise ValueError(f"--tensor-parallel-size: tensor x pipeline parallel size {config.world_size} needs "
+                         f"{config.world_size} GPUs, this host has {torch.cuda.device_count()} (use "
+                         f"--distributed-executor-backend ray to span hosts)")
+    return config
+
+
+def _check_model_supports_parallel(architecture: str) -> None:
+    """Models that can be sharded take a `parallel` (ParallelContext) constructor argument."""
+    import inspect
+
+    from engine.models import get_model_class
+
+    if "parallel" not in inspect.signature(get_model_class(architecture)).parameters:
+        raise ValueError(f"--tensor-parallel-size / --pipeline-parallel-size: {architecture} does not support "
+                         f"tensor or pipeline parallelism yet (only 1)")
+
+
+def _check_model_splits(config: ParallelConfig, hf_config: Any) -> None:
+    from engine.distributed.parallel_context import ParallelContext, kv_heads_of_rank, layer_range
+
+    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    sizes = {"num_attention_heads": getattr(text, "num_attention_heads", None),
+             "intermediate_size": getattr(text, "intermediate_size", None)}
+    tp = ParallelContext(tp_size=config.tensor_parallel_size)
+    for what, size in sizes.items():
+        if size is not None:
+            tp.shard_size(int(size), f"the model's {what}")
+    if getattr(text, "num_key_value_heads", None) is not None:
+        kv_heads_of_rank(int(text.num_key_value_heads), tp)
+    if getattr(text, "num_hidden_layers", None) is not None:
+        layer_range(int(text.num_hidden_layers), 0, config.pipeline_parallel_size)
+
+
+def _check_load_format(args: dict) -> None:
     if args["load_format"] not in LOAD_FORMATS:
         raise ValueError(f"--load-format: must be one of {', '.join(LOAD_FORMATS)}, got {args['load_format']!r}")
 

@@ -35,3 +35,11 @@ def test_images_are_dealt_to_the_least_loaded_rank():
     assert assign_items([100, 30, 60, 40], 2) == [[0, 1], [2, 3]]   # 100+30 vs 60+40
     assert assign_items([16, 16, 16], 2) == [[0, 2], [1]]
     assert assign_items([16], 4) == [[0], [], [], []]
+
+
+def test_models_that_cannot_be_sharded_are_rejected_by_name():
+    from engine.config_loader import _check_model_supports_parallel
+
+    _check_model_supports_parallel("Qwen2_5_VLForConditionalGeneration")
+    with pytest.raises(ValueError, match="InternVLChatModel does not support tensor or pipeline parallelism"):
+        _check_model_supports_parallel("InternVLChatModel")
