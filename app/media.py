@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.protocol import ChatMessage, ImageURLPart, InputAudioPart, VideoURLPart
-from vision.image import DEFAULT_MAX_PIXELS, decode_image
+from vision.image import DEFAULT_MAX_PIXELS, decode_image, header_size
 from vision.limits import MultiModalLimits
 from vision.video import VideoDecodeLimits, decode_video
 
@@ -51,20 +51,42 @@ class DecodeLimits:
     video: VideoDecodeLimits = field(default_factory=VideoDecodeLimits)
 
 
-def _decode(modality: str, data: Any, limits: MultiModalLimits, decode_limits: DecodeLimits) -> Any:
-    if modality == "image":
-        image = decode_image(data, decode_limits.max_image_pixels) if isinstance(data, (bytes, bytearray)) else data
+@dataclass(frozen=True)
+class MediaPlan:
+    """Per-request decoding context: early token admission (engine.admission.MediaAdmission, None
+    to skip) and the frame-sampling arguments from the request's mm_processor_kwargs."""
+
+    admission: Any = None
+    video_kwargs: dict = field(default_factory=dict)
+
+
+def media_plan(frontend: Any, rendered: Any, mm_processor_kwargs: dict | None) -> MediaPlan:
+    """The plan for a rendered chat (engine.frontend.Frontend, RenderedChat)."""
+    if not rendered.media or not frontend.is_multimodal:
+        return MediaPlan()  # nothing to admit; make_request refuses media for text-only models
+    admission = frontend.media_admission(rendered.prompt, len(rendered.media), mm_processor_kwargs)
+    return MediaPlan(admission, frontend.video_sampling_kwargs(mm_processor_kwargs))
+
+
+def _decode(ref: Any, data: Any, limits: MultiModalLimits, decode_limits: DecodeLimits, plan: MediaPlan) -> Any:
+    is_bytes = isinstance(data, (bytes, bytearray))
+    if ref.modality == "image":
+        if is_bytes and plan.admission is not None:
+            width, height = header_size(bytes(data))  # refuse before the full decode
+            plan.admission.admit("image", width, height, detail=ref.detail)
+        image = decode_image(data, decode_limits.max_image_pixels) if is_bytes else data
         limits.check_size("image", width=image.width, height=image.height)
         return image
-    is_bytes = isinstance(data, (bytes, bytearray))
-    video = decode_video(bytes(data), limits=decode_limits.video) if is_bytes else data
+    video = decode_video(bytes(data), limits=decode_limits.video, **plan.video_kwargs) if is_bytes else data
     num_frames, height, width = video.frames.shape[:3]
     limits.check_size("video", width=width, height=height, num_frames=num_frames)
+    if plan.admission is not None:
+        plan.admission.admit("video", width, height, num_frames)
     return video
 
 
 async def _load_one(ref: Any, fetcher: Any, limits: MultiModalLimits, decode_limits: DecodeLimits,
-                    on_fetched: Callable[[int], None]) -> Any:
+                    on_fetched: Callable[[int], None], plan: MediaPlan) -> Any:
     from engine.frontend import MediaInput
 
     data = ref.data
@@ -73,17 +95,19 @@ async def _load_one(ref: Any, fetcher: Any, limits: MultiModalLimits, decode_lim
             raise ValueError(f"a {ref.modality} part has neither a url nor data")
         data = await fetcher.fetch(ref.url)
         on_fetched(len(data))
-    decoded = await asyncio.to_thread(_decode, ref.modality, data, limits, decode_limits)
+    decoded = await asyncio.to_thread(_decode, ref, data, limits, decode_limits, plan)
     return MediaInput(modality=ref.modality, data=decoded, uuid=ref.uuid, detail=ref.detail)
 
 
 async def load_media(refs: list[Any], fetcher: Any, limits: MultiModalLimits, *,
                      decode_limits: DecodeLimits | None = None,
-                     on_fetched: Callable[[int], None] = lambda num_bytes: None) -> list[Any]:
+                     on_fetched: Callable[[int], None] = lambda num_bytes: None,
+                     plan: MediaPlan | None = None) -> list[Any]:
     """MediaRefs from Frontend.render_chat (prompt order) -> MediaInputs, same order. `on_fetched`
-    gets the byte count of each fetched item (queued-media accounting)."""
-    decode_limits = decode_limits or DecodeLimits()
-    tasks = [asyncio.ensure_future(_load_one(ref, fetcher, limits, decode_limits, on_fetched)) for ref in refs]
+    gets the byte count of each fetched item (queued-media accounting); `plan` admits each item's
+    tokens as soon as its size is known and carries the video sampling arguments."""
+    decode_limits, plan = decode_limits or DecodeLimits(), plan or MediaPlan()
+    tasks = [asyncio.ensure_future(_load_one(ref, fetcher, limits, decode_limits, on_fetched, plan)) for ref in refs]
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException:

@@ -16,6 +16,7 @@ import msgspec
 import numpy as np
 from PIL import Image
 
+from engine.admission import MediaAdmission
 from engine.chat_render import RenderedChat, render_chat
 from engine.config import EngineConfig
 from engine.protocol import EngineRequest
@@ -79,6 +80,18 @@ class Frontend:
                            add_generation_prompt=add_generation_prompt,
                            continue_final_message=continue_final_message,
                            chat_template_kwargs=chat_template_kwargs)
+
+    def media_admission(self, prompt: str | list[int], num_items: int, mm_processor_kwargs: dict | None = None,
+                        add_special_tokens: bool = False) -> MediaAdmission:
+        """A running token count for this prompt's media, checked as each item's size is known."""
+        num_text_tokens = len(prompt) if isinstance(prompt, list) else len(
+            self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+        return MediaAdmission(self.processor, num_text_tokens, num_items, self.config.model_config.max_model_len,
+                              self.config.multimodal_config.encoder_cache_size, mm_processor_kwargs or None)
+
+    def video_sampling_kwargs(self, mm_processor_kwargs: dict | None) -> dict:
+        """decode_video keyword arguments (fps, frame counts) from the request's mm_processor_kwargs."""
+        return self.processor.video_sampling_kwargs(mm_processor_kwargs or None) if self.is_multimodal else {}
 
     def make_request(self, request_id: str, prompt: str | list[int], media: list[MediaInput],
                      sampling_params: SamplingParams, mm_processor_kwargs: dict | None = None, *,

@@ -58,6 +58,17 @@ def open_image(data: bytes) -> Image.Image:
         raise MediaError("the data is not a supported image (expected PNG, JPEG, WebP, GIF, BMP or TIFF)") from None
 
 
+def header_size(data: bytes) -> tuple[int, int]:
+    """(width, height) as displayed (EXIF rotation applied) from the header alone, no pixel decode."""
+    image = open_image(data)
+    width, height = image.size
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block just means no rotation
+        orientation = 1
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def check_image_pixels(width: int, height: int, max_pixels: int) -> None:
     if width < 1 or height < 1:
         raise MediaError(f"the image has an invalid size {width}x{height}")

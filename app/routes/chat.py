@@ -20,7 +20,7 @@ from app.admission import Ticket, body_size
 from app.auth import require_api_key
 from app.cli import ServerConfig
 from app.errors import EngineDeadError
-from app.media import check_media_counts, load_media
+from app.media import check_media_counts, load_media, media_plan
 from app.protocol import (ChatCompletionRequest, ChatCompletionResponse, check_stream_options, random_id,
                           to_sampling_params)
 from app.responses import chat_response
@@ -67,7 +67,8 @@ async def build_chat_request(data: ChatCompletionRequest, serving: ServingContex
         chat_template_kwargs=data.chat_template_kwargs)
     media = await load_media(rendered.media, serving.fetcher, serving.config.limits,
                              decode_limits=serving.config.decode_limits(),
-                             on_fetched=lambda num_bytes: serving.admission.add_media_bytes(ticket, num_bytes))
+                             on_fetched=lambda num_bytes: serving.admission.add_media_bytes(ticket, num_bytes),
+                             plan=media_plan(frontend, rendered, data.mm_processor_kwargs))
     engine_request = await asyncio.to_thread(frontend.make_request, request_id, rendered.prompt, media, params,
                                              data.mm_processor_kwargs, add_special_tokens=False)
     return engine_request, rendered.prompt

@@ -14,7 +14,7 @@ from litestar.di import NamedDependency
 from litestar.params import JSONBody
 
 from app.auth import require_api_key
-from app.media import check_media_counts, load_media
+from app.media import check_media_counts, load_media, media_plan
 from app.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse, random_id
 from app.serving import ServingContext
 from engine.sampling_params import SamplingParams
@@ -30,7 +30,8 @@ async def tokenize_messages(data: TokenizeRequest, serving: ServingContext) -> l
                                     continue_final_message=data.continue_final_message,
                                     chat_template_kwargs=data.chat_template_kwargs)
     media = await load_media(rendered.media, serving.fetcher, serving.config.limits,
-                             decode_limits=serving.config.decode_limits())
+                             decode_limits=serving.config.decode_limits(),
+                             plan=media_plan(frontend, rendered, data.mm_processor_kwargs))
     request = await asyncio.to_thread(frontend.make_request, random_id("tokenize"), rendered.prompt, media,
                                       SamplingParams(max_tokens=1), data.mm_processor_kwargs, add_special_tokens=False)
     return list(request.prompt_token_ids)
