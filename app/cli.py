@@ -129,6 +129,9 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     _add(parser, "limit-mm-per-prompt", default=UNSET, help="image=5,video=1 or JSON {\"image\": 5}")
     _add(parser, "enable-prefix-caching", action=argparse.BooleanOptionalAction, default=UNSET)
     _add(parser, "mm-processor-kwargs", default=UNSET, help="JSON, e.g. {\"max_pixels\": 1003520}")
+    _add(parser, "encoder-cache-size", type=int, default=UNSET,
+         help="vision-embedding rows the encoder cache holds (default: max of --max-num-batched-tokens "
+              "and --max-model-len, so any prompt's media fit)")
     _add(parser, "seed", type=int, default=UNSET)
     _add(parser, "enforce-eager", action="store_true", default=UNSET)
     _add(parser, "trust-remote-code", action="store_true", default=UNSET)
@@ -278,7 +281,7 @@ def _check_supported(args: argparse.Namespace) -> None:
 ENGINE_FLAGS = ("dtype", "max_model_len", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens",
                 "block_size", "enable_prefix_caching", "seed", "enforce_eager", "trust_remote_code",
                 "tensor_parallel_size", "pipeline_parallel_size", "cpu_offload_gb", "kv_cache_dtype",
-                "device", "num_gpu_blocks_override", "load_format", "distributed_executor_backend",
+                "device", "num_gpu_blocks_override", "load_format", "distributed_executor_backend", "encoder_cache_size",
                 "mm_encoder_tp_mode")
 
 
