@@ -16,6 +16,8 @@ import logging
 import torch
 
 from engine.config import EngineConfig
+from engine.distributed import pipeline
+from engine.distributed.parallel_context import SINGLE_RANK, ParallelContext, kv_heads_of_rank, layer_range
 from engine.layers.linear import set_batch_invariant
 from engine.models import get_model_class
 from engine.protocol import TokenLogprobs
@@ -42,27 +44,36 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def load_model(config: EngineConfig) -> torch.nn.Module:
+def load_model(config: EngineConfig, parallel: ParallelContext = SINGLE_RANK) -> torch.nn.Module:
     """Build the architecture's model directly on the device in the model dtype, then fill it
-    from the checkpoint (checked: nothing missing, nothing unexpected) or with dummy weights."""
+    from the checkpoint (checked: nothing missing, nothing unexpected) or with dummy weights.
+    Under TP/PP the model holds this rank's share only; checkpoint tensors are read one at a time
+    and cut to that share as they are loaded."""
     model_config = config.model_config
     device = torch.device(config.device_config.device)
+    model_class = get_model_class(model_config.architecture)
     with torch.device(device), _default_dtype(model_config.dtype):
-        model = get_model_class(model_config.architecture)(model_config.hf_config)
+        model = (model_class(model_config.hf_config) if parallel.world_size == 1
+                 else model_class(model_config.hf_config, parallel=parallel))
     model.to(device)  # buffers computed on the CPU (rotary tables)
     if model_config.load_format == "dummy":
         init_dummy_weights(model, seed=model_config.seed)
     else:
         load_checked(model, iterate_weights(model_config.path))
+    if parallel.world_size > 1:
+        num_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        logger.info("rank %d (tp %d/%d, pp %d/%d): this rank's weights %.1f MiB", parallel.rank, parallel.tp_rank,
+                    parallel.tp_size, parallel.pp_rank, parallel.pp_size, num_bytes / (1 << 20))
     return model.eval()
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, parallel: ParallelContext = SINGLE_RANK):
         self.config = config
+        self.parallel = parallel   # this rank's share (engine.executor.worker builds it)
         self.device = torch.device(config.device_config.device)
         self.text_config = _text_config(config.model_config.hf_config)
-        self.model = load_model(config)
+        self.model = load_model(config, parallel)
         if self.device.type == "cuda" and config.device_config.deterministic:
             set_batch_invariant(self.model, True)   # see kernels/matmul.py
         self.sampler = Sampler()
@@ -71,7 +82,8 @@ class ModelRunner:
         self.input_batch = self._new_input_batch()
         # VL models: computes vision embeddings for scheduler_output.scheduled_encoder_inputs and
         # scatters them into inputs_embeds at the placeholder rows (engine/runner/encoder_runner.py).
-        self.encoder_runner = EncoderRunner.create(config) if hasattr(self.model, "embed_multimodal") else None
+        has_tower = hasattr(self.model, "embed_multimodal") and parallel.is_first_stage
+        self.encoder_runner = EncoderRunner.create(config) if has_tower else None
 
     def _new_input_batch(self) -> InputBatch:
         model_config = self.config.model_config
@@ -84,7 +96,9 @@ class ModelRunner:
     def kv_cache_shape(self) -> memory_plan.KVCacheShape:
         text = self.text_config
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        return memory_plan.KVCacheShape(num_layers=text.num_hidden_layers, num_kv_heads=text.num_key_value_heads,
+        start, end = layer_range(text.num_hidden_layers, self.parallel.pp_rank, self.parallel.pp_size)
+        _, num_kv_heads = kv_heads_of_rank(text.num_key_value_heads, self.parallel)   # this rank's layers / heads
+        return memory_plan.KVCacheShape(num_layers=end - start, num_kv_heads=num_kv_heads,
                                         head_dim=head_dim, block_size=self.config.cache_config.block_size,
                                         dtype=self.config.model_config.dtype)
 
@@ -96,14 +110,16 @@ class ModelRunner:
             plan = memory_plan.plan_gpu(self.config, shape, self._profile_run)
         else:
             plan = memory_plan.plan_cpu(self.config, shape)
-        logger.info(plan.describe(cache_config.block_size, self.config.model_config.max_model_len))
+        rank = "" if self.parallel.world_size == 1 else f"rank {self.parallel.rank} (tp {self.parallel.tp_rank}, pp {self.parallel.pp_rank}): "
+        logger.info("%s%s", rank, plan.describe(cache_config.block_size, self.config.model_config.max_model_len))
         return plan.num_blocks
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         """Allocate the cache, then capture the decode CUDA graphs over it (CUDA, not enforce_eager)."""
         self._allocate_kv_cache(num_blocks)
         self.decode_graphs = None
-        if self.device.type == "cuda" and not self.config.device_config.enforce_eager:
+        # Not under TP/PP yet: the graphs would have to capture the collectives and stage transfers.
+        if self.device.type == "cuda" and not self.config.device_config.enforce_eager and self.parallel.world_size == 1:
             sched = self.config.scheduler_config
             self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, sched.max_num_seqs,
                                               self.config.model_config.max_model_len,
@@ -132,6 +148,8 @@ class ModelRunner:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
         batch = self.input_batch.prepare(scheduler_output)
         hidden, failed = self._forward(scheduler_output, batch)               # [T, H]
+        if hidden is None:  # an earlier pipeline stage: the last samples, record_sampled tells us
+            return ModelRunnerOutput(req_ids=batch.req_ids, sampled_token_ids=[[] for _ in batch.req_ids], failed=failed)
         sampled, logprobs = self._sample(hidden, batch)
         sampled_token_ids = [[sampled[r]] if r in sampled else [] for r in batch.req_ids]
         self.input_batch.append_sampled(batch.req_ids, sampled_token_ids)
@@ -149,8 +167,28 @@ class ModelRunner:
                         for s in map(self.input_batch.requests.__getitem__, batch.req_ids))):
             return graphs.replay(batch.input_ids, batch.positions, batch.attn_metadata), {}
         inputs_embeds, failed = self._inputs_embeds(scheduler_output, batch)
+        if self.parallel.pp_size > 1:
+            return self._forward_stage(batch, inputs_embeds), failed
         return self.model(batch.input_ids, batch.positions, batch.attn_metadata, self.kv_caches,
                           inputs_embeds=inputs_embeds), failed
+
+    def _forward_stage(self, batch: StepBatch, inputs_embeds: torch.Tensor | None) -> torch.Tensor | None:
+        """One pipeline stage: the previous stage's (hidden, residual) in, this stage's layers, the
+        pair out to the next stage. -> hidden [T, H] on the last stage, None before it."""
+        received = None
+        if not self.parallel.is_first_stage:
+            received = pipeline.recv_from_prev_stage(self.parallel, batch.input_ids.shape[0], self.text_config.hidden_size,
+                                                     self.config.model_config.dtype, self.device)
+        out = self.model(batch.input_ids, batch.positions, batch.attn_metadata, self.kv_caches,
+                         inputs_embeds=inputs_embeds, intermediate_tensors=received)
+        if self.parallel.is_last_stage:
+            return out
+        pipeline.send_to_next_stage(self.parallel, out)
+        return None
+
+    def record_sampled(self, req_ids: list[str], sampled_token_ids: list[list[int]]) -> None:
+        """Earlier pipeline stages: the tokens the last stage sampled in the previous step."""
+        self.input_batch.append_sampled(req_ids, sampled_token_ids)
 
     def _inputs_embeds(self, scheduler_output: SchedulerOutput, batch: StepBatch):
         """-> (inputs_embeds [T, H] or None, {req_id: error} for requests whose media failed)."""
