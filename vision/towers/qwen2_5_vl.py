@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
+
 from vision.towers.qwen2_vl import (
     GridKey,
     VisionAttention,
@@ -56,9 +58,20 @@ class Qwen2_5_VisionRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, dim]
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return kernels.rms_norm(x, self.weight, self.eps)  # one Triton pass on CUDA, the same math on CPU
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual), the add in the input dtype; one pass on CUDA."""
+        return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class Qwen2_5_VisionBlock(VisionBlock):
+    """VisionBlock whose second residual add is fused into norm2 (RMSNorm): same sums, one pass."""
+
+    def forward(self, x, cu_seqlens, max_seqlen: int, cos, sin) -> torch.Tensor:  # [N, dim]
+        attn_out = self.attn(self.norm1(x), cu_seqlens, max_seqlen, cos, sin)
+        normed, x = self.norm2.add_and_norm(attn_out, x)  # x + attn_out, as VisionBlock adds it
+        return x + self.mlp(normed)
 
 
 class Qwen2_5_VisionMLP(nn.Module):
@@ -157,7 +170,7 @@ class Qwen2_5_VisionTransformer(nn.Module):
         )
         self.rotary_pos_emb = VisionRotaryEmbedding(dim // num_heads, rope_theta_of(vision_config))
         self.blocks = nn.ModuleList(
-            VisionBlock(
+            Qwen2_5_VisionBlock(
                 attn=VisionAttention(dim, num_heads),
                 mlp=Qwen2_5_VisionMLP(dim, vision_config.intermediate_size, vision_config.hidden_act),
                 norm1=Qwen2_5_VisionRMSNorm(dim),

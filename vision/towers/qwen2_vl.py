@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from vision.attention import varlen_attention
 
 GridKey = tuple[tuple[int, int, int], ...]  # one (t, h, w) per item, in patches
@@ -107,7 +108,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_vision_rotary(q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-    """q, k [N, H, D]; cos, sin [N, D] fp32. Rotated in fp32, returned in the input dtype."""
+    """q, k [N, H, D]; cos, sin [N, D] fp32 (both halves equal). Rotated in fp32, returned in the
+    input dtype. On CUDA one fused kernel: the per-token table [N, D] (cos | sin of the D/2
+    frequencies) is the kernel's cos_sin_cache and token n reads row n (same fp32 arithmetic)."""
+    if kernels.uses_triton(q):
+        half = cos.shape[-1] // 2
+        table = torch.cat([cos[:, :half], sin[:, :half]], dim=-1)  # [N, D] fp32
+        token_rows = torch.arange(q.shape[0], device=q.device)  # [N]
+        return kernels.apply_rotary(q, k, token_rows, table)
     cos, sin = cos[:, None, :], sin[:, None, :]
     q_out = q.float() * cos + _rotate_half(q.float()) * sin
     k_out = k.float() * cos + _rotate_half(k.float()) * sin
