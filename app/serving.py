@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 from litestar import Request
 
-from app.admission import Admission, RequestTimeoutError
+from app.admission import Admission, RequestTimeoutError, Ticket
 from app.cli import ServerConfig
 from app.errors import ClientDisconnected, EngineDeadError, ModelNotFoundError
 from app.metrics import RequestTiming, ServerMetrics
@@ -54,25 +54,25 @@ class ServingContext:
         if not self.client.is_healthy():
             raise EngineDeadError(f"the engine is not running: {self.client.dead_error or 'stopped'}")
 
-    async def outputs(self, engine_request: Any, prompt: str | None = None) -> AsyncIterator[Any]:
-        """Cumulative RequestOutputs of one request; aborts it if the consumer stops early. It
-        counts as waiting (admission) until its first output, which must come within
-        --request-timeout."""
+    async def outputs(self, engine_request: Any, prompt: str | None = None,
+                      ticket: Ticket | None = None) -> AsyncIterator[Any]:
+        """Cumulative RequestOutputs of one request; aborts it if the consumer stops early. The
+        first output must come within --request-timeout; it releases the admission ticket."""
         self.check_healthy()
         timing, last = RequestTiming(arrival=time.monotonic()), None
         generator = self._generate(engine_request, prompt)
         try:
-            with self.admission.waiting_for_engine() as stop_waiting:
-                output = await self._first_output(generator)
-                stop_waiting()
-                while output is not None:
-                    if timing.first_token is None and any(c.token_ids for c in output.outputs):
-                        timing.first_token = time.monotonic()
-                    if output.error:
-                        raise ValueError(output.error)
-                    last = output
-                    yield output
-                    output = await anext(generator, None)
+            output = await self._first_output(generator)
+            if ticket is not None:
+                ticket.release()
+            while output is not None:
+                if timing.first_token is None and any(c.token_ids for c in output.outputs):
+                    timing.first_token = time.monotonic()
+                if output.error:
+                    raise ValueError(output.error)
+                last = output
+                yield output
+                output = await anext(generator, None)
         finally:
             timing.finished = time.monotonic()
             with anyio.CancelScope(shield=True):
@@ -104,12 +104,12 @@ class ServingContext:
             raise
 
     async def final_outputs(self, engine_requests: list[tuple[Any, str | None]],
-                            http_request: Request | None) -> list[Any]:
+                            http_request: Request | None, ticket: Ticket | None = None) -> list[Any]:
         """(EngineRequest, prompt text) pairs -> their finished RequestOutputs; a client disconnect
         aborts them all."""
         async def collect(engine_request: Any, prompt: str | None) -> Any:
             last = None
-            async for output in self.outputs(engine_request, prompt):
+            async for output in self.outputs(engine_request, prompt, ticket):
                 last = output
             return last
 

@@ -116,6 +116,8 @@ class MediaFetcher:
                         url = urljoin(url, response.headers.get("location", ""))
                 except httpx.TimeoutException:
                     raise MediaError(f"fetching media from {target.host} timed out") from None
+                except (httpx.InvalidURL, UnicodeError):  # e.g. a Location that httpx cannot parse
+                    raise MediaError(f"the media server {target.host} sent a malformed URL") from None
                 except httpx.HTTPError:
                     raise MediaError(f"could not fetch media from {target.host} (network error)") from None
         raise MediaError(f"too many redirects (more than {self.config.max_redirects})")

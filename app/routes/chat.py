@@ -67,7 +67,7 @@ async def build_chat_request(data: ChatCompletionRequest, serving: ServingContex
         chat_template_kwargs=data.chat_template_kwargs)
     media = await load_media(rendered.media, serving.fetcher, serving.config.limits,
                              decode_limits=serving.config.decode_limits(),
-                             on_fetched=lambda num_bytes: serving.admission.add_media_bytes(ticket, num_bytes),
+                             on_fetched=ticket.add_media_bytes if ticket else lambda num_bytes: None,
                              plan=media_plan(frontend, rendered, data.mm_processor_kwargs))
     engine_request = await asyncio.to_thread(frontend.make_request, request_id, rendered.prompt, media, params,
                                              data.mm_processor_kwargs, add_special_tokens=False)
@@ -89,18 +89,18 @@ class ChatController(Controller):
         serving.check_healthy()
         async with serving.admission.admit(body_size(request)) as ticket:  # 503 before any fetch
             engine_request, prompt = await build_chat_request(data, serving, request_id, use_tools, ticket)
-        num_top = (data.top_logprobs or 0) if data.logprobs else None
-        tokenizer = serving.client.frontend.tokenizer
-        if data.stream:
-            outputs = serving.outputs(engine_request, prompt)
-            first = await anext(outputs, None)
-            if first is None:
-                raise EngineDeadError("the engine returned no output")
-            include_usage = bool(data.stream_options and data.stream_options.include_usage)
-            fmt = ChatStreamFormat(request_id=request_id, model=model, n=data.n, use_tools=use_tools,
-                                   num_top_logprobs=num_top, include_usage=include_usage, tokenizer=tokenizer)
-            return ServerSentEvent(chat_events(fmt, first, outputs))
-        [output] = await serving.final_outputs([(engine_request, prompt)], request)
+            num_top = (data.top_logprobs or 0) if data.logprobs else None
+            tokenizer = serving.client.frontend.tokenizer
+            if data.stream:
+                outputs = serving.outputs(engine_request, prompt, ticket)
+                first = await anext(outputs, None)
+                if first is None:
+                    raise EngineDeadError("the engine returned no output")
+                include_usage = bool(data.stream_options and data.stream_options.include_usage)
+                fmt = ChatStreamFormat(request_id=request_id, model=model, n=data.n, use_tools=use_tools,
+                                       num_top_logprobs=num_top, include_usage=include_usage, tokenizer=tokenizer)
+                return ServerSentEvent(chat_events(fmt, first, outputs))
+            [output] = await serving.final_outputs([(engine_request, prompt)], request, ticket)
         body: ChatCompletionResponse = chat_response(request_id, model, output, use_tools=use_tools,
                                                      num_top=num_top, tokenizer=tokenizer)
         return Response(body)

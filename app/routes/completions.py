@@ -69,17 +69,16 @@ class CompletionsController(Controller):
         check_completion_options(data)
         request_id = random_id("cmpl")
         serving.check_healthy()
-        async with serving.admission.admit(body_size(request)):
+        async with serving.admission.admit(body_size(request)) as ticket:  # 503 before any work
             engine_requests = await build_completion_requests(data, serving, request_id)
-        tokenizer = serving.client.frontend.tokenizer
-        echoes = echo_texts(data, tokenizer)
-        if data.stream:
-            serving.check_healthy()
-            include_usage = bool(data.stream_options and data.stream_options.include_usage)
-            fmt = CompletionStreamFormat(request_id=request_id, model=model, n=data.n, echo_texts=echoes,
-                                         num_top_logprobs=data.logprobs, include_usage=include_usage,
-                                         tokenizer=tokenizer)
-            return ServerSentEvent(completion_events(fmt, [serving.outputs(r, p) for r, p in engine_requests]))
-        outputs = await serving.final_outputs(engine_requests, request)
+            tokenizer = serving.client.frontend.tokenizer
+            echoes = echo_texts(data, tokenizer)
+            if data.stream:
+                include_usage = bool(data.stream_options and data.stream_options.include_usage)
+                fmt = CompletionStreamFormat(request_id=request_id, model=model, n=data.n, echo_texts=echoes,
+                                             num_top_logprobs=data.logprobs, include_usage=include_usage,
+                                             tokenizer=tokenizer)
+                return ServerSentEvent(completion_events(fmt, [serving.outputs(r, p) for r, p in engine_requests]))
+            outputs = await serving.final_outputs(engine_requests, request, ticket)
         return Response(completion_response(request_id, model, int(time.time()), outputs, n=data.n,
                                             echo_texts=echoes, num_top=data.logprobs, tokenizer=tokenizer))
