@@ -33,6 +33,9 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams):
         self._tokenizer = tokenizer
+        # Fast tokenizers without clean-up: call the Rust decoder directly (2 decodes per token).
+        self._backend = (getattr(tokenizer, "backend_tokenizer", None)
+                         if not getattr(tokenizer, "clean_up_tokenization_spaces", True) else None)
         self._skip_special_tokens = params.skip_special_tokens
         self._raw_special = not (params.skip_special_tokens or params.spaces_between_special_tokens)
         self._special_ids = set(getattr(tokenizer, "all_special_ids", []) or [])
@@ -54,6 +57,8 @@ class IncrementalDetokenizer:
         return []
 
     def _decode(self, token_ids: list[int]) -> str:
+        if self._backend is not None:   # what the fast tokenizer's decode does without clean-up, minus its wrappers
+            return self._backend.decode(token_ids, skip_special_tokens=self._skip_special_tokens)
         return self._tokenizer.decode(token_ids, skip_special_tokens=self._skip_special_tokens)
 
     def add_tokens(self, new_token_ids: list[int], is_final: bool = False) -> int:

@@ -90,6 +90,11 @@ class SamplerOutput:
 class Sampler(torch.nn.Module):
     def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """logits [R, vocab] (any float dtype) -> SamplerOutput."""
+        if (batch.all_greedy and batch.max_num_logprobs is None and batch.banned_token_ids is None
+                and batch.repetition_penalty is None and batch.frequency_penalty is None
+                and batch.presence_penalty is None):
+            # Greedy fast path: argmax of the raw logits (float32 widening is exact, same index).
+            return SamplerOutput(sampled_token_ids=logits.argmax(dim=-1))
         logits = logits.float()
         raw_logits = logits
         logits = apply_penalties(logits, batch)

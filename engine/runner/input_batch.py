@@ -20,6 +20,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from engine.layers.attention import AttentionMetadata
@@ -120,7 +121,7 @@ class InputBatch:
                                  f"{state.num_tokens} are known")
             first_row = len(input_ids)
             input_ids += state.token_ids(start, end)
-            positions.append(self._positions(state, start, end))
+            positions.append(self._positions(state, start, end))   # np.ndarray [n] or [3, n]
             slots += self._slots(state, start, end)
             seq_lens.append(end)
             if end == state.num_tokens:
@@ -131,19 +132,23 @@ class InputBatch:
         return StepBatch(
             req_ids=req_ids, num_scheduled_tokens=counts,
             input_ids=self._to_device(input_ids, torch.int64),
-            positions=torch.cat(positions, dim=-1).to(self.device, non_blocking=True),
+            positions=torch.from_numpy(np.concatenate(positions, axis=-1)).to(self.device, non_blocking=True),
             attn_metadata=self._attn_metadata(req_ids, counts, slots, seq_lens),
             sampling_req_ids=sampling_req_ids, logits_indices=self._to_device(logits_indices, torch.int64),
             sampling=self.sampling_batch(sampling_req_ids) if sampling_req_ids else None,
             prompt_logprob_rows=prompt_rows)
 
-    def _positions(self, state: CachedRequestState, start: int, end: int) -> torch.Tensor:
+    @staticmethod
+    def _positions(state: CachedRequestState, start: int, end: int) -> np.ndarray:
+        """numpy (a few µs per request; this runs for every request of every step)."""
         if state.mrope_positions is None:
-            return torch.arange(start, end, dtype=torch.int64)                 # [n]
+            return np.arange(start, end, dtype=np.int64)                       # [n]
         num_prompt = state.mrope_positions.shape[1]
-        in_prompt = state.mrope_positions[:, start:min(end, num_prompt)]       # [3, n_prompt]
-        later = torch.arange(max(start, num_prompt), max(end, num_prompt), dtype=torch.int64) + state.mrope_delta
-        return torch.cat([in_prompt, later.expand(3, -1)], dim=1)              # [3, n]
+        later = np.arange(max(start, num_prompt), max(end, num_prompt), dtype=np.int64) + state.mrope_delta
+        if start >= num_prompt:                                                 # decode: output positions only
+            return np.broadcast_to(later, (3, later.shape[0]))                  # [3, n]
+        in_prompt = state.mrope_positions[:, start:min(end, num_prompt)].numpy()  # [3, n_prompt]
+        return np.concatenate([in_prompt, np.broadcast_to(later, (3, later.shape[0]))], axis=1)  # [3, n]
 
     def _slots(self, state: CachedRequestState, start: int, end: int) -> list[int]:
         size, blocks = self.block_size, state.block_ids
