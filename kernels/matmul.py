@@ -29,7 +29,7 @@ def _reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 def _linear_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, IS_FP32: tl.constexpr,
 ):
     # Program -> (row tile, column tile), row tiles grouped by GROUP_M so weight tiles stay in L2.
     pid = tl.program_id(0)
@@ -49,7 +49,10 @@ def _linear_kernel(
         k_left = K - k * BLOCK_K
         a = tl.load(x_tile, mask=(rows[:, None] < M) & (ks[None, :] < k_left), other=0.0)
         b = tl.load(w_tile, mask=(cols[None, :] < N) & (ks[:, None] < k_left), other=0.0)
-        acc = tl.dot(a, b, acc)
+        if IS_FP32:  # float32 means float32 (Triton's default would round the inputs to tf32)
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
         x_tile += BLOCK_K
         w_tile += BLOCK_K
     if HAS_BIAS:
@@ -69,6 +72,17 @@ def tile_config(num_rows: int, num_cols: int) -> tuple[int, int, int, int]:
     return 128, 256, 8, 3
 
 
+# Shared memory the software pipeline may use (H100: 227 KiB per block; leave room for the epilogue).
+_SHARED_MEMORY_BUDGET = 200 * 1024
+
+
+def fit_num_stages(block_m: int, block_n: int, num_stages: int, element_size: int) -> int:
+    """Fewer pipeline stages when the tiles are wider than bf16's (float32): stages only overlap
+    loads with math, so the per-element arithmetic, and batch invariance, are unchanged."""
+    per_stage = (block_m + block_n) * BLOCK_K * element_size
+    return max(1, min(num_stages, _SHARED_MEMORY_BUDGET // per_stage))
+
+
 def _triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x [M, K], weight [N, K], bias [N] or None -> [M, N] in x.dtype."""
@@ -79,10 +93,11 @@ def _triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if num_rows == 0:
         return out
     block_m, block_n, num_warps, num_stages = config or tile_config(num_rows, num_cols)
+    num_stages = fit_num_stages(block_m, block_n, num_stages, x.element_size())
     grid = (triton.cdiv(num_rows, block_m) * triton.cdiv(num_cols, block_n),)
     _linear_kernel[grid](
         x, weight, bias if bias is not None else weight, out, num_rows, num_cols, x.shape[1],
         x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, GROUP_M=8,
-        num_warps=num_warps, num_stages=num_stages)
+        IS_FP32=x.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
     return out

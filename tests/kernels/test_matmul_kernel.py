@@ -19,3 +19,16 @@ def test_reference_is_linear():
 
 def test_triton_kernel_in_interpreter(run_interpreted_cases):
     run_interpreted_cases("matmul_cases.py")
+
+
+def test_pipeline_stages_fit_shared_memory_for_every_dtype():
+    from kernels.matmul import BLOCK_K, fit_num_stages, tile_config
+
+    assert fit_num_stages(128, 256, 3, 2) == 3   # bf16: 3 x 48 KiB
+    assert fit_num_stages(128, 256, 3, 4) == 2   # float32: 3 x 96 KiB would not fit in 227 KiB
+    for rows in (1, 64, 100, 512, 513, 4096):
+        for cols in (2048, 4097, 151936):
+            block_m, block_n, _, stages = tile_config(rows, cols)
+            for element_size in (2, 4):
+                used = fit_num_stages(block_m, block_n, stages, element_size) * (block_m + block_n) * BLOCK_K * element_size
+                assert used <= 227 * 1024
