@@ -79,3 +79,15 @@ def test_main_help_and_errors(capsys):
         result = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and "usage:" in result.stdout, (command, result.stderr)
     assert "--limit-mm-per-prompt" in result.stdout
+
+
+def test_engine_tuning_flags_reach_the_engine_config(tiny_model_dir):
+    from app.cli import parse_serve_args
+    from engine.config import EngineConfig
+
+    model = str(tiny_model_dir("qwen2"))
+    kwargs, _ = parse_serve_args([model, "--no-deterministic", "--encoder_cache_size", "4096", "--device", "cpu"])
+    assert kwargs == {"model": model, "deterministic": False, "encoder_cache_size": 4096, "device": "cpu"}
+    config = EngineConfig.create(**kwargs)
+    assert config.device_config.deterministic is False and config.multimodal_config.encoder_cache_size == 4096
+    assert parse_serve_args([model, "--deterministic"])[0]["deterministic"] is True
