@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 _MASK64 = (1 << 64) - 1
@@ -30,6 +31,19 @@ def seed_key(seed: int, output_position: int) -> tuple[int, int]:
     """Two 32-bit keys of the noise for one request's output position (a Python-side mix)."""
     key = _splitmix64(_splitmix64(seed & _MASK64) ^ output_position)
     return key & 0xFFFFFFFF, key >> 32
+
+
+def seed_keys(seeds: list[int], output_positions: list[int]) -> np.ndarray:
+    """seed_key of many rows at once -> [R, 2] int64 (uint64 arrays wrap like the masks above)."""
+    def splitmix64(x: np.ndarray) -> np.ndarray:
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+    mixed = splitmix64(np.array([seed & _MASK64 for seed in seeds], dtype=np.uint64))
+    key = splitmix64(mixed ^ np.array(output_positions, dtype=np.uint64))     # [R]
+    return np.stack([key & np.uint64(0xFFFFFFFF), key >> np.uint64(32)], axis=1).astype(np.int64)
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from engine.layers.attention import AttentionMetadata
-from engine.sampler import SamplingBatch, seed_key
+from engine.sampler import SamplingBatch, seed_keys
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import NewRequestData, SchedulerOutput
 from vision.inputs import MultiModalItem
@@ -42,6 +42,7 @@ class CachedRequestState:
     # M-RoPE models: prompt positions [3, num_prompt_tokens] and the offset of later positions.
     mrope_positions: torch.Tensor | None = None
     mrope_delta: int = 0
+    row: int = -1   # its row of InputBatch.block_table
 
     @property
     def num_tokens(self) -> int:
@@ -68,6 +69,42 @@ class StepBatch:
     sampling: SamplingBatch | None
     # req_id -> (first row, prompt token ids the rows predict, emits None for position 0 first)
     prompt_logprob_rows: dict[str, tuple[int, list[int], bool]] = field(default_factory=dict)
+    # every request computes output-token positions only (no prompt rows): CUDA-graph eligible
+    is_past_prompts: bool = False
+
+
+class BlockTable:
+    """Persistent block table, one row per live request, kept current from the scheduler's diffs
+    (blocks are only appended), so a step gathers its rows instead of re-padding every list.
+
+        table  [rows, max_blocks] int32     row r: block_ids of its request, then 0s (padding)
+    """
+
+    def __init__(self) -> None:
+        self.table = np.zeros((0, 0), dtype=np.int32)   # [rows, max_blocks]
+        self._free_rows: list[int] = []
+
+    def add_row(self, block_ids: list[int]) -> int:
+        row = self._free_rows.pop() if self._free_rows else self._grow_rows()
+        self.table[row] = 0
+        self.write(row, 0, block_ids)
+        return row
+
+    def release(self, row: int) -> None:
+        self._free_rows.append(row)
+
+    def write(self, row: int, first: int, block_ids: list[int]) -> None:
+        """block_ids become the row's blocks first, first + 1, ..."""
+        end, width = first + len(block_ids), self.table.shape[1]
+        if end > width:
+            self.table = np.pad(self.table, ((0, 0), (0, max(end, 2 * width) - width)))
+        self.table[row, first:end] = block_ids
+
+    def _grow_rows(self) -> int:
+        num_rows = self.table.shape[0]
+        self.table = np.pad(self.table, ((0, max(num_rows, 8)), (0, 0)))
+        self._free_rows.extend(range(self.table.shape[0] - 1, num_rows, -1))
+        return num_rows
 
 
 class InputBatch:
@@ -80,6 +117,7 @@ class InputBatch:
         self.default_seed = default_seed
         self.uses_mrope = uses_mrope
         self.requests: dict[str, CachedRequestState] = {}
+        self.block_table = BlockTable()
 
     # --- state updates -----------------------------------------------------------------------
 
@@ -87,20 +125,29 @@ class InputBatch:
         """Apply the scheduler's diff; returns the new requests (the runner may add M-RoPE
         positions or encoder state to them)."""
         for req_id in scheduler_output.finished_req_ids:
-            self.requests.pop(req_id, None)
+            self._remove(req_id)
         for new in scheduler_output.scheduled_new_reqs:
-            self.requests[new.req_id] = CachedRequestState(
+            self._remove(new.req_id)
+            state = self.requests[new.req_id] = CachedRequestState(
                 req_id=new.req_id, prompt_token_ids=list(new.prompt_token_ids),
                 output_token_ids=list(new.output_token_ids), sampling_params=new.sampling_params,
                 block_ids=list(new.block_ids), num_computed_tokens=new.num_computed_tokens,
                 mm_items=list(new.mm_items))
+            state.row = self.block_table.add_row(state.block_ids)
         cached = scheduler_output.scheduled_cached_reqs
         for req_id, new_block_ids, num_computed in zip(cached.req_ids, cached.new_block_ids,
                                                        cached.num_computed_tokens):
             state = self.requests[req_id]
-            state.block_ids.extend(new_block_ids)
+            if new_block_ids:
+                self.block_table.write(state.row, len(state.block_ids), new_block_ids)
+                state.block_ids.extend(new_block_ids)
             state.num_computed_tokens = num_computed
         return scheduler_output.scheduled_new_reqs
+
+    def _remove(self, req_id: str) -> None:
+        state = self.requests.pop(req_id, None)
+        if state is not None:
+            self.block_table.release(state.row)
 
     def append_sampled(self, req_ids: list[str], sampled_token_ids: list[list[int]]) -> None:
         for req_id, tokens in zip(req_ids, sampled_token_ids):
@@ -109,52 +156,56 @@ class InputBatch:
     # --- one step's tensors ------------------------------------------------------------------
 
     def prepare(self, scheduler_output: SchedulerOutput) -> StepBatch:
+        """Python touches each request once (_gather); positions, slots and tables are numpy."""
         req_ids = list(scheduler_output.num_scheduled_tokens)
-        counts = [scheduler_output.num_scheduled_tokens[r] for r in req_ids]
-        input_ids, positions, slots, seq_lens = [], [], [], []
-        sampling_req_ids, logits_indices, prompt_rows = [], [], {}
-        for req_id, num_new in zip(req_ids, counts):
-            state = self.requests[req_id]
-            start, end = state.num_computed_tokens, state.num_computed_tokens + num_new
-            if end > state.num_tokens:
-                raise ValueError(f"request {req_id}: scheduled up to token {end} but only "
-                                 f"{state.num_tokens} are known")
-            first_row = len(input_ids)
-            input_ids += state.token_ids(start, end)
-            positions.append(self._positions(state, start, end))   # np.ndarray [n] or [3, n]
-            slots += self._slots(state, start, end)
-            seq_lens.append(end)
-            if end == state.num_tokens:
-                sampling_req_ids.append(req_id)
-                logits_indices.append(first_row + num_new - 1)
-            if state.sampling_params.prompt_logprobs is not None and start < len(state.prompt_token_ids):
-                prompt_rows[req_id] = self._prompt_logprob_targets(state, start, end, first_row)
+        counts = list(scheduler_output.num_scheduled_tokens.values())
+        states = [self.requests[r] for r in req_ids]
+        step = _gather(states, counts)
+        ends = np.array(step.ends, dtype=np.int64)                                # [R]
+        self._check_blocks(states, ends, np.array(step.num_blocks, dtype=np.int64))
+        query_start_loc = np.zeros(len(counts) + 1, dtype=np.int64)                # [R + 1]
+        np.cumsum(counts, out=query_start_loc[1:])
+        req_of_token = np.repeat(np.arange(len(counts)), counts)                  # [T]
+        # a row's position: its request's first position + its offset within the request
+        token_pos = np.arange(query_start_loc[-1]) - (query_start_loc[:-1] - ends + counts)[req_of_token]
+        rows = np.array(step.rows, dtype=np.int64)                                 # [R]
+        table = self.block_table.table                                             # [rows, max_blocks]
+        slots = (table[rows[req_of_token], token_pos // self.block_size].astype(np.int64) * self.block_size
+                 + token_pos % self.block_size)                                    # [T]
+        sampling_req_ids = [r for r, samples in zip(req_ids, step.samples) if samples]
+        logits_indices = query_start_loc[1:][np.array(step.samples, dtype=bool)] - 1   # [S]
+        positions = self._positions(states, token_pos, req_of_token, query_start_loc, ends, counts)
         return StepBatch(
             req_ids=req_ids, num_scheduled_tokens=counts,
-            input_ids=self._to_device(input_ids, torch.int64),
-            positions=torch.from_numpy(np.concatenate(positions, axis=-1)).to(self.device, non_blocking=True),
-            attn_metadata=self._attn_metadata(req_ids, counts, slots, seq_lens),
+            input_ids=self._to_device(step.input_ids, torch.int64),
+            positions=self._to_device(positions, torch.int64),
+            attn_metadata=self._attn_metadata(counts, query_start_loc, ends, slots,
+                                              table[rows, :max(step.num_blocks)]),
             sampling_req_ids=sampling_req_ids, logits_indices=self._to_device(logits_indices, torch.int64),
             sampling=self.sampling_batch(sampling_req_ids) if sampling_req_ids else None,
-            prompt_logprob_rows=prompt_rows)
+            prompt_logprob_rows=step.prompt_rows, is_past_prompts=step.is_past_prompts)
 
-    @staticmethod
-    def _positions(state: CachedRequestState, start: int, end: int) -> np.ndarray:
-        """numpy (a few µs per request; this runs for every request of every step)."""
-        if state.mrope_positions is None:
-            return np.arange(start, end, dtype=np.int64)                       # [n]
-        num_prompt = state.mrope_positions.shape[1]
-        later = np.arange(max(start, num_prompt), max(end, num_prompt), dtype=np.int64) + state.mrope_delta
-        if start >= num_prompt:                                                 # decode: output positions only
-            return np.broadcast_to(later, (3, later.shape[0]))                  # [3, n]
-        in_prompt = state.mrope_positions[:, start:min(end, num_prompt)].numpy()  # [3, n_prompt]
-        return np.concatenate([in_prompt, np.broadcast_to(later, (3, later.shape[0]))], axis=1)  # [3, n]
+    def _check_blocks(self, states: list[CachedRequestState], ends: np.ndarray, num_blocks: np.ndarray) -> None:
+        short = np.flatnonzero((ends + self.block_size - 1) // self.block_size > num_blocks)
+        if short.size:
+            state = states[short[0]]
+            raise ValueError(f"request {state.req_id}: {len(state.block_ids)} blocks cannot hold "
+                             f"{ends[short[0]]} tokens")
 
-    def _slots(self, state: CachedRequestState, start: int, end: int) -> list[int]:
-        size, blocks = self.block_size, state.block_ids
-        if (end + size - 1) // size > len(blocks):
-            raise ValueError(f"request {state.req_id}: {len(blocks)} blocks cannot hold {end} tokens")
-        return [blocks[p // size] * size + p % size for p in range(start, end)]
+    def _positions(self, states, token_pos, req_of_token, query_start_loc, ends, counts) -> np.ndarray:
+        """-> [T] positions, or [3, T] for M-RoPE: prompt rows from the request's table
+        (mrope_positions), later positions p + mrope_delta on all three axes."""
+        if not self.uses_mrope:
+            return token_pos
+        deltas = np.array([s.mrope_delta for s in states], dtype=np.int64)          # [R]
+        positions = np.repeat((token_pos + deltas[req_of_token])[None], 3, axis=0)  # [3, T]
+        for i, state in enumerate(states):
+            start, table = int(ends[i]) - counts[i], state.mrope_positions
+            if table is None or start >= table.shape[1]:
+                continue   # decode: output positions only
+            stop, first = min(int(ends[i]), table.shape[1]), query_start_loc[i]
+            positions[:, first:first + stop - start] = table[:, start:stop].numpy()
+        return positions
 
     @staticmethod
     def _prompt_logprob_targets(state: CachedRequestState, start: int, end: int, first_row: int):
@@ -162,22 +213,21 @@ class InputBatch:
         targets = state.prompt_token_ids[start + 1:min(end, len(state.prompt_token_ids) - 1) + 1]
         return first_row, targets, start == 0
 
-    def _attn_metadata(self, req_ids, counts, slots, seq_lens) -> AttentionMetadata:
-        tables = [self.requests[r].block_ids for r in req_ids]
-        width = max(len(t) for t in tables)
-        block_tables = [t + [0] * (width - len(t)) for t in tables]
-        query_start_loc = [0]
-        for n in counts:
-            query_start_loc.append(query_start_loc[-1] + n)
+    def _attn_metadata(self, counts: list[int], query_start_loc: np.ndarray, seq_lens: np.ndarray,
+                       slots: np.ndarray, block_tables: np.ndarray) -> AttentionMetadata:
         return AttentionMetadata(
             query_start_loc=self._to_device(query_start_loc, torch.int32),
             seq_lens=self._to_device(seq_lens, torch.int32),
             slot_mapping=self._to_device(slots, torch.int64),
             block_tables=self._to_device(block_tables, torch.int32),
-            max_query_len=max(counts), max_seq_len=max(seq_lens), num_reqs=len(req_ids),
-            num_actual_tokens=query_start_loc[-1], query_lens_cpu=list(counts), seq_lens_cpu=list(seq_lens))
+            max_query_len=max(counts), max_seq_len=int(seq_lens.max()), num_reqs=len(counts),
+            num_actual_tokens=int(query_start_loc[-1]), query_lens_cpu=list(counts),
+            seq_lens_cpu=seq_lens.tolist())
 
-    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+    def _to_device(self, values: list | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        if isinstance(values, np.ndarray):   # a fresh array of this step: no copy on the CPU
+            return torch.from_numpy(np.ascontiguousarray(values)).to(device=self.device, dtype=dtype,
+                                                                     non_blocking=True)
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
     # --- sampling settings -------------------------------------------------------------------
@@ -187,8 +237,8 @@ class InputBatch:
         params = [s.sampling_params for s in states]
         batch = SamplingBatch(
             temperature=self._floats([p.temperature for p in params]),
-            seed_keys=self._to_device([seed_key(self._seed(s), len(s.output_token_ids)) for s in states],
-                                      torch.int64),
+            seed_keys=self._to_device(seed_keys([self._seed(s) for s in states],
+                                                [len(s.output_token_ids) for s in states]), torch.int64),
             all_greedy=all(p.is_greedy for p in params))
         if any(p.effective_top_k for p in params):
             batch.top_k = self._to_device([p.effective_top_k or self.vocab_size for p in params], torch.int64)
@@ -237,3 +287,35 @@ class InputBatch:
     def _padded(self, rows: list[list[int]]) -> torch.Tensor:
         width = max(1, max(len(r) for r in rows))
         return self._to_device([r + [-1] * (width - len(r)) for r in rows], torch.int64)
+
+
+@dataclass
+class _Gathered:
+    """What prepare needs from each request's Python state, in batch order."""
+    input_ids: list[int] = field(default_factory=list)     # [T]
+    ends: list[int] = field(default_factory=list)          # [R] num_computed_tokens + scheduled
+    num_blocks: list[int] = field(default_factory=list)    # [R]
+    rows: list[int] = field(default_factory=list)          # [R] block-table rows
+    samples: list[bool] = field(default_factory=list)      # [R] all its tokens known after the step
+    prompt_rows: dict[str, tuple[int, list[int], bool]] = field(default_factory=dict)
+    is_past_prompts: bool = True
+
+
+def _gather(states: list[CachedRequestState], counts: list[int]) -> _Gathered:
+    step = _Gathered()
+    for state, num_new in zip(states, counts):
+        start = state.num_computed_tokens
+        end, num_tokens, num_prompt = start + num_new, state.num_tokens, len(state.prompt_token_ids)
+        if end > num_tokens:
+            raise ValueError(f"request {state.req_id}: scheduled up to token {end} but only "
+                             f"{num_tokens} are known")
+        if state.sampling_params.prompt_logprobs is not None and start < num_prompt:
+            step.prompt_rows[state.req_id] = InputBatch._prompt_logprob_targets(
+                state, start, end, len(step.input_ids))
+        step.input_ids += state.token_ids(start, end)
+        step.ends.append(end)
+        step.num_blocks.append(len(state.block_ids))
+        step.rows.append(state.row)
+        step.samples.append(end == num_tokens)
+        step.is_past_prompts = step.is_past_prompts and start >= num_prompt
+    return step

@@ -162,9 +162,7 @@ class ModelRunner:
         vision rows) replay a captured CUDA graph; everything else runs eagerly."""
         graphs = self.decode_graphs
         if (graphs is not None and not scheduler_output.scheduled_encoder_inputs
-                and graphs.can_replay(batch.attn_metadata)
-                and all(s.num_computed_tokens >= len(s.prompt_token_ids)
-                        for s in map(self.input_batch.requests.__getitem__, batch.req_ids))):
+                and batch.is_past_prompts and graphs.can_replay(batch.attn_metadata)):
             return graphs.replay(batch.input_ids, batch.positions, batch.attn_metadata), {}
         inputs_embeds, failed = self._inputs_embeds(scheduler_output, batch)
         if self.parallel.pp_size > 1:

@@ -108,3 +108,13 @@ def test_sampling_follows_the_intended_distribution():
     probs = torch.softmax(logits.masked_fill(~kept, NEG_INF), dim=-1)
     # df = 2; the 0.999 quantile of chi-square(2) is 13.8
     assert _chi_square(torch.bincount(out, minlength=6).float(), probs) < 13.8
+
+
+def test_vectorised_seed_keys_equal_the_scalar_mix():
+    import random
+
+    from engine.sampler import seed_keys
+    rng = random.Random(0)
+    seeds = [rng.randrange(-2 ** 70, 2 ** 70) for _ in range(200)] + [0, -1, 2 ** 64 - 1, 2 ** 63]
+    positions = [rng.randrange(0, 10 ** 6) for _ in seeds]
+    assert seed_keys(seeds, positions).tolist() == [list(seed_key(s, p)) for s, p in zip(seeds, positions)]

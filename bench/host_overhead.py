@@ -1,0 +1,176 @@
+"""Host (CPU, Python) overhead per engine step on the W1 shape, with no GPU and no model math:
+256 requests of one fresh 448x448 image (through the real processor) + about 64 text tokens, 128
+output tokens (ignore_eos, greedy), through LLM.generate on the tiny qwen2_5_vl checkpoint.
+
+Everything is the real engine path (Frontend, Scheduler, KVCacheManager, InputBatch, Sampler,
+OutputProcessor / detokenizer) except the model forward: `ModelRunner._forward` is replaced by a
+stand-in returning rows of a fixed random hidden-state table (so the tower and the LM cost nothing
+and greedy tokens still vary); the real (tiny) lm_head and sampler run on it. Per-stage time is
+measured with perf_counter wrappers (nested stages are reported inside their parent), median of
+--runs runs after a warm-up.
+
+    python bench/host_overhead.py [--runs 3] [--requests 256] [--profile out.prof]
+Caller: by hand (results in BENCHMARKS.md, "Host overhead per step (CPU, no GPU)").
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import harness  # noqa: E402
+
+TEXT_TOKENS, OUTPUT_TOKENS, IMAGE_SIZE = 64, 128, (448, 448)
+
+
+class HostTimers:
+    """`wrap(obj, method, stage)`: the method's wall time is added to `stage` (no device sync)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self._undo: list = []
+
+    def wrap(self, obj, method: str, stage: str) -> None:
+        original = getattr(obj, method)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[stage] += time.perf_counter() - start
+
+        self.seconds[stage] += 0.0   # report in wrapping order
+        self._undo.append((obj, method, original, method in vars(obj)))
+        setattr(obj, method, timed)
+
+    def restore(self) -> None:
+        for obj, method, original, own in reversed(self._undo):
+            if own:
+                setattr(obj, method, original)
+            else:
+                delattr(obj, method)
+        self._undo = []
+
+
+def stand_in_forward(runner, hidden_size: int, max_rows: int):
+    """Replaces the tower + LM: hidden state row i = a fixed random row (varied greedy tokens)."""
+    table = torch.randn(max_rows, hidden_size, generator=torch.Generator().manual_seed(0))  # [max_rows, H]
+
+    def forward(scheduler_output, batch):
+        num_rows = batch.input_ids.shape[0]
+        return table[:num_rows], {}                                                         # [T, H]
+
+    runner._forward = forward
+
+
+def make_llm(max_num_batched_tokens: int):
+    from engine.llm import LLM
+    from build_tiny import build
+
+    path = REPO / "samples" / "models" / "out" / "qwen2_5_vl"
+    if not (path / "config.json").exists():
+        build("qwen2_5_vl", path)
+    llm = LLM(model=str(path), device="cpu", dtype="float32", max_model_len=4096,
+              max_num_batched_tokens=max_num_batched_tokens, num_gpu_blocks_override=256 * 24 + 64)
+    runner = llm.client.core.runner
+    stand_in_forward(runner, runner.text_config.hidden_size, max_num_batched_tokens + 256)
+    return llm
+
+
+def instrument(llm) -> HostTimers:
+    from engine.detokenizer import OutputProcessor
+
+    timers, core = HostTimers(), llm.client.core
+    runner = core.runner
+    timers.wrap(llm.frontend, "make_request", "preprocess (tokenize + image processor)")
+    timers.wrap(core, "step", "engine step (total)")
+    timers.wrap(core.scheduler, "schedule", "  scheduler.schedule")
+    timers.wrap(core.scheduler, "update_from_output", "  scheduler.update_from_output")
+    timers.wrap(runner, "execute", "  runner.execute")
+    timers.wrap(runner.input_batch, "update", "    input_batch.update")
+    timers.wrap(runner, "_init_mrope_positions", "    M-RoPE positions (new requests)")
+    timers.wrap(runner.input_batch, "prepare", "    input_batch.prepare (input prep)")
+    timers.wrap(runner.input_batch, "sampling_batch", "      sampling_batch (sampler prep)")
+    timers.wrap(runner, "_sample", "    _sample (tiny lm_head + sampler)")
+    timers.wrap(OutputProcessor, "process", "output processing (detokenize)")
+    return timers
+
+
+def run_once(llm, num_requests: int, seed: int, profile: cProfile.Profile | None = None) -> dict:
+    from engine.sampling_params import SamplingParams
+
+    tokenizer = llm.get_tokenizer()
+    images = harness.fresh_images(num_requests, IMAGE_SIZE, seed)
+    prompts = [{"prompt": harness.IMAGE_PROMPT + harness.text_of_tokens(tokenizer, TEXT_TOKENS, seed * 100003 + i),
+                "multi_modal_data": {"image": image}} for i, image in enumerate(images)]
+    params = SamplingParams(temperature=0.0, max_tokens=OUTPUT_TOKENS, ignore_eos=True)
+    timers = instrument(llm)
+    steps = [0]
+    step = llm.client.step
+
+    def counted_step():
+        steps[0] += 1
+        return step()
+
+    llm.client.step = counted_step
+    start = time.perf_counter()
+    if profile is not None:
+        profile.enable()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    if profile is not None:
+        profile.disable()
+    total = time.perf_counter() - start
+    timers.restore()
+    llm.client.__dict__.pop("step")
+    assert all(len(o.outputs[0].token_ids) == OUTPUT_TOKENS for o in outputs)
+    return {"total_s": total, "steps": steps[0], "stages_s": dict(timers.seconds)}
+
+
+def report(results: list[dict]) -> None:
+    steps = results[0]["steps"]
+    median_total = statistics.median(r["total_s"] for r in results)
+    print(f"\n== Host overhead, W1 shape on the CPU (stand-in model), median of {len(results)} runs")
+    runs = ", ".join(f"{r['total_s']:.3f}" for r in results)
+    print(f"  steps per run: {steps}; wall per run: {median_total:.3f} s (runs {runs})")
+    print(f"  {'stage':52s} {'s per run':>10s} {'us per step':>12s}")
+    for stage in results[0]["stages_s"]:
+        seconds = statistics.median(r["stages_s"].get(stage, 0.0) for r in results)
+        print(f"  {stage:52s} {seconds:10.3f} {seconds / steps * 1e6:12.0f}")
+    step_s = statistics.median(r["stages_s"]["engine step (total)"] for r in results)
+    detok_s = statistics.median(r["stages_s"]["output processing (detokenize)"] for r in results)
+    print(f"  {'per-step host overhead (step + output processing)':52s} {step_s + detok_s:10.3f} "
+          f"{(step_s + detok_s) / steps * 1e6:12.0f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--profile", help="write a cProfile of the last run here")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    llm = make_llm(args.max_num_batched_tokens)
+    run_once(llm, min(args.requests, 16), seed=0)   # warm-up
+    results = [run_once(llm, args.requests, seed=1 + i) for i in range(args.runs)]
+    if args.profile:
+        profile = cProfile.Profile()
+        run_once(llm, args.requests, seed=100, profile=profile)
+        profile.dump_stats(args.profile)
+    report(results)
+
+
+if __name__ == "__main__":
+    main()
