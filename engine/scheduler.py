@@ -204,6 +204,8 @@ class Scheduler:
                              budget: _StepBudget) -> tuple[int, list[int]]:
         """Items to encode for tokens [num_computed_tokens, +num_new_tokens) -> (the possibly
         shortened num_new_tokens, their indices). Cached items only gain this request's ref."""
+        if _media_end(request) <= num_computed_tokens:
+            return num_new_tokens, []   # no media, or all of it computed already
         end = num_computed_tokens + num_new_tokens
         input_ids: list[int] = []
         planned_mm_hashes: set[str] = set()
@@ -306,7 +308,8 @@ class Scheduler:
                 if check_stop(request, self.eos_token_ids, self.max_model_len):
                     break
         self._step_generation_tokens += len(new_token_ids)
-        self._free_computed_encoder_inputs(request)
+        if _media_end(request) > start:   # else its media were freed in an earlier step
+            self._free_computed_encoder_inputs(request)
         if not new_token_ids and prompt_logprobs is None and not request.is_finished:
             return None
         logprobs = runner_output.logprobs.get(req_id)
@@ -363,6 +366,14 @@ class Scheduler:
             prefix_cache_queries=prefix_stats.num_queries, prefix_cache_hits=prefix_stats.num_hits,
             num_free_blocks=self.kv_cache_manager.get_num_free_blocks(),
             num_total_blocks=self.kv_cache_manager.num_usable_blocks)
+
+
+def _media_end(request: Request) -> int:
+    """The position after the request's last placeholder (items are in prompt order); 0 if none."""
+    if not request.mm_items:
+        return 0
+    last = request.mm_items[-1].placeholder
+    return last.offset + last.length
 
 
 def check_stop(request: Request, eos_token_ids: frozenset[int], max_model_len: int) -> bool:

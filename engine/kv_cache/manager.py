@@ -101,6 +101,9 @@ class KVCacheManager:
         num_computed_tokens = request.num_computed_tokens + num_new_computed_tokens
         num_total_tokens = num_computed_tokens + num_new_tokens
         num_required_blocks = -(-num_total_tokens // self.block_size)
+        if num_required_blocks <= len(req_blocks) and not new_computed_blocks:  # decode within its last block
+            self._cache_full_blocks(request, min(num_total_tokens, request.num_tokens))
+            return []
         num_fresh_blocks = max(0, num_required_blocks - len(req_blocks) - len(new_computed_blocks))
         # Hits sitting in the free queue stop being allocatable once touched.
         num_free_hits = sum(1 for block in new_computed_blocks if block.ref_cnt == 0)
