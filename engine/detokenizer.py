@@ -216,7 +216,10 @@ class RequestState:
 
     @property
     def finished(self) -> bool:
-        return all(c.finish_reason is not None for c in self._completions.values())
+        for completion in self._completions.values():   # a loop: called per output per step
+            if completion.finish_reason is None:
+                return False
+        return True
 
     @property
     def unfinished_child_ids(self) -> list[str]:

@@ -174,7 +174,8 @@ class InputBatch:
                  + token_pos % self.block_size)                                    # [T]
         sampling_req_ids = [r for r, samples in zip(req_ids, step.samples) if samples]
         logits_indices = query_start_loc[1:][np.array(step.samples, dtype=bool)] - 1   # [S]
-        positions = self._positions(states, token_pos, req_of_token, query_start_loc, ends, counts)
+        positions = self._positions(states, token_pos, req_of_token, query_start_loc, ends, counts,
+                                    has_prompt_rows=not step.is_past_prompts)
         return StepBatch(
             req_ids=req_ids, num_scheduled_tokens=counts,
             input_ids=self._to_device(step.input_ids, torch.int64),
@@ -192,13 +193,16 @@ class InputBatch:
             raise ValueError(f"request {state.req_id}: {len(state.block_ids)} blocks cannot hold "
                              f"{ends[short[0]]} tokens")
 
-    def _positions(self, states, token_pos, req_of_token, query_start_loc, ends, counts) -> np.ndarray:
+    def _positions(self, states, token_pos, req_of_token, query_start_loc, ends, counts,
+                   has_prompt_rows: bool) -> np.ndarray:
         """-> [T] positions, or [3, T] for M-RoPE: prompt rows from the request's table
         (mrope_positions), later positions p + mrope_delta on all three axes."""
         if not self.uses_mrope:
             return token_pos
         deltas = np.array([s.mrope_delta for s in states], dtype=np.int64)          # [R]
         positions = np.repeat((token_pos + deltas[req_of_token])[None], 3, axis=0)  # [3, T]
+        if not has_prompt_rows:
+            return positions   # decode only: output positions only
         for i, state in enumerate(states):
             start, table = int(ends[i]) - counts[i], state.mrope_positions
             if table is None or start >= table.shape[1]:
@@ -272,6 +276,8 @@ class InputBatch:
 
     def _banned_tokens(self, states: list[CachedRequestState]) -> torch.Tensor | None:
         """min_tokens: EOS (unless ignore_eos) and stop_token_ids cannot be sampled before it."""
+        if all(len(s.output_token_ids) >= s.sampling_params.min_tokens for s in states):
+            return None
         banned = []
         for state in states:
             params = state.sampling_params
