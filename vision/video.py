@@ -115,6 +115,17 @@ def decode_video(data: bytes, *, fps: float | None = None, min_frames: int = FPS
                        total_frames=total_frames, video_fps=video_fps, frame_indices=tuple(indices))
 
 
+def video_sampling_kwargs(defaults: dict, mm_kwargs: dict | None) -> dict:
+    """decode_video keyword arguments from a processor's defaults overridden by a request's
+    mm_processor_kwargs: fps, min_frames, max_frames, or a fixed frame count (num_frames/nframes)."""
+    merged = {**defaults, **(mm_kwargs or {})}
+    sampling = {key: merged[key] for key in ("fps", "min_frames", "max_frames") if key in merged}
+    num_frames = merged.get("num_frames", merged.get("nframes"))
+    if num_frames is not None:
+        sampling.update(nframes=num_frames, fps=None)
+    return sampling
+
+
 def video_from_frames(frames: list[Image.Image] | np.ndarray, fps: float = FPS) -> VideoFrames:
     """Frames given directly (already sampled at `fps` frames per second): RGB uint8 [T, H, W, 3]."""
     if not fps > 0:

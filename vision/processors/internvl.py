@@ -38,6 +38,7 @@ from PIL import Image
 
 from vision.hashing import mm_hash
 from vision.inputs import IMAGE, VIDEO, MultiModalItem, PlaceholderRange, ProcessedMedia
+from vision.video import video_sampling_kwargs
 from vision.processors.qwen2_vl import resize_frames
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -275,12 +276,8 @@ class InternVLProcessor:
         return 2 + self.config.tokens_per_tile * num_tiles_for_size(height, width, self.config, min_tiles, max_tiles)
 
     def video_sampling_kwargs(self, mm_kwargs: dict | None) -> dict[str, Any]:
-        mm_kwargs = {**dict(self.config.video_sampling_defaults), **(mm_kwargs or {})}
-        sampling = {key: mm_kwargs[key] for key in ("fps", "min_frames", "max_frames") if key in mm_kwargs}
-        num_frames = mm_kwargs.get("num_frames", mm_kwargs.get("nframes"))
-        if num_frames is not None:
-            sampling.update(nframes=num_frames, fps=None)
-        return sampling
+        """The frame-sampling part of mm_kwargs, as `vision.video.decode_video` keyword arguments."""
+        return video_sampling_kwargs(dict(self.config.video_sampling_defaults), mm_kwargs)
 
     def _tile_bounds(self, mm_kwargs: dict | None, detail: str | None) -> tuple[int, int]:
         mm_kwargs = dict(mm_kwargs or {})

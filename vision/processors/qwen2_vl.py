@@ -31,6 +31,7 @@ from PIL import Image
 
 from vision.hashing import mm_hash
 from vision.inputs import IMAGE, VIDEO, MediaError, MultiModalItem, PlaceholderRange, ProcessedMedia
+from vision.video import video_sampling_kwargs
 
 # OpenAI `detail: "low"`: at most 448x448 pixels, i.e. at most 256 tokens with 28-pixel merged patches.
 LOW_DETAIL_MAX_PIXELS = 448 * 448
@@ -264,12 +265,7 @@ class Qwen2VLProcessor:
 
     def video_sampling_kwargs(self, mm_kwargs: dict | None) -> dict[str, Any]:
         """The frame-sampling part of mm_kwargs, as `vision.video.decode_video` keyword arguments."""
-        mm_kwargs = {**dict(self.config.video_sampling_defaults), **(mm_kwargs or {})}
-        sampling = {key: mm_kwargs[key] for key in ("fps", "min_frames", "max_frames") if key in mm_kwargs}
-        num_frames = mm_kwargs.get("num_frames", mm_kwargs.get("nframes"))
-        if num_frames is not None:
-            sampling.update(nframes=num_frames, fps=None)
-        return sampling
+        return video_sampling_kwargs(dict(self.config.video_sampling_defaults), mm_kwargs)
 
     def expand_placeholders(self, prompt_token_ids: list[int],
                             media: list[ProcessedMedia]) -> tuple[list[int], list[PlaceholderRange]]:
