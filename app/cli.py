@@ -62,12 +62,13 @@ class ServerConfig:
     max_waiting_requests: int = 512
     max_queued_media_bytes: int = 1024 * 1024 * 1024
     request_timeout_s: float = 600.0          # longest wait for the engine's first output
+    engine_iteration_timeout_s: float = 120.0  # a busy engine silent this long is taken as hung
     h11_max_incomplete_event_size: int = 16 * 1024  # request line + headers; larger -> 431
     exit_on_engine_death: bool = True
 
     def __post_init__(self) -> None:
         positive = ("max_n", "request_max_body_size", "max_waiting_requests", "max_queued_media_bytes",
-                    "request_timeout_s", "h11_max_incomplete_event_size")
+                    "request_timeout_s", "h11_max_incomplete_event_size", "engine_iteration_timeout_s")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.removesuffix('_s').replace('_', '-')}: must be positive, "
@@ -185,6 +186,7 @@ LIMIT_FLAGS = (
     ("max-waiting-requests", "max_waiting_requests", int, "VLSERVE_MAX_WAITING_REQUESTS"),
     ("max-queued-media-bytes", "max_queued_media_bytes", int, "VLSERVE_MAX_QUEUED_MEDIA_BYTES"),
     ("request-timeout", "request_timeout_s", float, "VLSERVE_REQUEST_TIMEOUT"),
+    ("engine-iteration-timeout", "engine_iteration_timeout_s", float, "VLSERVE_ENGINE_ITERATION_TIMEOUT"),
     ("max-n", "max_n", int, "VLSERVE_MAX_N"),
     ("max-request-body-bytes", "request_max_body_size", int, "VLSERVE_MAX_REQUEST_BODY_BYTES"),
     ("h11-max-incomplete-event-size", "h11_max_incomplete_event_size", int, "VLSERVE_H11_MAX_INCOMPLETE_EVENT_SIZE"),

@@ -54,11 +54,11 @@ def build_serving(server_config: ServerConfig, client: Any) -> ServingContext:
                           fetcher=fetcher, chat_template=chat_template, max_model_len=model_config.max_model_len)
 
 
-async def start_client(engine_config: EngineConfig) -> Any:
+async def start_client(engine_config: EngineConfig, iteration_timeout_s: float | None = None) -> Any:
     from engine.client import AsyncEngineClient
 
     # start() blocks until the core has loaded the model and allocated the KV cache.
-    return await asyncio.to_thread(AsyncEngineClient.start, engine_config)
+    return await asyncio.to_thread(AsyncEngineClient.start, engine_config, iteration_timeout_s=iteration_timeout_s)
 
 
 def log_startup_summary(serving: ServingContext) -> None:
@@ -112,7 +112,7 @@ def make_lifespan(engine_kwargs: dict, server_config: ServerConfig, client: Any,
         engine_client = client
         if is_owned:
             config = engine_config or await asyncio.to_thread(lambda: EngineConfig.create(**engine_kwargs))
-            engine_client = await start_client(config)
+            engine_client = await start_client(config, server_config.engine_iteration_timeout_s)
         serving = build_serving(server_config, engine_client)
         app.state.serving = serving
         log_startup_summary(serving)

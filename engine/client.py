@@ -173,7 +173,10 @@ class ProcessCore:
     """EngineCore in a spawned child process; a reader thread delivers its messages."""
 
     def __init__(self, config: EngineConfig, on_outputs: Callable[[EngineOutputs], None],
-                 on_dead: Callable[[str], None], ready_timeout_s: float = 600.0):
+                 on_dead: Callable[[str], None], ready_timeout_s: float = 600.0,
+                 iteration_timeout_s: float | None = None, is_busy: Callable[[], bool] = lambda: False):
+        """iteration_timeout_s: while is_busy() (requests in flight), a core that sends nothing for
+        this long is taken as hung (a stuck kernel, a deadlock): it is killed and reported dead."""
         context = multiprocessing.get_context("spawn")
         request_reader, self._request_writer = context.Pipe(duplex=False)
         self._output_reader, output_writer = context.Pipe(duplex=False)
@@ -186,6 +189,8 @@ class ProcessCore:
         self._encoder = msgspec.msgpack.Encoder()
         self._send_lock = threading.Lock()
         self._closing = False
+        self._iteration_timeout_s, self._is_busy = iteration_timeout_s, is_busy
+        self._last_activity = time.monotonic()
         self._wait_ready(ready_timeout_s)
         self._reader = threading.Thread(target=self._read_loop, name="vlserve-core-reader", daemon=True)
         self._reader.start()
@@ -208,8 +213,14 @@ class ProcessCore:
     def _read_loop(self) -> None:
         """Delivers messages until the process ends; then reports its death (unless closed)."""
         decoder = msgspec.msgpack.Decoder(EngineOutputs)
+        poll_s = None if self._iteration_timeout_s is None else min(1.0, self._iteration_timeout_s / 4)
         while True:
-            ready = wait([self._output_reader, self._process.sentinel])
+            ready = wait([self._output_reader, self._process.sentinel], poll_s)
+            if not ready:
+                if self._stalled():
+                    return
+                continue
+            self._last_activity = time.monotonic()
             data = b""
             if self._output_reader in ready:  # data, or EOF; drained before the sentinel counts
                 try:
@@ -229,6 +240,21 @@ class ProcessCore:
             self._process.join(1)
             self._report_dead(f"the engine core process exited (exit code {self._process.exitcode})")
             return
+
+    def _stalled(self) -> bool:
+        """Kills a busy core that has been silent past the iteration timeout; True if it did."""
+        now = time.monotonic()
+        if not self._is_busy():
+            self._last_activity = now  # an idle core owes nothing: silence counts only while busy
+            return False
+        silent_s = now - self._last_activity
+        if silent_s < self._iteration_timeout_s:
+            return False
+        self._process.kill()
+        self._process.join(5)
+        self._report_dead(f"the engine core stopped answering: no step finished in {silent_s:.0f} s "
+                          f"(--engine-iteration-timeout {self._iteration_timeout_s:g}); it was stopped")
+        return True
 
     def _report_dead(self, message: str) -> None:
         if not self._closing:
@@ -303,15 +329,16 @@ class AsyncEngineClient:
         self._is_accepting = True
 
     @classmethod
-    def start(cls, config: EngineConfig, *, in_process: bool = False,
-              ready_timeout_s: float = 600.0) -> "AsyncEngineClient":
+    def start(cls, config: EngineConfig, *, in_process: bool = False, ready_timeout_s: float = 600.0,
+              iteration_timeout_s: float | None = None) -> "AsyncEngineClient":
         """Blocks until the core is ready (model loaded, KV cache allocated). Call it before
-        serving, or through a worker thread from async code."""
+        serving, or through a worker thread from async code. `iteration_timeout_s`: see ProcessCore."""
         client = cls(config, Frontend(config))
         if in_process:
             client._core = ThreadCore(config, client._outputs_from_core, client._dead_from_core)
         else:
-            client._core = ProcessCore(config, client._outputs_from_core, client._dead_from_core, ready_timeout_s)
+            client._core = ProcessCore(config, client._outputs_from_core, client._dead_from_core, ready_timeout_s,
+                                       iteration_timeout_s, is_busy=lambda: bool(client._processor.states))
         client.stats = client._core.initial_stats  # block counts before the first step
         return client
 
