@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import subprocess
+import time
 from typing import Callable
 
+import httpx
 import pytest
 from litestar.testing import TestClient
 from transformers import AutoConfig
@@ -149,3 +152,17 @@ class UvicornThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=60)
+
+
+def wait_healthy(base_url: str, process: subprocess.Popen, timeout_s: float = 300) -> None:
+    """Polls /health of a `python -m app` child until 200; fails with its stderr if it exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read()
+        try:
+            if httpx.get(base_url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the server did not become healthy")

@@ -3,32 +3,14 @@ in-flight stream (drain), then exits 0. A start-up error (unsupported flag value
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_healthy(base_url: str, process: subprocess.Popen, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stderr.read()
-        try:
-            if httpx.get(base_url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("the server did not become healthy")
+from tests.app.conftest import wait_healthy
+from tests.security.conftest import free_port
 
 
 def stream_completion(base_url: str, events: list, first_event: threading.Event) -> None:

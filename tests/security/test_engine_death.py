@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.app.conftest import wait_healthy
 from tests.security.conftest import free_port
 
 
@@ -31,19 +32,6 @@ def engine_child_pid(server_pid: int) -> int:
         if ppid == server_pid and b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
             return int(entry.name)
     raise AssertionError("no engine-core child process found")
-
-
-def wait_healthy(base_url: str, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stderr.read()
-        try:
-            if httpx.get(base_url + "/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("the server did not become healthy")
 
 
 async def stream_until_end(client: httpx.AsyncClient, started: asyncio.Event) -> tuple[str, float]:
