@@ -19,8 +19,8 @@ TIMEOUT_S = 2.0
 
 @pytest.fixture(scope="module")
 def client(tiny_model_dir):
-    config = EngineConfig.create(model=str(tiny_model_dir("qwen2")), device="cpu", num_gpu_blocks_override=64,
-                                 max_model_len=256)
+    config = EngineConfig.create(model=str(tiny_model_dir("qwen2")), device="cpu", num_gpu_blocks_override=140,
+                                 max_model_len=2048)
     engine = AsyncEngineClient.start(config, iteration_timeout_s=TIMEOUT_S)
     yield engine
     asyncio.run(engine.shutdown(0.0))
@@ -31,7 +31,7 @@ def test_idle_silence_is_not_a_hang_but_a_frozen_busy_core_is(client):
     assert client.is_healthy()
 
     async def run():
-        request = client.frontend.make_request("w", "hello there", [], SamplingParams(max_tokens=200, ignore_eos=True))
+        request = client.frontend.make_request("w", "hello there", [], SamplingParams(max_tokens=2000, ignore_eos=True))
         stream = client.generate(request)
         await stream.__anext__()                      # the core answers ...
         os.kill(client.core_pid, signal.SIGSTOP)       # ... then freezes with the request in flight

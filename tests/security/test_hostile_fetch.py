@@ -24,6 +24,7 @@ from vision.limits import MultiModalLimits
 FETCH_TIMEOUT_S = 1.5
 REQUEST_TIMEOUT_S = 2.0
 MAX_WAITING = 3
+LONG_MAX_TOKENS = 4000  # far more steps than the test lasts; the test disconnects first
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,9 @@ def server(tiny_model_dir):
                           media_fetch_connect_timeout_s=1.0, max_media_bytes=256 * 1024, max_media_redirects=2,
                           max_waiting_requests=MAX_WAITING, request_timeout_s=REQUEST_TIMEOUT_S,
                           max_queued_media_bytes=400 * 1024)
-    with ServerThread({"model": model, **ENGINE_KWARGS, "max_num_seqs": 1}, config) as running:
+    engine_kwargs = {"model": model, **ENGINE_KWARGS, "max_num_seqs": 1, "max_model_len": LONG_MAX_TOKENS + 64,
+                     "num_gpu_blocks_override": (LONG_MAX_TOKENS + 64) // 16 + 8}
+    with ServerThread(engine_kwargs, config) as running:
         yield running
 
 
@@ -121,16 +124,23 @@ def test_slow_and_oversized_media_hosts_are_cut_off(http, media, path, words):
 
 
 def test_waiting_cap_and_request_timeout_answer_503(server, http):
-    long_body = {"model": "tiny-vl", "messages": [{"role": "user", "content": "go"}], "max_tokens": 900,
-                 "ignore_eos": True}
-    long_result = {}
-    runner = threading.Thread(target=lambda: long_result.update(
-        response=httpx.post(server.base_url + "/v1/chat/completions", json=long_body, timeout=120)))
+    # The long request is a stream the test itself ends (by disconnecting), so it holds the one
+    # running slot for as long as the test needs, however fast the engine decodes.
+    long_body = {"model": "tiny-vl", "messages": [{"role": "user", "content": "go"}], "stream": True,
+                 "max_tokens": LONG_MAX_TOKENS, "ignore_eos": True}
+    started, stop, chunks = threading.Event(), threading.Event(), []
+
+    def hold_the_engine() -> None:
+        with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=long_body, timeout=120) as response:
+            for line in response.iter_lines():
+                chunks.append(line)
+                started.set()
+                if stop.is_set() or line == "data: [DONE]":
+                    return
+
+    runner = threading.Thread(target=hold_the_engine)
     runner.start()
-    deadline = time.monotonic() + 10
-    while kv_usage_and_running(server.base_url)[1] < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    assert started.wait(30) and kv_usage_and_running(server.base_url)[1] == 1
 
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
@@ -138,12 +148,13 @@ def test_waiting_cap_and_request_timeout_answer_503(server, http):
             return await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(8)))
 
     responses = asyncio.run(burst())
-    assert runner.is_alive(), "the long request ended too early for this test to mean anything"
+    assert "data: [DONE]" not in chunks, "the long request ended too early for this test to mean anything"
+    stop.set()
+    runner.join(60)
     messages = [assert_error(r, 503)["message"] for r in responses]
     assert sum("--max-waiting-requests" in m for m in messages) == 8 - MAX_WAITING, messages
     assert sum("--request-timeout" in m for m in messages) == MAX_WAITING, messages
-    runner.join(120)
-    assert long_result["response"].status_code == 200
+    wait_until_kv_free(server.base_url)  # the disconnect aborted the long request and freed its blocks
 
 
 def test_queued_media_bytes_cap_answers_503_before_fetching(server, media):
