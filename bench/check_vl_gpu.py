@@ -30,14 +30,16 @@ def load_module(path: Path):
     return module
 
 
-def check_model(parity, name: str, out_dir: Path, atol: float, device: str, dtype: str, first: int) -> bool:
-    """`first`: compare only the first tokens (bf16 against the float32 oracle drifts later)."""
+def check_model(parity, name: str, out_dir: Path, atol: float, device: str, dtype: str, first: int,
+                scale: str) -> bool:
+    """`first`: compare only the first tokens (bf16 against the float32 oracle drifts later); `scale`: the
+    checkpoints' init scale (build_tiny.INIT_SCALES)."""
     from engine import LLM
     from reference import hf_generate
 
     builder = load_module(REPO / "samples" / "models" / "build_tiny.py")
     model_dir = out_dir / name
-    builder.build(name, model_dir)
+    builder.build(name, model_dir, scale)
     cases = parity.make_cases()
     refs = hf_generate(str(model_dir), [parity.ref_request(c) for c in cases.values()], parity.NUM_NEW_TOKENS,
                        top_k=parity.TOP_K, ignore_eos=True)
@@ -58,7 +60,7 @@ def check_model(parity, name: str, out_dir: Path, atol: float, device: str, dtyp
                     for step, top in enumerate(reference[n].top_logprobs[:first]) for tok, value in top.items()
                     if tok in o.outputs[0].logprobs[step])
         stats = llm.client.stats()
-        print(f"{name:11s} {dtype:8s} {label:10s} tokens {'identical' if same else 'DIFFER'}  max |logprob error| "
+        print(f"{name:11s} {dtype:8s} {scale:7s} {label:10s} tokens {'identical' if same else 'DIFFER'}  max |logprob error| "
               f"{error:.2e}  {elapsed:.2f} s  blocks free {stats.num_free_blocks}/{stats.num_total_blocks}")
         ok &= same and error <= atol and stats.num_free_blocks == stats.num_total_blocks
     return ok
@@ -70,10 +72,14 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run of this script itself")
     parser.add_argument("--dtype", default="float32", help="bfloat16: the issue-7 check (first tokens, --atol 5e-2)")
     parser.add_argument("--first-tokens", type=int, default=10**6, help="compare only this many first tokens")
+    parser.add_argument("--scale", default=None, help="checkpoint init scale: default, or bf16 (the default "
+                        "with --dtype bfloat16: transformers itself stays within ~0.03 of float32 on it)")
     args = parser.parse_args()
+    scale = args.scale or ("bf16" if args.dtype == "bfloat16" else "default")
     parity = load_module(REPO / "tests" / "parity" / "test_vl_parity.py")
     with tempfile.TemporaryDirectory() as tmp:
-        ok = all([check_model(parity, name, Path(tmp), args.atol, args.device, args.dtype, args.first_tokens) for name in parity.MODELS])
+        ok = all([check_model(parity, name, Path(tmp), args.atol, args.device, args.dtype, args.first_tokens, scale)
+                  for name in parity.MODELS])
     print("OK" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -16,6 +16,7 @@ import json
 import sys
 import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -71,12 +72,25 @@ def make_config(name: str, ids: dict[str, int]):
     raise ValueError(f"name: unknown tiny model {name!r}; expected one of {MODEL_NAMES}")
 
 
-def init_weights(model: torch.nn.Module) -> None:
+class InitScale(NamedTuple):
+    """Weight scales of a tiny checkpoint. `default`: gain 1.5 on matrices, embeddings std 0.25 - greedy
+    margins are wide in float32 but the network is chaotic, so bfloat16 moves transformers' own top-5
+    logprobs by 0.1-0.2. `bf16`: gain 0.7, embeddings std 0.1 - transformers in bf16 stays within ~0.03
+    of its float32 logprobs, the scale on which the issue-7 check (GPU bf16 vs CPU float32) is meaningful.
+    """
+    matrix_gain: float = 1.5
+    embedding_std: float = 0.25
+
+
+INIT_SCALES = {"default": InitScale(), "bf16": InitScale(matrix_gain=0.7, embedding_std=0.1)}
+
+
+def init_weights(model: torch.nn.Module, scale: InitScale = InitScale()) -> None:
     """Seed every parameter from its own name, with scales that keep greedy decoding non-degenerate.
 
-    HF's std 0.02 makes tiny-model logits near uniform; here matrices get 1.5/sqrt(fan_in), embeddings
-    std 0.25 (larger ones make tied models copy their input token), norms 1 + noise and biases small
-    noise, so a missed or transposed load shows. Tuned so greedy runs neither loop nor ignore images.
+    HF's std 0.02 makes tiny-model logits near uniform; here matrices get gain/sqrt(fan_in), embeddings
+    `embedding_std` (larger ones make tied models copy their input token), norms 1 + noise and biases
+    small noise, so a missed or transposed load shows. Tuned so greedy runs neither loop nor ignore images.
     """
     for param_name, param in model.named_parameters():
         generator = torch.Generator().manual_seed(zlib.crc32(param_name.encode()))
@@ -87,10 +101,10 @@ def init_weights(model: torch.nn.Module) -> None:
         elif param_name.endswith("bias"):
             value = 0.1 * noise
         elif "embed_tokens" in param_name or "lm_head" in param_name:
-            value = 0.25 * noise
+            value = scale.embedding_std * noise
         else:
             fan_in = param[0].numel()
-            value = noise * (1.5 / fan_in**0.5)
+            value = noise * (scale.matrix_gain / fan_in**0.5)
         with torch.no_grad():
             param.copy_(value)
 
@@ -109,7 +123,7 @@ def suppress_unemittable_rows(model: torch.nn.Module, ids: dict[str, int], token
         output_weight[rows] *= 0.05
 
 
-def make_model(name: str, config) -> torch.nn.Module:
+def make_model(name: str, config, scale: InitScale = InitScale()) -> torch.nn.Module:
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM, Qwen2VLForConditionalGeneration
 
     model_class = {
@@ -118,7 +132,7 @@ def make_model(name: str, config) -> torch.nn.Module:
     }[name]
     torch.manual_seed(0)
     model = model_class(config).to(torch.float32).eval()
-    init_weights(model)
+    init_weights(model, scale)
     return model
 
 
@@ -209,14 +223,17 @@ def write_generation_config(out_dir: Path, ids: dict[str, int]) -> None:
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
-def build(name: str, out_dir: Path) -> Path:
-    """Write the tiny checkpoint `name` into out_dir (created; existing files overwritten); return out_dir."""
+def build(name: str, out_dir: Path, scale: str = "default") -> Path:
+    """Write the tiny checkpoint `name` into out_dir (created; existing files overwritten); return out_dir.
+    `scale`: a key of INIT_SCALES."""
     if name not in MODEL_NAMES:
         raise ValueError(f"name: unknown tiny model {name!r}; expected one of {MODEL_NAMES}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ids = write_tokenizer_files(name, out_dir)
-    model = make_model(name, make_config(name, ids))
+    if scale not in INIT_SCALES:
+        raise ValueError(f"scale: unknown init scale {scale!r}; expected one of {tuple(INIT_SCALES)}")
+    model = make_model(name, make_config(name, ids), INIT_SCALES[scale])
     suppress_unemittable_rows(model, ids, tokenizer_len=max(ids.values()) + 1)
     model.save_pretrained(out_dir, safe_serialization=True)
     write_generation_config(out_dir, ids)
@@ -230,9 +247,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     parser.add_argument("names", nargs="*", default=list(MODEL_NAMES),
                         help=f"any of {', '.join(MODEL_NAMES)} (default: all)")
+    parser.add_argument("--scale", choices=tuple(INIT_SCALES), default="default",
+                        help="weight scale: bf16 builds checkpoints on which bfloat16 stays close to float32")
     args = parser.parse_args(argv)
     for name in args.names:
-        print(build(name, args.out / name))
+        print(build(name, args.out / name, args.scale))
 
 
 if __name__ == "__main__":
