@@ -3,7 +3,8 @@
 runs after a warm-up, fresh images every run; requests/s, output tokens/s, images/s, vision vs
 text prompt tokens, and (in one extra instrumented run) time per stage.
 Same-run baseline: transformers `generate` at batch 64 on the same shape (random weights, bf16,
-sdpa; fewer new tokens to bound its time: tokens/s is per generated token).
+sdpa), 128 new tokens like W1 itself and like the baseline in shared/REFERENCE.md (one batch of 64
+requests rather than 256, to bound its time; tokens/s is per generated token).
 
     python bench/w1_throughput.py [--runs 5] [--requests 256] [--enforce-eager] [--no-deterministic]
 Caller: by hand, bench/run_all.py.
@@ -19,7 +20,7 @@ import torch
 import harness
 
 TEXT_TOKENS, OUTPUT_TOKENS, IMAGE_SIZE = 64, 128, (448, 448)
-HF_BATCH, HF_NEW_TOKENS = 64, 16
+HF_BATCH, HF_NEW_TOKENS = 64, OUTPUT_TOKENS
 
 
 def make_prompts(tokenizer, num_requests: int, seed: int) -> list[dict]:
