@@ -4,13 +4,19 @@
 # engine (W2 + W1 + determinism check); W1 with --no-deterministic (the cost); HF transformers
 # baselines (W2, W1); W3 vision tower (ours + HF). Ends with ONE summary table; JSON to $OUT.
 # Usage (device machine, repo root):  bash bench/run_gpu.sh [--runs 5]
-# Wheels: if build/h11wheels exists it is installed to /tmp/site first (av, msgspec, transformers 5.23, regex).
+# Wheels (bench/fetch_gpu_wheels.sh makes both; carry them): build/h11wheels is installed to /tmp/site
+# first (av, msgspec, transformers 5.23); build/w4wheels adds the serving stack W4 needs (litestar...).
 # About 4 minutes on an H100 with --runs 5 (SKIP_KERNEL_CHECKS=1 saves ~30 s).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 if [ -d build/h11wheels ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     build/h11wheels/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+if [ -d build/w4wheels ]; then
+  python3 -m pip install -q --no-index --find-links build/w4wheels litestar uvicorn httpx prometheus_client \
+    2>/dev/null || python3 -m pip install -q --break-system-packages --no-index --find-links build/w4wheels \
+    litestar uvicorn httpx prometheus_client
 fi
 export PYTHONPATH=$(pwd):${PYTHONPATH:-}
 rm -f bench/results/run_all_*.json
