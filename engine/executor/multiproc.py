@@ -46,7 +46,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @contextlib.contextmanager
 def _children_allowed():
-    """The engine core itself may run in a daemonic process (engine.client.ProcessCore), which
+    """The engine core itself may run in a daemonic process (engine.core_host.ProcessCore), which
     multiprocessing forbids to start children. Our workers are daemonic and also leave when their
     pipe closes, so lifting the flag while they start orphans nothing."""
     process = multiprocessing.current_process()

@@ -1,0 +1,248 @@
+"""Where the engine core runs for AsyncEngineClient: a daemon thread of this process (ThreadCore) or
+a spawned child process (ProcessCore: msgspec msgpack over two one-way multiprocessing Pipes, a reader
+thread delivering outputs, a watchdog for a busy core that stops answering). Both run the same
+run_core_loop and report outputs and death through two callbacks; neither knows about asyncio.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import wait
+
+import msgspec
+
+from engine.config import EngineConfig
+from engine.protocol import AbortRequests, EngineOutputs, EngineRequest, SchedulerStats
+
+logger = logging.getLogger(__name__)
+
+# Message tags, client -> core and core -> client.
+ADD, ABORT, SHUTDOWN = b"A", b"X", b"S"
+OUTPUTS, READY, FAILED = b"O", b"R", b"F"
+
+
+class EngineDeadError(RuntimeError):
+    """The engine core is gone; no request can complete any more."""
+
+
+def run_core_loop(core, receive: Callable[[bool], list[tuple[bytes, object]]],
+                  send: Callable[[EngineOutputs], None]) -> None:
+    """The core's busy loop: apply what arrived (waiting only when idle), step while there is
+    work. After messages that leave the core idle (aborts), send fresh stats."""
+    while True:
+        messages = receive(not core.has_unfinished_requests())
+        for tag, payload in messages:
+            if tag == SHUTDOWN:
+                return
+            if tag == ADD:
+                core.add_request(payload)
+            elif tag == ABORT:
+                core.abort_requests(payload)
+        if core.has_unfinished_requests():
+            send(core.step())
+        elif messages:
+            send(EngineOutputs(stats=core.stats(), timestamp=time.time()))
+
+
+# ---------------------------------------------------------------- core in a background thread
+
+class ThreadCore:
+    """EngineCore in a daemon thread of this process (AsyncEngineClient(in_process=True))."""
+
+    def __init__(self, config: EngineConfig, on_outputs: Callable[[EngineOutputs], None],
+                 on_dead: Callable[[str], None]):
+        from engine.core import EngineCore
+
+        self._core = EngineCore(config)
+        self.initial_stats = self._core.stats()
+        self._inbox: queue.Queue = queue.Queue()
+        self._on_outputs, self._on_dead = on_outputs, on_dead
+        self._thread = threading.Thread(target=self._run, name="vlserve-engine-core", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            run_core_loop(self._core, self._receive, self._on_outputs)
+        except BaseException:  # noqa: BLE001 - any failure kills the engine; report it
+            self._on_dead(traceback.format_exc())
+
+    def _receive(self, block: bool) -> list[tuple[bytes, object]]:
+        messages = [self._inbox.get()] if block else []
+        while True:
+            try:
+                messages.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return messages
+
+    def send_request(self, request: EngineRequest) -> None:
+        self._inbox.put((ADD, request))
+
+    def send_abort(self, req_ids: list[str]) -> None:
+        self._inbox.put((ABORT, req_ids))
+
+    def close(self, timeout_s: float) -> None:
+        self._inbox.put((SHUTDOWN, None))
+        self._thread.join(timeout_s)
+
+
+# ---------------------------------------------------------------- core in a child process
+
+def core_process_main(config: EngineConfig, request_reader, output_writer) -> None:
+    """Entry point of the engine-core process (spawned)."""
+    try:
+        from engine.core import EngineCore
+
+        core = EngineCore(config)
+    except BaseException as exc:  # noqa: BLE001 - tell the parent why, then exit
+        output_writer.send_bytes(_failure(exc))
+        return
+    encoder = msgspec.msgpack.Encoder()
+    output_writer.send_bytes(READY + encoder.encode(core.stats()))
+    request_decoder = msgspec.msgpack.Decoder(EngineRequest)
+    abort_decoder = msgspec.msgpack.Decoder(AbortRequests)
+
+    def receive(block: bool) -> list[tuple[bytes, object]]:
+        messages = []
+        while request_reader.poll(None if block and not messages else 0):
+            data = request_reader.recv_bytes()
+            tag, body = data[:1], data[1:]
+            payload = (request_decoder.decode(body) if tag == ADD
+                       else abort_decoder.decode(body).req_ids if tag == ABORT else None)
+            messages.append((tag, payload))
+        return messages
+
+    try:
+        run_core_loop(core, receive, lambda outputs: output_writer.send_bytes(OUTPUTS + encoder.encode(outputs)))
+    except BaseException as exc:  # noqa: BLE001
+        output_writer.send_bytes(_failure(exc))
+        raise SystemExit(1) from None
+
+
+def _failure(exc: BaseException) -> bytes:
+    return FAILED + msgspec.msgpack.encode([type(exc).__name__, str(exc), traceback.format_exc()])
+
+
+class ProcessCore:
+    """EngineCore in a spawned child process; a reader thread delivers its messages."""
+
+    def __init__(self, config: EngineConfig, on_outputs: Callable[[EngineOutputs], None],
+                 on_dead: Callable[[str], None], ready_timeout_s: float = 600.0,
+                 iteration_timeout_s: float | None = None, is_busy: Callable[[], bool] = lambda: False):
+        """iteration_timeout_s: while is_busy() (requests in flight), a core that sends nothing for
+        this long is taken as hung (a stuck kernel, a deadlock): it is killed and reported dead."""
+        context = multiprocessing.get_context("spawn")
+        request_reader, self._request_writer = context.Pipe(duplex=False)
+        self._output_reader, output_writer = context.Pipe(duplex=False)
+        self._process = context.Process(target=core_process_main, args=(config, request_reader, output_writer),
+                                        name="vlserve-engine-core", daemon=True)
+        self._process.start()
+        request_reader.close()
+        output_writer.close()
+        self._on_outputs, self._on_dead = on_outputs, on_dead
+        self._encoder = msgspec.msgpack.Encoder()
+        self._send_lock = threading.Lock()
+        self._closing = False
+        self._iteration_timeout_s, self._is_busy = iteration_timeout_s, is_busy
+        self._last_activity = time.monotonic()
+        self._wait_ready(ready_timeout_s)
+        self._reader = threading.Thread(target=self._read_loop, name="vlserve-core-reader", daemon=True)
+        self._reader.start()
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        if not wait([self._output_reader, self._process.sentinel], timeout_s):
+            self._process.kill()
+            raise RuntimeError(f"the engine core did not start within {timeout_s:.0f} s")
+        data = self._output_reader.recv_bytes() if self._output_reader.poll(0) else b""
+        if data[:1] == READY:
+            self.initial_stats = msgspec.msgpack.decode(data[1:], type=SchedulerStats)
+            return
+        self._process.join(5)
+        if data[:1] == FAILED:
+            kind, message, trace = msgspec.msgpack.decode(data[1:])
+            logger.error("engine core failed to start:\n%s", trace)
+            raise (ValueError if kind == "ValueError" else RuntimeError)(message)
+        raise RuntimeError(f"the engine core process exited during startup (code {self._process.exitcode})")
+
+    def _read_loop(self) -> None:
+        """Delivers messages until the process ends; then reports its death (unless closed)."""
+        decoder = msgspec.msgpack.Decoder(EngineOutputs)
+        poll_s = None if self._iteration_timeout_s is None else min(1.0, self._iteration_timeout_s / 4)
+        while True:
+            ready = wait([self._output_reader, self._process.sentinel], poll_s)
+            if not ready:
+                if self._stalled():
+                    return
+                continue
+            self._last_activity = time.monotonic()
+            data = b""
+            if self._output_reader in ready:  # data, or EOF; drained before the sentinel counts
+                try:
+                    data = self._output_reader.recv_bytes()
+                except (EOFError, OSError):
+                    data = b""
+            if data[:1] == OUTPUTS:
+                self._on_outputs(decoder.decode(data[1:]))
+                continue
+            if data[:1] == FAILED:
+                kind, message, trace = msgspec.msgpack.decode(data[1:])
+                logger.error("engine core failed:\n%s", trace)
+                self._report_dead(f"the engine core failed: {kind}: {message}")
+                return
+            if data:
+                continue
+            self._process.join(1)
+            self._report_dead(f"the engine core process exited (exit code {self._process.exitcode})")
+            return
+
+    def _stalled(self) -> bool:
+        """Kills a busy core that has been silent past the iteration timeout; True if it did."""
+        now = time.monotonic()
+        if not self._is_busy():
+            self._last_activity = now  # an idle core owes nothing: silence counts only while busy
+            return False
+        silent_s = now - self._last_activity
+        if silent_s < self._iteration_timeout_s:
+            return False
+        self._process.kill()
+        self._process.join(5)
+        self._report_dead(f"the engine core stopped answering: no step finished in {silent_s:.0f} s "
+                          f"(--engine-iteration-timeout {self._iteration_timeout_s:g}); it was stopped")
+        return True
+
+    def _report_dead(self, message: str) -> None:
+        if not self._closing:
+            self._on_dead(message)
+
+    def send_request(self, request: EngineRequest) -> None:
+        self._send(ADD + self._encoder.encode(request))
+
+    def send_abort(self, req_ids: list[str]) -> None:
+        self._send(ABORT + self._encoder.encode(AbortRequests(req_ids)))
+
+    def _send(self, data: bytes) -> None:
+        try:
+            with self._send_lock:
+                self._request_writer.send_bytes(data)
+        except (BrokenPipeError, OSError) as exc:
+            raise EngineDeadError(f"the engine core is not running: {exc}") from None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    def close(self, timeout_s: float) -> None:
+        self._closing = True
+        try:
+            self._send(SHUTDOWN)
+        except EngineDeadError:
+            pass
+        self._process.join(timeout_s)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(5)
