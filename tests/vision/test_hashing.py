@@ -1,4 +1,4 @@
-"""mm_hash: blake2b over settings + frame bytes/shape, or settings + uuid (oracle: hashlib directly)."""
+"""mm_hash: sha256 (first 16 bytes) over settings + frame bytes/shape, or settings + uuid (oracle: hashlib directly)."""
 
 import hashlib
 
@@ -8,13 +8,13 @@ import pytest
 from vision.hashing import mm_hash
 
 
-def test_matches_blake2b_of_settings_shape_and_bytes():
+def test_matches_sha256_of_settings_shape_and_bytes():
     frames = np.arange(2 * 3 * 4 * 3, dtype=np.uint8).reshape(2, 3, 4, 3)
-    expected = hashlib.blake2b(digest_size=16)
+    expected = hashlib.sha256()
     expected.update(b'{"a":1,"b":[2,3]}')
     expected.update(b"\x00frames\x00|u1[2, 3, 4, 3]")
     expected.update(frames.tobytes())
-    assert mm_hash(frames, {"b": [2, 3], "a": 1}) == expected.hexdigest()
+    assert mm_hash(frames, {"b": [2, 3], "a": 1}) == expected.hexdigest()[:32]
 
 
 def test_shape_settings_and_uuid_separate_items():
