@@ -72,15 +72,17 @@ def tiny_model_dir() -> Callable[[str], Path]:
     internvl_stamp = _source_stamp(sources + [MODELS_DIR / "build_tiny_internvl.py"],
                                    f"transformers={transformers.__version__}")
 
-    def get(name: str, scale: str = "default") -> Path:
-        """`scale`: build_tiny.INIT_SCALES key; "bf16" checkpoints live in out/<name>-bf16."""
-        if name in internvl.MODEL_NAMES and scale == "default":
+    def get(name: str, scale: str = "default", shape: str = "default") -> Path:
+        """`scale`: build_tiny.INIT_SCALES key, `shape`: build_tiny.SHAPES; other than the defaults,
+        checkpoints live in out/<name>-<scale>-<shape>."""
+        variant = (scale, shape) != ("default", "default")
+        if name in internvl.MODEL_NAMES and not variant:
             return build_cached(MODELS_DIR / "out" / name, internvl_stamp, lambda tmp: internvl.build(name, tmp))
         if name not in builder.MODEL_NAMES:
             raise ValueError(f"name: unknown tiny model {name!r}; expected one of "
                              f"{builder.MODEL_NAMES + internvl.MODEL_NAMES}")
-        target = MODELS_DIR / "out" / (name if scale == "default" else f"{name}-{scale}")
-        return build_cached(target, stamp, lambda tmp: builder.build(name, tmp, scale))
+        target = MODELS_DIR / "out" / (f"{name}-{scale}-{shape}" if variant else name)
+        return build_cached(target, stamp, lambda tmp: builder.build(name, tmp, scale, shape))
 
     return get
 

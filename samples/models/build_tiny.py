@@ -36,40 +36,55 @@ MIN_PIXELS, MAX_PIXELS = 3136, 12845056
 VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 128 * 28 * 28, 768 * 28 * 28
 
 
-def text_kwargs(name: str, ids: dict[str, int]) -> dict:
-    """LM shape shared by the three models: hidden 64, 3 layers, 4 query / 2 KV heads of 16."""
-    rope = {"rope_type": "default", "rope_theta": 1000000.0}
+def text_kwargs(name: str, ids: dict[str, int], shape: str = "default") -> dict:
+    """LM shape. default: hidden 64, 3 layers, 4 query / 2 KV heads of 16, M-RoPE sections [2, 3, 3].
+    alt: hidden 96, 2 layers, 6 query heads sharing 1 KV head (GQA 6:1), sections [2, 2, 4], another
+    rope theta and a vocab 13 rows larger - so nothing may depend on the default's numbers."""
+    alt = shape == "alt"
+    rope = {"rope_type": "default", "rope_theta": 10000.0 if alt else 1000000.0}
     if name != "qwen2":
-        rope["mrope_section"] = [2, 3, 3]
+        rope["mrope_section"] = [2, 2, 4] if alt else [2, 3, 3]
+    layers = 2 if alt else 3
     return dict(
-        vocab_size=VOCAB_SIZES[name], hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, hidden_act="silu", max_position_embeddings=4096,
-        rms_norm_eps=1e-6, rope_parameters=rope, use_sliding_window=False, max_window_layers=3,
+        vocab_size=VOCAB_SIZES[name] + (13 if alt else 0), hidden_size=96 if alt else 64,
+        intermediate_size=160 if alt else 128, num_hidden_layers=layers, num_attention_heads=6 if alt else 4,
+        num_key_value_heads=1 if alt else 2, hidden_act="silu", max_position_embeddings=4096,
+        rms_norm_eps=1e-6, rope_parameters=rope, use_sliding_window=False, max_window_layers=layers,
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
     )
 
 
-def make_config(name: str, ids: dict[str, int]):
+def make_config(name: str, ids: dict[str, int], shape: str = "default"):
+    """shape: default, or alt (other head counts, GQA ratio, depths, window blocks, tying; see
+    text_kwargs) for the parity tests that guard against depending on the default's shapes."""
     from transformers import Qwen2_5_VLConfig, Qwen2Config, Qwen2VLConfig
 
+    alt = shape == "alt"
+    text = text_kwargs(name, ids, shape)
     media_ids = dict(
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
     )
     if name == "qwen2":
-        return Qwen2Config(**text_kwargs(name, ids), tie_word_embeddings=True, dtype="float32")
+        return Qwen2Config(**text, tie_word_embeddings=not alt, dtype="float32")
     if name == "qwen2_vl":
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, hidden_act="quick_gelu", mlp_ratio=4,
-                      num_heads=2, in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-        return Qwen2VLConfig(text_config=text_kwargs(name, ids), vision_config=vision,
-                             tie_word_embeddings=False, dtype="float32", **media_ids)
+        vision = dict(depth=3 if alt else 2, embed_dim=48 if alt else 32, hidden_size=text["hidden_size"],
+                      hidden_act="quick_gelu", mlp_ratio=2 if alt else 4, num_heads=3 if alt else 2, in_channels=3,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=alt, dtype="float32",
+                             **media_ids)
     if name == "qwen2_5_vl":
-        vision = dict(depth=3, hidden_size=32, intermediate_size=48, hidden_act="silu", num_heads=2,
-                      in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                      tokens_per_second=2, window_size=112, out_hidden_size=64, fullatt_block_indexes=[1])
-        return Qwen2_5_VLConfig(text_config=text_kwargs(name, ids), vision_config=vision,
-                                tie_word_embeddings=True, dtype="float32", **media_ids)
+        vision = dict(depth=4 if alt else 3, hidden_size=48 if alt else 32, intermediate_size=72 if alt else 48,
+                      hidden_act="silu", num_heads=3 if alt else 2, in_channels=3, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=4 if alt else 2,
+                      window_size=112, out_hidden_size=text["hidden_size"],
+                      fullatt_block_indexes=[0, 3] if alt else [1])
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=not alt,
+                                dtype="float32", **media_ids)
     raise ValueError(f"name: unknown tiny model {name!r}; expected one of {MODEL_NAMES}")
+
+
+SHAPES = ("default", "alt")
 
 
 class InitScale(NamedTuple):
@@ -223,9 +238,9 @@ def write_generation_config(out_dir: Path, ids: dict[str, int]) -> None:
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
-def build(name: str, out_dir: Path, scale: str = "default") -> Path:
+def build(name: str, out_dir: Path, scale: str = "default", shape: str = "default") -> Path:
     """Write the tiny checkpoint `name` into out_dir (created; existing files overwritten); return out_dir.
-    `scale`: a key of INIT_SCALES."""
+    `scale`: a key of INIT_SCALES; `shape`: one of SHAPES."""
     if name not in MODEL_NAMES:
         raise ValueError(f"name: unknown tiny model {name!r}; expected one of {MODEL_NAMES}")
     out_dir = Path(out_dir)
@@ -233,7 +248,9 @@ def build(name: str, out_dir: Path, scale: str = "default") -> Path:
     ids = write_tokenizer_files(name, out_dir)
     if scale not in INIT_SCALES:
         raise ValueError(f"scale: unknown init scale {scale!r}; expected one of {tuple(INIT_SCALES)}")
-    model = make_model(name, make_config(name, ids), INIT_SCALES[scale])
+    if shape not in SHAPES:
+        raise ValueError(f"shape: unknown shape {shape!r}; expected one of {SHAPES}")
+    model = make_model(name, make_config(name, ids, shape), INIT_SCALES[scale])
     suppress_unemittable_rows(model, ids, tokenizer_len=max(ids.values()) + 1)
     model.save_pretrained(out_dir, safe_serialization=True)
     write_generation_config(out_dir, ids)
@@ -249,9 +266,11 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"any of {', '.join(MODEL_NAMES)} (default: all)")
     parser.add_argument("--scale", choices=tuple(INIT_SCALES), default="default",
                         help="weight scale: bf16 builds checkpoints on which bfloat16 stays close to float32")
+    parser.add_argument("--shape", choices=SHAPES, default="default",
+                        help="alt: other head counts, GQA ratio, depths, window blocks and tying")
     args = parser.parse_args(argv)
     for name in args.names:
-        print(build(name, args.out / name, args.scale))
+        print(build(name, args.out / name, args.scale, args.shape))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
 BUILDER_PATH = Path(__file__).resolve().parents[2] / "samples" / "models" / "build_tiny.py"
@@ -124,3 +125,21 @@ def test_chat_templates_render_media_and_tools(tiny_model_dir):
         [{"role": "user", "content": "Weather?"}], tools=[tool], tokenize=False, add_generation_prompt=True)
     assert "# Tools" in rendered and '"name": "get_weather"' in rendered
     assert rendered.endswith("Weather?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_variants_change_what_they_say_and_unknown_ones_are_refused(tiny_model_dir, tmp_path):
+    default = AutoConfig.from_pretrained(tiny_model_dir("qwen2_5_vl"))
+    alt = AutoConfig.from_pretrained(tiny_model_dir("qwen2_5_vl", shape="alt"))
+    text, alt_text = default.get_text_config(), alt.get_text_config()
+    assert (text.num_attention_heads, text.num_key_value_heads) == (4, 2)
+    assert (alt_text.num_attention_heads, alt_text.num_key_value_heads) == (6, 1)
+    assert alt.vision_config.fullatt_block_indexes != default.vision_config.fullatt_block_indexes
+    assert alt.tie_word_embeddings != default.tie_word_embeddings
+    weights = {scale: load_file(tiny_model_dir("qwen2_5_vl", scale=scale) / "model.safetensors")
+               ["model.layers.0.mlp.down_proj.weight"] for scale in ("default", "bf16")}
+    ratio = weights["bf16"].std() / weights["default"].std()
+    assert abs(ratio - 0.7 / 1.5) < 0.02   # the bf16 scale's matrix gain against the default's
+    builder = load_builder()
+    for kwargs, word in [({"scale": "huge"}, "scale"), ({"shape": "wide"}, "shape")]:
+        with pytest.raises(ValueError, match=word):
+            builder.build("qwen2", tmp_path / "x", **kwargs)
