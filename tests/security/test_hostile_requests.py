@@ -22,6 +22,7 @@ from tests.security.conftest import (ENGINE_KWARGS, ServerThread, assert_error, 
                                      png_bytes, video_part, wait_until_kv_free)
 from vision.limits import MultiModalLimits
 
+LONG_MAX_TOKENS = 4000  # ~10 s of decoding on a 2-core box: far longer than the 1 s client timeout
 GREEDY = chat_body(image_part(data_url(png_bytes(56, 56, seed=1))), max_tokens=8)
 
 
@@ -41,7 +42,9 @@ def server(tiny_model_dir, local_media):
     config = ServerConfig(model=model, served_model_names=("tiny-vl",), disable_log_stats=True,
                           disable_log_requests=True, limits=MultiModalLimits.parse(ENGINE_KWARGS["limit_mm_per_prompt"]),
                           allowed_local_media_path=str(local_media[0]))
-    with ServerThread({"model": model, **ENGINE_KWARGS}, config) as running:
+    # Room for LONG_MAX_TOKENS: the disconnect test needs a request that outlasts its client's timeout.
+    engine_kwargs = {"model": model, **ENGINE_KWARGS, "max_model_len": 4096, "num_gpu_blocks_override": 4096 // 16 + 8}
+    with ServerThread(engine_kwargs, config) as running:
         yield running
 
 
@@ -269,7 +272,7 @@ def test_internal_addresses_are_refused_without_connecting(http, host):
 # ---------------------------------------------------------------- disconnects, then the final checks
 
 def test_disconnects_free_the_kv_cache_at_once(server, http):
-    body = {"model": "tiny-vl", "messages": [{"role": "user", "content": "count"}], "max_tokens": 900,
+    body = {"model": "tiny-vl", "messages": [{"role": "user", "content": "count"}], "max_tokens": LONG_MAX_TOKENS,
             "ignore_eos": True, "stream": True}
     with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body, timeout=60) as response:
         for line in response.iter_lines():
