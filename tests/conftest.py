@@ -76,7 +76,9 @@ def tiny_model_dir() -> Callable[[str], Path]:
         """`scale`: build_tiny.INIT_SCALES key, `shape`: build_tiny.SHAPES; other than the defaults,
         checkpoints live in out/<name>-<scale>-<shape>."""
         variant = (scale, shape) != ("default", "default")
-        if name in internvl.MODEL_NAMES and not variant:
+        if name in internvl.MODEL_NAMES:
+            if variant:
+                raise ValueError(f"scale/shape variants exist for {builder.MODEL_NAMES} only, not {name!r}")
             return build_cached(MODELS_DIR / "out" / name, internvl_stamp, lambda tmp: internvl.build(name, tmp))
         if name not in builder.MODEL_NAMES:
             raise ValueError(f"name: unknown tiny model {name!r}; expected one of "

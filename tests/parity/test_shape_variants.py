@@ -6,16 +6,17 @@ full-attention blocks [0, 3] - with images in other modes (P, LA, CMYK, RGBA) an
 chunked prefill (24 tokens per step) and a KV cache small enough to preempt.
 """
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from engine import LLM
 from reference import hf_generate
-from test_vl_parity import (GREEDY, LOGPROB_ATOL, MAX_MODEL_LEN, NUM_NEW_TOKENS, TOP_K, assert_matches, chat,
-                            engine_prompt, make_cases, pattern_image, ref_request)
+from test_vl_parity import (GREEDY, IMG, LOGPROB_ATOL, MAX_MODEL_LEN, NUM_NEW_TOKENS, TOP_K, assert_matches,
+                            chat, engine_prompt, make_cases, pattern_image, ref_request)
 
-IMG = "<|vision_start|><|image_pad|><|vision_end|>"
 RUNS = [("defaults", {}), ("chunked 24", {"max_num_batched_tokens": 24}), ("scarce KV", {"scarce": True})]
 
 
@@ -69,8 +70,9 @@ def test_alt_shape_vl_matches_transformers(alt_model, label, kwargs):
 
 def test_alt_shape_text_matches_transformers(tiny_model_dir):
     model_dir = str(tiny_model_dir("qwen2", shape="alt"))
+    vocab = json.loads(open(f"{model_dir}/config.json").read())["vocab_size"]
     rng = np.random.default_rng(7)
-    prompts = [rng.integers(0, 1046, size=n).tolist() for n in (3, 17, 40, 133)]
+    prompts = [rng.integers(0, vocab, size=n).tolist() for n in (3, 17, 40, 133)]
     refs = hf_generate(model_dir, prompts, NUM_NEW_TOKENS, top_k=TOP_K, ignore_eos=True)
     llm = LLM(model_dir, dtype="float32", device="cpu", max_model_len=MAX_MODEL_LEN,
               num_gpu_blocks_override=200, max_num_batched_tokens=48)

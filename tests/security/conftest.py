@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -62,6 +63,13 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=60)
+
+
+@pytest.fixture(scope="module", name="http")  # not `def http`: that would shadow the http.server module
+def http_client(server):
+    """A client of the module's own `server` fixture."""
+    with httpx.Client(base_url=server.base_url, timeout=60) as client:
+        yield client
 
 
 def assert_error(response: httpx.Response, status: int, *words: str) -> dict:

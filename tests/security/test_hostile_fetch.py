@@ -49,12 +49,6 @@ def server(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.base_url, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def greedy_body(media) -> dict:
     return chat_body(image_part(f"http://localhost:{media.port}/image.png"), max_tokens=8)
 

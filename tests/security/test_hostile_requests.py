@@ -49,12 +49,6 @@ def server(tiny_model_dir, local_media):
 
 
 @pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.base_url, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def greedy_before(http):
     response = http.post("/v1/chat/completions", json=GREEDY)
     assert response.status_code == 200, response.text
