@@ -113,7 +113,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 def batch_invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [num_tokens, in], weight: [out, in], bias: [out] -> [num_tokens, out]; each row's result is
-    independent of num_tokens (no split-K, no kernel choice by batch size). CPU: F.linear."""
+    independent of num_tokens (split-K fixed by the weight shape, no kernel choice by batch size). CPU: F.linear."""
     if uses_triton(x):
         return _matmul._triton(x, weight, bias)
     return _matmul._reference(x, weight, bias)

@@ -1,11 +1,14 @@
 """Batch-invariant linear layer: out[M, N] = x[M, K] @ weight[N, K]^T (+ bias), where every row's
-arithmetic is the same whatever M is (no split-K, no kernel choice by M).
+arithmetic is the same whatever M is (split-K fixed by the weight's shape, no kernel choice by M).
 
 Caller: `kernels.batch_invariant_linear` (dispatch in `kernels/__init__.py`), from the engine's
 linear layers when DeviceConfig.deterministic is on (the default). cuBLAS picks its kernel (tile
 shape, split-K, stream-K) by M, so a request's logits change with what else is in the batch;
-here each output element is one fp32 accumulator fed by tl.dot over K in BLOCK_K steps, in K
-order, then the bias is added and the sum rounded once. BLOCK_K and the instruction family
+here each output element is a fixed number of fp32 accumulators, one per K range (the ranges
+depend on the weight's [N, K] only), each fed by tl.dot over its range in BLOCK_K steps, summed in
+range order, then the bias is added and the sum rounded once. Small M writes the per-range sums
+and a second kernel adds them (many programs stream the weight: decode is bandwidth-bound); large
+M adds them inside one program (no extra traffic); the additions are the same. BLOCK_K and the instruction family
 (tensor-core dot with >= 64 rows) are fixed; only BLOCK_N (and the grid) grow with M, which
 changes which program computes an element, not how. bench/check_determinism.py checks the
 row results bit for bit across M on the GPU.
@@ -25,13 +28,19 @@ def _reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     return F.linear(x, weight, bias)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "K_BLOCKS_PER_SPLIT", "NUM_SPLITS"])
 def _linear_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+    x_ptr, w_ptr, bias_ptr, out_ptr, partial_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+    K_BLOCKS_PER_SPLIT, NUM_SPLITS,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, IS_FP32: tl.constexpr,
+    GROUP_M: tl.constexpr, IS_FP32: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
 ):
     # Program -> (row tile, column tile), row tiles grouped by GROUP_M so weight tiles stay in L2.
+    # K is cut into NUM_SPLITS ranges of K_BLOCKS_PER_SPLIT blocks (fixed by the weight's shape,
+    # never by M). Each range gets its own fp32 accumulator from zero, and the ranges are summed
+    # in order: total = ((0 + acc_0) + acc_1) + ... WRITE_PARTIAL (small M): program axis 1 is the
+    # range, its accumulator goes to partial[s, M, N] and _sum_partials_kernel adds them in the
+    # same order; otherwise one program walks every range itself. Same arithmetic either way.
     pid = tl.program_id(0)
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n
@@ -42,23 +51,73 @@ def _linear_kernel(
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)                   # [BLOCK_M]
     cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)                   # [BLOCK_N]
     ks = tl.arange(0, BLOCK_K)
-    x_tile = x_ptr + rows[:, None] * stride_xm + ks[None, :]                        # [BLOCK_M, BLOCK_K]
-    w_tile = w_ptr + cols[None, :] * stride_wn + ks[:, None]                        # [BLOCK_K, BLOCK_N]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a = tl.load(x_tile, mask=(rows[:, None] < M) & (ks[None, :] < k_left), other=0.0)
-        b = tl.load(w_tile, mask=(cols[None, :] < N) & (ks[:, None] < k_left), other=0.0)
-        if IS_FP32:  # float32 means float32 (Triton's default would round the inputs to tf32)
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-        x_tile += BLOCK_K
-        w_tile += BLOCK_K
+    num_k_blocks = tl.cdiv(K, BLOCK_K)
+    if WRITE_PARTIAL:
+        first_split = tl.program_id(1)
+        last_split = first_split + 1
+    else:
+        first_split = 0
+        last_split = NUM_SPLITS
+    total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for split in range(first_split, last_split):
+        k_start = split * K_BLOCKS_PER_SPLIT
+        k_end = tl.minimum(k_start + K_BLOCKS_PER_SPLIT, num_k_blocks)
+        x_tile = x_ptr + rows[:, None] * stride_xm + (k_start * BLOCK_K + ks)[None, :]   # [BLOCK_M, BLOCK_K]
+        w_tile = w_ptr + cols[None, :] * stride_wn + (k_start * BLOCK_K + ks)[:, None]   # [BLOCK_K, BLOCK_N]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k in range(k_start, k_end):
+            k_left = K - k * BLOCK_K
+            a = tl.load(x_tile, mask=(rows[:, None] < M) & (ks[None, :] < k_left), other=0.0)
+            b = tl.load(w_tile, mask=(cols[None, :] < N) & (ks[:, None] < k_left), other=0.0)
+            if IS_FP32:  # float32 means float32 (Triton's default would round the inputs to tf32)
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+            x_tile += BLOCK_K
+            w_tile += BLOCK_K
+        total += acc
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    if WRITE_PARTIAL:
+        partial = partial_ptr + (tl.program_id(1) * M + rows[:, None]) * N + cols[None, :]
+        tl.store(partial, total, mask=mask)
+    else:
+        if HAS_BIAS:
+            total += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + rows[:, None] * stride_om + cols[None, :]
+        tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["M", "NUM_SPLITS"])
+def _sum_partials_kernel(partial_ptr, bias_ptr, out_ptr, M, N, stride_om, NUM_SPLITS,
+                         HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    # out[m, n] = ((0 + partial[0, m, n]) + partial[1, m, n]) + ... (+ bias), rounded once.
+    pid = tl.program_id(0)
+    offsets = (pid * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)                      # [BLOCK] of M * N
+    mask = offsets < M * N
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for split in range(0, NUM_SPLITS):
+        total += tl.load(partial_ptr + split * M * N + offsets, mask=mask, other=0.0)
+    cols = offsets % N
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rows[:, None] * stride_om + cols[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+        total += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + (offsets // N) * stride_om + cols, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# Small-M steps (decode) run one program per (column tile, K range): enough programs to keep every
+# SM streaming weights. The ranges are fixed by the weight's shape, so every M shares them.
+_TARGET_PROGRAMS = 512
+_MIN_K_BLOCKS_PER_SPLIT = 4
+_SMALL_M = 64
+
+
+def k_split(num_cols: int, k: int) -> tuple[int, int]:
+    """(num_splits, k_blocks_per_split) for a weight [num_cols, k]: a function of the shape only."""
+    num_k_blocks = triton.cdiv(k, BLOCK_K)
+    column_tiles = triton.cdiv(num_cols, tile_config(1, num_cols)[1])
+    wanted = max(1, _TARGET_PROGRAMS // column_tiles)
+    splits = max(1, min(wanted, num_k_blocks // _MIN_K_BLOCKS_PER_SPLIT))
+    per_split = triton.cdiv(num_k_blocks, splits)
+    return triton.cdiv(num_k_blocks, per_split), per_split
 
 
 def tile_config(num_rows: int, num_cols: int) -> tuple[int, int, int, int]:
@@ -94,10 +153,20 @@ def _triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         return out
     block_m, block_n, num_warps, num_stages = config or tile_config(num_rows, num_cols)
     num_stages = fit_num_stages(block_m, block_n, num_stages, x.element_size())
-    grid = (triton.cdiv(num_rows, block_m) * triton.cdiv(num_cols, block_n),)
+    num_splits, per_split = k_split(num_cols, x.shape[1])
+    write_partial = num_splits > 1 and num_rows <= _SMALL_M
+    partial = (torch.empty((num_splits, num_rows, num_cols), dtype=torch.float32, device=x.device)
+               if write_partial else out)                                          # [S, M, N] fp32
+    grid = (triton.cdiv(num_rows, block_m) * triton.cdiv(num_cols, block_n), num_splits if write_partial else 1)
     _linear_kernel[grid](
-        x, weight, bias if bias is not None else weight, out, num_rows, num_cols, x.shape[1],
-        x.stride(0), weight.stride(0), out.stride(0),
+        x, weight, bias if bias is not None else weight, out, partial, num_rows, num_cols, x.shape[1],
+        x.stride(0), weight.stride(0), out.stride(0), per_split, num_splits,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, GROUP_M=8,
-        IS_FP32=x.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
+        IS_FP32=x.dtype == torch.float32, WRITE_PARTIAL=write_partial, num_warps=num_warps,
+        num_stages=num_stages)
+    if write_partial:
+        block = 1024
+        _sum_partials_kernel[(triton.cdiv(num_rows * num_cols, block),)](
+            partial, bias if bias is not None else weight, out, num_rows, num_cols, out.stride(0), num_splits,
+            HAS_BIAS=bias is not None, BLOCK=block)
     return out

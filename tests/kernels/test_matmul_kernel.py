@@ -32,3 +32,16 @@ def test_pipeline_stages_fit_shared_memory_for_every_dtype():
             for element_size in (2, 4):
                 used = fit_num_stages(block_m, block_n, stages, element_size) * (block_m + block_n) * BLOCK_K * element_size
                 assert used <= 227 * 1024
+
+
+def test_k_split_depends_on_the_weight_shape_only():
+    from kernels.matmul import BLOCK_K, k_split
+
+    # Qwen2.5-VL-3B decode shapes: o_proj and down_proj get several K ranges, wide ones none.
+    assert k_split(2048, 2048) == (8, 4)
+    assert k_split(2048, 11008)[0] == 8
+    assert k_split(151936, 2048) == (1, 32)
+    for cols, depth in ((2560, 2048), (48, 600), (7, 64), (22016, 2048)):
+        splits, per_split = k_split(cols, depth)
+        blocks = -(-depth // BLOCK_K)
+        assert splits * per_split >= blocks > (splits - 1) * per_split   # every K block in exactly one range

@@ -33,3 +33,21 @@ def test_rows_do_not_depend_on_batch_or_tiling():
     for rows, config in [(80, (64, 16, 4, 2)), (80, (64, 64, 4, 2)), (80, (128, 128, 8, 2)), (9, None), (80, None)]:
         got = matmul_module._triton(x[:rows], weight, bias, config)
         assert torch.equal(got[5:6], alone), (rows, config)
+
+
+def test_split_k_rows_do_not_depend_on_batch():
+    """K long enough for several K ranges: small M writes per-range sums (second kernel adds
+    them), large M adds them in one program; a row's bits are the same either way."""
+    gen = torch.Generator().manual_seed(11)
+    depth, cols = 600, 48
+    num_splits, per_split = matmul_module.k_split(cols, depth)
+    assert num_splits == 2 and per_split == 5, (num_splits, per_split)
+    x, weight, bias = torch.randn(70, depth, generator=gen), torch.randn(cols, depth, generator=gen), torch.randn(cols, generator=gen)
+    alone = matmul_module._triton(x[3:4], weight, bias)
+    expected = x[3:4].double() @ weight.double().T + bias.double()
+    torch.testing.assert_close(alone.double(), expected, rtol=1e-5, atol=1e-4)
+    for rows in (4, 64, 65, 70):
+        got = matmul_module._triton(x[:rows], weight, bias)
+        assert torch.equal(got[3:4], alone), rows
+    torch.testing.assert_close(matmul_module._triton(x, weight, None).double(), x.double() @ weight.double().T,
+                               rtol=1e-5, atol=1e-4)
