@@ -16,6 +16,10 @@ row results bit for bit across M on the GPU.
 
 from __future__ import annotations
 
+import functools
+import json
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -28,19 +32,22 @@ def _reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
     return F.linear(x, weight, bias)
 
 
-@triton.jit(do_not_specialize=["M", "K_BLOCKS_PER_SPLIT", "NUM_SPLITS"])
+# SPLIT_LEN stays specialised: it is always a multiple of 256, and Triton's "divisible by 16"
+# specialisation is what lets the loads be 16-byte vectors (without it they run 4x slower).
+@triton.jit(do_not_specialize=["M", "NUM_SPLITS"])
 def _linear_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, partial_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-    K_BLOCKS_PER_SPLIT, NUM_SPLITS,
+    SPLIT_LEN, NUM_SPLITS,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, IS_FP32: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
 ):
     # Program -> (row tile, column tile), row tiles grouped by GROUP_M so weight tiles stay in L2.
-    # K is cut into NUM_SPLITS ranges of K_BLOCKS_PER_SPLIT blocks (fixed by the weight's shape,
-    # never by M). Each range gets its own fp32 accumulator from zero, and the ranges are summed
-    # in order: total = ((0 + acc_0) + acc_1) + ... WRITE_PARTIAL (small M): program axis 1 is the
-    # range, its accumulator goes to partial[s, M, N] and _sum_partials_kernel adds them in the
-    # same order; otherwise one program walks every range itself. Same arithmetic either way.
+    # K is cut into NUM_SPLITS ranges of SPLIT_LEN elements (fixed by the weight's shape, never by
+    # M; a multiple of every BLOCK_K used). Each range gets its own fp32 accumulator from zero, fed
+    # by tensor-core dots in K order, and the ranges are summed in order: ((0 + acc_0) + acc_1) + ...
+    # WRITE_PARTIAL (small M): program axis 1 is the range, its accumulator goes to partial[s, M, N]
+    # and _sum_partials_kernel adds them in the same order; otherwise one program walks every
+    # range itself. Same arithmetic either way.
     pid = tl.program_id(0)
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n
@@ -51,7 +58,6 @@ def _linear_kernel(
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)                   # [BLOCK_M]
     cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)                   # [BLOCK_N]
     ks = tl.arange(0, BLOCK_K)
-    num_k_blocks = tl.cdiv(K, BLOCK_K)
     if WRITE_PARTIAL:
         first_split = tl.program_id(1)
         last_split = first_split + 1
@@ -60,13 +66,13 @@ def _linear_kernel(
         last_split = NUM_SPLITS
     total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for split in range(first_split, last_split):
-        k_start = split * K_BLOCKS_PER_SPLIT
-        k_end = tl.minimum(k_start + K_BLOCKS_PER_SPLIT, num_k_blocks)
-        x_tile = x_ptr + rows[:, None] * stride_xm + (k_start * BLOCK_K + ks)[None, :]   # [BLOCK_M, BLOCK_K]
-        w_tile = w_ptr + cols[None, :] * stride_wn + (k_start * BLOCK_K + ks)[:, None]   # [BLOCK_K, BLOCK_N]
+        k_lo = tl.multiple_of(split * SPLIT_LEN, 256)
+        k_hi = tl.minimum(k_lo + SPLIT_LEN, K)
+        x_tile = x_ptr + rows[:, None] * stride_xm + (k_lo + ks)[None, :]           # [BLOCK_M, BLOCK_K]
+        w_tile = w_ptr + cols[None, :] * stride_wn + (k_lo + ks)[:, None]           # [BLOCK_K, BLOCK_N]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k in range(k_start, k_end):
-            k_left = K - k * BLOCK_K
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k_left = k_hi - k0
             a = tl.load(x_tile, mask=(rows[:, None] < M) & (ks[None, :] < k_left), other=0.0)
             b = tl.load(w_tile, mask=(cols[None, :] < N) & (ks[:, None] < k_left), other=0.0)
             if IS_FP32:  # float32 means float32 (Triton's default would round the inputs to tf32)
@@ -110,14 +116,39 @@ _MIN_K_BLOCKS_PER_SPLIT = 4
 _SMALL_M = 64
 
 
+# Small-M tiles and K splits tuned per GPU model and weight shape by bench/tune_linear.py (CUDA
+# graph replays at M = 1 and 64; every entry checked bit-equal to the large-M path on that GPU):
+# {device name: {"N,K": {"tile": [BLOCK_N, BLOCK_K, num_warps, num_stages], "splits": [S, len]}}}.
+_TUNED_PATH = Path(__file__).with_name("linear_tiles.json")
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_for_device(device_name: str) -> dict:
+    if not _TUNED_PATH.exists():
+        return {}
+    return json.loads(_TUNED_PATH.read_text()).get(device_name, {})
+
+
+def tuned_entry(num_cols: int, k: int) -> dict | None:
+    """The tuned entry for this weight shape on the current CUDA device, or None."""
+    if not torch.cuda.is_available():
+        return None
+    return _tuned_for_device(torch.cuda.get_device_name()).get(f"{num_cols},{k}")
+
+
 def k_split(num_cols: int, k: int) -> tuple[int, int]:
-    """(num_splits, k_blocks_per_split) for a weight [num_cols, k]: a function of the shape only."""
+    """(num_splits, split_len) for a weight [num_cols, k]: a function of the shape (and GPU model)
+    only. split_len is a multiple of 4 * BLOCK_K (so every tile config's BLOCK_K divides it)."""
+    entry = tuned_entry(num_cols, k)
+    if entry is not None:
+        return tuple(entry["splits"])
     num_k_blocks = triton.cdiv(k, BLOCK_K)
     column_tiles = triton.cdiv(num_cols, tile_config(1, num_cols)[1])
     wanted = max(1, _TARGET_PROGRAMS // column_tiles)
     splits = max(1, min(wanted, num_k_blocks // _MIN_K_BLOCKS_PER_SPLIT))
-    per_split = triton.cdiv(num_k_blocks, splits)
-    return triton.cdiv(num_k_blocks, per_split), per_split
+    unit = _MIN_K_BLOCKS_PER_SPLIT
+    per_split = triton.cdiv(triton.cdiv(num_k_blocks, splits), unit) * unit     # in BLOCK_K blocks
+    return triton.cdiv(num_k_blocks, per_split), per_split * BLOCK_K
 
 
 def tile_config(num_rows: int, num_cols: int) -> tuple[int, int, int, int]:
@@ -135,33 +166,46 @@ def tile_config(num_rows: int, num_cols: int) -> tuple[int, int, int, int]:
 _SHARED_MEMORY_BUDGET = 200 * 1024
 
 
-def fit_num_stages(block_m: int, block_n: int, num_stages: int, element_size: int) -> int:
+def fit_num_stages(block_m: int, block_n: int, num_stages: int, element_size: int, block_k: int = BLOCK_K) -> int:
     """Fewer pipeline stages when the tiles are wider than bf16's (float32): stages only overlap
     loads with math, so the per-element arithmetic, and batch invariance, are unchanged."""
-    per_stage = (block_m + block_n) * BLOCK_K * element_size
+    per_stage = (block_m + block_n) * block_k * element_size
     return max(1, min(num_stages, _SHARED_MEMORY_BUDGET // per_stage))
 
 
 def _triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x [M, K], weight [N, K], bias [N] or None -> [M, N] in x.dtype."""
+    num_rows, num_cols = x.shape[0], weight.shape[0]
+    num_splits, split_len = k_split(num_cols, x.shape[1])
+    entry = tuned_entry(num_cols, x.shape[1]) if x.is_cuda and config is None and num_rows <= _SMALL_M else None
+    if entry is not None:
+        block_n, block_k, num_warps, num_stages = entry["tile"]
+        return launch(x, weight, bias, (64, block_n, block_k, num_warps, num_stages), num_splits, split_len)
+    block_m, block_n, num_warps, num_stages = config or tile_config(num_rows, num_cols)
+    return launch(x, weight, bias, (block_m, block_n, BLOCK_K, num_warps, num_stages), num_splits, split_len)
+
+
+def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           tile: tuple[int, int, int, int, int], num_splits: int, split_len: int) -> torch.Tensor:
+    """One product with an explicit tile (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) and
+    K split; bench/tune_linear.py sweeps these. -> [M, N] in x.dtype."""
     if x.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError("x and weight must be contiguous in K")
     num_rows, num_cols = x.shape[0], weight.shape[0]
     out = x.new_empty((num_rows, num_cols))
     if num_rows == 0:
         return out
-    block_m, block_n, num_warps, num_stages = config or tile_config(num_rows, num_cols)
-    num_stages = fit_num_stages(block_m, block_n, num_stages, x.element_size())
-    num_splits, per_split = k_split(num_cols, x.shape[1])
+    block_m, block_n, block_k, num_warps, num_stages = tile
+    num_stages = fit_num_stages(block_m, block_n, num_stages, x.element_size(), block_k)
     write_partial = num_splits > 1 and num_rows <= _SMALL_M
     partial = (torch.empty((num_splits, num_rows, num_cols), dtype=torch.float32, device=x.device)
                if write_partial else out)                                          # [S, M, N] fp32
     grid = (triton.cdiv(num_rows, block_m) * triton.cdiv(num_cols, block_n), num_splits if write_partial else 1)
     _linear_kernel[grid](
         x, weight, bias if bias is not None else weight, out, partial, num_rows, num_cols, x.shape[1],
-        x.stride(0), weight.stride(0), out.stride(0), per_split, num_splits,
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_K, GROUP_M=8,
+        x.stride(0), weight.stride(0), out.stride(0), split_len, num_splits,
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
         IS_FP32=x.dtype == torch.float32, WRITE_PARTIAL=write_partial, num_warps=num_warps,
         num_stages=num_stages)
     if write_partial:

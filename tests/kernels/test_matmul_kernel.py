@@ -38,10 +38,10 @@ def test_k_split_depends_on_the_weight_shape_only():
     from kernels.matmul import BLOCK_K, k_split
 
     # Qwen2.5-VL-3B decode shapes: o_proj and down_proj get several K ranges, wide ones none.
-    assert k_split(2048, 2048) == (8, 4)
-    assert k_split(2048, 11008)[0] == 8
-    assert k_split(151936, 2048) == (1, 32)
-    for cols, depth in ((2560, 2048), (48, 600), (7, 64), (22016, 2048)):
-        splits, per_split = k_split(cols, depth)
-        blocks = -(-depth // BLOCK_K)
-        assert splits * per_split >= blocks > (splits - 1) * per_split   # every K block in exactly one range
+    assert k_split(2048, 2048) == (8, 256)
+    assert k_split(2048, 11008) == (8, 1536)
+    assert k_split(151936, 2048) == (1, 2048)
+    for cols, depth in ((2560, 2048), (48, 600), (7, 64), (22016, 2048), (3584, 18944)):
+        splits, split_len = k_split(cols, depth)
+        assert split_len % (4 * BLOCK_K) == 0                     # every BLOCK_K up to 256 divides it
+        assert splits * split_len >= depth > (splits - 1) * split_len   # every K element in exactly one range

@@ -40,8 +40,8 @@ def test_split_k_rows_do_not_depend_on_batch():
     them), large M adds them in one program; a row's bits are the same either way."""
     gen = torch.Generator().manual_seed(11)
     depth, cols = 600, 48
-    num_splits, per_split = matmul_module.k_split(cols, depth)
-    assert num_splits == 2 and per_split == 5, (num_splits, per_split)
+    num_splits, split_len = matmul_module.k_split(cols, depth)
+    assert num_splits == 2 and split_len == 512, (num_splits, split_len)
     x, weight, bias = torch.randn(70, depth, generator=gen), torch.randn(cols, depth, generator=gen), torch.randn(cols, generator=gen)
     alone = matmul_module._triton(x[3:4], weight, bias)
     expected = x[3:4].double() @ weight.double().T + bias.double()
