@@ -138,6 +138,8 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     _add(parser, "deterministic", action=argparse.BooleanOptionalAction, default=UNSET,
          help="batch-invariant numerics: a request's tokens do not depend on what else is in the batch "
               "(default on; --no-deterministic trades it for a few percent of throughput on the GPU)")
+    _add(parser, "async-scheduling", action=argparse.BooleanOptionalAction, default=UNSET,
+         help="schedule step N+1 while step N runs on the GPU (default on for one CUDA rank)")
     _add(parser, "trust-remote-code", action="store_true", default=UNSET)
     _add(parser, "tensor-parallel-size", "-tp", type=int, default=UNSET)
     _add(parser, "pipeline-parallel-size", "-pp", type=int, default=UNSET)
@@ -287,7 +289,7 @@ ENGINE_FLAGS = ("dtype", "max_model_len", "gpu_memory_utilization", "max_num_seq
                 "block_size", "enable_prefix_caching", "seed", "enforce_eager", "trust_remote_code",
                 "tensor_parallel_size", "pipeline_parallel_size", "cpu_offload_gb", "kv_cache_dtype",
                 "device", "num_gpu_blocks_override", "load_format", "distributed_executor_backend", "encoder_cache_size",
-                "deterministic",
+                "deterministic", "async_scheduling",
                 "mm_encoder_tp_mode")
 
 

@@ -82,6 +82,10 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     enable_chunked_prefill: bool = True
     max_model_len: int = 8192  # copy of ModelConfig's, for the scheduler's checks
+    # Schedule and launch step N+1 while step N runs on the device (vLLM's async scheduling):
+    # the host's scheduling, input preparation and output handling overlap the GPU's work.
+    # Requests that need step N's token on the host before step N+1 (penalties) run synchronously.
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs >= 1, "max_num_seqs", f"must be positive, got {self.max_num_seqs}")

@@ -27,7 +27,7 @@ ENGINE_ARG_DEFAULTS: dict[str, Any] = {
     "max_num_seqs": 256, "max_num_batched_tokens": None, "enable_chunked_prefill": True,
     "tensor_parallel_size": 1, "pipeline_parallel_size": 1, "distributed_executor_backend": None,
     "mm_encoder_tp_mode": "data",
-    "enforce_eager": False, "deterministic": True,
+    "enforce_eager": False, "deterministic": True, "async_scheduling": None,
     "limit_mm_per_prompt": None, "mm_processor_kwargs": None, "encoder_cache_size": None,
 }
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
@@ -60,7 +60,7 @@ def build_engine_config(**kwargs: Any) -> EngineConfig:
     return EngineConfig(
         model_config=model_config,
         cache_config=_cache_config(args),
-        scheduler_config=_scheduler_config(args, model_config.max_model_len),
+        scheduler_config=_scheduler_config(args, model_config.max_model_len, device),
         parallel_config=_parallel_config(args, model_config, device),
         device_config=DeviceConfig(device=device, enforce_eager=bool(args["enforce_eager"]),
                                    deterministic=bool(args["deterministic"])),
@@ -203,13 +203,26 @@ def _cache_config(args: dict) -> CacheConfig:
         cpu_offload_gb=float(args["cpu_offload_gb"] or 0.0))
 
 
-def _scheduler_config(args: dict, max_model_len: int) -> SchedulerConfig:
+def _async_scheduling(args: dict, device: str) -> bool:
+    """Default: on for one rank on CUDA (where it hides host time), off elsewhere; TP/PP steps are
+    synchronous (their workers exchange one step at a time)."""
+    world_size = int(args["tensor_parallel_size"]) * int(args["pipeline_parallel_size"])
+    requested = args["async_scheduling"]
+    if requested and world_size > 1:
+        raise ValueError("--async-scheduling: not supported with tensor or pipeline parallelism yet")
+    if requested is None:
+        return device.startswith("cuda") and world_size == 1
+    return bool(requested)
+
+
+def _scheduler_config(args: dict, max_model_len: int, device: str) -> SchedulerConfig:
     chunked = bool(args["enable_chunked_prefill"])
     batched = args["max_num_batched_tokens"]
     if batched is None:
         batched = DEFAULT_MAX_NUM_BATCHED_TOKENS if chunked else max(max_model_len, DEFAULT_MAX_NUM_BATCHED_TOKENS)
     return SchedulerConfig(max_num_seqs=int(args["max_num_seqs"]), max_num_batched_tokens=int(batched),
-                           enable_chunked_prefill=chunked, max_model_len=max_model_len)
+                           enable_chunked_prefill=chunked, max_model_len=max_model_len,
+                           async_scheduling=_async_scheduling(args, device))
 
 
 def _multimodal_config(args: dict) -> MultiModalConfig:

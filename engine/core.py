@@ -17,6 +17,8 @@ message in the next step's EngineOutputs.
 from __future__ import annotations
 
 import logging
+import time
+from typing import Any, Protocol, runtime_checkable
 
 from engine.config import EngineConfig
 from engine.encoder_cache import EncoderCacheManager
@@ -24,9 +26,17 @@ from engine.kv_cache.manager import KVCacheManager
 from engine.protocol import EngineOutputs, EngineRequest, SchedulerStats
 from engine.request import Request
 from engine.scheduler import Scheduler
+from engine.scheduler_output import SchedulerOutput
 from vision.inputs import MODALITIES
 
 logger = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class AsyncStepExecutor(Protocol):
+    """An executor that can launch a step and hand back its output later (one rank in process)."""
+
+    def execute_async(self, scheduler_output: SchedulerOutput) -> Any: ...
 
 
 class EngineCore:
@@ -35,6 +45,10 @@ class EngineCore:
         self._init_runner(runner)
         self._init_kv_cache()
         self._init_scheduler()
+        # (SchedulerOutput, StepOutput) of the step on the device (async scheduling only).
+        self._inflight = None
+        self.async_scheduling = (config.scheduler_config.async_scheduling
+                                 and isinstance(self.executor, AsyncStepExecutor))
 
     def _init_runner(self, runner) -> None:
         # An injected runner (tests) stands in for the executor: it offers the same methods.
@@ -99,12 +113,33 @@ class EngineCore:
         self.scheduler.abort_requests(req_ids)
 
     def step(self) -> EngineOutputs:
+        if not self.async_scheduling:
+            scheduler_output = self.scheduler.schedule()
+            runner_output = self.executor.execute(scheduler_output)
+            return self.scheduler.update_from_output(scheduler_output, runner_output)
+        return self._step_ahead()
+
+    def _step_ahead(self) -> EngineOutputs:
+        """Async scheduling: schedule and launch step N+1, then wait for step N's tokens (the
+        device runs N+1 meanwhile) and turn them into outputs. Requests that need N's tokens on
+        the host first (scheduler.can_schedule_ahead) make it wait for N before scheduling."""
+        outputs = None
+        if self._inflight is not None and not self.scheduler.can_schedule_ahead():
+            outputs = self._finish_inflight()
         scheduler_output = self.scheduler.schedule()
-        runner_output = self.executor.execute(scheduler_output)
-        return self.scheduler.update_from_output(scheduler_output, runner_output)
+        launched = (scheduler_output, self.executor.execute_async(scheduler_output))
+        if self._inflight is not None:
+            outputs = self._finish_inflight()
+        self._inflight = launched
+        return outputs if outputs is not None else EngineOutputs(stats=self.scheduler.make_stats(), timestamp=time.time())
+
+    def _finish_inflight(self) -> EngineOutputs:
+        scheduler_output, step_output = self._inflight
+        self._inflight = None
+        return self.scheduler.update_from_output(scheduler_output, step_output.result())
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self._inflight is not None or self.scheduler.has_unfinished_requests()
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.make_stats()

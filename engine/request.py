@@ -59,6 +59,16 @@ class Request:
         self.all_token_ids = list(prompt_token_ids)  # prompt + output, kept in step
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
+        # Scheduled in steps whose outputs are not processed yet (async scheduling: at most the
+        # step on the device): their KV is being computed, and each such step that completes the
+        # known tokens will sample one more, a placeholder until its output arrives.
+        self.num_inflight_tokens = 0
+        self.num_output_placeholders = 0
+        # Its next step cannot be prepared before its last token is on the host (the sampler's
+        # penalties read every output token): async scheduling waits for the step on the device.
+        params = sampling_params
+        self.needs_host_tokens = (params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
+                                  or params.presence_penalty != 0.0)
         self.num_cached_tokens = -1  # prefix-cache hit at first admission; -1 until admitted
         self.num_preemptions = 0
         # Chained hashes of this request's full blocks (engine.kv_cache.block_hash), grown lazily.

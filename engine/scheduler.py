@@ -141,9 +141,11 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget.num_tokens > 0:
             request = self.running[index]
-            num_new_tokens = min(request.num_tokens - request.num_computed_tokens, budget.num_tokens)
-            num_new_tokens, encoder_inputs = self._plan_encoder_inputs(
-                request, request.num_computed_tokens, num_new_tokens, budget)
+            start = request.num_computed_tokens + request.num_inflight_tokens
+            num_new_tokens = min(request.num_tokens + request.num_output_placeholders - start, budget.num_tokens)
+            if self._ends_with_placeholder(request):
+                num_new_tokens = 0   # the token on the device finishes it: nothing to compute after
+            num_new_tokens, encoder_inputs = self._plan_encoder_inputs(request, start, num_new_tokens, budget)
             if num_new_tokens <= 0:
                 index += 1
                 continue
@@ -159,7 +161,7 @@ class Scheduler:
         """Allocate the step's slots, preempting the newest running requests until they fit.
         Returns the new blocks, or None when `request` itself had to go."""
         while True:
-            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new_tokens)
+            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new_tokens, request.num_inflight_tokens)
             if new_blocks is not None:
                 return new_blocks
             victim = self.running.pop()
@@ -228,8 +230,28 @@ class Scheduler:
             num_embeds += length
         return num_new_tokens, input_ids
 
+    def _ends_with_placeholder(self, request: Request) -> bool:
+        """Async scheduling: the token still on the device reaches max_tokens or max_model_len."""
+        if not request.num_output_placeholders:
+            return False
+        max_tokens = request.sampling_params.max_tokens
+        num_outputs = request.num_output_tokens + request.num_output_placeholders
+        return ((max_tokens is not None and num_outputs >= max_tokens)
+                or request.num_tokens + request.num_output_placeholders >= self.max_model_len)
+
+    def can_schedule_ahead(self) -> bool:
+        """Async scheduling: False while a running request needs its last token on the host
+        before its next step can be prepared (see Request.needs_host_tokens)."""
+        return not any(r.needs_host_tokens and r.num_output_placeholders for r in self.running)
+
     def _commit(self, request: Request, num_new_tokens: int, encoder_inputs: list[int],
                 budget: _StepBudget, plan: _StepPlan) -> None:
+        # In flight until update_from_output; a step that reaches the end of the request's
+        # tokens samples one more (a placeholder until then).
+        start = request.num_computed_tokens + request.num_inflight_tokens
+        request.num_inflight_tokens += num_new_tokens
+        if start + num_new_tokens == request.num_tokens + request.num_output_placeholders:
+            request.num_output_placeholders += 1
         plan.num_scheduled_tokens[request.req_id] = num_new_tokens
         budget.num_tokens -= num_new_tokens
         if encoder_inputs:
@@ -251,16 +273,20 @@ class Scheduler:
         self.finished_req_ids.add(request.req_id)
 
     def _make_scheduler_output(self, plan: _StepPlan) -> SchedulerOutput:
+        def first_position(request: Request) -> int:   # where this step's tokens start
+            return (request.num_computed_tokens + request.num_inflight_tokens
+                    - plan.num_scheduled_tokens[request.req_id])
+
         new_reqs = [NewRequestData(
             req_id=request.req_id, prompt_token_ids=request.prompt_token_ids,
             output_token_ids=list(request.output_token_ids), mm_items=request.mm_items,
             sampling_params=request.sampling_params,
             block_ids=self.kv_cache_manager.get_block_ids(request.req_id),
-            num_computed_tokens=request.num_computed_tokens) for request in plan.new_reqs]
+            num_computed_tokens=first_position(request)) for request in plan.new_reqs]
         cached_reqs = CachedRequestData(
             req_ids=[request.req_id for request in plan.cached_reqs],
             new_block_ids=[plan.new_block_ids[request.req_id] for request in plan.cached_reqs],
-            num_computed_tokens=[request.num_computed_tokens for request in plan.cached_reqs])
+            num_computed_tokens=[first_position(request) for request in plan.cached_reqs])
         finished_req_ids, self.finished_req_ids = self.finished_req_ids, set()
         return SchedulerOutput(
             scheduled_new_reqs=new_reqs, scheduled_cached_reqs=cached_reqs,
@@ -278,10 +304,18 @@ class Scheduler:
         sampled_by_req = dict(zip(runner_output.req_ids, runner_output.sampled_token_ids))
         for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
             request = self.requests.get(req_id)
-            if request is None or request.status != RequestStatus.RUNNING:
-                continue  # aborted since the step was scheduled
-            output = self._update_request(request, num_tokens, sampled_by_req.get(req_id, []),
-                                          runner_output)
+            if request is None:
+                continue  # aborted or finished since the step was scheduled
+            sampled_token_ids = sampled_by_req.get(req_id, [])
+            request.num_inflight_tokens -= num_tokens
+            if sampled_token_ids and request.num_output_placeholders:
+                request.num_output_placeholders -= 1
+            if request.status == RequestStatus.PREEMPTED:
+                output = self._update_preempted(request, sampled_token_ids, runner_output)
+            elif request.status == RequestStatus.RUNNING:
+                output = self._update_request(request, num_tokens, sampled_token_ids, runner_output)
+            else:
+                continue
             if output is not None:
                 outputs.append(output)
         return EngineOutputs(outputs=outputs, stats=self.make_stats(), timestamp=time.time())
@@ -322,6 +356,23 @@ class Scheduler:
             self.running.remove(request)
             self._free_request(request, request.status)
         return output
+
+    def _update_preempted(self, request: Request, sampled_token_ids: list[int],
+                          runner_output: ModelRunnerOutput) -> EngineOutput | None:
+        """Async scheduling: preempted while its step ran. The step's KV is gone, but a token it
+        sampled was computed from the full context: keep it (the recompute includes it)."""
+        if not sampled_token_ids or request.req_id in runner_output.failed:
+            return None
+        request.append_output_token_id(sampled_token_ids[0])
+        self._step_generation_tokens += 1
+        if check_stop(request, self.eos_token_ids, self.max_model_len):
+            self.waiting.remove(request)
+            self._free_request(request, request.status)
+        logprobs = runner_output.logprobs.get(request.req_id)
+        return EngineOutput(
+            req_id=request.req_id, new_token_ids=sampled_token_ids[:1], new_logprobs=logprobs[:1] if logprobs else None,
+            finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
+            num_cached_tokens=max(0, request.num_cached_tokens))
 
     def _collect_prompt_logprobs(self, request: Request, chunk: list[TokenLogprobs | None] | None
                                  ) -> list[TokenLogprobs | None] | None:

@@ -30,5 +30,9 @@ class UniprocExecutor:
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(scheduler_output)
 
+    def execute_async(self, scheduler_output: SchedulerOutput):
+        """Launch the step; -> its StepOutput (engine.runner.step_output): result() later."""
+        return self.runner.execute_async(scheduler_output)
+
     def shutdown(self) -> None:
         pass

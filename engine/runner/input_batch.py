@@ -43,10 +43,19 @@ class CachedRequestState:
     mrope_positions: torch.Tensor | None = None
     mrope_delta: int = 0
     row: int = -1   # its row of InputBatch.block_table
+    # Sampled by a launched step whose output has not reached the host yet (async scheduling:
+    # 0 or 1). Its value is on the device: InputBatch.last_sampled.
+    num_pending: int = 0
 
     @property
     def num_tokens(self) -> int:
+        """Known on the host (prompt + appended outputs)."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_output_positions(self) -> int:
+        """Output tokens sampled so far, pending ones included: the next sample's index."""
+        return len(self.output_token_ids) + self.num_pending
 
     def token_ids(self, start: int, end: int) -> list[int]:
         num_prompt = len(self.prompt_token_ids)
@@ -118,6 +127,10 @@ class InputBatch:
         self.uses_mrope = uses_mrope
         self.requests: dict[str, CachedRequestState] = {}
         self.block_table = BlockTable()
+        # The last launched step's sampled tokens, on the device ([S] int64), and each sampling
+        # request's index in it: the next step reads pending tokens from there.
+        self.last_sampled: torch.Tensor | None = None
+        self.last_sampled_index: dict[str, int] = {}
 
     # --- state updates -----------------------------------------------------------------------
 
@@ -150,8 +163,20 @@ class InputBatch:
             self.block_table.release(state.row)
 
     def append_sampled(self, req_ids: list[str], sampled_token_ids: list[list[int]]) -> None:
+        """A step's tokens reached the host; requests removed since it launched are skipped."""
         for req_id, tokens in zip(req_ids, sampled_token_ids):
-            self.requests[req_id].output_token_ids.extend(tokens)
+            state = self.requests.get(req_id)
+            if state is not None and tokens:
+                state.output_token_ids.extend(tokens)
+                state.num_pending = max(0, state.num_pending - len(tokens))
+
+    def mark_launched(self, sampling_req_ids: list[str], sampled: torch.Tensor) -> None:
+        """sampled [S]: the tokens this step samples (device). Until append_sampled they are
+        pending: later steps take them from this tensor."""
+        for req_id in sampling_req_ids:
+            self.requests[req_id].num_pending += 1
+        self.last_sampled = sampled
+        self.last_sampled_index = {req_id: i for i, req_id in enumerate(sampling_req_ids)}
 
     # --- one step's tensors ------------------------------------------------------------------
 
@@ -160,7 +185,7 @@ class InputBatch:
         req_ids = list(scheduler_output.num_scheduled_tokens)
         counts = list(scheduler_output.num_scheduled_tokens.values())
         states = [self.requests[r] for r in req_ids]
-        step = _gather(states, counts)
+        step = _gather(states, counts, self.last_sampled_index)
         ends = np.array(step.ends, dtype=np.int64)                                # [R]
         self._check_blocks(states, ends, np.array(step.num_blocks, dtype=np.int64))
         query_start_loc = np.zeros(len(counts) + 1, dtype=np.int64)                # [R + 1]
@@ -178,13 +203,23 @@ class InputBatch:
                                     has_prompt_rows=not step.is_past_prompts)
         return StepBatch(
             req_ids=req_ids, num_scheduled_tokens=counts,
-            input_ids=self._to_device(step.input_ids, torch.int64),
+            input_ids=self._input_ids(step),
             positions=self._to_device(positions, torch.int64),
             attn_metadata=self._attn_metadata(counts, query_start_loc, ends, slots,
                                               table[rows, :max(step.num_blocks)]),
             sampling_req_ids=sampling_req_ids, logits_indices=self._to_device(logits_indices, torch.int64),
             sampling=self.sampling_batch(sampling_req_ids) if sampling_req_ids else None,
             prompt_logprob_rows=step.prompt_rows, is_past_prompts=step.is_past_prompts)
+
+    def _input_ids(self, step: "_Gathered") -> torch.Tensor:
+        """[T] int64 on the device; pending rows filled from the last step's sampled tensor
+        (a device gather, queued after that step: no wait for it on the host)."""
+        input_ids = self._to_device(step.input_ids, torch.int64)
+        if step.pending_rows:
+            rows, sources = zip(*step.pending_rows)
+            input_ids[self._to_device(list(rows), torch.int64)] = self.last_sampled[
+                self._to_device(list(sources), torch.int64)]
+        return input_ids
 
     def _check_blocks(self, states: list[CachedRequestState], ends: np.ndarray, num_blocks: np.ndarray) -> None:
         short = np.flatnonzero((ends + self.block_size - 1) // self.block_size > num_blocks)
@@ -242,7 +277,7 @@ class InputBatch:
         batch = SamplingBatch(
             temperature=self._floats([p.temperature for p in params]),
             seed_keys=self._to_device(seed_keys([self._seed(s) for s in states],
-                                                [len(s.output_token_ids) for s in states]), torch.int64),
+                                                [s.num_output_positions for s in states]), torch.int64),
             all_greedy=all(p.is_greedy for p in params))
         if any(p.effective_top_k for p in params):
             batch.top_k = self._to_device([p.effective_top_k or self.vocab_size for p in params], torch.int64)
@@ -272,17 +307,19 @@ class InputBatch:
             batch.presence_penalty = self._floats([p.presence_penalty for p in params])
         if batch.repetition_penalty is not None or batch.frequency_penalty is not None \
                 or batch.presence_penalty is not None:
+            if any(s.num_pending for s in states):   # engine.core waits for them (needs_host_tokens)
+                raise RuntimeError("penalties need every output token on the host")
             batch.output_token_ids = self._padded([s.output_token_ids for s in states])
 
     def _banned_tokens(self, states: list[CachedRequestState]) -> torch.Tensor | None:
         """min_tokens: EOS (unless ignore_eos) and stop_token_ids cannot be sampled before it."""
-        if all(len(s.output_token_ids) >= s.sampling_params.min_tokens for s in states):
+        if all(s.num_output_positions >= s.sampling_params.min_tokens for s in states):
             return None
         banned = []
         for state in states:
             params = state.sampling_params
             ids = []
-            if len(state.output_token_ids) < params.min_tokens:
+            if state.num_output_positions < params.min_tokens:
                 ids = list(params.stop_token_ids or []) + ([] if params.ignore_eos else list(self.eos_token_ids))
             banned.append([i for i in ids if 0 <= i < self.vocab_size])
         return self._padded(banned) if any(banned) else None
@@ -305,20 +342,26 @@ class _Gathered:
     samples: list[bool] = field(default_factory=list)      # [R] all its tokens known after the step
     prompt_rows: dict[str, tuple[int, list[int], bool]] = field(default_factory=dict)
     is_past_prompts: bool = True
+    # (row of input_ids, index in InputBatch.last_sampled): tokens still on the device
+    pending_rows: list[tuple[int, int]] = field(default_factory=list)
 
 
-def _gather(states: list[CachedRequestState], counts: list[int]) -> _Gathered:
+def _gather(states: list[CachedRequestState], counts: list[int], pending_index: dict[str, int]) -> _Gathered:
     step = _Gathered()
     for state, num_new in zip(states, counts):
         start = state.num_computed_tokens
-        end, num_tokens, num_prompt = start + num_new, state.num_tokens, len(state.prompt_token_ids)
+        num_known, num_prompt = state.num_tokens, len(state.prompt_token_ids)
+        end, num_tokens = start + num_new, num_known + state.num_pending
         if end > num_tokens:
             raise ValueError(f"request {state.req_id}: scheduled up to token {end} but only "
-                             f"{num_tokens} are known")
+                             f"{num_tokens} are sampled")
         if state.sampling_params.prompt_logprobs is not None and start < num_prompt:
             step.prompt_rows[state.req_id] = InputBatch._prompt_logprob_targets(
                 state, start, end, len(step.input_ids))
-        step.input_ids += state.token_ids(start, end)
+        step.input_ids += state.token_ids(start, min(end, num_known))
+        if end > num_known:   # the pending token (async scheduling): filled on the device
+            step.pending_rows.append((len(step.input_ids), pending_index[state.req_id]))
+            step.input_ids.append(0)
         step.ends.append(end)
         step.num_blocks.append(len(state.block_ids))
         step.rows.append(state.row)

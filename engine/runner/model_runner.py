@@ -26,7 +26,8 @@ from engine.runner.cuda_graphs import DecodeGraphs
 from engine.runner.encoder_runner import EncoderRunner
 from engine.runner.input_batch import InputBatch, StepBatch
 from engine.runner_output import ModelRunnerOutput
-from engine.sampler import Sampler, compute_logprobs
+from engine.runner.step_output import StepOutput
+from engine.sampler import Sampler, SamplerOutput, compute_logprobs
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
 from engine.weights import init_dummy_weights, iterate_weights, load_checked
@@ -138,24 +139,29 @@ class ModelRunner:
 
     # --- one step ----------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.execute_async(scheduler_output).result()
+
+    @torch.inference_mode()
+    def execute_async(self, scheduler_output: SchedulerOutput) -> "StepOutput":
+        """Launch the step; its sampled tokens stay on the device (copied to pinned host memory
+        behind an event). The caller may launch the next step before StepOutput.result()."""
         for new_req in self.input_batch.update(scheduler_output):
             self._init_mrope_positions(new_req)
         if self.encoder_runner is not None:  # evicted by the scheduler: drop before anything else
             self.encoder_runner.free(scheduler_output.free_encoder_mm_hashes)
         if scheduler_output.is_empty:
-            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+            return StepOutput.ready(ModelRunnerOutput(req_ids=[], sampled_token_ids=[]))
         batch = self.input_batch.prepare(scheduler_output)
         hidden, failed = self._forward(scheduler_output, batch)               # [T, H]
         if hidden is None:  # an earlier pipeline stage: the last samples, record_sampled tells us
-            return ModelRunnerOutput(req_ids=batch.req_ids, sampled_token_ids=[[] for _ in batch.req_ids], failed=failed)
-        sampled, logprobs = self._sample(hidden, batch)
-        sampled_token_ids = [[sampled[r]] if r in sampled else [] for r in batch.req_ids]
-        self.input_batch.append_sampled(batch.req_ids, sampled_token_ids)
-        return ModelRunnerOutput(req_ids=batch.req_ids, sampled_token_ids=sampled_token_ids,
-                                 logprobs=logprobs, prompt_logprobs=self._prompt_logprobs(hidden, batch),
-                                 failed=failed)
+            return StepOutput.ready(ModelRunnerOutput(req_ids=batch.req_ids, sampled_token_ids=[[] for _ in batch.req_ids],
+                                                      failed=failed))
+        sampler_output = self._sample(hidden, batch)
+        if sampler_output is not None:
+            self.input_batch.mark_launched(batch.sampling_req_ids, sampler_output.sampled_token_ids)
+        prompt_logprobs = self._prompt_logprobs(hidden, batch)   # syncs; only requests that ask
+        return StepOutput(self.input_batch, batch, sampler_output, prompt_logprobs, failed)
 
     def _forward(self, scheduler_output: SchedulerOutput, batch: StepBatch):
         """-> (hidden [T, H], {req_id: error}). Steps that only decode output tokens (no prompt or
@@ -201,22 +207,12 @@ class ModelRunner:
         state.mrope_positions, state.mrope_delta = self.model.get_mrope_positions(
             state.prompt_token_ids, state.mm_items)
 
-    def _sample(self, hidden: torch.Tensor, batch: StepBatch):
-        """-> ({req_id: token}, {req_id: [TokenLogprobs]}) for the requests that sample."""
+    def _sample(self, hidden: torch.Tensor, batch: StepBatch) -> SamplerOutput | None:
+        """The step's sampling rows -> SamplerOutput on the device, or None when none samples."""
         if not batch.sampling_req_ids:
-            return {}, {}
+            return None
         logits = self.model.compute_logits(hidden[batch.logits_indices])   # [S, vocab]
-        out = self.sampler(logits, batch.sampling)
-        tokens = out.sampled_token_ids.tolist()
-        sampled = dict(zip(batch.sampling_req_ids, tokens))
-        logprobs = {}
-        if out.logprobs is not None:
-            ids, values, ranks = out.logprob_token_ids.tolist(), out.logprobs.tolist(), out.logprob_ranks.tolist()
-            for row, req_id in enumerate(batch.sampling_req_ids):
-                k = self.input_batch.requests[req_id].sampling_params.logprobs
-                if k is not None:
-                    logprobs[req_id] = [TokenLogprobs(ids[row][:k + 1], values[row][:k + 1], ranks[row][:k + 1])]
-        return sampled, logprobs
+        return self.sampler(logits, batch.sampling)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, batch: StepBatch) -> dict[str, list[TokenLogprobs | None]]:
         result = {}
