@@ -29,6 +29,7 @@ import math
 
 import torch
 
+from engine.runner.transfer import to_device
 from engine.scheduler_output import SchedulerOutput
 from vision.inputs import MultiModalItem
 
@@ -126,7 +127,7 @@ class EncoderRunner:
             raise ValueError(f"its frames hold {len(item.frames)} bytes but shape {list(item.frames_shape)} "
                              f"needs {num_bytes}")
         frames = torch.frombuffer(bytearray(item.frames), dtype=torch.uint8).view(item.frames_shape)
-        return self.processor.pixel_values_from_frames(frames.to(self.device), item, self.dtype)
+        return self.processor.pixel_values_from_frames(to_device(frames, self.device), item, self.dtype)
 
     def _run_tower(self, model, ready: dict[str, tuple[torch.Tensor, MultiModalItem]]) -> None:
         pixel_values = torch.cat([values for values, _ in ready.values()])           # [N, patch_dim]
@@ -162,7 +163,7 @@ class EncoderRunner:
             picked = is_embed[lo - offset:hi - offset]           # [hi - lo] bool
             skipped = int(is_embed[:lo - offset].sum())          # embedding rows of earlier chunks
             step_rows = first_row + lo - start + picked.nonzero().squeeze(1)
-            embeds[step_rows.to(embeds.device)] = embedding[skipped:skipped + len(step_rows)]
+            embeds[to_device(step_rows, embeds.device)] = embedding[skipped:skipped + len(step_rows)]
         return None
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from engine.layers.attention import AttentionMetadata
+from engine.runner.transfer import to_device
 from engine.sampler import SamplingBatch, seed_keys
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import NewRequestData, SchedulerOutput
@@ -265,9 +266,8 @@ class InputBatch:
 
     def _to_device(self, values: list | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         if isinstance(values, np.ndarray):   # a fresh array of this step: no copy on the CPU
-            return torch.from_numpy(np.ascontiguousarray(values)).to(device=self.device, dtype=dtype,
-                                                                     non_blocking=True)
-        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+            return to_device(torch.from_numpy(np.ascontiguousarray(values)).to(dtype), self.device)
+        return to_device(torch.tensor(values, dtype=dtype), self.device)
 
     # --- sampling settings -------------------------------------------------------------------
 
