@@ -104,6 +104,47 @@ def sweep_shape(n: int, k: int, gen) -> dict:
             "current": {"splits": matmul.k_split(n, k), "tile": matmul.tile_config(1, n)}}
 
 
+def sweep_range(n: int, k: int, num_rows: int, gen) -> dict:
+    """Tiles for M = num_rows (mid: 256, large: 4096) with the shape's (tuned) K split; each winner
+    checked bit-equal, row by row, to the same rows computed alone at M = 1 (the decode path)."""
+    x = torch.randn(num_rows, k, device="cuda", generator=gen).to(torch.bfloat16)
+    w = (torch.randn(n, k, device="cuda", generator=gen) * k ** -0.5).to(torch.bfloat16)
+    num_splits, split_len = matmul.k_split(n, k)
+    default = matmul.tile_config(num_rows, n)
+    default_tile = (default[0], default[1], matmul.BLOCK_K, default[2], default[3])
+    calls = 20 if num_rows <= 512 else 4
+    rows = []
+    for tile in [default_tile] + list(itertools.product((64, 128), (64, 128, 256), (64, 128), (4, 8), (3, 4))):
+        try:
+            us = graph_us(lambda tile=tile: matmul.launch(x, w, None, tile, num_splits, split_len), calls)
+        except Exception as exc:
+            print("skip", tile, type(exc).__name__, flush=True)
+            continue
+        rows.append({"tile": tile, "us": us, "tflops": 2 * num_rows * n * k / us / 1e6})
+    default_row, ranked = rows[0], sorted(rows[1:], key=lambda r: r["us"])
+    alone = torch.cat([matmul._triton(x[i:i + 1], w, None) for i in (0, num_rows // 2, num_rows - 1)])
+    best = []
+    for row in ranked[:5]:
+        out = matmul.launch(x, w, None, row["tile"], num_splits, split_len)
+        row["invariant"] = bool(torch.equal(out[[0, num_rows // 2, num_rows - 1]], alone))
+        best.append(row)
+    cublas = graph_us(lambda: torch.nn.functional.linear(x, w), calls)
+    return {"rows": num_rows, "default": default_row, "best": best, "cublas_us": cublas}
+
+
+def write_range(result: dict, name_of_range: str) -> None:
+    path = matmul._TUNED_PATH
+    table = json.loads(path.read_text()) if path.exists() else {}
+    device = table.setdefault(torch.cuda.get_device_name(), {})
+    for name, entry in result.items():
+        n, k = SHAPES[name.split("/")[0]][name.split("/")[1]]
+        winners = [row for row in entry["best"] if row["invariant"]]
+        if winners and winners[0]["us"] < entry["default"]["us"] and f"{n},{k}" in device:
+            device[f"{n},{k}"][name_of_range] = list(winners[0]["tile"])
+    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    print("wrote", path, flush=True)
+
+
 def write_table(result: dict) -> None:
     """The fastest bit-invariant config per shape, faster than the default, for this GPU model."""
     path = matmul._TUNED_PATH
@@ -124,8 +165,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="3b")
     parser.add_argument("--write-table", action="store_true", help="store the winners in kernels/linear_tiles.json")
+    parser.add_argument("--range", choices=("small", "mid", "large"), default="small",
+                        help="small: M <= 64 tiles and K splits; mid (M = 256) / large (M = 4096): tiles only")
     args = parser.parse_args()
     gen, result = torch.Generator(device="cuda").manual_seed(0), {}
+    if args.range != "small":
+        num_rows = 256 if args.range == "mid" else 4096
+        for family in args.shapes.split(","):
+            for name, (n, k) in SHAPES[family].items():
+                if args.range == "large" and name == "lm_head":
+                    continue   # logits are computed for the sampling rows only (M <= max_num_seqs)
+                entry = result[f"{family}/{name}"] = sweep_range(n, k, num_rows, gen)
+                d = entry["default"]
+                print(f"== {family}/{name} M={num_rows}: cuBLAS {entry['cublas_us']:.1f} us; default {d['tile']} "
+                      f"{d['us']:.1f} us ({d['tflops']:.0f} TFLOP/s)", flush=True)
+                for row in entry["best"]:
+                    print(f"   tile {row['tile']}: {row['us']:.1f} us ({row['tflops']:.0f} TFLOP/s) "
+                          f"invariant={row['invariant']}", flush=True)
+        if args.write_table:
+            write_range(result, args.range)
+        return
     for family in args.shapes.split(","):
         for name, (n, k) in SHAPES[family].items():
             entry = result[f"{family}/{name}"] = sweep_shape(n, k, gen)

@@ -114,11 +114,14 @@ def _sum_partials_kernel(partial_ptr, bias_ptr, out_ptr, M, N, stride_om, NUM_SP
 _TARGET_PROGRAMS = 512
 _MIN_K_BLOCKS_PER_SPLIT = 4
 _SMALL_M = 64
+_MID_M = 512
 
 
 # Small-M tiles and K splits tuned per GPU model and weight shape by bench/tune_linear.py (CUDA
 # graph replays at M = 1 and 64; every entry checked bit-equal to the large-M path on that GPU):
-# {device name: {"N,K": {"tile": [BLOCK_N, BLOCK_K, num_warps, num_stages], "splits": [S, len]}}}.
+# {device name: {"N,K": {"tile": [BLOCK_N, BLOCK_K, num_warps, num_stages], "splits": [S, len],
+#   "mid" / "large" (optional, M <= 512 / above): [BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages]}}}.
+# Any BLOCK_K gives the same bits: the tensor-core dots accumulate 16-wide K slices in K order.
 _TUNED_PATH = Path(__file__).with_name("linear_tiles.json")
 
 
@@ -155,9 +158,9 @@ def tile_config(num_rows: int, num_cols: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for an [num_rows, num_cols] output. Small M
     (decode): narrow column tiles so the weight streams through many SMs; large M (prefill):
     128 x 256 tiles. Only the work split changes; each element's arithmetic does not."""
-    if num_rows <= 64:
+    if num_rows <= _SMALL_M:
         return 64, 32, 4, 6
-    if num_rows <= 512:
+    if num_rows <= _MID_M:
         return (64, 64, 4, 4) if num_cols <= 4096 else (128, 128, 8, 4)
     return 128, 256, 8, 3
 
@@ -178,10 +181,13 @@ def _triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """x [M, K], weight [N, K], bias [N] or None -> [M, N] in x.dtype."""
     num_rows, num_cols = x.shape[0], weight.shape[0]
     num_splits, split_len = k_split(num_cols, x.shape[1])
-    entry = tuned_entry(num_cols, x.shape[1]) if x.is_cuda and config is None and num_rows <= _SMALL_M else None
-    if entry is not None:
+    entry = tuned_entry(num_cols, x.shape[1]) if x.is_cuda and config is None else None
+    if entry is not None and num_rows <= _SMALL_M:
         block_n, block_k, num_warps, num_stages = entry["tile"]
         return launch(x, weight, bias, (64, block_n, block_k, num_warps, num_stages), num_splits, split_len)
+    tuned_range = "mid" if num_rows <= _MID_M else "large"
+    if entry is not None and tuned_range in entry:   # [BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages]
+        return launch(x, weight, bias, tuple(entry[tuned_range]), num_splits, split_len)
     block_m, block_n, num_warps, num_stages = config or tile_config(num_rows, num_cols)
     return launch(x, weight, bias, (block_m, block_n, BLOCK_K, num_warps, num_stages), num_splits, split_len)
 
