@@ -1,0 +1,83 @@
+"""Tiny Qwen3-VL at TP=2 (tower replicated, a step's items split across the ranks and their
+[tokens, H * (1 + k)] rows - merger + DeepStack - all-gathered) and at PP=2 (tower and both DeepStack
+layers on the first stage) against transformers: greedy tokens identical, top-5 logprobs within 1e-4,
+with chunked prefill cutting through images and a timestamped video, and a KV cache too small for all
+requests (preemption). Also: a pipeline split that puts a DeepStack layer on a later stage is refused."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import GREEDY, NUM_NEW_TOKENS, TOP_K, assert_matches_reference, parallel_llm
+from reference import RefRequest, RefVideo, hf_generate
+
+IMG = "<|vision_start|><|image_pad|><|vision_end|>"
+VID = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def chat(content: str) -> str:
+    return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def pattern(width: int, height: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width]
+    base = np.stack([xs * 255 // (width - 1), ys * 255 // (height - 1), (xs + ys) * 255 // (width + height - 2)], -1)
+    return np.clip(base + rng.integers(-40, 40, (height, width, 3)), 0, 255).astype(np.uint8)
+
+
+VIDEO = np.stack([pattern(64, 40, 10 + i) for i in range(4)])
+METADATA = {"fps": 4.0, "frames_indices": [0, 2, 4, 6], "total_num_frames": 7, "duration": 1.75,
+            "do_sample_frames": False}
+CASES = [  # (prompt, images, video or None)
+    (chat(f"{IMG}{IMG}Compare them."), [Image.fromarray(pattern(112, 64, 1)), Image.fromarray(pattern(64, 96, 2))], None),
+    (chat(f"Watch: {VID}What happens?"), [], VIDEO),
+    (chat("Answer briefly, please."), [], None),
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_model_dir):
+    return tiny_model_dir("qwen3_vl")
+
+
+@pytest.fixture(scope="module")
+def references(model_dir):
+    requests = [RefRequest(prompt=text, images=tuple(images),
+                           videos=() if video is None else (RefVideo(video, 4.0, (0, 2, 4, 6)),))
+                for text, images, video in CASES]
+    return hf_generate(model_dir, requests, NUM_NEW_TOKENS, top_k=TOP_K, ignore_eos=True)
+
+
+def engine_prompts() -> list[dict]:
+    prompts = []
+    for text, images, video in CASES:
+        data = {"image": images} if images else {}
+        if video is not None:
+            data["video"] = (video, METADATA)
+        prompts.append({"prompt": text, "multi_modal_data": data} if data else {"prompt": text})
+    return prompts
+
+
+@pytest.mark.parametrize("parallel", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}],
+                         ids=["tp2", "pp2"])
+def test_qwen3_vl_matches_transformers(model_dir, references, parallel):
+    longest = max(len(ref.prompt_token_ids) for ref in references) + NUM_NEW_TOKENS
+    with parallel_llm(model_dir, max_num_batched_tokens=16, num_gpu_blocks_override=-(-longest // 4) + 3,
+                      max_model_len=longest + 4, **parallel) as llm:
+        outputs = llm.generate(engine_prompts(), GREEDY, use_tqdm=False)
+        stats = llm.client.stats()
+    assert_matches_reference(outputs, references)
+    assert stats.num_preemptions > 0 and stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_deepstack_layer_on_a_later_stage_is_refused(model_dir):
+    from transformers import AutoConfig
+
+    from engine.distributed.parallel_context import ParallelContext
+    from engine.models.qwen3_vl import Qwen3VLForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(model_dir)
+    config.text_config.num_hidden_layers = 2  # PP=2 -> stage 1 holds layer 1, a DeepStack layer
+    with pytest.raises(ValueError, match="DeepStack feeds decoder layers 0..1"):
+        Qwen3VLForConditionalGeneration(config, ParallelContext(pp_size=2, pp_rank=1))
