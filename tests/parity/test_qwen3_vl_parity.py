@@ -9,7 +9,8 @@ frames: the last temporal group repeats its frame; timestamps "<0.2 seconds>", "
 Runs: defaults; chunked prefill at 24 tokens per step (chunk boundaries fall inside images and inside
 a video's timestamped span, so DeepStack rows must follow the chunk); a KV cache too small for all
 (preemption); prefix caching with every prompt twice (hits counted). Every run ends with all KV
-blocks free. Also: a bare frame array without metadata is refused with a clear message.
+blocks free; with defaults every item is encoded in one batched tower call. Also: a bare frame array
+without metadata and more images than --limit-mm-per-prompt are refused with clear messages.
 """
 
 import numpy as np
@@ -91,7 +92,11 @@ def test_timestamps_are_in_the_prompt(model):
 
 
 def test_defaults_batched(model):
-    run(model)
+    llm, _, _ = run(model)
+    _, cases, _ = model
+    encoder = llm.client.core.runner.encoder_runner
+    num_items = sum(len(images) + len(videos) for _, images, videos in cases.values())
+    assert (encoder.num_tower_calls, encoder.num_encoded_items) == (1, num_items)  # one batched tower call
 
 
 def test_chunked_prefill_cuts_through_images_and_video(model):
@@ -113,9 +118,13 @@ def test_prefix_caching_every_prompt_twice(model):
     assert stats.prefix_cache_hits >= sum(twin.num_cached_tokens for twin in twins) > 0
 
 
-def test_bare_video_array_is_refused(model):
+def test_bare_video_array_and_too_many_images_are_refused(model):
     model_dir, cases, _ = model
-    llm = LLM(model_dir, dtype="float32", device="cpu", max_model_len=MAX_MODEL_LEN, num_gpu_blocks_override=50)
+    llm = LLM(model_dir, dtype="float32", device="cpu", max_model_len=MAX_MODEL_LEN, num_gpu_blocks_override=50,
+              limit_mm_per_prompt={"image": 2, "video": 1})
+    text, images, _ = cases["three_images_odd"]
+    with pytest.raises(ValueError, match="At most 2 image"):
+        llm.generate({"prompt": text, "multi_modal_data": {"image": images}}, GREEDY, use_tqdm=False)
     frames = pattern_video(4, 56, 40, seed=20)
     with pytest.raises(ValueError, match="Qwen3-VL needs video metadata"):
         llm.generate({"prompt": chat(f"{VID}What?"), "multi_modal_data": {"video": frames}}, GREEDY, use_tqdm=False)
