@@ -6,31 +6,17 @@ requests (preemption). Also: a pipeline split that puts a DeepStack layer on a l
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from conftest import GREEDY, NUM_NEW_TOKENS, TOP_K, assert_matches_reference, parallel_llm
 from reference import RefRequest, RefVideo, hf_generate
+from test_parallel_vl import IMG, chat, pattern_image
 
-IMG = "<|vision_start|><|image_pad|><|vision_end|>"
 VID = "<|vision_start|><|video_pad|><|vision_end|>"
-
-
-def chat(content: str) -> str:
-    return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
-
-
-def pattern(width: int, height: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    ys, xs = np.mgrid[0:height, 0:width]
-    base = np.stack([xs * 255 // (width - 1), ys * 255 // (height - 1), (xs + ys) * 255 // (width + height - 2)], -1)
-    return np.clip(base + rng.integers(-40, 40, (height, width, 3)), 0, 255).astype(np.uint8)
-
-
-VIDEO = np.stack([pattern(64, 40, 10 + i) for i in range(4)])
+VIDEO = np.stack([np.asarray(pattern_image(64, 40, 10 + i)) for i in range(4)])
 METADATA = {"fps": 4.0, "frames_indices": [0, 2, 4, 6], "total_num_frames": 7, "duration": 1.75,
             "do_sample_frames": False}
 CASES = [  # (prompt, images, video or None)
-    (chat(f"{IMG}{IMG}Compare them."), [Image.fromarray(pattern(112, 64, 1)), Image.fromarray(pattern(64, 96, 2))], None),
+    (chat(f"{IMG}{IMG}Compare them."), [pattern_image(112, 64, 1), pattern_image(64, 96, 2)], None),
     (chat(f"Watch: {VID}What happens?"), [], VIDEO),
     (chat("Answer briefly, please."), [], None),
 ]
