@@ -159,7 +159,9 @@ class LLM:
         if self._media_fetcher is None:
             self._media_fetcher = MediaFetcher(FetchConfig(allowed_local_media_path=self._allowed_local_media_path))
         data = self._media_fetcher.fetch_sync(url)
-        return decode_image(data) if modality == IMAGE else decode_video(data)
+        if modality == IMAGE:
+            return decode_image(data)
+        return decode_video(data, **self.frontend.video_sampling_kwargs(None))  # the model's frame sampling
 
     # ---------------------------------------------------------------- the engine loop
 

@@ -130,3 +130,25 @@ def test_bare_video_array_and_too_many_images_are_refused(model):
         llm.generate({"prompt": chat(f"{VID}What?"), "multi_modal_data": {"video": frames}}, GREEDY, use_tqdm=False)
     stats = llm.client.stats()
     assert stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_chat_with_a_file_video_samples_and_times_like_transformers(model, media_dir):
+    """LLM.chat fetches and decodes the video itself; transformers decodes it with its PyAV reader and
+    samples it with Qwen3VLVideoProcessor.sample_frames (the container's fps and frame count)."""
+    from transformers import AutoProcessor
+    from transformers.video_utils import load_video
+
+    model_dir, _, _ = model
+    path = media_dir / "lossless.mov"
+    llm = LLM(model_dir, dtype="float32", device="cpu", max_model_len=MAX_MODEL_LEN, num_gpu_blocks_override=100,
+              allowed_local_media_path=str(media_dir))
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"file://{path}"}},
+                                             {"type": "text", "text": "What happens?"}]}]
+    [output] = llm.chat(messages, GREEDY, use_tqdm=False)
+    sampler = AutoProcessor.from_pretrained(model_dir).video_processor.sample_frames
+    frames, metadata = load_video(str(path), backend="pyav", sample_indices_fn=sampler)
+    video = RefVideo(frames, metadata.fps, tuple(int(i) for i in metadata.frames_indices))
+    [ref] = hf_generate(model_dir, [[{"role": "user", "content": [{"type": "video", "video": video},
+                                                                  {"type": "text", "text": "What happens?"}]}]],
+                        NUM_NEW_TOKENS, top_k=TOP_K, ignore_eos=True)
+    assert_matches(output, ref)
