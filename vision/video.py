@@ -81,8 +81,9 @@ def transformers_frame_indices(total_frames: int, video_fps: float, *, fps: floa
         count = min(max(count, min_frames), max_frames, total_frames)
     else:
         count = int(nframes)
-    if count < 1:
-        raise MediaError(f"cannot sample {count} frames from a video of {total_frames} frame(s)")
+    if not 1 <= count <= total_frames:  # transformers would repeat frames past the total; a request may not
+        raise MediaError(f"cannot sample {count} frames from a video of {total_frames} frame(s); "
+                         f"between 1 and {total_frames} are possible")
     return np.linspace(0, total_frames - 1, count).round().astype(int).tolist()
 
 

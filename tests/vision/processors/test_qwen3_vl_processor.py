@@ -134,3 +134,5 @@ def test_bare_arrays_and_single_frames_are_refused(ours):
         video_from_metadata(frames, {"fps": 2.0, "frames_indices": [0, 1]})
     with pytest.raises(ValueError, match="fps"):
         video_from_metadata(frames, {"frames_indices": [0, 1, 2, 3]})
+    with pytest.raises(ValueError, match="cannot sample 1000000000 frames"):  # no giant index arrays
+        video_from_metadata(frames, {"fps": 2.0, "do_sample_frames": True}, {"nframes": 10**9, "fps": None})
