@@ -18,6 +18,7 @@ TEMPLATES_DIR = pathlib.Path(chat_templates.__file__).resolve().parent
 DEFAULT_BY_ARCHITECTURE = {
     "Qwen2VLForConditionalGeneration": "qwen2_vl",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_vl",
+    "Qwen3VLForConditionalGeneration": "qwen3_vl",
     "Qwen2ForCausalLM": "qwen2_5_tools",
     "InternVLChatModel": "internvl2_5",
     "InternVLForConditionalGeneration": "internvl2_5",

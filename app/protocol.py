@@ -99,8 +99,9 @@ class FunctionDefinition(Struct, kw_only=True, omit_defaults=True):
 
 
 class Tool(Struct, kw_only=True):
-    function: FunctionDefinition
+    # `type` first: chat templates render tools with tojson in field order, as vLLM's model does.
     type: Literal["function"] = "function"
+    function: FunctionDefinition
 
 
 class NamedFunction(Struct, kw_only=True):

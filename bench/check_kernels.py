@@ -122,7 +122,7 @@ def check_rms_norm(num_tokens=2048):
     return f"rms_norm + fused_add T={num_tokens}", error, ms, float("nan")
 
 
-def check_rotary(mrope_section, num_tokens=2048):
+def check_rotary(mrope_section, num_tokens=2048, interleaved=False):
     query = torch.randn(num_tokens, NUM_Q_HEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
     key = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
     inv_freq = 1.0 / (1e6 ** (torch.arange(0, HEAD_DIM, 2, device=DEVICE).float() / HEAD_DIM))
@@ -130,11 +130,12 @@ def check_rotary(mrope_section, num_tokens=2048):
     cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
     shape = (3, num_tokens) if mrope_section else (num_tokens,)
     positions = torch.randint(0, 32768, shape, device=DEVICE)
-    run = lambda: kernels.apply_rotary(query, key, positions, cache, mrope_section)
+    run = lambda: kernels.apply_rotary(query, key, positions, cache, mrope_section, interleaved)
     got = run()
-    want = rotary._reference(query.float(), key.float(), positions, cache, mrope_section)
+    want = rotary._reference(query.float(), key.float(), positions, cache, mrope_section, interleaved)
     error = max(relative_error(g, w) for g, w in zip(got, want))
-    return f"apply_rotary {'mrope' if mrope_section else '1d'} T={num_tokens}", error, triton.testing.do_bench(run), float("nan")
+    kind = ("mrope interleaved" if interleaved else "mrope") if mrope_section else "1d"
+    return f"apply_rotary {kind} T={num_tokens}", error, triton.testing.do_bench(run), float("nan")
 
 
 def check_silu_and_mul(num_tokens=2048):
@@ -159,6 +160,7 @@ def all_checks():
     yield check_rms_norm()
     yield check_rotary(None)
     yield check_rotary(MROPE_SECTION)
+    yield check_rotary([24, 20, 20], interleaved=True)   # Qwen3-VL
     yield check_silu_and_mul()
 
 

@@ -5,7 +5,8 @@ defaults, max_num_batched_tokens=32, and prefix caching with every prompt twice.
 agreement and the largest top-5 logprob error per run; exits 1 on a token mismatch or an error above
 --atol.
 
-    python bench/check_vl_gpu.py [--atol 1e-3] [--device cuda]
+    python bench/check_vl_gpu.py [--atol 1e-3] [--device cuda] [--models qwen3_vl]
+(--models qwen3_vl: the Qwen3-VL cases of tests/parity/test_qwen3_vl_parity.py, timestamped video included.)
 Caller: by hand, on the GPU machine (not part of the CPU test suite).
 """
 
@@ -40,8 +41,13 @@ def check_model(parity, name: str, out_dir: Path, atol: float, device: str, dtyp
     builder = load_module(REPO / "samples" / "models" / "build_tiny.py")
     model_dir = out_dir / name
     builder.build(name, model_dir, scale)
-    cases = parity.make_cases()
-    refs = hf_generate(str(model_dir), [parity.ref_request(c) for c in cases.values()], parity.NUM_NEW_TOKENS,
+    if name == "qwen3_vl":
+        sys.path.append(str(REPO / "tests" / "parity"))
+        case_module = load_module(REPO / "tests" / "parity" / "test_qwen3_vl_parity.py")
+    else:
+        case_module = parity
+    cases = case_module.make_cases()
+    refs = hf_generate(str(model_dir), [case_module.ref_request(c) for c in cases.values()], parity.NUM_NEW_TOKENS,
                        top_k=parity.TOP_K, ignore_eos=True)
     reference = dict(zip(cases, refs))
     ok = True
@@ -52,7 +58,7 @@ def check_model(parity, name: str, out_dir: Path, atol: float, device: str, dtyp
                   **{"enable_prefix_caching": False, **kwargs})
         names = list(cases) * copies
         start = time.perf_counter()
-        outputs = llm.generate([parity.engine_prompt(cases[n]) for n in names], parity.GREEDY, use_tqdm=False)
+        outputs = llm.generate([case_module.engine_prompt(cases[n]) for n in names], parity.GREEDY, use_tqdm=False)
         elapsed = time.perf_counter() - start
         same = all(o.outputs[0].token_ids[:first] == reference[n].token_ids[:first] for o, n in zip(outputs, names))
         error = max(abs(o.outputs[0].logprobs[step][tok].logprob - value)
@@ -74,12 +80,15 @@ def main() -> int:
     parser.add_argument("--first-tokens", type=int, default=10**6, help="compare only this many first tokens")
     parser.add_argument("--scale", default=None, help="checkpoint init scale: default, or bf16 (the default "
                         "with --dtype bfloat16: transformers itself stays within ~0.03 of float32 on it)")
+    parser.add_argument("--models", default=None, help="comma-separated tiny names (default: test_vl_parity's "
+                        "qwen2_5_vl,qwen2_vl; qwen3_vl runs the Qwen3-VL cases)")
     args = parser.parse_args()
     scale = args.scale or ("bf16" if args.dtype == "bfloat16" else "default")
     parity = load_module(REPO / "tests" / "parity" / "test_vl_parity.py")
+    models = args.models.split(",") if args.models else parity.MODELS
     with tempfile.TemporaryDirectory() as tmp:
         ok = all([check_model(parity, name, Path(tmp), args.atol, args.device, args.dtype, args.first_tokens, scale)
-                  for name in parity.MODELS])
+                  for name in models])
     print("OK" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -65,7 +65,7 @@ def engine_workloads(args, path: str, summary: dict, deterministic: bool, runs: 
 
 
 def run_parts(args, parts: set[str]) -> dict:
-    path, summary = harness.model_dir(), {}
+    path, summary = harness.model_dir(args.model), {}
     if "linear" in parts:
         linear = _guarded(summary, "linear invariance", check_determinism.linear_invariance)
         if linear:
@@ -114,6 +114,7 @@ def summarize() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--model", default="qwen2_5_vl_3b", help="samples/models/real_shape.py name, e.g. qwen3_vl_8b")
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--parts", default="linear,det,nondet,hf,w3")
     parser.add_argument("--summarize", action="store_true")

@@ -4,7 +4,9 @@ on batches of 32 images at 448x448 and 1280x720 (resized to multiples of 28 as t
 does), bf16, random weights. FLOPs are counted analytically (matmuls + attention; norms, rotary
 and activations ignored), so TFLOP/s is a lower bound on the work done.
 
-    python bench/w3_vision.py [--model qwen2_5_vl_3b] [--iters 5]
+    python bench/w3_vision.py [--model qwen2_5_vl_3b | qwen3_vl_8b] [--iters 5]
+Qwen3-VL's tower (patch 16, full attention in every block, GELU MLP, DeepStack mergers) is counted
+the same way; its sizes round to multiples of 32.
 Caller: by hand, bench/run_all.py. Same-run baseline: transformers' own vision tower
 (`model.visual`) on the same pixel_values.
 """
@@ -31,14 +33,16 @@ def tower_flops(vc, grid: tuple[int, int, int]) -> float:
     t, h, w = grid
     n, d, inter = t * h * w, vc.hidden_size, vc.intermediate_size
     merge = vc.spatial_merge_size
-    window = (vc.window_size // vc.patch_size // merge) ** 2 * merge ** 2          # patches per full window
+    is_qwen3 = vc.model_type == "qwen3_vl_vision"   # full attention everywhere, 2-matrix MLP, DeepStack
+    window = n if is_qwen3 else (vc.window_size // vc.patch_size // merge) ** 2 * merge ** 2  # patches per window
     patch_in = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
     flops = 2 * n * patch_in * d
     for layer in range(vc.depth):
-        span = n if layer in vc.fullatt_block_indexes else min(window, n)
-        flops += 2 * n * d * 3 * d + 2 * n * d * d + 2 * n * d * inter * 3 + 4 * n * span * d
+        span = n if is_qwen3 or layer in vc.fullatt_block_indexes else min(window, n)
+        flops += 2 * n * d * 3 * d + 2 * n * d * d + 2 * n * d * inter * (2 if is_qwen3 else 3) + 4 * n * span * d
     merged, wide = n // merge ** 2, d * merge ** 2
-    return flops + 2 * merged * wide * wide + 2 * merged * wide * vc.out_hidden_size
+    num_mergers = 1 + (len(vc.deepstack_visual_indexes) if is_qwen3 else 0)
+    return flops + num_mergers * (2 * merged * wide * wide + 2 * merged * wide * vc.out_hidden_size)
 
 
 def make_inputs(vc, grid, batch: int):
@@ -61,13 +65,14 @@ def time_tower(forward, pixel_values, grid_thw, iters: int) -> float:
 
 
 def our_tower(vc):
-    from vision.towers.qwen2_5_vl import Qwen2_5_VisionTransformer
+    from vision.towers import Qwen2_5_VisionTransformer, Qwen3VisionTransformer
 
     torch.manual_seed(0)
+    tower_class = Qwen3VisionTransformer if vc.model_type == "qwen3_vl_vision" else Qwen2_5_VisionTransformer
     with torch.device("cuda"):
         previous = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16)
-        tower = Qwen2_5_VisionTransformer(vc)
+        tower = tower_class(vc)
         torch.set_default_dtype(previous)
     with torch.no_grad():
         for param in tower.parameters():
@@ -83,7 +88,7 @@ def measure(vc, iters: int, with_hf: bool, path: str) -> dict:
         hf_visual = hf.visual if hasattr(hf, "visual") else hf.model.visual
     result = {}
     for name, (width, height) in SIZES.items():
-        grid = grid_of(width, height)
+        grid = grid_of(width, height, vc.patch_size, vc.spatial_merge_size)
         pixel_values, grid_thw = make_inputs(vc, grid, BATCH)
         flops = tower_flops(vc, grid) * BATCH
         seconds = time_tower(tower, pixel_values, grid_thw, iters)

@@ -120,11 +120,13 @@ def _check_load_format(args: dict) -> None:
 
 
 def _model_config(args: dict, device: str) -> ModelConfig:
-    from engine.models import SUPPORTED_ARCHITECTURES
+    from engine.models import SUPPORTED_ARCHITECTURES, refusal_reason
 
     path = resolve_model_path(args["model"], args["revision"], args["trust_remote_code"])
     hf_config = read_hf_config(path, args["trust_remote_code"])
     architecture = (getattr(hf_config, "architectures", None) or [None])[0]
+    if refusal_reason(architecture) is not None:
+        raise ValueError(f"--model: architecture {architecture!r} is not supported: {refusal_reason(architecture)}")
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"--model: architecture {architecture!r} is not supported "
                          f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")

@@ -23,13 +23,14 @@ from engine.protocol import EngineRequest
 from engine.sampling_params import SamplingParams
 from vision.image import to_rgb
 from vision.inputs import IMAGE, MODALITIES, VIDEO
-from vision.video import VideoFrames, video_from_frames
+from vision.video import VideoFrames, video_from_frames, video_from_metadata
 
 
 @dataclass(frozen=True)
 class MediaInput:
     modality: str                 # "image" | "video"
     data: object                  # PIL.Image | vision.video.VideoFrames | uint8 frames [T, H, W, 3]
+                                  # | (frames, vLLM's video metadata dict)
     uuid: str | None = None
     detail: str | None = None     # image_url.detail
 
@@ -156,8 +157,18 @@ class Frontend:
             if not isinstance(image, Image.Image):
                 raise ValueError(f"an image must be a PIL image, got {type(item.data).__name__}")
             return self.processor.process_image(to_rgb(image), mm_kwargs, item.detail)
-        video = item.data if isinstance(item.data, VideoFrames) else video_from_frames(item.data)
-        return self.processor.process_video(video.frames, video.fps, mm_kwargs)
+        video, metadata = self._video(item.data, mm_kwargs)
+        return self.processor.process_video(video.frames, video.fps, mm_kwargs, metadata=metadata)
+
+    def _video(self, data: object, mm_kwargs: dict | None) -> tuple[VideoFrames, VideoFrames | None]:
+        """-> (frames, their source metadata or None): VideoFrames (decoded: they know their source),
+        vLLM's (frames, metadata dict), or bare frames (no metadata; Qwen3-VL refuses those)."""
+        if isinstance(data, VideoFrames):
+            return data, data
+        if isinstance(data, tuple) and len(data) == 2 and isinstance(data[1], dict):
+            video = video_from_metadata(data[0], data[1], self.video_sampling_kwargs(mm_kwargs))
+            return video, video
+        return video_from_frames(data), None
 
     def _complete_sampling_params(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
         """vLLM's length rules; max_tokens None -> what is left of max_model_len; a seed for every

@@ -127,8 +127,9 @@ class LLM:
             items = multi_modal_data.get(modality)
             if items is None:
                 continue
-            if not isinstance(items, (list, tuple)) or (modality == VIDEO and items and not _is_video(items[0])):
-                items = [items]  # one image / one video (an array, or a list of PIL frames)
+            if (not isinstance(items, (list, tuple)) or (modality == VIDEO and items and not _is_video(items[0]))
+                    or (modality == VIDEO and _has_metadata(items))):
+                items = [items]  # one image / one video (an array, a list of PIL frames, (frames, metadata))
             media += [MediaInput(modality, item) for item in items]
         return media
 
@@ -158,7 +159,9 @@ class LLM:
         if self._media_fetcher is None:
             self._media_fetcher = MediaFetcher(FetchConfig(allowed_local_media_path=self._allowed_local_media_path))
         data = self._media_fetcher.fetch_sync(url)
-        return decode_image(data) if modality == IMAGE else decode_video(data)
+        if modality == IMAGE:
+            return decode_image(data)
+        return decode_video(data, **self.frontend.video_sampling_kwargs(None))  # the model's frame sampling
 
     # ---------------------------------------------------------------- the engine loop
 
@@ -191,7 +194,13 @@ class LLM:
 
 
 def _is_video(item) -> bool:
-    """One video: a [T, H, W, 3] array, a VideoFrames, or a list of PIL frames."""
+    """One video: a [T, H, W, 3] array, a VideoFrames, a list of PIL frames, or (frames, metadata dict)."""
     import numpy as np
 
-    return (isinstance(item, np.ndarray) and item.ndim == 4) or hasattr(item, "fps") or isinstance(item, list)
+    return ((isinstance(item, np.ndarray) and item.ndim == 4) or hasattr(item, "fps") or isinstance(item, list)
+            or _has_metadata(item))
+
+
+def _has_metadata(item) -> bool:
+    """vLLM's video with metadata: (frames, {"fps": ..., "frames_indices": [...], ...})."""
+    return isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], dict)

@@ -95,13 +95,15 @@ def apply_rotary(
     positions: torch.Tensor,      # [num_tokens] or [3, num_tokens] int64
     cos_sin_cache: torch.Tensor,  # [max_position, head_dim]: cos | sin of the head_dim/2 frequencies
     mrope_section: list[int] | None = None,
+    mrope_interleaved: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neox-style RoPE (HF rotate_half); M-RoPE when mrope_section is given. Returns new tensors."""
+    """Neox-style RoPE (HF rotate_half); M-RoPE when mrope_section is given, with the frequencies
+    interleaved over t/h/w (Qwen3-VL) when mrope_interleaved. Returns new tensors."""
     if (positions.dim() == 2) != (mrope_section is not None):
         raise ValueError("positions must be [3, num_tokens] exactly when mrope_section is given")
     if uses_triton(query):
-        return _rotary._triton(query, key, positions, cos_sin_cache, mrope_section)
-    return _rotary._reference(query, key, positions, cos_sin_cache, mrope_section)
+        return _rotary._triton(query, key, positions, cos_sin_cache, mrope_section, mrope_interleaved)
+    return _rotary._reference(query, key, positions, cos_sin_cache, mrope_section, mrope_interleaved)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Session fixtures shared by every test: tiny HF checkpoints and sample media, built once and cached.
 
 `tiny_model_dir(name)` -> Path of samples/models/out/<name> ("qwen2", "qwen2_vl", "qwen2_5_vl",
-"internvl", "internvl_chat");
+"qwen3_vl", "internvl", "internvl_chat");
 `media_dir` -> Path of samples/media/out. Both are rebuilt when their builder sources (or the installed
 transformers / PyAV version) change: a stamp file inside the directory holds that hash. Builds happen in
 a temporary sibling directory under an exclusive file lock and are renamed into place, so concurrent
@@ -65,7 +65,8 @@ def tiny_model_dir() -> Callable[[str], Path]:
     import transformers
 
     builder = _load_module(MODELS_DIR / "build_tiny.py")
-    sources = [MODELS_DIR / "build_tiny.py", MODELS_DIR / "tiny_tokenizer.py"]
+    sources = [MODELS_DIR / "build_tiny.py", MODELS_DIR / "tiny_tokenizer.py",
+               REPO_ROOT / "chat_templates" / "qwen3_vl.jinja"]  # the tiny Qwen3-VL's template
     stamp = _source_stamp(sources, f"transformers={transformers.__version__}")
     # InternVL ("internvl": transformers' layout, "internvl_chat": the original layout) has its own builder.
     internvl = _load_module(MODELS_DIR / "build_tiny_internvl.py")

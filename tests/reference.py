@@ -28,7 +28,8 @@ import torch
 @dataclass(frozen=True)
 class RefVideo:
     frames: np.ndarray  # [num_frames, height, width, 3] uint8, already sampled
-    fps: float          # rate of the sampled frames
+    fps: float          # rate of the sampled frames (with frames_indices: of the source video)
+    frames_indices: tuple[int, ...] | None = None  # source frame numbers (Qwen3-VL timestamps); None: 0..T-1
 
 
 @dataclass(frozen=True)
@@ -137,8 +138,9 @@ def prepare_inputs(model_dir: str | Path, request) -> dict[str, torch.Tensor]:
 
 def _video_metadata(video: RefVideo) -> dict:
     num_frames, height, width = video.frames.shape[:3]
-    return {"total_num_frames": num_frames, "fps": float(video.fps), "frames_indices": list(range(num_frames)),
-            "height": height, "width": width, "duration": num_frames / float(video.fps)}
+    indices = list(video.frames_indices) if video.frames_indices is not None else list(range(num_frames))
+    return {"total_num_frames": max(indices) + 1, "fps": float(video.fps), "frames_indices": indices,
+            "height": height, "width": width, "duration": (max(indices) + 1) / float(video.fps)}
 
 
 def _top_k(logits: torch.Tensor, top_k: int) -> dict[int, float]:

@@ -73,6 +73,9 @@ class ProcessedMedia:
     num_tokens: int  # placeholder tokens this item takes in the prompt
     second_per_grid_t: float  # videos: temporal_patch_size / sampled fps; images: 0.0
     mm_hash: str
+    # The ids the item's placeholder token expands to, when not num_tokens copies of it (Qwen3-VL
+    # videos: "<t seconds>", vision start/end and pads per temporal group).
+    placeholder_ids: tuple[int, ...] = ()
 
     def to_item(self, placeholder: PlaceholderRange) -> MultiModalItem:
         if placeholder.length != self.num_tokens:

@@ -6,6 +6,10 @@ which is what Qwen2-VL / Qwen2.5-VL were trained with and what vLLM reproduces:
     n = nframes rounded to FRAME_FACTOR                                  (if nframes is given)
     n = floor2(min(max(total / video_fps * fps, ceil2(min_frames)), floor2(max_frames), total))
 The sampled-frame rate `n / total * video_fps` is returned as `fps` (M-RoPE's second_per_grid_t).
+Qwen3-VL samples as transformers' Qwen3VLVideoProcessor does instead (`sampling="transformers"`):
+    n = nframes (if given), else min(max(int(total / video_fps * fps), min_frames), max_frames, total)
+    indices = np.linspace(0, total - 1, n).round()
+and times its frames from their source numbers: `frame_indices / video_fps`.
 
 Decoding uses PyAV. Frames are numbered in decode order (as torchvision/decord do). When the wanted
 frames are far apart we seek to the keyframe before each one instead of decoding everything in
@@ -68,6 +72,30 @@ def sample_frame_indices(total_frames: int, num_frames: int) -> list[int]:
     return torch.linspace(0, total_frames - 1, num_frames).round().long().tolist()
 
 
+def transformers_frame_indices(total_frames: int, video_fps: float, *, fps: float | None = FPS,
+                               min_frames: int = FPS_MIN_FRAMES, max_frames: int = FPS_MAX_FRAMES,
+                               nframes: int | None = None) -> list[int]:
+    """transformers' Qwen3VLVideoProcessor.sample_frames (module docstring)."""
+    if nframes is None:
+        count = int(total_frames / video_fps * (FPS if fps is None else fps))
+        count = min(max(count, min_frames), max_frames, total_frames)
+    else:
+        count = int(nframes)
+    if not 1 <= count <= total_frames:  # transformers would repeat frames past the total; a request may not
+        raise MediaError(f"cannot sample {count} frames from a video of {total_frames} frame(s); "
+                         f"between 1 and {total_frames} are possible")
+    return np.linspace(0, total_frames - 1, count).round().astype(int).tolist()
+
+
+def frame_indices(sampling: str, total_frames: int, video_fps: float, **kwargs) -> list[int]:
+    """The source frames to keep: qwen-vl-utils' rule or transformers' Qwen3-VL rule."""
+    if sampling == "transformers":
+        return transformers_frame_indices(total_frames, video_fps, **kwargs)
+    if sampling != "qwen_vl_utils":
+        raise ValueError(f"unknown video sampling {sampling!r} (qwen_vl_utils or transformers)")
+    return sample_frame_indices(total_frames, smart_nframes(total_frames, video_fps, **kwargs))
+
+
 @dataclass(frozen=True)
 class VideoDecodeLimits:
     """Server-side bounds on one video (SECURITY.md lists them with their flags)."""
@@ -85,7 +113,8 @@ class VideoDecodeLimits:
 
 def decode_video(data: bytes, *, fps: float | None = None, min_frames: int = FPS_MIN_FRAMES,
                  max_frames: int = FPS_MAX_FRAMES, nframes: int | None = None,
-                 max_pixels: int | None = None, limits: VideoDecodeLimits | None = None) -> VideoFrames:
+                 max_pixels: int | None = None, limits: VideoDecodeLimits | None = None,
+                 sampling: str = "qwen_vl_utils") -> VideoFrames:
     """Decode only the frames qwen-vl-utils would keep: `nframes` frames, or `fps` (default 2.0)
     frames per second within [min_frames, max_frames]. `limits` bound frame size, duration, decoded
     frames and decode time (`max_pixels`, if given, overrides limits.max_pixels)."""
@@ -107,9 +136,9 @@ def decode_video(data: bytes, *, fps: float | None = None, min_frames: int = FPS
         if total_frames / video_fps > limits.max_duration_s:
             raise MediaError(f"the video is too long: {total_frames / video_fps:.0f} s declared, at most "
                              f"{limits.max_duration_s:g} s allowed")
-        count = smart_nframes(total_frames, video_fps, fps=fps, min_frames=min_frames,
-                              max_frames=max_frames, nframes=nframes)
-        indices = sample_frame_indices(total_frames, count)
+        indices = frame_indices(sampling, total_frames, video_fps, fps=fps, min_frames=min_frames,
+                                max_frames=max_frames, nframes=nframes)
+        count = len(indices)
         frames = _read_frames(container, stream, indices, video_fps, limits)
     return VideoFrames(frames=np.stack(frames), fps=count / max(total_frames, 1e-6) * video_fps,
                        total_frames=total_frames, video_fps=video_fps, frame_indices=tuple(indices))
@@ -144,6 +173,36 @@ def video_from_frames(frames: list[Image.Image] | np.ndarray, fps: float = FPS) 
         array = np.stack(rgb)
     return VideoFrames(frames=array, fps=float(fps), total_frames=len(array), video_fps=float(fps),
                        frame_indices=tuple(range(len(array))))
+
+
+def video_from_metadata(frames, metadata: dict, sampling_kwargs: dict | None = None) -> VideoFrames:
+    """vLLM's offline video form: (frames [T, H, W, 3] uint8, metadata dict with fps, frames_indices,
+    total_num_frames, duration, do_sample_frames). With do_sample_frames the frames are the whole
+    video and are sampled here (transformers' Qwen3-VL rule, `sampling_kwargs`); without, they are
+    already sampled and frames_indices says which source frame each one is."""
+    if not isinstance(metadata, dict):
+        raise MediaError(f"video metadata must be a dict, got {type(metadata).__name__}")
+    video = video_from_frames(frames, fps=1.0)
+    video_fps = metadata.get("fps")
+    if isinstance(video_fps, bool) or not isinstance(video_fps, (int, float)) or not 0 < video_fps <= MAX_VIDEO_FPS:
+        raise MediaError(f"video metadata fps must be a number in (0, {MAX_VIDEO_FPS:g}], got {video_fps!r}")
+    total = len(video.frames)
+    if metadata.get("do_sample_frames"):
+        if metadata.get("total_num_frames", total) != total:
+            raise MediaError(f"video metadata total_num_frames={metadata['total_num_frames']} but {total} frames "
+                             f"were given (do_sample_frames needs the whole video)")
+        kwargs = {k: v for k, v in (sampling_kwargs or {}).items() if k != "sampling"}
+        indices = transformers_frame_indices(total, float(video_fps), **kwargs)
+        return VideoFrames(frames=video.frames[indices], fps=len(indices) / total * video_fps, total_frames=total,
+                           video_fps=float(video_fps), frame_indices=tuple(indices))
+    indices = metadata.get("frames_indices")
+    indices = list(range(total)) if indices is None else [int(i) for i in indices]
+    if len(indices) != total or any(i < 0 for i in indices):
+        raise MediaError(f"video metadata frames_indices must give one non-negative source frame number per "
+                         f"frame ({total}), got {len(indices)}")
+    num_source = int(metadata.get("total_num_frames") or max(indices) + 1)
+    return VideoFrames(frames=video.frames, fps=total / max(num_source, 1) * video_fps, total_frames=num_source,
+                       video_fps=float(video_fps), frame_indices=tuple(indices))
 
 
 def _video_stream(container, max_pixels: int):

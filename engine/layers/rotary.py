@@ -1,6 +1,6 @@
 """Rotary position embedding (neox / rotate-half layout, as HF Qwen2), with the M-RoPE variant
 of Qwen2-VL: positions [3, T] (temporal, height, width) and `mrope_section` saying which
-frequencies read which row. Caller: attention blocks; application is `kernels.apply_rotary`.
+frequencies read which row (in blocks; interleaved t/h/w for Qwen3-VL, `mrope_interleaved`). Caller: attention blocks; application is `kernels.apply_rotary`.
 
 cos_sin_cache [max_position, head_dim]: row p = cos(p * inv_freq) | sin(p * inv_freq), each half
 head_dim/2 wide. Computed in float32 and cast to the model dtype, as HF casts cos/sin to x.dtype.
@@ -29,7 +29,8 @@ def rope_parameters(text_config: Any) -> tuple[float, list[int] | None]:
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, base: float,
-                 mrope_section: list[int] | None = None, dtype: torch.dtype | None = None):
+                 mrope_section: list[int] | None = None, dtype: torch.dtype | None = None,
+                 mrope_interleaved: bool = False):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"rotary head_dim must be even, got {head_dim}")
@@ -37,6 +38,7 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
         self.head_dim = head_dim
         self.mrope_section = mrope_section
+        self.mrope_interleaved = mrope_interleaved
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu") / head_dim))
         freqs = torch.arange(max_position, dtype=torch.float32, device="cpu")[:, None] * inv_freq  # [P, D/2]
         cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)  # [P, D]
@@ -45,4 +47,4 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
         """positions [T] or [3, T] int64; query [T, Hq, D]; key [T, Hkv, D] -> rotated (query, key)."""
         section = self.mrope_section if positions.dim() == 2 else None
-        return kernels.apply_rotary(query, key, positions, self.cos_sin_cache, section)
+        return kernels.apply_rotary(query, key, positions, self.cos_sin_cache, section, self.mrope_interleaved)

@@ -63,3 +63,53 @@ def mrope_positions(
     positions = torch.cat(pieces, dim=1)
     delta = int(positions.max()) + 1 - num_prompt_tokens if num_prompt_tokens else 0
     return positions, delta
+
+
+def qwen3_vl_mrope_positions(prompt_token_ids: list[int], mm_items: list[MultiModalItem], spatial_merge_size: int,
+                             pad_token_ids: dict[str, int]) -> tuple[torch.Tensor, int]:
+    """Qwen3-VL (transformers' Qwen3VLModel.get_rope_index): every run of an item's pad tokens is
+    one (1, h, w) grid starting at the running position, which then advances by max(h, w) / merge;
+    every other token, including a video's "<t seconds>" and vision start/end tokens between its
+    temporal groups, is text. A video of t groups holds t runs; time is in the text, not in the t row.
+
+    pad_token_ids: modality -> its pad token id. Returns (positions [3, len(prompt)], decode delta)."""
+    pieces: list[torch.Tensor] = []
+    cursor = position = 0
+    for item in mm_items:
+        offset, length = item.placeholder.offset, item.placeholder.length
+        if offset < cursor:
+            raise ValueError("multimodal placeholders overlap or are not sorted by offset")
+        span = prompt_token_ids[offset:offset + length]
+        runs = _pad_runs(span, pad_token_ids[item.modality])
+        t, h, w = item.grid_thw
+        grid_h, grid_w = h // spatial_merge_size, w // spatial_merge_size
+        num_groups = t if item.modality == VIDEO else 1
+        if len(runs) != num_groups or any(end - start != grid_h * grid_w * (t // num_groups) for start, end in runs):
+            raise ValueError(f"placeholder of {length} tokens does not match grid {item.grid_thw}")
+        local = -(offset - cursor)  # span-relative index of the next token to place
+        for start, end in runs:
+            pieces.append(torch.arange(start - local).expand(3, -1) + position)
+            position += start - local
+            group = _item_positions(item, position, spatial_merge_size, None)[:, :end - start]
+            pieces.append(group)       # [3, grid_h * grid_w]: the first frame of the grid = one group
+            position += max(grid_h, grid_w)
+            local = end
+        pieces.append(torch.arange(length - local).expand(3, -1) + position)
+        position += length - local
+        cursor = offset + length
+    pieces.append(torch.arange(len(prompt_token_ids) - cursor).expand(3, -1) + position)
+    positions = torch.cat(pieces, dim=1)
+    delta = int(positions.max()) + 1 - len(prompt_token_ids) if prompt_token_ids else 0
+    return positions, delta
+
+
+def _pad_runs(span: list[int], pad_token_id: int) -> list[tuple[int, int]]:
+    """[start, end) of each maximal run of pad_token_id in span."""
+    runs, start = [], None
+    for index, token in enumerate(span + [None]):
+        if token == pad_token_id and start is None:
+            start = index
+        elif token != pad_token_id and start is not None:
+            runs.append((start, index))
+            start = None
+    return runs

@@ -92,6 +92,8 @@ class Qwen2DecoderLayer(nn.Module):
 
 
 class Qwen2Model(nn.Module):
+    decoder_layer_class: type[nn.Module] = Qwen2DecoderLayer  # Qwen3 swaps in its QK-norm layer
+
     def __init__(self, config: Any, parallel: ParallelContext = SINGLE_RANK):
         super().__init__()
         if getattr(config, "use_sliding_window", False):
@@ -102,7 +104,7 @@ class Qwen2Model(nn.Module):
                              if parallel.is_first_stage else None)
         # Layers of other stages are parameterless placeholders: names keep the layer numbers.
         self.layers = nn.ModuleList(
-            Qwen2DecoderLayer(config, parallel) if self.start_layer <= i < self.end_layer else nn.Identity()
+            self.decoder_layer_class(config, parallel) if self.start_layer <= i < self.end_layer else nn.Identity()
             for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if parallel.is_last_stage else None
 

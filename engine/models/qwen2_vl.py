@@ -50,6 +50,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         "lm_head.": "lm_head.",
     }
     tower_class: type[nn.Module] = Qwen2VisionTransformer
+    language_model_class: type[nn.Module] = Qwen2Model
 
     def __init__(self, config: Any, parallel: ParallelContext = SINGLE_RANK):
         super().__init__()
@@ -60,7 +61,8 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         self.spatial_merge_size = int(config.vision_config.spatial_merge_size)
         self.tokens_per_second = self._tokens_per_second(config.vision_config)
         self.visual = self.tower_class(config.vision_config) if parallel.is_first_stage else None
-        self.model = Qwen2Model(text_config, parallel)
+        self.model = self.language_model_class(text_config, parallel)
+        self.mm_embed_dim = self.hidden_size  # width of one item's embedding rows (Qwen3-VL: wider)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head: LMHead | None = make_lm_head(text_config, self.model, self.tie_word_embeddings, parallel)
 
@@ -85,7 +87,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         -> one [t*h*w / merge², H] embedding per item, in order."""
         if self.parallel.tp_size > 1:
             return encode_data_parallel(self.visual, pixel_values, grid_thw, self.spatial_merge_size,
-                                        self.hidden_size, self.parallel)
+                                        self.mm_embed_dim, self.parallel)
         embeds = self.visual(pixel_values, grid_thw)                 # [sum tokens, H]
         sizes = (grid_thw.prod(dim=-1) // self.spatial_merge_size**2).tolist()
         return list(embeds.split(sizes))

@@ -169,7 +169,8 @@ class EncoderRunner:
 
 class _EmbedMask:
     """Models whose placeholder spans also hold plain tokens (InternVL: `<img>`, `</img>`, "Frame2: "
-    around its `<IMG_CONTEXT>` rows) name the token that takes vision rows as `embed_token_id`;
+    around its `<IMG_CONTEXT>` rows; Qwen3-VL: a video's timestamps and vision start/end between its
+    frames) name the token(s) that take vision rows as `embed_token_id` (an id or a tuple of ids);
     the item's embedding then has one row per such token, in order."""
 
     def __init__(self, embed_token_id: int | None, prompt_token_ids: list[int]):
@@ -179,7 +180,10 @@ class _EmbedMask:
         if self.embed_token_id is None:
             return None
         offset, length = item.placeholder.offset, item.placeholder.length
-        return torch.tensor(self.prompt_token_ids[offset:offset + length]) == self.embed_token_id
+        span = torch.tensor(self.prompt_token_ids[offset:offset + length])
+        if isinstance(self.embed_token_id, tuple):
+            return torch.isin(span, torch.tensor(self.embed_token_id))
+        return span == self.embed_token_id
 
 
 def _failed_item(mm_items: list[MultiModalItem], failed_items: dict[str, str]) -> str | None:

@@ -1,7 +1,7 @@
-"""Build tiny random-weight checkpoints in exact Hugging Face layout (Qwen2, Qwen2-VL, Qwen2.5-VL).
+"""Build tiny random-weight checkpoints in exact Hugging Face layout (Qwen2, Qwen2-VL, Qwen2.5-VL, Qwen3-VL).
 
 Caller: tests/conftest.py (`tiny_model_dir` fixture) and humans:
-    python samples/models/build_tiny.py --out samples/models/out [qwen2 qwen2_vl qwen2_5_vl]
+    python samples/models/build_tiny.py --out samples/models/out [qwen2 qwen2_vl qwen2_5_vl qwen3_vl]
 Each directory holds config.json, float32 safetensors (qwen2: two shards + index), tokenizer.json,
 tokenizer_config.json, chat_template.jinja, generation_config.json and, for the VL models,
 preprocessor_config.json and video_preprocessor_config.json. Shapes are tiny but structurally real:
@@ -27,13 +27,19 @@ from tiny_tokenizer import (  # noqa: E402
     special_token_ids, train_tokenizer,
 )
 
-MODEL_NAMES = ("qwen2", "qwen2_vl", "qwen2_5_vl")
+MODEL_NAMES = ("qwen2", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 # Tokenizer has 1046 tokens; qwen2_vl's vocab is deliberately not a multiple of 64.
-VOCAB_SIZES = {"qwen2": 1088, "qwen2_vl": 1063, "qwen2_5_vl": 1088}
+VOCAB_SIZES = {"qwen2": 1088, "qwen2_vl": 1063, "qwen2_5_vl": 1088, "qwen3_vl": 1075}
 IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 MIN_PIXELS, MAX_PIXELS = 3136, 12845056
 VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 128 * 28 * 28, 768 * 28 * 28
+# Qwen3-VL (patch 16, mean/std 0.5 as on the hub); the image floor is lowered from the hub's 65536 so
+# tiny test images stay a few tokens; the video sizes are the hub's.
+QWEN3_IMAGE_SIZE = {"shortest_edge": 64 * 64, "longest_edge": 16777216}
+QWEN3_VIDEO_SIZE = {"shortest_edge": 4096, "longest_edge": 25165824}
+QWEN3_MEAN_STD = [0.5, 0.5, 0.5]
+CHAT_TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "chat_templates"
 
 
 def text_kwargs(name: str, ids: dict[str, int], shape: str = "default") -> dict:
@@ -81,7 +87,27 @@ def make_config(name: str, ids: dict[str, int], shape: str = "default"):
                       fullatt_block_indexes=[0, 3] if alt else [1])
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=not alt,
                                 dtype="float32", **media_ids)
+    if name == "qwen3_vl":
+        return qwen3_vl_config(text, media_ids, alt)
     raise ValueError(f"name: unknown tiny model {name!r}; expected one of {MODEL_NAMES}")
+
+
+def qwen3_vl_config(text: dict, media_ids: dict, alt: bool):
+    """Qwen3-VL: the LM gets QK-norm and head_dim 16 (explicit, as Qwen3 configs carry it); the tower
+    patch 16, learned position embeddings (a 6x6 / 5x5 table, interpolated), DeepStack taps at tower
+    blocks [0, 1] (alt: [1, 3]) feeding the first two decoder layers, GELU-tanh MLP."""
+    from transformers import Qwen3VLConfig
+
+    text = {k: v for k, v in text.items() if k not in ("use_sliding_window", "max_window_layers")}
+    text.update(head_dim=16, attention_bias=False, tie_word_embeddings=not alt)
+    text["rope_parameters"] = dict(text["rope_parameters"], mrope_interleaved=True,
+                                   rope_theta=5000000.0 if not alt else 10000.0)
+    vision = dict(depth=4 if alt else 3, hidden_size=48 if alt else 32, intermediate_size=72 if alt else 64,
+                  hidden_act="gelu_pytorch_tanh", num_heads=3 if alt else 2, in_channels=3, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=text["hidden_size"],
+                  num_position_embeddings=25 if alt else 36, deepstack_visual_indexes=[1, 3] if alt else [0, 1])
+    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=not alt, dtype="float32",
+                         **media_ids)
 
 
 SHAPES = ("default", "alt")
@@ -139,11 +165,12 @@ def suppress_unemittable_rows(model: torch.nn.Module, ids: dict[str, int], token
 
 
 def make_model(name: str, config, scale: InitScale = InitScale()) -> torch.nn.Module:
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM, Qwen2VLForConditionalGeneration
+    from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2ForCausalLM, Qwen2VLForConditionalGeneration,
+                              Qwen3VLForConditionalGeneration)
 
     model_class = {
         "qwen2": Qwen2ForCausalLM, "qwen2_vl": Qwen2VLForConditionalGeneration,
-        "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+        "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen3_vl": Qwen3VLForConditionalGeneration,
     }[name]
     torch.manual_seed(0)
     model = model_class(config).to(torch.float32).eval()
@@ -166,7 +193,8 @@ def make_hf_tokenizer(chat_template: str):
 
 def write_tokenizer_files(name: str, out_dir: Path) -> dict[str, int]:
     """Tokenizer (+ processor configs for VL) in the layout transformers 5 saves; returns special ids."""
-    template = QWEN2_5_CHAT_TEMPLATE if name == "qwen2" else QWEN2_VL_CHAT_TEMPLATE
+    template = {"qwen2": QWEN2_5_CHAT_TEMPLATE, "qwen3_vl": (CHAT_TEMPLATES_DIR / "qwen3_vl.jinja").read_text()
+                }.get(name, QWEN2_VL_CHAT_TEMPLATE)
     tokenizer = make_hf_tokenizer(template)
     if name == "qwen2":
         tokenizer.save_pretrained(out_dir)
@@ -183,6 +211,8 @@ def write_tokenizer_files(name: str, out_dir: Path) -> dict[str, int]:
 def make_processor(name: str, tokenizer):
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
+    if name == "qwen3_vl":
+        return make_qwen3_vl_processor(tokenizer)
     processor_class = Qwen2VLProcessor if name == "qwen2_vl" else Qwen2_5_VLProcessor
     image_processor = Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     video_processor = Qwen2VLVideoProcessor(min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS)
@@ -190,8 +220,32 @@ def make_processor(name: str, tokenizer):
                            video_processor=video_processor, chat_template=tokenizer.chat_template)
 
 
+def make_qwen3_vl_processor(tokenizer):
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    image_processor = Qwen2VLImageProcessor(size=QWEN3_IMAGE_SIZE, patch_size=16, image_mean=QWEN3_MEAN_STD,
+                                            image_std=QWEN3_MEAN_STD)
+    video_processor = Qwen3VLVideoProcessor(size=QWEN3_VIDEO_SIZE, patch_size=16, image_mean=QWEN3_MEAN_STD,
+                                            image_std=QWEN3_MEAN_STD, cap_pixels_per_frame=True)
+    return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+                            chat_template=tokenizer.chat_template)
+
+
+def write_qwen3_vl_preprocessor_configs(out_dir: Path) -> None:
+    """The two files Qwen/Qwen3-VL-*-Instruct ship (sizes above; cap_pixels_per_frame explicit)."""
+    common = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "image_mean": QWEN3_MEAN_STD,
+              "image_std": QWEN3_MEAN_STD, "processor_class": "Qwen3VLProcessor"}
+    image = {**common, "size": QWEN3_IMAGE_SIZE, "image_processor_type": "Qwen2VLImageProcessorFast"}
+    video = {**common, "size": QWEN3_VIDEO_SIZE, "video_processor_type": "Qwen3VLVideoProcessor",
+             "fps": 2, "min_frames": 4, "max_frames": 768, "do_sample_frames": True, "cap_pixels_per_frame": True}
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(image, indent=2) + "\n")
+    (out_dir / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2, sort_keys=True) + "\n")
+
+
 def write_preprocessor_configs(name: str, out_dir: Path) -> None:
     """Overwrite preprocessor_config.json with the exact shape the Qwen hub checkpoints ship."""
+    if name == "qwen3_vl":
+        return write_qwen3_vl_preprocessor_configs(out_dir)
     processor_class = "Qwen2VLProcessor" if name == "qwen2_vl" else "Qwen2_5_VLProcessor"
     image = {
         "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS, "patch_size": 14, "temporal_patch_size": 2,

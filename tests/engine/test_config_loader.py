@@ -75,6 +75,14 @@ def test_unsupported_architecture_lists_the_supported_ones(model_dir):
         EngineConfig.create(model=str(model_dir), device="cpu")
 
 
+def test_qwen3_vl_moe_is_refused_with_the_reason(tmp_path):
+    from transformers import Qwen3VLMoeConfig
+
+    Qwen3VLMoeConfig(architectures=["Qwen3VLMoeForConditionalGeneration"]).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="Qwen3-VL MoE .* fused MoE kernels.*dense Qwen3-VL"):
+        EngineConfig.create(model=str(tmp_path), device="cpu")
+
+
 def test_missing_model_directory(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         EngineConfig.create(model=str(tmp_path / "absent"), device="cpu")

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
 BUILDER_PATH = Path(__file__).resolve().parents[2] / "samples" / "models" / "build_tiny.py"
-VL_NAMES = ("qwen2_vl", "qwen2_5_vl")
+VL_NAMES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 SPECIAL_TOKEN_FIELDS = {
     "image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
     "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>",
@@ -27,7 +27,7 @@ def load_builder():
     return module
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_layout_and_special_ids_match_tokenizer(tiny_model_dir, name):
     model_dir = tiny_model_dir(name)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -57,7 +57,7 @@ def test_structure_covers_both_head_kinds_and_unpadded_vocab(tiny_model_dir):
     assert configs["qwen2"].tie_word_embeddings and configs["qwen2_5_vl"].tie_word_embeddings
     assert not configs["qwen2_vl"].tie_word_embeddings
     assert any(c.get_text_config().vocab_size % 64 for c in configs.values())
-    for name in VL_NAMES:
+    for name in ("qwen2_vl", "qwen2_5_vl"):
         text = configs[name].get_text_config()
         head_dim = text.hidden_size // text.num_attention_heads
         assert sum(text.rope_parameters["mrope_section"]) == head_dim // 2
@@ -73,7 +73,7 @@ def test_build_is_byte_deterministic(tiny_model_dir, tmp_path):
         assert path.read_bytes() == (cached / path.name).read_bytes(), path.name
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_hf_loads_every_weight_and_generates(tiny_model_dir, name):
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -143,3 +143,18 @@ def test_variants_change_what_they_say_and_unknown_ones_are_refused(tiny_model_d
     for kwargs, word in [({"scale": "huge"}, "scale"), ({"shape": "wide"}, "shape")]:
         with pytest.raises(ValueError, match=word):
             builder.build("qwen2", tmp_path / "x", **kwargs)
+
+
+def test_qwen3_vl_shapes_cover_deepstack_and_tying(tiny_model_dir):
+    default = AutoConfig.from_pretrained(tiny_model_dir("qwen3_vl"))
+    alt = AutoConfig.from_pretrained(tiny_model_dir("qwen3_vl", shape="alt"))
+    for config in (default, alt):
+        text, vision = config.get_text_config(), config.vision_config
+        assert sum(text.rope_parameters["mrope_section"]) == text.head_dim // 2
+        assert 0 < len(vision.deepstack_visual_indexes) <= text.num_hidden_layers
+        assert max(vision.deepstack_visual_indexes) < vision.depth and vision.patch_size == 16
+        assert text.num_attention_heads > text.num_key_value_heads
+    assert default.tie_word_embeddings != alt.tie_word_embeddings
+    assert default.vision_config.deepstack_visual_indexes != alt.vision_config.deepstack_visual_indexes
+    # PP=2 of the default LM (3 layers) puts layers 0-1 on the first stage: both DeepStack layers
+    assert len(default.vision_config.deepstack_visual_indexes) == 2 and default.text_config.num_hidden_layers == 3

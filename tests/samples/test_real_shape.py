@@ -64,6 +64,28 @@ def test_qwen2_vl_tower(real_shape_dirs):
     assert vision.hidden_act == "quick_gelu" and vision.hidden_size == 3584
 
 
+# Qwen/Qwen3-VL-*-Instruct config.json: LM hidden / layers / heads / KV heads / head_dim / intermediate / tied;
+# tower depth / hidden / intermediate / DeepStack taps.
+EXPECTED_QWEN3_VL = {
+    "qwen3_vl_2b": ((2048, 28, 16, 8, 128, 6144, True), (24, 1024, 4096, [5, 11, 17])),
+    "qwen3_vl_4b": ((2560, 36, 32, 8, 128, 9728, True), (24, 1024, 4096, [5, 11, 17])),
+    "qwen3_vl_8b": ((4096, 36, 32, 8, 128, 12288, False), (27, 1152, 4304, [8, 16, 24])),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_QWEN3_VL))
+def test_qwen3_vl_shapes(tmp_path, name):
+    config = AutoConfig.from_pretrained(load_real_shape().write_real_shape_dir(name, tmp_path / name))
+    text, vision = config.get_text_config(), config.vision_config
+    assert config.architectures == ["Qwen3VLForConditionalGeneration"]
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads,
+            text.head_dim, text.intermediate_size, config.tie_word_embeddings) == EXPECTED_QWEN3_VL[name][0]
+    assert (vision.depth, vision.hidden_size, vision.intermediate_size,
+            list(vision.deepstack_visual_indexes)) == EXPECTED_QWEN3_VL[name][1]
+    assert text.rope_parameters["mrope_section"] == [24, 20, 20] and text.rope_parameters["rope_theta"] == 5e6
+    assert (vision.patch_size, vision.num_position_embeddings, vision.out_hidden_size) == (16, 2304, text.hidden_size)
+
+
 def test_unknown_name_is_a_value_error():
     with pytest.raises(ValueError, match="name"):
-        load_real_shape().real_shape_config("qwen3_vl_8b")
+        load_real_shape().real_shape_config("qwen3_vl_30b_a3b")

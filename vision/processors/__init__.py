@@ -16,6 +16,7 @@ from typing import Any
 PROCESSORS: dict[str, str] = {
     "Qwen2VLForConditionalGeneration": "vision.processors.qwen2_vl:Qwen2VLProcessor",
     "Qwen2_5_VLForConditionalGeneration": "vision.processors.qwen2_vl:Qwen2VLProcessor",
+    "Qwen3VLForConditionalGeneration": "vision.processors.qwen3_vl:Qwen3VLProcessor",
     "InternVLForConditionalGeneration": "vision.processors.internvl:InternVLProcessor",
     "InternVLChatModel": "vision.processors.internvl:InternVLProcessor",
 }

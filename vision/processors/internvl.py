@@ -255,8 +255,9 @@ class InternVLProcessor:
         return self._processed(IMAGE, tiles, uuid)
 
     def process_video(self, frames: np.ndarray, fps: float, mm_kwargs: dict | None = None,
-                      uuid: str | None = None) -> ProcessedMedia:
-        """frames [T, H, W, 3] uint8, already sampled: each frame becomes one S x S tile."""
+                      uuid: str | None = None, metadata: object = None) -> ProcessedMedia:
+        """frames [T, H, W, 3] uint8, already sampled: each frame becomes one S x S tile (the
+        source metadata is not used: InternVL numbers frames, it does not time them)."""
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) < 1:
             raise ValueError(f"video frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
         self._tile_bounds(mm_kwargs, None)  # validates the kwargs

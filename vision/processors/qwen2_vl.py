@@ -31,7 +31,7 @@ from PIL import Image
 
 from vision.hashing import mm_hash
 from vision.inputs import IMAGE, VIDEO, MediaError, MultiModalItem, PlaceholderRange, ProcessedMedia
-from vision.video import video_sampling_kwargs
+from vision.video import VideoFrames, video_sampling_kwargs
 
 # OpenAI `detail: "low"`: at most 448x448 pixels, i.e. at most 256 tokens with 28-pixel merged patches.
 LOW_DETAIL_MAX_PIXELS = 448 * 448
@@ -234,8 +234,9 @@ class Qwen2VLProcessor:
         return self._processed(IMAGE, frames, grid_thw, 0.0, (min_pixels, max_pixels), uuid)
 
     def process_video(self, frames: np.ndarray, fps: float, mm_kwargs: dict | None = None,
-                      uuid: str | None = None) -> ProcessedMedia:
-        """frames: [T, H, W, 3] uint8, already sampled (vision.video); fps: their rate."""
+                      uuid: str | None = None, metadata: VideoFrames | None = None) -> ProcessedMedia:
+        """frames: [T, H, W, 3] uint8, already sampled (vision.video); fps: their rate. `metadata`
+        (source frame numbers and rate) is not needed here: time enters M-RoPE through fps."""
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) < 1:
             raise ValueError(f"video frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
         if not fps > 0:
@@ -281,7 +282,7 @@ class Qwen2VLProcessor:
         for (pos, modality), item in zip(slots, media):
             expanded.extend(prompt_token_ids[start:pos])
             ranges.append(PlaceholderRange(offset=len(expanded), length=item.num_tokens))
-            expanded.extend([pad_ids[modality]] * item.num_tokens)
+            expanded.extend(item.placeholder_ids or [pad_ids[modality]] * item.num_tokens)
             start = pos + 1
         expanded.extend(prompt_token_ids[start:])
         return expanded, ranges

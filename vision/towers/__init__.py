@@ -7,5 +7,6 @@ item order; `load_weights(iter of (name relative to the tower, tensor)) -> set[s
 
 from vision.towers.qwen2_5_vl import Qwen2_5_VisionTransformer
 from vision.towers.qwen2_vl import Qwen2VisionTransformer
+from vision.towers.qwen3_vl import Qwen3VisionTransformer
 
-__all__ = ["Qwen2VisionTransformer", "Qwen2_5_VisionTransformer"]
+__all__ = ["Qwen2VisionTransformer", "Qwen2_5_VisionTransformer", "Qwen3VisionTransformer"]

@@ -65,10 +65,11 @@ class VisionPatchEmbed(nn.Module):
     The checkpoint's Conv3d weight [embed, C, T, P, P] flattens to [embed, C*T*P*P] in the same
     (c, t, p, q) order as the processor flattens a patch, so the two are the same sum."""
 
-    def __init__(self, in_channels: int, temporal_patch_size: int, patch_size: int, embed_dim: int):
+    def __init__(self, in_channels: int, temporal_patch_size: int, patch_size: int, embed_dim: int,
+                 bias: bool = False):
         super().__init__()
         self.conv_shape = (embed_dim, in_channels, temporal_patch_size, patch_size, patch_size)
-        self.proj = nn.Linear(in_channels * temporal_patch_size * patch_size**2, embed_dim, bias=False)
+        self.proj = nn.Linear(in_channels * temporal_patch_size * patch_size**2, embed_dim, bias=bias)
         self.proj.weight.weight_loader = self._load_conv_weight
 
     def _load_conv_weight(self, param: nn.Parameter, conv_weight: torch.Tensor) -> None:
