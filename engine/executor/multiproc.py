@@ -113,8 +113,19 @@ class MultiprocWorkers:
             raise WorkerError(self._death_message(rank)) from None
         if status == "error":
             logger.error("worker rank %d failed:\n%s", rank, payload)
-            raise WorkerError(f"worker rank {rank} failed: {payload.strip().splitlines()[-1]}")
+            failure = f"worker rank {rank} failed: {payload.strip().splitlines()[-1]}"
+            dead = self._dead_peer(rank)   # a killed peer breaks the collectives of the others
+            raise WorkerError(failure if dead is None else f"{self._death_message(dead)}; then {failure}")
         return payload
+
+    def _dead_peer(self, rank: int) -> int | None:
+        """Another rank whose process has exited (waiting briefly for it to be reaped), or None."""
+        for other, process in enumerate(self.processes):
+            if other != rank:
+                process.join(0.5)
+                if process.exitcode is not None:
+                    return other
+        return None
 
     def _death_message(self, rank: int) -> str:
         process = self.processes[rank]
