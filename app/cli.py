@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible); see `vlserve serve --help`",
                    add_help=False)
+    sub.add_parser("bench", help="`vlserve bench serve`: load a running server, print vLLM's result block",
+                   add_help=False)
     return parser
 
 
@@ -361,6 +363,13 @@ def main(argv: list[str] | None = None) -> int:
             build_serve_parser().print_help()
             return 0
         return run_serve(argv[1:], "vlserve serve")
+    if argv[:2] == ["bench", "serve"]:
+        from app.benchmark.serve import main as bench_serve_main
+
+        return bench_serve_main(argv[2:])
+    if argv[:1] == ["bench"]:
+        print("usage: vlserve bench serve [flags]  (see `vlserve bench serve --help`)", file=sys.stderr)
+        return 2
     build_parser().parse_args(argv)  # --help, or an error naming the valid commands
     build_parser().print_help()
     return 0
