@@ -31,7 +31,7 @@ import httpx
 
 from vision.inputs import MediaError
 
-__all__ = ["FetchConfig", "MediaError", "MediaFetcher", "decode_data_url"]
+__all__ = ["FetchConfig", "MediaError", "MediaFetcher", "data_url_head", "decode_data_url", "is_data_url"]
 
 
 @dataclass(frozen=True)
@@ -188,6 +188,26 @@ def decode_data_url(url: str, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise MediaError(f"the media is larger than this server's limit of {max_bytes} bytes")
     return data
+
+
+def is_data_url(url: str) -> bool:
+    return url[:5].lower() == "data:"
+
+
+def data_url_head(url: str, num_bytes: int = 48 * 1024) -> bytes:
+    """At most the first num_bytes of a base64 data URL's content, decoded: enough for an image
+    header (its size) without decoding the rest. b"" when the URL is not plain base64."""
+    header, sep, payload = url[len("data:"):].partition(",")
+    if not sep or header.split(";")[-1].strip().lower() != "base64" or "%" in payload[: num_bytes * 2]:
+        return b""
+    text = payload[: num_bytes // 3 * 4 * 2]  # room for whitespace; trimmed to whole quanta below
+    if any(char in text for char in _ASCII_WHITESPACE):
+        text = text.translate(_STRIP_WHITESPACE)
+    text = text[: min(len(text), num_bytes // 3 * 4) // 4 * 4]
+    try:
+        return binascii.a2b_base64(text, strict_mode=True)
+    except (binascii.Error, ValueError):
+        return b""
 
 
 # What `\s` matches among ASCII characters: whitespace anywhere in a base64 payload is ignored.
