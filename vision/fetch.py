@@ -74,8 +74,10 @@ class MediaFetcher:
 
     async def fetch(self, url: str) -> bytes:
         scheme = url.split(":", 1)[0].strip().lower() if ":" in url else ""
-        if scheme == "data":
-            return decode_data_url(url, self.config.max_bytes)
+        if scheme == "data":  # ~2 ms per 800 KB of base64: kept off the event loop when large
+            if len(url) < 64 * 1024:
+                return decode_data_url(url, self.config.max_bytes)
+            return await asyncio.to_thread(decode_data_url, url, self.config.max_bytes)
         if scheme == "file":
             return await asyncio.to_thread(self._read_local, url)
         if scheme not in ("http", "https"):
