@@ -4,11 +4,13 @@ Oracles: counts fixed by the flags (requests, images, --output-len tokens under 
 request's prompt length from transformers' own processor + chat template on the very messages sent,
 the gap schedule of --request-rate as a lower bound on the duration, and hand-computed metrics."""
 
+import asyncio
 import base64
 import io
 import json
 import math
 
+import httpx
 import msgspec
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from transformers import AutoProcessor
 
 from app.benchmark.dataset import DatasetConfig, build_requests
 from app.benchmark.metrics import RunInfo, compute_metrics
-from app.benchmark.requests import RequestResult
+from app.benchmark.requests import RequestResult, send_request
 from app.benchmark.serve import arrival_gaps
 from app.cli import main
 from app.server import create_app
@@ -149,3 +151,37 @@ def test_images_are_fresh_and_sized():
     body = msgspec.json.decode(a.body)
     assert body["ignore_eos"] is True and body["stream_options"] == {"include_usage": True}
     assert len(body["messages"][0]["content"][1]["text"].split()) == 64
+
+
+def _sse_transport(events: list[str], status: int = 200) -> httpx.MockTransport:
+    body = "".join(f"data: {event}\n\n" for event in events).encode()
+    return httpx.MockTransport(lambda request: httpx.Response(status, content=body))
+
+
+def _chunk(content: str | None, role: str | None = None) -> str:
+    delta = {"content": content} | ({"role": role} if role else {})
+    return json.dumps({"choices": [{"index": 0, "delta": delta}]})
+
+
+def test_a_server_without_usage_is_counted_by_text_chunks():
+    events = [_chunk("", role="assistant"), _chunk("Hel"), _chunk("lo"), _chunk(None), _chunk("!"), "[DONE]"]
+
+    async def run():
+        async with httpx.AsyncClient(transport=_sse_transport(events)) as client:
+            return await send_request(client, "http://x/v1/chat/completions", b"{}", True, {})
+
+    result = asyncio.run(run())
+    assert result.success and result.generated_text == "Hello!" and not result.has_usage
+    assert result.output_tokens == 3 and len(result.itl) == 2 and 0 < result.ttft <= result.latency
+
+
+def test_http_errors_and_error_events_are_failures():
+    async def run(transport):
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await send_request(client, "http://x/v1/completions", b"{}", False, {})
+
+    refused = asyncio.run(run(_sse_transport(['{"error": "no"}'], status=503)))
+    assert not refused.success and refused.error.startswith("HTTP 503")
+    broken = asyncio.run(run(_sse_transport([json.dumps({"choices": [{"text": "a"}]}),
+                                             json.dumps({"error": {"message": "engine died"}}), "[DONE]"])))
+    assert not broken.success and "engine died" in broken.error
