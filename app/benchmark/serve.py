@@ -84,7 +84,8 @@ def check_args(args: argparse.Namespace) -> DatasetConfig:
     try:
         args.metric_percentiles = tuple(float(p) for p in args.metric_percentiles.split(","))
     except ValueError:
-        raise ValueError(f"--metric-percentiles: expected numbers such as 50,99, got {args.metric_percentiles!r}") from None
+        raise ValueError(f"--metric-percentiles: expected numbers such as 50,99, "
+                         f"got {args.metric_percentiles!r}") from None
     if not all(0 < p < 100 for p in args.metric_percentiles):
         raise ValueError("--metric-percentiles: each must lie in (0, 100)")
     return DatasetConfig(dataset_name=args.dataset_name, num_prompts=args.num_prompts, input_len=args.input_len,
@@ -187,7 +188,8 @@ async def benchmark(args: argparse.Namespace, dataset: DatasetConfig) -> dict:
 
 
 def run_description(args: argparse.Namespace, dataset: DatasetConfig, model: str, endpoint: str) -> dict:
-    return {"date": datetime.now().strftime("%Y%m%d-%H%M%S"), "endpoint_type": args.backend or "openai-chat",
+    endpoint_type = args.backend or ("openai-chat" if "chat" in endpoint else "openai")
+    return {"date": datetime.now().strftime("%Y%m%d-%H%M%S"), "endpoint_type": endpoint_type,
             "endpoint": endpoint, "label": args.label, "model_id": model, "num_prompts": dataset.num_prompts,
             "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
             "burstiness": args.burstiness, "max_concurrency": args.max_concurrency,

@@ -89,7 +89,8 @@ def test_image_chat_load_counts_match_the_flags_and_transformers(server, model_p
     for label, value in (("Successful requests:", "6"), ("Total generated tokens:", "30"),
                          ("Maximum request concurrency:", "3"), ("Total input images:", "12")):
         assert f"{label:<40} {value}" in printed, label
-    for line in ("Median TTFT (ms):", "P99 TPOT (ms):", "Mean ITL (ms):", "P99 E2EL (ms):", "Image throughput (images/s):"):
+    for line in ("Median TTFT (ms):", "P99 TPOT (ms):", "Mean ITL (ms):", "P99 E2EL (ms):",
+                 "Image throughput (images/s):"):
         assert line in printed, line
 
 
@@ -107,7 +108,8 @@ def test_refused_requests_fail_the_initial_test_clearly(server, tmp_path, monkey
                              "--num-prompts", "2")
     assert code == 1 and result is None
     error = capsys.readouterr().err
-    assert "initial test request failed" in error and "HTTP 400" in error and "at most 2 image(s) per prompt, got 3" in error
+    assert "initial test request failed" in error and "HTTP 400" in error
+    assert "at most 2 image(s) per prompt, got 3" in error
 
 
 def test_bad_flags_name_the_flag(capsys):
