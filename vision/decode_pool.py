@@ -3,10 +3,10 @@ never waits on base64, zlib/JPEG decoding or the GIL they hold.
 
 Caller: app.media (one ImageDecodePool per server, `--media-decode-workers`). A worker gets a data
 URL (base64 decoded there) or fetched bytes, and returns the upright RGB pixels: what
-`vision.image.decode_image` returns, rebuilt here as a PIL image. Measured on a 2-core CPU box
-(bench/api_process.py), 48 448x448 PNG data URLs arriving at once: the event loop's p99 lag was
-8 ms with 2 workers, against 40-66 ms with decoding in threads (GIL) and 600+ ms with base64 on the
-loop itself; the price is ~0.5-1 ms of pickling per image (800 KB in, 600 KB out).
+`vision.image.decode_image` returns, rebuilt here as a PIL image. Measured with bench/api_process.py
+on a shared 2-core CPU box, 48 448x448 PNG data URLs arriving at once: the event loop's p99 lag was
+11 ms with 2 workers against 185 ms with decoding in threads (the GIL), and 950 ms with base64 on
+the loop itself; the price is the pickling of ~800 KB in and 600 KB out per image.
 
 Workers are spawned (never forked: the API process has threads), on first use. A worker that dies
 (e.g. killed for memory) fails that image with a MediaError and the pool is replaced.
