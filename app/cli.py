@@ -65,6 +65,7 @@ class ServerConfig:
     engine_iteration_timeout_s: float = 120.0  # a busy engine silent this long is taken as hung
     h11_max_incomplete_event_size: int = 16 * 1024  # request line + headers; larger -> 431
     exit_on_engine_death: bool = True
+    media_decode_workers: int | None = None   # image decoder processes; None: a quarter of the cores; 0: threads
 
     def __post_init__(self) -> None:
         positive = ("max_n", "request_max_body_size", "max_waiting_requests", "max_queued_media_bytes",
@@ -77,6 +78,8 @@ class ServerConfig:
         self.decode_limits()
         if not 0 <= self.port < 65536:
             raise ValueError(f"--port: must be in [0, 65535], got {self.port}")
+        if self.media_decode_workers is not None and self.media_decode_workers < 0:
+            raise ValueError(f"--media-decode-workers: must be >= 0, got {self.media_decode_workers}")
         if self.uvicorn_log_level not in LOG_LEVELS:
             raise ValueError(f"--uvicorn-log-level: must be one of {', '.join(LOG_LEVELS)}")
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
@@ -170,6 +173,9 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     _add(parser, "disable-log-stats", action="store_true")
     _add(parser, "uvicorn-log-level", default="info")
     _add(parser, "max-log-len", type=int, default=None)
+    _add(parser, "media-decode-workers", type=int, default=None,
+         help="processes that decode images off the event loop (default: a quarter of the cores, 1 to 8; "
+              "0: threads of the API process)")
 
 
 # (flag, ServerConfig field, type, environment variable): the hardening limits. The environment
@@ -239,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Serve vision-language models with an OpenAI-compatible API.")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible); see `vlserve serve --help`",
+                   add_help=False)
+    sub.add_parser("bench", help="`vlserve bench serve`: load a running server, print vLLM's result block",
                    add_help=False)
     return parser
 
@@ -319,7 +327,8 @@ def server_config_from(args: argparse.Namespace, model: str, engine_kwargs: dict
         disable_log_requests=args.disable_log_requests, disable_log_stats=args.disable_log_stats,
         uvicorn_log_level=args.uvicorn_log_level.lower(), max_log_len=args.max_log_len,
         allow_private_media_addresses=args.allow_private_media_addresses,
-        exit_on_engine_death=not args.keep_serving_on_engine_death, **limit_values_from(args),
+        exit_on_engine_death=not args.keep_serving_on_engine_death, media_decode_workers=args.media_decode_workers,
+        **limit_values_from(args),
     )
 
 
@@ -363,6 +372,13 @@ def main(argv: list[str] | None = None) -> int:
             build_serve_parser().print_help()
             return 0
         return run_serve(argv[1:], "vlserve serve")
+    if argv[:2] == ["bench", "serve"]:
+        from app.benchmark.serve import main as bench_serve_main
+
+        return bench_serve_main(argv[2:])
+    if argv[:1] == ["bench"]:
+        print("usage: vlserve bench serve [flags]  (see `vlserve bench serve --help`)", file=sys.stderr)
+        return 2
     build_parser().parse_args(argv)  # --help, or an error naming the valid commands
     build_parser().print_help()
     return 0

@@ -36,6 +36,7 @@ from app.routes.ops import OpsController, package_version
 from app.routes.tokenize import TokenizeController
 from app.serving import ServingContext
 from engine.config import EngineConfig
+from vision.decode_pool import ImageDecodePool, default_num_workers
 from vision.fetch import MediaFetcher
 
 logger = logging.getLogger("vlserve.server")
@@ -50,8 +51,11 @@ def build_serving(server_config: ServerConfig, client: Any) -> ServingContext:
     if chat_template is None and not frontend.chat_template:
         chat_template = default_chat_template(model_config.architecture)
     fetcher = MediaFetcher(server_config.fetch_config())
+    num_workers = server_config.media_decode_workers
+    num_workers = default_num_workers() if num_workers is None else num_workers
     return ServingContext(config=server_config, client=client, metrics=ServerMetrics(server_config.served_names[0]),
-                          fetcher=fetcher, chat_template=chat_template, max_model_len=model_config.max_model_len)
+                          fetcher=fetcher, chat_template=chat_template, max_model_len=model_config.max_model_len,
+                          image_decoder=ImageDecodePool(num_workers) if num_workers else None)
 
 
 async def start_client(engine_config: EngineConfig, iteration_timeout_s: float | None = None) -> Any:
@@ -124,6 +128,8 @@ def make_lifespan(engine_kwargs: dict, server_config: ServerConfig, client: Any,
             watcher.cancel()
             if ticker is not None:
                 ticker.cancel()
+            if serving.image_decoder is not None:
+                serving.image_decoder.close()
             if is_owned:
                 await engine_client.shutdown(server_config.drain_timeout_s)
 

@@ -37,6 +37,7 @@ class ServingContext:
     chat_template: str | None   # --chat-template, else the tokenizer's, else the bundled default
     max_model_len: int
     admission: Admission | None = None  # built from the config when not given
+    image_decoder: Any = None   # vision.decode_pool.ImageDecodePool; None: images decode in threads
 
     def __post_init__(self) -> None:
         if self.admission is None:

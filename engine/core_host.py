@@ -146,13 +146,19 @@ class ProcessCore:
         output_writer.close()
         self._on_outputs, self._on_dead = on_outputs, on_dead
         self._encoder = msgspec.msgpack.Encoder()
-        self._send_lock = threading.Lock()
+        # Writes go through a sender thread: a pipe holds 64 KiB and the core reads only between
+        # steps, so writing a 600 KB image request from the event loop would stall it for up to
+        # a whole step. FIFO, so an abort never overtakes its request.
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._send_error: str | None = None
         self._closing = False
         self._iteration_timeout_s, self._is_busy = iteration_timeout_s, is_busy
         self._last_activity = time.monotonic()
         self._wait_ready(ready_timeout_s)
         self._reader = threading.Thread(target=self._read_loop, name="vlserve-core-reader", daemon=True)
         self._reader.start()
+        self._sender = threading.Thread(target=self._send_loop, name="vlserve-core-sender", daemon=True)
+        self._sender.start()
 
     def _wait_ready(self, timeout_s: float) -> None:
         if not wait([self._output_reader, self._process.sentinel], timeout_s):
@@ -226,11 +232,18 @@ class ProcessCore:
         self._send(ABORT + self._encoder.encode(AbortRequests(req_ids)))
 
     def _send(self, data: bytes) -> None:
-        try:
-            with self._send_lock:
+        """Queues a message for the sender thread; never blocks on the pipe."""
+        if self._send_error is not None:
+            raise EngineDeadError(f"the engine core is not running: {self._send_error}")
+        self._outbox.put(data)
+
+    def _send_loop(self) -> None:
+        while (data := self._outbox.get()) is not None:
+            try:
                 self._request_writer.send_bytes(data)
-        except (BrokenPipeError, OSError) as exc:
-            raise EngineDeadError(f"the engine core is not running: {exc}") from None
+            except (BrokenPipeError, OSError) as exc:  # the reader thread reports the death
+                self._send_error = str(exc) or type(exc).__name__
+                return
 
     @property
     def pid(self) -> int | None:
@@ -238,10 +251,9 @@ class ProcessCore:
 
     def close(self, timeout_s: float) -> None:
         self._closing = True
-        try:
-            self._send(SHUTDOWN)
-        except EngineDeadError:
-            pass
+        self._outbox.put(SHUTDOWN)
+        self._outbox.put(None)  # the sender thread ends after writing what was queued
+        self._sender.join(timeout_s)
         self._process.join(timeout_s)
         if self._process.is_alive():
             self._process.kill()

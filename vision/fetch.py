@@ -16,7 +16,6 @@ whole before counting). Every failure is a MediaError whose message can go to th
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import concurrent.futures
 import ipaddress
@@ -32,7 +31,7 @@ import httpx
 
 from vision.inputs import MediaError
 
-__all__ = ["FetchConfig", "MediaError", "MediaFetcher", "decode_data_url"]
+__all__ = ["FetchConfig", "MediaError", "MediaFetcher", "data_url_head", "decode_data_url", "is_data_url"]
 
 
 @dataclass(frozen=True)
@@ -75,8 +74,10 @@ class MediaFetcher:
 
     async def fetch(self, url: str) -> bytes:
         scheme = url.split(":", 1)[0].strip().lower() if ":" in url else ""
-        if scheme == "data":
-            return decode_data_url(url, self.config.max_bytes)
+        if scheme == "data":  # ~2 ms per 800 KB of base64: kept off the event loop when large
+            if len(url) < 64 * 1024:
+                return decode_data_url(url, self.config.max_bytes)
+            return await asyncio.to_thread(decode_data_url, url, self.config.max_bytes)
         if scheme == "file":
             return await asyncio.to_thread(self._read_local, url)
         if scheme not in ("http", "https"):
@@ -181,13 +182,7 @@ def decode_data_url(url: str, max_bytes: int) -> bytes:
     if not sep:
         raise MediaError("malformed data URL: expected data:<type>;base64,<data>")
     if header.split(";")[-1].strip().lower() == "base64":
-        compact = re.sub(r"\s+", "", unquote(payload) if "%" in payload else payload)
-        if len(compact) // 4 * 3 > max_bytes + 3:
-            raise MediaError(f"the media is larger than this server's limit of {max_bytes} bytes")
-        try:
-            data = base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
-        except (binascii.Error, ValueError):
-            raise MediaError("the data URL does not hold valid base64") from None
+        data = _decode_base64(unquote(payload) if "%" in payload else payload, max_bytes)
     else:
         data = unquote_to_bytes(payload)
     if not data:
@@ -195,6 +190,50 @@ def decode_data_url(url: str, max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise MediaError(f"the media is larger than this server's limit of {max_bytes} bytes")
     return data
+
+
+def is_data_url(url: str) -> bool:
+    return url[:5].lower() == "data:"
+
+
+def data_url_head(url: str, num_bytes: int = 48 * 1024) -> bytes:
+    """At most the first num_bytes of a base64 data URL's content, decoded: enough for an image
+    header (its size) without decoding the rest. b"" when the URL is not plain base64."""
+    header, sep, payload = url[len("data:"):].partition(",")
+    if not sep or header.split(";")[-1].strip().lower() != "base64" or "%" in payload[: num_bytes * 2]:
+        return b""
+    text = payload[: num_bytes // 3 * 4 * 2]  # room for whitespace; trimmed to whole quanta below
+    if any(char in text for char in _ASCII_WHITESPACE):
+        text = text.translate(_STRIP_WHITESPACE)
+    text = text[: min(len(text), num_bytes // 3 * 4) // 4 * 4]
+    try:
+        return binascii.a2b_base64(text, strict_mode=True)
+    except (binascii.Error, ValueError):
+        return b""
+
+
+# What `\s` matches among ASCII characters: whitespace anywhere in a base64 payload is ignored.
+_ASCII_WHITESPACE = "".join(chr(c) for c in range(128) if chr(c).isspace())
+
+
+def _decode_base64(payload: str, max_bytes: int) -> bytes:
+    """Base64 text -> bytes; whitespace ignored, missing padding added, any other stray
+    character refused. One C pass over the payload (an 800 KB image: ~2 ms, where a regex
+    whitespace strip alone took 12 ms on the API process's event loop)."""
+    if not payload.isascii():  # only Unicode whitespace could still make it valid: the slow rule
+        payload = re.sub(r"\s+", "", payload)
+    elif any(char in payload for char in _ASCII_WHITESPACE):  # each test is a memchr-speed scan
+        payload = payload.translate(_STRIP_WHITESPACE)
+    if len(payload) // 4 * 3 > max_bytes + 3:
+        raise MediaError(f"the media is larger than this server's limit of {max_bytes} bytes")
+    try:
+        # strict_mode refuses what the alphabet lacks and '=' anywhere but the end.
+        return binascii.a2b_base64(payload + "=" * (-len(payload) % 4), strict_mode=True)
+    except (binascii.Error, ValueError):
+        raise MediaError("the data URL does not hold valid base64") from None
+
+
+_STRIP_WHITESPACE = str.maketrans("", "", _ASCII_WHITESPACE)
 
 
 async def _resolve(host: str, port: int, is_exempt: bool) -> str:

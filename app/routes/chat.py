@@ -68,7 +68,8 @@ async def build_chat_request(data: ChatCompletionRequest, serving: ServingContex
     media = await load_media(rendered.media, serving.fetcher, serving.config.limits,
                              decode_limits=serving.config.decode_limits(),
                              on_fetched=ticket.add_media_bytes if ticket else lambda num_bytes: None,
-                             plan=media_plan(frontend, rendered, data.mm_processor_kwargs))
+                             plan=media_plan(frontend, rendered, data.mm_processor_kwargs),
+                             pool=serving.image_decoder)
     engine_request = await asyncio.to_thread(frontend.make_request, request_id, rendered.prompt, media, params,
                                              data.mm_processor_kwargs, add_special_tokens=False)
     return engine_request, rendered.prompt

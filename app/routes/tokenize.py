@@ -31,7 +31,8 @@ async def tokenize_messages(data: TokenizeRequest, serving: ServingContext) -> l
                                     chat_template_kwargs=data.chat_template_kwargs)
     media = await load_media(rendered.media, serving.fetcher, serving.config.limits,
                              decode_limits=serving.config.decode_limits(),
-                             plan=media_plan(frontend, rendered, data.mm_processor_kwargs))
+                             plan=media_plan(frontend, rendered, data.mm_processor_kwargs),
+                             pool=serving.image_decoder)
     request = await asyncio.to_thread(frontend.make_request, random_id("tokenize"), rendered.prompt, media,
                                       SamplingParams(max_tokens=1), data.mm_processor_kwargs, add_special_tokens=False)
     return list(request.prompt_token_ids)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from vision.image import decode_image
+from vision.image import decode_image, header_size
 from vision.inputs import MediaError
 
 
@@ -67,6 +67,38 @@ def test_exif_orientation_is_applied(orientation):
     assert np.array_equal(np.array(decoded), expected)
     if orientation == 1:
         assert np.array_equal(np.array(decoded), array)
+
+
+def _with_exif_after_the_pixels(png: bytes, orientation: int) -> bytes:
+    """An eXIf chunk just before IEND, where Pillow finds it only by decoding the pixels."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    body = exif.tobytes()[len(b"Exif\0\0"):] if exif.tobytes().startswith(b"Exif") else exif.tobytes()
+    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
+    iend = png.rindex(b"IEND") - 4
+    return png[:iend] + chunk + png[iend:]
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_header_size_agrees_with_the_decoded_size(where, orientation):
+    array = np.random.default_rng(orientation).integers(0, 256, (20, 36, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    plain = _encode(Image.fromarray(array), "PNG")
+    data = (_encode(Image.fromarray(array), "PNG", exif=exif.tobytes()) if where == "before"
+            else _with_exif_after_the_pixels(plain, orientation))
+    expected = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).size  # PIL's full decode: the oracle
+    assert expected == ((20, 36) if orientation >= 5 else (36, 20))
+    assert header_size(data) == decode_image(data).size == expected
+
+
+def test_header_size_of_a_png_without_exif_decodes_no_pixels(monkeypatch):
+    from PIL import PngImagePlugin
+
+    data = _encode(Image.fromarray(np.zeros((30, 40, 3), dtype=np.uint8)), "PNG")
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: pytest.fail("the pixels were decoded"))
+    assert header_size(data) == (40, 30)
 
 
 def test_animated_image_gives_first_frame():
