@@ -114,7 +114,9 @@ def sweep_range(n: int, k: int, num_rows: int, gen) -> dict:
     default_tile = (default[0], default[1], matmul.BLOCK_K, default[2], default[3])
     calls = 20 if num_rows <= 512 else 4
     rows = []
-    for tile in [default_tile] + list(itertools.product((64, 128), (64, 128, 256), (64, 128), (4, 8), (3, 4))):
+    candidates = (itertools.product((64, 128), (64, 128), (64, 128), (4,), (3, 4)) if num_rows <= 512
+                  else itertools.product((64, 128), (128, 256), (64,), (4, 8), (3, 4)))
+    for tile in [default_tile] + list(candidates):
         try:
             us = graph_us(lambda tile=tile: matmul.launch(x, w, None, tile, num_splits, split_len), calls)
         except Exception as exc:
