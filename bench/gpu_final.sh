@@ -5,10 +5,11 @@
 # Carry build/h11wheels and build/w4wheels (bench/fetch_gpu_wheels.sh).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site build/h11wheels/*.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site build/h11wheels/*.whl \
+  build/tools/*.whl
 python3 -m pip install -q --no-index --find-links build/w4wheels litestar uvicorn httpx prometheus_client 2>/dev/null \
   || python3 -m pip install -q --break-system-packages --no-index --find-links build/w4wheels litestar uvicorn httpx prometheus_client
-export PYTHONPATH=$(pwd):/tmp/site
+export PYTHONPATH=$(pwd):/tmp/site PATH=/tmp/site/bin:$PATH
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 start=$(date +%s)
@@ -19,17 +20,21 @@ cp kernels/linear_tiles.json "$OUT/"
 echo "[tune done at $(( $(date +%s) - start )) s]"
 nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 250 > "$OUT/gpu_util_w4.txt" &
 smi=$!
+# py-spy of the server's processes (API, engine core, decode workers) for 10 s into the 64-client level
+(sleep 58; mkdir -p /tmp/pyspy; for pid in $(pgrep -f "spawn_main|-m app"); do
+   py-spy record -d 10 -r 50 -f raw -o /tmp/pyspy/pid_$pid.txt --pid $pid >/dev/null 2>&1 &
+ done; wait; ps -eo pid,args | grep -E "spawn_main|-m app" > /tmp/pyspy/ps.txt) &
 timeout 200 python3 bench/w4_serving.py --levels 1,16,64 --min-prompts 32 2>&1 | grep -v -i "warn\|INFO\|it/s\]" | tail -16
-cp bench/results/w4_serving.json "$OUT/w4_det.json" 2>/dev/null
+cp bench/results/w4_serving.json bench/results/w4_det.json 2>/dev/null
 timeout 100 python3 bench/w4_serving.py --levels 64 --min-prompts 32 \
   --server-args "--load-format dummy --max-model-len 8000 --gpu-memory-utilization 0.9 --no-deterministic" 2>&1 \
   | grep -v -i "warn\|INFO\|it/s\]" | tail -6
-cp bench/results/w4_serving.json "$OUT/w4_nondet.json" 2>/dev/null
+cp bench/results/w4_serving.json bench/results/w4_nondet.json 2>/dev/null
 kill $smi 2>/dev/null
 echo "[w4 done at $(( $(date +%s) - start )) s]"
 timeout 150 python3 bench/run_all.py --parts det --runs 5 2>&1 | grep -v -i "warn" | grep -E "W1|W2|stage|determinism|start|median|runs" | head -30
 timeout 70 python3 bench/run_all.py --parts nondet --runs 3 2>&1 | grep -E "W1 out|median|runs \(s\)" | head -6
 timeout 80 python3 bench/run_all.py --parts hf 2>&1 | grep -v -i warn | tail -4
 python3 bench/run_all.py --summarize 2>&1 | tail -22
-cp bench/results/run_all_*.json "$OUT/" 2>/dev/null
+tar czf "$OUT/results.tgz" bench/results/*.json /tmp/pyspy 2>/dev/null
 echo "[all done at $(( $(date +%s) - start )) s]"
