@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from app.chat_templates import resolve_chat_template
 from app.media import DecodeLimits
+from engine.chat_render import CONTENT_FORMATS
 from vision.fetch import FetchConfig
 from vision.limits import MultiModalLimits
 from vision.video import VideoDecodeLimits
@@ -65,6 +66,18 @@ class ServerConfig:
     engine_iteration_timeout_s: float = 120.0  # a busy engine silent this long is taken as hung
     h11_max_incomplete_event_size: int = 16 * 1024  # request line + headers; larger -> 431
     exit_on_engine_death: bool = True
+    # vLLM's HTTP flags: TLS, CORS (vLLM's defaults: any origin, method and header), a path prefix
+    # behind a proxy, the role of chat replies, how message content reaches the chat template.
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_ca_certs: str | None = None
+    allowed_origins: tuple[str, ...] = ("*",)
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
+    root_path: str | None = None
+    response_role: str = "assistant"
+    chat_template_content_format: str = "auto"
 
     def __post_init__(self) -> None:
         positive = ("max_n", "request_max_body_size", "max_waiting_requests", "max_queued_media_bytes",
@@ -83,6 +96,11 @@ class ServerConfig:
             raise ValueError("--enable-auto-tool-choice requires --tool-call-parser (supported: hermes)")
         if self.tool_call_parser not in (None, "hermes"):
             raise ValueError(f"--tool-call-parser: {self.tool_call_parser!r} is not supported (supported: hermes)")
+        if self.chat_template_content_format not in CONTENT_FORMATS:
+            raise ValueError(f"--chat-template-content-format: must be one of {', '.join(CONTENT_FORMATS)}, "
+                             f"got {self.chat_template_content_format!r}")
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise ValueError("--ssl-keyfile and --ssl-certfile must be given together")
 
     @property
     def served_names(self) -> tuple[str, ...]:
@@ -151,6 +169,24 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     _add(parser, "device", default=UNSET, help="auto, cpu or cuda")
     _add(parser, "num-gpu-blocks-override", type=int, default=UNSET)
     _add(parser, "load-format", default=UNSET, help="auto, safetensors or dummy")
+    _add(parser, "tokenizer", default=UNSET, help="tokenizer directory or hub id (default: the model's)")
+    _add(parser, "revision", default=UNSET, help="hub revision (branch, tag or commit) of the model")
+    _add(parser, "tokenizer-revision", default=UNSET, help="hub revision of the tokenizer (default: --revision)")
+    _add(parser, "download-dir", default=UNSET, help="folder to download hub checkpoints into (default: HF cache)")
+    _add(parser, "max-logprobs", type=int, default=UNSET,
+         help="most logprobs / top_logprobs a request may ask for (default 20; -1: the vocabulary size)")
+    _add(parser, "enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=UNSET,
+         help="split long prompts across steps (default on); off: a prompt is prefilled in one step, "
+              "so --max-num-batched-tokens must hold --max-model-len")
+    _add(parser, "generation-config", default=UNSET,
+         help="auto (the model's generation_config.json gives unset sampling fields their defaults), "
+              "vllm (vLLM's neutral defaults) or a folder holding a generation_config.json")
+    _add(parser, "override-generation-config", default=UNSET,
+         help='JSON on top of the generation config, e.g. {"temperature": 0.5}')
+    _add(parser, "hf-overrides", default=UNSET, help='JSON set on the HF config, e.g. {"rope_theta": 20000}')
+    _add(parser, "media-io-kwargs", default=UNSET, help='JSON media loading settings: {"video": {"num_frames": 8}}')
+    _add(parser, "mm-processor-cache-gb", type=float, default=UNSET,
+         help="accepted for vLLM compatibility; no effect (there is no processor-output cache here)")
 
 
 def _add_server_flags(parser: argparse.ArgumentParser) -> None:
@@ -168,6 +204,19 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     _add(parser, "disable-log-stats", action="store_true")
     _add(parser, "uvicorn-log-level", default="info")
     _add(parser, "max-log-len", type=int, default=None)
+    _add(parser, "ssl-keyfile", default=None, help="TLS private key (PEM); with --ssl-certfile serves HTTPS")
+    _add(parser, "ssl-certfile", default=None, help="TLS certificate chain (PEM)")
+    _add(parser, "ssl-ca-certs", default=None, help="CA certificates to verify client certificates")
+    _add(parser, "allowed-origins", default='["*"]', help='CORS: JSON list of allowed origins (default ["*"])')
+    _add(parser, "allowed-methods", default='["*"]', help="CORS: JSON list of allowed methods")
+    _add(parser, "allowed-headers", default='["*"]', help="CORS: JSON list of allowed headers")
+    _add(parser, "allow-credentials", action="store_true", help="CORS: allow credentials")
+    _add(parser, "root-path", default=None, help="path prefix the server is reached under behind a proxy")
+    _add(parser, "response-role", default="assistant", help="role of chat replies to a generation prompt")
+    _add(parser, "chat-template-content-format", default="auto",
+         help="string (content as text), openai (content as a list of parts) or auto (from the template)")
+    _add(parser, "config", default=None, help="YAML file of flags (vLLM's form: `max-model-len: 4096`); "
+         "flags on the command line win")
 
 
 # (flag, ServerConfig field, type, environment variable): the hardening limits. The environment
@@ -241,19 +290,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_json(flag: str, text: str) -> dict:
+def _parse_json(flag: str, text: str | dict | list, kind: type = dict):
+    """A JSON flag's value; from a --config YAML file it may already be parsed."""
     try:
-        value = json.loads(text)
+        value = json.loads(text) if isinstance(text, str) else text
     except json.JSONDecodeError as exc:
         raise ValueError(f"--{flag}: invalid JSON ({exc.msg} at position {exc.pos})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"--{flag}: expected a JSON object, got {type(value).__name__}")
+    if not isinstance(value, kind):
+        raise ValueError(f"--{flag}: expected a JSON {'object' if kind is dict else 'list'}, got {type(value).__name__}")
     return value
 
 
-def parse_limit_mm_per_prompt(text: str) -> dict:
+def _json_strings(flag: str, text: str | list) -> tuple[str, ...]:
+    values = _parse_json(flag, text, list)
+    if not all(isinstance(value, str) for value in values):
+        raise ValueError(f"--{flag}: expected a JSON list of strings, got {values!r}")
+    return tuple(values)
+
+
+def parse_limit_mm_per_prompt(text: str | dict) -> dict:
     """'image=5,video=1' or JSON ('{"image": 5}' or vLLM's '{"image": {"count": 5, ...}}')."""
-    if text.strip().startswith("{"):
+    if isinstance(text, dict) or text.strip().startswith("{"):
         return _parse_json("limit-mm-per-prompt", text)
     limits: dict[str, int] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -288,7 +345,11 @@ ENGINE_FLAGS = ("dtype", "max_model_len", "gpu_memory_utilization", "max_num_seq
                 "tensor_parallel_size", "pipeline_parallel_size", "cpu_offload_gb", "kv_cache_dtype",
                 "device", "num_gpu_blocks_override", "load_format", "distributed_executor_backend", "encoder_cache_size",
                 "deterministic",
-                "mm_encoder_tp_mode")
+                "mm_encoder_tp_mode",
+                "tokenizer", "revision", "tokenizer_revision", "download_dir", "max_logprobs", "enable_chunked_prefill",
+                "generation_config", "mm_processor_cache_gb")
+# Engine flags whose value is a JSON object.
+JSON_ENGINE_FLAGS = ("mm_processor_kwargs", "override_generation_config", "hf_overrides", "media_io_kwargs")
 
 
 def engine_kwargs_from(args: argparse.Namespace, model: str) -> dict:
@@ -297,8 +358,9 @@ def engine_kwargs_from(args: argparse.Namespace, model: str) -> dict:
     kwargs["model"] = model
     if args.limit_mm_per_prompt is not None:
         kwargs["limit_mm_per_prompt"] = parse_limit_mm_per_prompt(args.limit_mm_per_prompt)
-    if args.mm_processor_kwargs is not None:
-        kwargs["mm_processor_kwargs"] = _parse_json("mm-processor-kwargs", args.mm_processor_kwargs)
+    for name in JSON_ENGINE_FLAGS:
+        if getattr(args, name) is not None:
+            kwargs[name] = _parse_json(name.replace("_", "-"), getattr(args, name))
     return kwargs
 
 
@@ -318,6 +380,12 @@ def server_config_from(args: argparse.Namespace, model: str, engine_kwargs: dict
         uvicorn_log_level=args.uvicorn_log_level.lower(), max_log_len=args.max_log_len,
         allow_private_media_addresses=args.allow_private_media_addresses,
         exit_on_engine_death=not args.keep_serving_on_engine_death, **limit_values_from(args),
+        ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs,
+        allowed_origins=_json_strings("allowed-origins", args.allowed_origins),
+        allowed_methods=_json_strings("allowed-methods", args.allowed_methods),
+        allowed_headers=_json_strings("allowed-headers", args.allowed_headers),
+        allow_credentials=args.allow_credentials, root_path=args.root_path, response_role=args.response_role,
+        chat_template_content_format=args.chat_template_content_format,
     )
 
 
@@ -325,15 +393,46 @@ def _known_options(parser: argparse.ArgumentParser) -> list[str]:
     return [option for action in parser._actions for option in action.option_strings]
 
 
+def _suggestion(flag: str, parser: argparse.ArgumentParser) -> str:
+    close = difflib.get_close_matches(flag.split("=", 1)[0], _known_options(parser), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def config_file_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
+    """--config FILE: vLLM's YAML form, one flag per key (`max-model-len: 4096`, `enforce-eager:
+    true`, lists for multi-value flags, objects or JSON text for JSON flags) -> argparse defaults."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"--config: cannot read {path}: {exc}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config: {path} must hold a mapping of flag names to values")
+    actions = {option: action for action in parser._actions for option in action.option_strings}
+    defaults = {}
+    for key, value in values.items():
+        action = actions.get(f"--{key}")
+        if action is None or key == "config":
+            raise ValueError(f"--config: unknown flag {key!r} in {path}{_suggestion(f'--{key}', parser)}")
+        if action.nargs == "+" and not isinstance(value, list):
+            value = [value]
+        elif action.type is not None and isinstance(value, str):
+            value = action.type(value)
+        defaults[action.dest] = value
+    return defaults
+
+
 def parse_serve_args(argv: list[str], prog: str = "vlserve serve") -> tuple[dict, ServerConfig]:
     """argv (after `serve`) -> (engine kwargs, ServerConfig). ValueError on a bad or unsupported value."""
     parser = build_serve_parser(prog)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        flag = unknown[0].split("=", 1)[0]
-        close = difflib.get_close_matches(flag, _known_options(parser), n=3, cutoff=0.6)
-        hint = f"; did you mean {' or '.join(close)}?" if close else ""
-        raise ValueError(f"unrecognized argument {flag!r}{hint}")
+        raise ValueError(f"unrecognized argument {unknown[0].split('=', 1)[0]!r}{_suggestion(unknown[0], parser)}")
+    if args.config is not None:  # the file's values become defaults: the command line still wins
+        parser.set_defaults(**config_file_defaults(args.config, parser))
+        args = parser.parse_args(argv)
     if args.model_tag and args.model and args.model_tag != args.model:
         raise ValueError(f"MODEL {args.model_tag!r} and --model {args.model!r} disagree")
     model = args.model_tag or args.model

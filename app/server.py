@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from litestar import Litestar
+from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
@@ -75,6 +76,11 @@ def log_startup_summary(serving: ServingContext) -> None:
                 "API key %s", kv, model.max_model_len, engine_config.scheduler_config.max_num_seqs,
                 limits.max_items("image"), limits.max_items("video"),
                 "required" if serving.config.api_keys else "off")
+    defaults = model.get_diff_sampling_param()
+    if defaults:
+        logger.info("default sampling parameters from the generation config (--generation-config %s; requests "
+                    "that leave a field unset get it; --generation-config vllm turns this off): %s",
+                    model.generation_config, defaults)
 
 
 async def log_throughput(serving: ServingContext) -> None:
@@ -142,6 +148,10 @@ def create_app(engine_kwargs: dict, server_config: ServerConfig, client: Any = N
         dependencies={"serving": Provide(_serving_from_state, sync_to_thread=False)},
         lifespan=[make_lifespan(engine_kwargs, server_config, client, engine_config, on_engine_death)],
         exception_handlers=EXCEPTION_HANDLERS,
+        cors_config=CORSConfig(allow_origins=list(server_config.allowed_origins),
+                               allow_methods=list(server_config.allowed_methods),  # type: ignore[arg-type]
+                               allow_headers=list(server_config.allowed_headers),
+                               allow_credentials=server_config.allow_credentials),
         openapi_config=OpenAPIConfig(title="vlserve", version=package_version(), path="/docs",
                                      render_plugins=[SwaggerRenderPlugin()]),
         request_max_body_size=server_config.request_max_body_size,
@@ -185,5 +195,7 @@ def uvicorn_config(app: Litestar, server_config: ServerConfig, **overrides: Any)
 
     settings = dict(host=server_config.host, port=server_config.port, log_level=server_config.uvicorn_log_level,
                     timeout_graceful_shutdown=int(server_config.drain_timeout_s), http=H11StatusHintProtocol,
-                    h11_max_incomplete_event_size=server_config.h11_max_incomplete_event_size, lifespan="on")
+                    h11_max_incomplete_event_size=server_config.h11_max_incomplete_event_size, lifespan="on",
+                    ssl_keyfile=server_config.ssl_keyfile, ssl_certfile=server_config.ssl_certfile,
+                    ssl_ca_certs=server_config.ssl_ca_certs, root_path=server_config.root_path or "")
     return uvicorn.Config(app, **{**settings, **overrides})

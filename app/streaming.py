@@ -49,6 +49,7 @@ class ChatStreamFormat:
     include_usage: bool
     tokenizer: Any
     created: int = field(default_factory=lambda: int(time.time()))
+    role: str = "assistant"  # --response-role (or the last message's role without a generation prompt)
 
     def chunk(self, choices: list[ChatCompletionChunkChoice], usage=None) -> str:
         body = ChatCompletionChunk(id=self.request_id, model=self.model, created=self.created,
@@ -96,7 +97,7 @@ async def chat_events(fmt: ChatStreamFormat, first: Any, rest: AsyncIterator[Any
     """`first` was awaited by the handler (so errors before any output are plain HTTP errors)."""
     progress = {i: ChoiceProgress(tool_parser=HermesToolParser() if fmt.use_tools else None) for i in range(fmt.n)}
     for index in range(fmt.n):
-        yield fmt.chunk([ChatCompletionChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
+        yield fmt.chunk([ChatCompletionChunkChoice(index=index, delta=DeltaMessage(role=fmt.role, content=""))])
     last = first
     try:
         output = first

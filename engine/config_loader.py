@@ -14,6 +14,7 @@ import torch
 
 from engine.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, MultiModalConfig,
                            ParallelConfig, SchedulerConfig, resolve_device, resolve_dtype)
+from engine.sampling_params import SamplingParams
 from engine.weights import resolve_model_path
 
 # Every keyword we accept, with its default. Anything else is a TypeError naming it.
@@ -29,6 +30,9 @@ ENGINE_ARG_DEFAULTS: dict[str, Any] = {
     "mm_encoder_tp_mode": "data",
     "enforce_eager": False, "deterministic": True,
     "limit_mm_per_prompt": None, "mm_processor_kwargs": None, "encoder_cache_size": None,
+    "generation_config": "auto", "override_generation_config": None,
+    "download_dir": None, "max_logprobs": 20, "hf_overrides": None, "media_io_kwargs": None,
+    "mm_processor_cache_gb": 4.0,
 }
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
@@ -122,8 +126,9 @@ def _check_load_format(args: dict) -> None:
 def _model_config(args: dict, device: str) -> ModelConfig:
     from engine.models import SUPPORTED_ARCHITECTURES
 
-    path = resolve_model_path(args["model"], args["revision"], args["trust_remote_code"])
-    hf_config = read_hf_config(path, args["trust_remote_code"])
+    path = resolve_model_path(args["model"], args["revision"], args["trust_remote_code"],
+                              download_dir=args["download_dir"])
+    hf_config = apply_hf_overrides(read_hf_config(path, args["trust_remote_code"]), args["hf_overrides"])
     architecture = (getattr(hf_config, "architectures", None) or [None])[0]
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"--model: architecture {architecture!r} is not supported "
@@ -134,9 +139,54 @@ def _model_config(args: dict, device: str) -> ModelConfig:
         dtype=resolve_dtype(args["dtype"], checkpoint_dtype(hf_config), device),
         max_model_len=_max_model_len(args["max_model_len"], text_config),
         tokenizer=args["tokenizer"] or path, trust_remote_code=bool(args["trust_remote_code"]),
-        revision=args["revision"], seed=int(args["seed"] or 0),
+        revision=args["revision"], tokenizer_revision=args["tokenizer_revision"] or args["revision"],
+        seed=int(args["seed"] or 0), max_logprobs=int(args["max_logprobs"]),
         eos_token_ids=eos_token_ids(path, hf_config), load_format=args["load_format"],
+        generation_config=args["generation_config"],
+        default_sampling_params=default_sampling_params(path, args["generation_config"],
+                                                        args["override_generation_config"]),
     )
+
+
+# generation_config.json keys vLLM takes as request defaults -> SamplingParams names.
+GENERATION_DEFAULT_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                           "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def default_sampling_params(model_path: str, generation_config: str, overrides: dict | None) -> dict[str, Any]:
+    """vLLM's `get_diff_sampling_param`: --generation-config auto reads the model's
+    generation_config.json, vllm reads none, anything else is a folder holding one; then
+    --override-generation-config on top. do_sample is ignored, as in vLLM (top_k 1 is greedy)."""
+    if generation_config == "vllm":
+        config: dict[str, Any] = {}
+    else:
+        folder = model_path if generation_config == "auto" else generation_config
+        if generation_config != "auto" and not os.path.isdir(folder):
+            raise ValueError(f"--generation-config: {folder!r} is not auto, vllm or a folder")
+        config = _read_json_object(os.path.join(folder, "generation_config.json"), "generation-config")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ValueError(f"--override-generation-config: expected a JSON object, got {type(overrides).__name__}")
+    config.update(overrides or {})
+    defaults = {GENERATION_DEFAULT_KEYS[key]: value for key, value in config.items()
+                if key in GENERATION_DEFAULT_KEYS and value is not None}
+    try:
+        SamplingParams.from_optional(**defaults).validate()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--generation-config / --override-generation-config: {exc}") from None
+    return defaults
+
+
+def _read_json_object(path: str, flag: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--{flag}: cannot read {path}: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"--{flag}: {path} holds no JSON object")
+    return value
 
 
 def read_hf_config(path: str, trust_remote_code: bool = False) -> Any:
@@ -154,6 +204,22 @@ def read_hf_config(path: str, trust_remote_code: bool = False) -> Any:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError) as exc:
         raise ValueError(f"--model: cannot read {path}/config.json with transformers: {exc}") from exc
+
+
+def apply_hf_overrides(hf_config: Any, overrides: dict | None) -> Any:
+    """--hf-overrides: each key set on the HF config; a dict given for a sub-config (text_config,
+    vision_config) updates that sub-config key by key, as vLLM does."""
+    if overrides is None:
+        return hf_config
+    if not isinstance(overrides, dict):
+        raise ValueError(f"--hf-overrides: expected a JSON object, got {type(overrides).__name__}")
+    for key, value in overrides.items():
+        current = getattr(hf_config, key, None)
+        if isinstance(value, dict) and current is not None and not isinstance(current, dict):
+            apply_hf_overrides(current, value)
+        else:
+            setattr(hf_config, key, value)
+    return hf_config
 
 
 def checkpoint_dtype(hf_config: Any) -> torch.dtype | None:
@@ -218,4 +284,6 @@ def _multimodal_config(args: dict) -> MultiModalConfig:
     limits = MultiModalLimits.parse(args["limit_mm_per_prompt"])
     return MultiModalConfig(limit_per_prompt=limits.limit_per_prompt(), limit_sizes=limits.limit_sizes(),
                             mm_processor_kwargs=dict(args["mm_processor_kwargs"] or {}),
-                            encoder_cache_size=args["encoder_cache_size"])
+                            encoder_cache_size=args["encoder_cache_size"],
+                            media_io_kwargs=dict(args["media_io_kwargs"] or {}),
+                            mm_processor_cache_gb=float(args["mm_processor_cache_gb"]))

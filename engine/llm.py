@@ -50,6 +50,11 @@ class LLM:
     def get_tokenizer(self):
         return self.frontend.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: the model's generation-config defaults (--generation-config), used when
+        `generate`/`chat` get no sampling_params."""
+        return SamplingParams.from_optional(**self.config.model_config.get_diff_sampling_param())
+
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """prompts: a str, {"prompt_token_ids": [...]}, {"prompt": str, "multi_modal_data": {"image": PIL |
@@ -62,7 +67,8 @@ class LLM:
     def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, tools: list[dict] | None = None,
-             chat_template_kwargs: dict | None = None, mm_processor_kwargs: dict | None = None) -> list[RequestOutput]:
+             chat_template_kwargs: dict | None = None, mm_processor_kwargs: dict | None = None,
+             chat_template_content_format: str = "auto") -> list[RequestOutput]:
         """messages: one OpenAI-format conversation (list of dicts) or a list of conversations."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         params_list = self._params_per_prompt(sampling_params, len(conversations))
@@ -70,7 +76,8 @@ class LLM:
         for conversation, params in zip(conversations, params_list):
             rendered = self.frontend.render_chat(
                 conversation, tools=tools, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, chat_template_kwargs=chat_template_kwargs)
+                continue_final_message=continue_final_message, chat_template_kwargs=chat_template_kwargs,
+                content_format=chat_template_content_format)
             self.frontend.check_media_counts(rendered.media)  # before fetching anything
             media = [self._media_input(ref) for ref in rendered.media]
             request = self.frontend.make_request(self._next_id(), rendered.prompt, media, params,
@@ -81,10 +88,9 @@ class LLM:
     def _next_id(self) -> str:
         return str(next(self._request_counter))
 
-    @staticmethod
-    def _params_per_prompt(sampling_params, num_prompts: int) -> list[SamplingParams]:
+    def _params_per_prompt(self, sampling_params, num_prompts: int) -> list[SamplingParams]:
         if sampling_params is None:
-            return [SamplingParams()] * num_prompts
+            return [self.get_default_sampling_params()] * num_prompts
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * num_prompts
         params_list = list(sampling_params)
@@ -158,7 +164,7 @@ class LLM:
         if self._media_fetcher is None:
             self._media_fetcher = MediaFetcher(FetchConfig(allowed_local_media_path=self._allowed_local_media_path))
         data = self._media_fetcher.fetch_sync(url)
-        return decode_image(data) if modality == IMAGE else decode_video(data)
+        return decode_image(data) if modality == IMAGE else decode_video(data, **self.frontend.video_sampling_kwargs(None))
 
     # ---------------------------------------------------------------- the engine loop
 

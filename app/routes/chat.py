@@ -64,7 +64,7 @@ async def build_chat_request(data: ChatCompletionRequest, serving: ServingContex
         message_dicts(data), tools=[msgspec.to_builtins(t) for t in data.tools] if use_tools else None,
         chat_template=data.chat_template or serving.chat_template,
         add_generation_prompt=data.add_generation_prompt, continue_final_message=data.continue_final_message,
-        chat_template_kwargs=data.chat_template_kwargs)
+        chat_template_kwargs=data.chat_template_kwargs, content_format=serving.config.chat_template_content_format)
     media = await load_media(rendered.media, serving.fetcher, serving.config.limits,
                              decode_limits=serving.config.decode_limits(),
                              on_fetched=ticket.add_media_bytes if ticket else lambda num_bytes: None,
@@ -91,6 +91,8 @@ class ChatController(Controller):
             engine_request, prompt = await build_chat_request(data, serving, request_id, use_tools, ticket)
             num_top = (data.top_logprobs or 0) if data.logprobs else None
             tokenizer = serving.client.frontend.tokenizer
+            # vLLM's rule: --response-role after a generation prompt, else the last message's role.
+            role = serving.config.response_role if data.add_generation_prompt else data.messages[-1].role
             if data.stream:
                 outputs = serving.outputs(engine_request, prompt, ticket)
                 first = await anext(outputs, None)
@@ -98,9 +100,10 @@ class ChatController(Controller):
                     raise EngineDeadError("the engine returned no output")
                 include_usage = bool(data.stream_options and data.stream_options.include_usage)
                 fmt = ChatStreamFormat(request_id=request_id, model=model, n=data.n, use_tools=use_tools,
-                                       num_top_logprobs=num_top, include_usage=include_usage, tokenizer=tokenizer)
+                                       num_top_logprobs=num_top, include_usage=include_usage, tokenizer=tokenizer,
+                                       role=role)
                 return ServerSentEvent(chat_events(fmt, first, outputs))
             [output] = await serving.final_outputs([(engine_request, prompt)], request, ticket)
         body: ChatCompletionResponse = chat_response(request_id, model, output, use_tools=use_tools,
-                                                     num_top=num_top, tokenizer=tokenizer)
+                                                     num_top=num_top, tokenizer=tokenizer, role=role)
         return Response(body)
