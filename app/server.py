@@ -25,6 +25,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import Server
 
 from app.chat_templates import default_chat_template
 from app.cli import ServerConfig
@@ -152,7 +153,10 @@ def create_app(engine_kwargs: dict, server_config: ServerConfig, client: Any = N
                                allow_methods=list(server_config.allowed_methods),  # type: ignore[arg-type]
                                allow_headers=list(server_config.allowed_headers),
                                allow_credentials=server_config.allow_credentials),
+        # --root-path: the proxy strips the prefix (Litestar drops scope["root_path"] from the
+        # path); the schema names it as the server URL, as FastAPI does for vLLM.
         openapi_config=OpenAPIConfig(title="vlserve", version=package_version(), path="/docs",
+                                     servers=[Server(url=server_config.root_path or "/")],
                                      render_plugins=[SwaggerRenderPlugin()]),
         request_max_body_size=server_config.request_max_body_size,
         logging_config=None,  # `serve` configures logging once; the app never rewires handlers
