@@ -7,6 +7,7 @@ Caller: `EngineConfig.create(**kwargs)` (engine.config). All file I/O of configu
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Callable
 
@@ -16,6 +17,8 @@ from engine.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig,
                            ParallelConfig, SchedulerConfig, resolve_device, resolve_dtype)
 from engine.sampling_params import SamplingParams
 from engine.weights import resolve_model_path
+
+logger = logging.getLogger("vlserve.config")
 
 # Every keyword we accept, with its default. Anything else is a TypeError naming it.
 ENGINE_ARG_DEFAULTS: dict[str, Any] = {
@@ -38,8 +41,8 @@ LOAD_FORMATS = ("auto", "safetensors", "dummy")
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 
 # Architectures whose config.json transformers cannot read without remote code (the original
-# InternVL layout): architecture -> reader(path, raw config dict) -> config object.
-# Accepted only with --trust-remote-code (vLLM's rule), although no remote code is ever run.
+# InternVL layout): architecture -> reader(path, raw config dict) -> config object. Our own code
+# reads them, so no checkpoint Python runs and --trust-remote-code is not needed (still accepted).
 DICT_CONFIG_READERS: dict[str, Callable[[str, dict], Any]] = {
     "InternVLChatModel": lambda path, raw: _internvl_chat_reader()(path, raw),
 }
@@ -194,9 +197,8 @@ def read_hf_config(path: str, trust_remote_code: bool = False) -> Any:
         raw = json.load(f)
     architecture = (raw.get("architectures") or [None])[0]
     if architecture in DICT_CONFIG_READERS:
-        if not trust_remote_code:
-            raise ValueError(f"--model: {path} is a remote-code checkpoint (architecture {architecture}); add "
-                             f"--trust-remote-code to load it (its weights are mapped, its Python is never run)")
+        logger.info("%s: a remote-code layout (architecture %s) read by vlserve's own code; no remote code from "
+                    "the checkpoint runs, with or without --trust-remote-code", path, architecture)
         return DICT_CONFIG_READERS[architecture](path, raw)
     from transformers import AutoConfig
 

@@ -16,7 +16,7 @@ from engine.models.qwen2_vl import Qwen2VLForConditionalGeneration
 _MODELS: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "InternVLForConditionalGeneration": InternVLForConditionalGeneration,
-    "InternVLChatModel": InternVLForConditionalGeneration,  # original layout, --trust-remote-code
+    "InternVLChatModel": InternVLForConditionalGeneration,  # original layout (no remote code runs)
     "Qwen2VLForConditionalGeneration": Qwen2VLForConditionalGeneration,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
 }
