@@ -23,7 +23,7 @@ from engine.protocol import EngineRequest
 from engine.sampling_params import SamplingParams
 from vision.image import to_rgb
 from vision.inputs import IMAGE, MODALITIES, VIDEO
-from vision.video import VideoFrames, video_from_frames
+from vision.video import VideoFrames, video_from_frames, video_from_frames_and_metadata
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,20 @@ def load_tokenizer(model_config):
                                              revision=model_config.tokenizer_revision)
     except (OSError, ValueError) as exc:
         raise ValueError(f"--tokenizer: cannot load a tokenizer from {model_config.tokenizer}: {exc}") from exc
+
+
+def is_video_with_metadata(data: object) -> bool:
+    """vLLM's `(frames, {"fps": ..., "frames_indices": ..., "total_num_frames": ...})` form."""
+    return isinstance(data, tuple) and len(data) == 2 and isinstance(data[1], dict)
+
+
+def as_video_frames(data: object) -> VideoFrames:
+    """A decoded video, `(frames, metadata)`, or bare frames (taken as 24 per second, as transformers)."""
+    if isinstance(data, VideoFrames):
+        return data
+    if is_video_with_metadata(data):
+        return video_from_frames_and_metadata(*data)  # type: ignore[misc]
+    return video_from_frames(data)  # type: ignore[arg-type]
 
 
 class Frontend:
@@ -172,7 +186,7 @@ class Frontend:
             if not isinstance(image, Image.Image):
                 raise ValueError(f"an image must be a PIL image, got {type(item.data).__name__}")
             return self.processor.process_image(to_rgb(image), mm_kwargs, item.detail)
-        video = item.data if isinstance(item.data, VideoFrames) else video_from_frames(item.data)
+        video = as_video_frames(item.data)
         return self.processor.process_video(video.frames, video.fps, mm_kwargs)
 
     def _complete_sampling_params(self, params: SamplingParams, prompt_len: int) -> SamplingParams:

@@ -19,11 +19,12 @@ from tqdm.auto import tqdm
 from engine.client import InprocClient
 from engine.config import EngineConfig
 from engine.detokenizer import OutputProcessor
-from engine.frontend import Frontend, MediaInput
+from engine.frontend import Frontend, MediaInput, is_video_with_metadata
 from engine.outputs import RequestOutput
 from engine.protocol import EngineRequest
 from engine.sampling_params import SamplingParams
 from vision.inputs import IMAGE, VIDEO
+from vision.video import VideoFrames
 
 
 class LLM:
@@ -133,8 +134,9 @@ class LLM:
             items = multi_modal_data.get(modality)
             if items is None:
                 continue
-            if not isinstance(items, (list, tuple)) or (modality == VIDEO and items and not _is_video(items[0])):
-                items = [items]  # one image / one video (an array, or a list of PIL frames)
+            if (not isinstance(items, (list, tuple)) or is_video_with_metadata(items)
+                    or (modality == VIDEO and items and not _is_video(items[0]))):
+                items = [items]  # one image / one video (an array, a list of PIL frames, (frames, metadata))
             media += [MediaInput(modality, item) for item in items]
         return media
 
@@ -197,7 +199,9 @@ class LLM:
 
 
 def _is_video(item) -> bool:
-    """One video: a [T, H, W, 3] array, a VideoFrames, or a list of PIL frames."""
+    """One video: a [T, H, W, 3] array, a VideoFrames, a list of PIL frames or (frames, metadata)."""
     import numpy as np
 
-    return (isinstance(item, np.ndarray) and item.ndim == 4) or hasattr(item, "fps") or isinstance(item, list)
+    if isinstance(item, np.ndarray):
+        return item.ndim == 4
+    return isinstance(item, (VideoFrames, list)) or is_video_with_metadata(item)

@@ -30,6 +30,10 @@ from vision.inputs import MediaError
 
 FRAME_FACTOR = 2
 FPS = 2.0
+# Frames given without metadata: transformers' `VideoMetadata.sampled_fps` falls back to 24 frames
+# per second (Qwen2.5-VL: second_per_grid_t = temporal_patch_size / 24). Qwen2-VL and InternVL
+# positions do not depend on time, so only Qwen2.5-VL sees the value.
+FRAMES_WITHOUT_METADATA_FPS = 24.0
 FPS_MIN_FRAMES = 4
 FPS_MAX_FRAMES = 768
 MAX_TOTAL_FRAMES = 10_000_000  # metadata beyond this (or fps outside (0, 1000]) is refused
@@ -126,8 +130,9 @@ def video_sampling_kwargs(defaults: dict, mm_kwargs: dict | None) -> dict:
     return sampling
 
 
-def video_from_frames(frames: list[Image.Image] | np.ndarray, fps: float = FPS) -> VideoFrames:
-    """Frames given directly (already sampled at `fps` frames per second): RGB uint8 [T, H, W, 3]."""
+def video_from_frames(frames: list[Image.Image] | np.ndarray, fps: float = FRAMES_WITHOUT_METADATA_FPS) -> VideoFrames:
+    """Frames given directly (already sampled at `fps` frames per second): RGB uint8 [T, H, W, 3].
+    Without an fps the frames are taken as 24 per second, as transformers does (see below)."""
     if not fps > 0:
         raise ValueError(f"fps must be positive, got {fps}")
     if isinstance(frames, np.ndarray):
@@ -144,6 +149,33 @@ def video_from_frames(frames: list[Image.Image] | np.ndarray, fps: float = FPS) 
         array = np.stack(rgb)
     return VideoFrames(frames=array, fps=float(fps), total_frames=len(array), video_fps=float(fps),
                        frame_indices=tuple(range(len(array))))
+
+
+def video_from_frames_and_metadata(frames: list[Image.Image] | np.ndarray, metadata: dict) -> VideoFrames:
+    """vLLM's `(frames, metadata)` video input. metadata: `fps` (the source's rate),
+    `frames_indices` (the source frame of each given frame), `total_num_frames` (of the source);
+    other keys (duration, video_backend, ...) are ignored. The sampled rate follows transformers'
+    `VideoMetadata.sampled_fps`: len(frames_indices) / total_num_frames * fps when all three are
+    known, else fps, else 24."""
+    if not isinstance(metadata, dict):
+        raise ValueError(f"video metadata must be a dict, got {type(metadata).__name__}")
+    fps, indices, total = metadata.get("fps"), metadata.get("frames_indices"), metadata.get("total_num_frames")
+    if fps is not None and not (isinstance(fps, (int, float)) and 0 < fps <= MAX_VIDEO_FPS):
+        raise ValueError(f"video metadata: fps must be in (0, {MAX_VIDEO_FPS:g}], got {fps!r}")
+    if total is not None and not (isinstance(total, int) and 1 <= total <= MAX_TOTAL_FRAMES):
+        raise ValueError(f"video metadata: total_num_frames must be a positive integer, got {total!r}")
+    video = video_from_frames(frames)
+    if indices is not None:
+        indices = [int(i) for i in indices]
+        if len(indices) != len(video.frames) or any(not 0 <= i < (total or MAX_TOTAL_FRAMES) for i in indices):
+            raise ValueError(f"video metadata: frames_indices must give one source frame per frame "
+                             f"({len(video.frames)}), each in [0, total_num_frames)")
+    if fps is not None and indices is not None and total is not None:
+        sampled_fps = len(indices) / total * fps
+    else:
+        sampled_fps = fps or FRAMES_WITHOUT_METADATA_FPS
+    return VideoFrames(frames=video.frames, fps=float(sampled_fps), total_frames=total or len(video.frames),
+                       video_fps=float(fps or sampled_fps), frame_indices=tuple(indices or range(len(video.frames))))
 
 
 def _video_stream(container, max_pixels: int):
