@@ -23,6 +23,7 @@ from engine.encoder_cache import EncoderCacheManager
 from engine.kv_cache.manager import KVCacheManager
 from engine.protocol import EngineOutputs, EngineRequest, SchedulerStats
 from engine.request import Request
+from engine.runner.memory_plan import encoder_plan
 from engine.scheduler import Scheduler
 from vision.inputs import MODALITIES
 
@@ -77,14 +78,19 @@ class EngineCore:
             max_model_len=config.model_config.max_model_len, encoder_compute_budget=encoder_budget)
 
     def _encoder_budget(self) -> int:
-        """Embedding rows the encoder may compute per step and the encoder cache holds. Default:
-        enough for the largest item the runner can produce (else any item that fits the context)."""
+        """Embedding rows the encoder may compute per step and the encoder cache holds: for VL
+        models the memory plan's (enough for the largest item the limits admit); without a media
+        processor (text models, test fakes) enough for any item that fits the context."""
+        plan = encoder_plan(self.config)
+        if plan is not None:
+            logger.info("encoder cache: %d rows (%.2f GiB); largest %s item %d rows; up to %d in one tower call",
+                        plan.cache_size, plan.cache_bytes / (1 << 30), plan.modality, plan.max_tokens_per_item,
+                        plan.num_items_per_step)
+            return plan.cache_size
         explicit = self.config.multimodal_config.encoder_cache_size
         if explicit is not None:
             return explicit
-        max_item = getattr(self.executor, "max_encoder_tokens_per_item", None)
-        max_item_tokens = max_item() if callable(max_item) else self.config.model_config.max_model_len
-        return max(self.config.scheduler_config.max_num_batched_tokens, max_item_tokens)
+        return max(self.config.scheduler_config.max_num_batched_tokens, self.config.model_config.max_model_len)
 
     def add_request(self, engine_request: EngineRequest) -> None:
         error = validate_engine_request(engine_request, _vocab_size(self.config.model_config.hf_config))

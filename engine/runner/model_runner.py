@@ -107,7 +107,8 @@ class ModelRunner:
         if cache_config.num_gpu_blocks_override is not None:
             return cache_config.num_gpu_blocks_override
         if self.device.type == "cuda":
-            plan = memory_plan.plan_gpu(self.config, shape, self._profile_run)
+            encoder = memory_plan.encoder_plan(self.config) if self.encoder_runner is not None else None
+            plan = memory_plan.plan_gpu(self.config, shape, lambda: self._profile_run(encoder), encoder)
         else:
             plan = memory_plan.plan_cpu(self.config, shape)
         rank = "" if self.parallel.world_size == 1 else f"rank {self.parallel.rank} (tp {self.parallel.tp_rank}, pp {self.parallel.pp_rank}): "
@@ -233,9 +234,29 @@ class ModelRunner:
 
     # --- memory profiling --------------------------------------------------------------------
 
-    def _profile_run(self) -> None:
+    def _profile_tower(self, encoder: memory_plan.EncoderPlan) -> int:
+        """The tower on the largest media batch a step may hold; returns its peak (bytes)."""
+        from PIL import Image
+
+        from vision.inputs import PlaceholderRange
+        from vision.processors import get_processor
+
+        model_config = self.config.model_config
+        processor = get_processor(model_config.path, model_config.hf_config,
+                                  self.config.multimodal_config.mm_processor_kwargs or None)
+        height, width = memory_plan.largest_image_size(processor, encoder)
+        processed = processor.process_image(Image.new("RGB", (width, height), (128, 128, 128)))
+        item = processed.to_item(PlaceholderRange(offset=0, length=processed.num_tokens))
+        peak = self.encoder_runner.profile(self.model, item, encoder.num_items_per_step)
+        logger.info("vision tower profile: %d image(s) of %dx%d (%d rows each) in one call, peak %.2f GiB",
+                    encoder.num_items_per_step, width, height, processed.num_tokens, peak / (1 << 30))
+        return peak
+
+    def _profile_run(self, encoder: memory_plan.EncoderPlan | None = None) -> int:
         """The largest step the scheduler can send: max_num_batched_tokens prompt tokens over
-        up to max_num_seqs requests, all sampling with top-k/top-p, on a throwaway KV cache."""
+        up to max_num_seqs requests, all sampling with top-k/top-p, on a throwaway KV cache;
+        first, for VL models, the tower on its largest media batch. Returns the tower's peak."""
+        tower_peak = self._profile_tower(encoder) if encoder is not None and self.encoder_runner else 0
         sched = self.config.scheduler_config
         num_tokens = min(sched.max_num_batched_tokens, sched.max_num_seqs * self.config.model_config.max_model_len)
         num_reqs = min(sched.max_num_seqs, num_tokens)
@@ -253,6 +274,7 @@ class ModelRunner:
                                      num_tokens, {}, set(), []))
         self.kv_caches = []
         self.input_batch = self._new_input_batch()
+        return tower_peak
 
 
 def _text_config(hf_config):
