@@ -156,7 +156,7 @@ def plan_encoder(config: EngineConfig, processor: MediaProcessor) -> EncoderPlan
                            for size in _item_sizes(config, processor, modality)]
     if not candidates:  # every modality limited to 0: nothing is ever encoded
         candidates = [(1, "image", (1, 1, 1))]
-    tokens, modality, size = max(candidates)
+    tokens, modality, size = max(candidates, key=lambda c: (c[0], -c[2][0] * c[2][1]))  # then the smallest
     max_model_len = config.model_config.max_model_len
     max_tokens_per_item = min(tokens, max_model_len)
     explicit = config.multimodal_config.encoder_cache_size
