@@ -28,7 +28,7 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Server
 
 from app.chat_templates import default_chat_template
-from app.cli import ServerConfig
+from app.server_config import ServerConfig
 from app.errors import EXCEPTION_HANDLERS
 from app.metrics import ServerMetrics
 from app.routes.chat import ChatController
@@ -38,6 +38,7 @@ from app.routes.ops import OpsController, package_version
 from app.routes.tokenize import TokenizeController
 from app.serving import ServingContext
 from engine.config import EngineConfig
+from engine.config_loader import create_engine_config
 from vision.fetch import MediaFetcher
 
 logger = logging.getLogger("vlserve.server")
@@ -118,7 +119,7 @@ def make_lifespan(engine_kwargs: dict, server_config: ServerConfig, client: Any,
         is_owned = client is None
         engine_client = client
         if is_owned:
-            config = engine_config or await asyncio.to_thread(lambda: EngineConfig.create(**engine_kwargs))
+            config = engine_config or await asyncio.to_thread(lambda: create_engine_config(**engine_kwargs))
             engine_client = await start_client(config, server_config.engine_iteration_timeout_s)
         serving = build_serving(server_config, engine_client)
         app.state.serving = serving
@@ -170,7 +171,7 @@ def serve(engine_kwargs: dict, server_config: ServerConfig) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        engine_config = EngineConfig.create(**engine_kwargs)
+        engine_config = create_engine_config(**engine_kwargs)
     except (ValueError, TypeError) as exc:
         print(f"vlserve: error: {exc}", file=sys.stderr)
         return 2

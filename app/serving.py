@@ -20,7 +20,7 @@ import anyio
 from litestar import Request
 
 from app.admission import Admission, RequestTimeoutError, Ticket
-from app.cli import ServerConfig
+from app.server_config import ServerConfig
 from app.errors import ClientDisconnected, EngineDeadError, ModelNotFoundError
 from app.metrics import RequestTiming, ServerMetrics
 from engine.client import EngineDeadError as EngineClientDeadError

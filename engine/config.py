@@ -1,9 +1,10 @@
 """Engine configuration: one frozen dataclass per concern, validated once, aggregated by
-EngineConfig. Built once (by `LLM(...)` or `app.cli`) with `EngineConfig.create(**kwargs)` and
-passed down; nothing reads flags or environment variables after that.
+EngineConfig. Built once (by `LLM(...)` or `app.server`) with
+`engine.config_loader.create_engine_config(**kwargs)` and passed down; nothing reads flags or
+environment variables after that.
 
 `__post_init__` only validates (ValueError naming the flag); reading the HF config is I/O and lives
-in `create`, outside the dataclasses.
+in engine.config_loader, which imports this module (never the other way).
 """
 
 from __future__ import annotations
@@ -189,13 +190,6 @@ class EngineConfig:
     parallel_config: ParallelConfig
     device_config: DeviceConfig
     multimodal_config: MultiModalConfig
-
-    @staticmethod
-    def create(**kwargs: Any) -> "EngineConfig":
-        """Build from LLM(...) / CLI keyword arguments (vLLM's names). Reads the HF config."""
-        from engine.config_loader import build_engine_config
-
-        return build_engine_config(**kwargs)
 
     def replace(self, **changes: Any) -> "EngineConfig":
         return dataclasses.replace(self, **changes)

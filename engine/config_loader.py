@@ -1,7 +1,8 @@
 """EngineConfig from vLLM's LLM(...) / CLI keyword names: resolve the checkpoint, read its HF
 config and generation config, check what we support, and fill the frozen config dataclasses.
 
-Caller: `EngineConfig.create(**kwargs)` (engine.config). All file I/O of configuration is here.
+Callers: LLM(...) (engine.llm) and the server (app.server) through `create_engine_config(**kwargs)`.
+All file I/O of configuration is here; engine.config holds only the frozen dataclasses.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def _internvl_chat_reader() -> Callable[[str, dict], Any]:
     return read_internvl_chat_config
 
 
-def build_engine_config(**kwargs: Any) -> EngineConfig:
+def create_engine_config(**kwargs: Any) -> EngineConfig:
+    """Build from LLM(...) / CLI keyword arguments (vLLM's names). Reads the HF config."""
     unknown = sorted(set(kwargs) - set(ENGINE_ARG_DEFAULTS))
     if unknown:
         raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}")

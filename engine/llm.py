@@ -17,7 +17,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from engine.client import InprocClient
-from engine.config import EngineConfig
+from engine.config_loader import create_engine_config
 from engine.detokenizer import OutputProcessor
 from engine.frontend import Frontend, MediaInput, is_video_with_metadata
 from engine.outputs import RequestOutput
@@ -36,7 +36,7 @@ class LLM:
                  enforce_eager: bool = False, trust_remote_code: bool = False, **kwargs: Any):
         # file:// media in chat messages: only under this directory (vLLM's flag); None refuses them.
         self._allowed_local_media_path = kwargs.pop("allowed_local_media_path", None)
-        self.config = EngineConfig.create(
+        self.config = create_engine_config(
             model=model, tokenizer=tokenizer, dtype=dtype, device=device, max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,

@@ -18,7 +18,7 @@ from litestar.response import ServerSentEvent
 
 from app.admission import Ticket, body_size
 from app.auth import require_api_key
-from app.cli import ServerConfig
+from app.server_config import ServerConfig
 from app.errors import EngineDeadError
 from app.media import check_media_counts, load_media, media_plan
 from app.protocol import (ChatCompletionRequest, ChatCompletionResponse, check_stream_options, random_id,

@@ -59,9 +59,9 @@ def test_chat_with_base64_image_matches_offline_greedy(server, model_path):
 
 def test_original_layout_loads_without_remote_code_and_the_flag_is_still_accepted(model_path, caplog):
     with caplog.at_level(logging.INFO, logger="vlserve.config"):
-        from engine.config import EngineConfig
+        from engine.config_loader import create_engine_config
 
-        plain = EngineConfig.create(**parse_serve_args([model_path, "--device", "cpu"])[0])
+        plain = create_engine_config(**parse_serve_args([model_path, "--device", "cpu"])[0])
     assert "no remote code from the checkpoint runs" in caplog.text
-    flagged = EngineConfig.create(**parse_serve_args([model_path, "--device", "cpu", "--trust-remote-code"])[0])
+    flagged = create_engine_config(**parse_serve_args([model_path, "--device", "cpu", "--trust-remote-code"])[0])
     assert plain.model_config.architecture == flagged.model_config.architecture == "InternVLChatModel"

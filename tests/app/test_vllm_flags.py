@@ -37,20 +37,20 @@ def test_engine_flags_map_to_engine_kwargs():
 
 
 def test_engine_flags_reach_the_engine_config(tiny_model_dir):
-    from engine.config import EngineConfig
+    from engine.config_loader import create_engine_config
 
     model = str(tiny_model_dir("qwen2"))
     engine, _ = parse_serve_args([model, "--max-logprobs", "-1", "--no-enable-chunked-prefill", "--max-model-len",
                                   "256", "--hf-overrides", '{"rope_theta": 12345.0}', "--mm-processor-cache-gb", "1",
                                   "--media-io-kwargs", '{"video": {"num_frames": 8}}', "--tokenizer", model])
-    config = EngineConfig.create(**engine)
+    config = create_engine_config(**engine)
     assert config.model_config.max_logprobs == -1 and config.model_config.hf_config.rope_theta == 12345.0
     assert not config.scheduler_config.enable_chunked_prefill and config.scheduler_config.max_num_batched_tokens >= 256
     assert config.multimodal_config.media_io_kwargs == {"video": {"num_frames": 8}}
     with pytest.raises(ValueError, match="--media-io-kwargs"):
-        EngineConfig.create(model=model, media_io_kwargs={"video": {"frames": 8}})
+        create_engine_config(model=model, media_io_kwargs={"video": {"frames": 8}})
     with pytest.raises(ValueError, match="--max-logprobs"):
-        EngineConfig.create(model=model, max_logprobs=-2)
+        create_engine_config(model=model, max_logprobs=-2)
 
 
 def test_max_logprobs_bounds_requests(make_client, vl_frontend):

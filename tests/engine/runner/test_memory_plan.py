@@ -9,6 +9,7 @@ from PIL import Image
 from transformers import AutoImageProcessor
 
 from engine.config import EngineConfig
+from engine.config_loader import create_engine_config
 from engine.runner.memory_plan import (MemoryPlan, encoder_plan, kv_cache_budget,
                                        largest_image_size)
 from vision.processors import get_processor
@@ -22,7 +23,7 @@ def model_dir(tiny_model_dir):
 
 
 def make_config(model_dir, **kwargs) -> EngineConfig:
-    return EngineConfig.create(model=model_dir, device="cpu", dtype="float32",
+    return create_engine_config(model=model_dir, device="cpu", dtype="float32",
                                mm_processor_kwargs={"max_pixels": MAX_PIXELS}, **kwargs)
 
 
