@@ -195,6 +195,12 @@ class EngineConfig:
         return dataclasses.replace(self, **changes)
 
 
+def text_config(hf_config: Any) -> Any:
+    """The language model's part of an HF config (the config itself for text-only models); the
+    InternVL original-layout reader offers the same method."""
+    return hf_config.get_text_config()
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from engine.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, MultiModalConfig,
-                           ParallelConfig, SchedulerConfig, resolve_device, resolve_dtype)
+                           ParallelConfig, SchedulerConfig, resolve_device, resolve_dtype, text_config)
 from engine.sampling_params import SamplingParams
 from engine.weights import resolve_model_path
 
@@ -110,7 +110,7 @@ def _check_model_supports_parallel(architecture: str) -> None:
 def _check_model_splits(config: ParallelConfig, hf_config: Any) -> None:
     from engine.distributed.parallel_context import ParallelContext, kv_heads_of_rank, layer_range
 
-    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    text = text_config(hf_config)
     sizes = {"num_attention_heads": getattr(text, "num_attention_heads", None),
              "intermediate_size": getattr(text, "intermediate_size", None)}
     tp = ParallelContext(tp_size=config.tensor_parallel_size)
@@ -138,11 +138,10 @@ def _model_config(args: dict, device: str) -> ModelConfig:
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"--model: architecture {architecture!r} is not supported "
                          f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     return ModelConfig(
         model=args["model"], path=path, architecture=architecture, hf_config=hf_config,
         dtype=resolve_dtype(args["dtype"], checkpoint_dtype(hf_config), device),
-        max_model_len=_max_model_len(args["max_model_len"], text_config),
+        max_model_len=_max_model_len(args["max_model_len"], text_config(hf_config)),
         tokenizer=args["tokenizer"] or path, trust_remote_code=bool(args["trust_remote_code"]),
         revision=args["revision"], tokenizer_revision=args["tokenizer_revision"] or args["revision"],
         seed=int(args["seed"] or 0), max_logprobs=int(args["max_logprobs"]),
@@ -233,8 +232,8 @@ def checkpoint_dtype(hf_config: Any) -> torch.dtype | None:
     return dtype if isinstance(dtype, torch.dtype) else None
 
 
-def _max_model_len(requested: int | None, text_config: Any) -> int:
-    limit = getattr(text_config, "max_position_embeddings", None)
+def _max_model_len(requested: int | None, text: Any) -> int:
+    limit = getattr(text, "max_position_embeddings", None)
     if requested is None:
         if limit is None:
             raise ValueError("--max-model-len: required (the model config has no max_position_embeddings)")
@@ -248,8 +247,7 @@ def _max_model_len(requested: int | None, text_config: Any) -> int:
 def eos_token_ids(path: str, hf_config: Any) -> tuple[int, ...]:
     """config eos_token_id (top level or text config) + generation_config.json's, deduplicated."""
     found: list[int] = []
-    text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else None
-    for source in (getattr(hf_config, "eos_token_id", None), getattr(text_config, "eos_token_id", None)):
+    for source in (getattr(hf_config, "eos_token_id", None), getattr(text_config(hf_config), "eos_token_id", None)):
         found += _as_id_list(source)
     generation = os.path.join(path, "generation_config.json")
     if os.path.isfile(generation):

@@ -20,6 +20,7 @@ import logging
 
 from engine.config import EngineConfig
 from engine.encoder_cache import EncoderCacheManager
+from engine.executor import Executor
 from engine.kv_cache.manager import KVCacheManager
 from engine.protocol import EngineOutputs, EngineRequest, SchedulerStats
 from engine.request import Request
@@ -31,24 +32,26 @@ logger = logging.getLogger(__name__)
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, runner=None) -> None:
+    def __init__(self, config: EngineConfig, runner: Executor | None = None) -> None:
         self.config = config
         self._init_runner(runner)
         self._init_kv_cache()
         self._init_scheduler()
 
-    def _init_runner(self, runner) -> None:
+    def _init_runner(self, runner: Executor | None) -> None:
         # An injected runner (tests) stands in for the executor: it offers the same methods.
         if runner is None:
             from engine.executor import create_executor
 
             runner = create_executor(self.config)
-        self.executor = runner
+        self.executor: Executor = runner
 
     @property
     def runner(self):
         """The ModelRunner when it runs in this process (uni executor), else the executor."""
-        return getattr(self.executor, "runner", self.executor)
+        from engine.executor.uniproc import UniprocExecutor
+
+        return self.executor.runner if isinstance(self.executor, UniprocExecutor) else self.executor
 
     def _init_kv_cache(self) -> None:
         cache_config, max_model_len = self.config.cache_config, self.config.model_config.max_model_len
@@ -117,9 +120,7 @@ class EngineCore:
 
     def shutdown(self) -> None:
         """Stop the executor's workers (no-op in process)."""
-        shutdown = getattr(self.executor, "shutdown", None)
-        if callable(shutdown):
-            shutdown()
+        self.executor.shutdown()
 
     def reset_prefix_cache(self) -> bool:
         return self.scheduler.kv_cache_manager.reset_prefix_cache()

@@ -18,7 +18,7 @@ from PIL import Image
 
 from engine.admission import MediaAdmission
 from engine.chat_render import RenderedChat, render_chat
-from engine.config import EngineConfig
+from engine.config import EngineConfig, text_config
 from engine.protocol import EngineRequest
 from engine.sampling_params import SamplingParams
 from vision.image import to_rgb
@@ -65,8 +65,7 @@ class Frontend:
         self.chat_template = self._init_chat_template()
         self._processor = None  # built on the first request with media
         hf_config = config.model_config.hf_config
-        text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-        self.vocab_size = int(getattr(text_config, "vocab_size", 0) or len(self.tokenizer))
+        self.vocab_size = int(getattr(text_config(hf_config), "vocab_size", 0) or len(self.tokenizer))
         self.is_multimodal = getattr(hf_config, "vision_config", None) is not None
         self._seed_rng = random.Random(config.model_config.seed)
 

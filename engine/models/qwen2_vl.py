@@ -50,6 +50,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         "lm_head.": "lm_head.",
     }
     tower_class: type[nn.Module] = Qwen2VisionTransformer
+    embed_token_id: int | None = None   # every placeholder row takes a vision row (MultiModalModel)
 
     def __init__(self, config: Any, parallel: ParallelContext = SINGLE_RANK):
         super().__init__()

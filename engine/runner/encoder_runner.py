@@ -69,7 +69,7 @@ class EncoderRunner:
             state = input_batch.requests[req_id]
             error = _failed_item(state.mm_items, failed_items) or self._merge_request(
                 embeds, first_row, state.num_computed_tokens, num_new, state.mm_items, failed_items,
-                _EmbedMask(getattr(model, "embed_token_id", None), state.prompt_token_ids))
+                _EmbedMask(model.embed_token_id, state.prompt_token_ids))
             if error is not None:
                 failed[req_id] = error
             first_row += num_new

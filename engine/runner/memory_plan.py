@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, text_config
 from vision.processors import PROCESSORS, MediaProcessor, get_processor
 from vision.video import FPS_MAX_FRAMES
 
@@ -162,7 +162,7 @@ def plan_encoder(config: EngineConfig, processor: MediaProcessor) -> EncoderPlan
     explicit = config.multimodal_config.encoder_cache_size
     cache_size = explicit if explicit is not None else max(config.scheduler_config.max_num_batched_tokens,
                                                            max_tokens_per_item)
-    text = _text_config(config.model_config.hf_config)
+    text = text_config(config.model_config.hf_config)
     element = torch.empty((), dtype=config.model_config.dtype).element_size()
     return EncoderPlan(modality=modality, item_size=size, max_tokens_per_item=max_tokens_per_item,
                        num_items_per_step=max(1, cache_size // max_tokens_per_item), cache_size=cache_size,
@@ -182,6 +182,3 @@ def _item_sizes(config: EngineConfig, processor: MediaProcessor, modality: str) 
         return [(int(bounds["height"]), int(bounds["width"]), num_frames)]
     return [(_SIDE_UNIT * a, _SIDE_UNIT * b, num_frames) for a, b in _ASPECTS]
 
-
-def _text_config(hf_config):
-    return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config

@@ -15,11 +15,11 @@ import logging
 
 import torch
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, text_config
 from engine.distributed import pipeline
 from engine.distributed.parallel_context import SINGLE_RANK, ParallelContext, kv_heads_of_rank, layer_range
 from engine.layers.linear import set_batch_invariant
-from engine.models import get_model_class
+from engine.models import MRoPEModel, MultiModalModel, get_model_class
 from engine.protocol import TokenLogprobs
 from engine.runner import memory_plan
 from engine.runner.cuda_graphs import DecodeGraphs
@@ -72,7 +72,7 @@ class ModelRunner:
         self.config = config
         self.parallel = parallel   # this rank's share (engine.executor.worker builds it)
         self.device = torch.device(config.device_config.device)
-        self.text_config = _text_config(config.model_config.hf_config)
+        self.text_config = text_config(config.model_config.hf_config)
         self.model = load_model(config, parallel)
         if self.device.type == "cuda" and config.device_config.deterministic:
             set_batch_invariant(self.model, True)   # see kernels/matmul.py
@@ -82,14 +82,14 @@ class ModelRunner:
         self.input_batch = self._new_input_batch()
         # VL models: computes vision embeddings for scheduler_output.scheduled_encoder_inputs and
         # scatters them into inputs_embeds at the placeholder rows (engine/runner/encoder_runner.py).
-        has_tower = hasattr(self.model, "embed_multimodal") and parallel.is_first_stage
+        has_tower = isinstance(self.model, MultiModalModel) and parallel.is_first_stage
         self.encoder_runner = EncoderRunner.create(config) if has_tower else None
 
     def _new_input_batch(self) -> InputBatch:
         model_config = self.config.model_config
         return InputBatch(block_size=self.config.cache_config.block_size, device=self.device,
                           vocab_size=self.text_config.vocab_size, eos_token_ids=model_config.eos_token_ids,
-                          default_seed=model_config.seed, uses_mrope=hasattr(self.model, "get_mrope_positions"))
+                          default_seed=model_config.seed, uses_mrope=isinstance(self.model, MRoPEModel))
 
     # --- KV cache ----------------------------------------------------------------------------
 
@@ -276,6 +276,3 @@ class ModelRunner:
         self.input_batch = self._new_input_batch()
         return tower_peak
 
-
-def _text_config(hf_config):
-    return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config

@@ -26,6 +26,8 @@ class FakeProcessor:
 class FakeModel:
     """embed_multimodal fails for any item whose rows contain 255 (a 'tower error')."""
 
+    embed_token_id = None   # every placeholder row takes a vision row
+
     def __init__(self):
         self.calls = []   # number of items per tower call
 
