@@ -17,7 +17,7 @@ import sys
 
 from app.chat_templates import resolve_chat_template
 from app.server_config import ServerConfig
-from vision.limits import MultiModalLimits
+from vision.limits import MultiModalLimits, decode_limit_flag
 
 UNSET = None  # argparse default for engine flags: "not given" -> left out of the engine kwargs
 
@@ -200,16 +200,11 @@ def _json_strings(flag: str, text: str | list) -> tuple[str, ...]:
 
 
 def parse_limit_mm_per_prompt(text: str | dict) -> dict:
-    """'image=5,video=1' or JSON ('{"image": 5}' or vLLM's '{"image": {"count": 5, ...}}')."""
-    if isinstance(text, dict) or text.strip().startswith("{"):
-        return _parse_json("limit-mm-per-prompt", text)
-    limits: dict[str, int] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        modality, sep, count = item.partition("=")
-        if not sep or not count.strip().lstrip("-").isdigit():
-            raise ValueError(f"--limit-mm-per-prompt: expected modality=count, got {item!r}")
-        limits[modality.strip()] = int(count)
-    return limits
+    """'image=5,video=1' or JSON ('{"image": 5}' or vLLM's '{"image": {"count": 5, ...}}') -> the
+    engine keyword's object, counts as integers; ValueError (naming the flag) when invalid."""
+    limits = MultiModalLimits.parse(text)
+    decoded = decode_limit_flag(text)
+    return {modality: spec if isinstance(spec, dict) else limits.max_items(modality) for modality, spec in decoded.items()}
 
 
 def _check_supported(args: argparse.Namespace) -> None:

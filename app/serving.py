@@ -13,16 +13,18 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 from litestar import Request
 
-from app.admission import Admission, RequestTimeoutError, Ticket
-from app.server_config import ServerConfig
+from app.admission import Admission, RequestTimeoutError, Ticket, body_size
 from app.errors import ClientDisconnected, EngineDeadError, ModelNotFoundError
 from app.metrics import RequestTiming, ServerMetrics
+from app.protocol import random_id
+from app.server_config import ServerConfig
 from engine.client import EngineDeadError as EngineClientDeadError
 
 logger = logging.getLogger("vlserve.requests")
@@ -53,6 +55,18 @@ class ServingContext:
     def check_healthy(self) -> None:
         if not self.client.is_healthy():
             raise EngineDeadError(f"the engine is not running: {self.client.dead_error or 'stopped'}")
+
+    @asynccontextmanager
+    async def admitted(self, http_request: Request, model: str | None,
+                       id_prefix: str) -> AsyncIterator[tuple[str, str, Ticket]]:
+        """The opening every generating handler shares -> (served model name, request id, ticket):
+        the name checked (404), the engine's health (503), then admission under the overload
+        limits (503, before any media is fetched); the ticket is held until the block ends."""
+        name = self.resolve_model(model)
+        request_id = random_id(id_prefix)
+        self.check_healthy()
+        async with self.admission.admit(body_size(http_request)) as ticket:
+            yield name, request_id, ticket
 
     async def outputs(self, engine_request: Any, prompt: str | None = None,
                       ticket: Ticket | None = None) -> AsyncIterator[Any]:

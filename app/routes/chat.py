@@ -16,14 +16,14 @@ from litestar.di import NamedDependency
 from litestar.params import JSONBody
 from litestar.response import ServerSentEvent
 
-from app.admission import Ticket, body_size
+from app.admission import Ticket
 from app.auth import require_api_key
-from app.server_config import ServerConfig
 from app.errors import EngineDeadError
 from app.media import check_media_counts, load_media, media_plan
-from app.protocol import (ChatCompletionRequest, ChatCompletionResponse, check_stream_options, random_id,
+from app.protocol import (ChatCompletionRequest, ChatCompletionResponse, check_stream_options,
                           to_sampling_params)
 from app.responses import chat_response
+from app.server_config import ServerConfig
 from app.serving import ServingContext
 from app.streaming import ChatStreamFormat, chat_events
 
@@ -83,11 +83,8 @@ class ChatController(Controller):
     async def create(
             self, data: JSONBody[ChatCompletionRequest], serving: NamedDependency[ServingContext], request: Request,
     ) -> Response:
-        model = serving.resolve_model(data.model)
         use_tools = check_chat_options(data, serving.config)
-        request_id = random_id("chatcmpl")
-        serving.check_healthy()
-        async with serving.admission.admit(body_size(request)) as ticket:  # 503 before any fetch
+        async with serving.admitted(request, data.model, "chatcmpl") as (model, request_id, ticket):
             engine_request, prompt = await build_chat_request(data, serving, request_id, use_tools, ticket)
             num_top = (data.top_logprobs or 0) if data.logprobs else None
             tokenizer = serving.client.frontend.tokenizer
