@@ -188,7 +188,8 @@ def _parse_json(flag: str, text: str | dict | list, kind: type = dict):
     except json.JSONDecodeError as exc:
         raise ValueError(f"--{flag}: invalid JSON ({exc.msg} at position {exc.pos})") from None
     if not isinstance(value, kind):
-        raise ValueError(f"--{flag}: expected a JSON {'object' if kind is dict else 'list'}, got {type(value).__name__}")
+        expected = "object" if kind is dict else "list"
+        raise ValueError(f"--{flag}: expected a JSON {expected}, got {type(value).__name__}")
     return value
 
 
@@ -204,7 +205,8 @@ def parse_limit_mm_per_prompt(text: str | dict) -> dict:
     engine keyword's object, counts as integers; ValueError (naming the flag) when invalid."""
     limits = MultiModalLimits.parse(text)
     decoded = decode_limit_flag(text)
-    return {modality: spec if isinstance(spec, dict) else limits.max_items(modality) for modality, spec in decoded.items()}
+    return {modality: spec if isinstance(spec, dict) else limits.max_items(modality)
+            for modality, spec in decoded.items()}
 
 
 def _check_supported(args: argparse.Namespace) -> None:
@@ -229,7 +231,8 @@ def _check_supported(args: argparse.Namespace) -> None:
 ENGINE_FLAGS = ("dtype", "max_model_len", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens",
                 "block_size", "enable_prefix_caching", "seed", "enforce_eager", "trust_remote_code",
                 "tensor_parallel_size", "pipeline_parallel_size", "cpu_offload_gb", "kv_cache_dtype",
-                "device", "num_gpu_blocks_override", "load_format", "distributed_executor_backend", "encoder_cache_size",
+                "device", "num_gpu_blocks_override", "load_format", "distributed_executor_backend",
+                "encoder_cache_size",
                 "deterministic",
                 "mm_encoder_tp_mode",
                 "tokenizer", "revision", "tokenizer_revision", "download_dir", "max_logprobs", "enable_chunked_prefill",
@@ -304,7 +307,7 @@ def config_file_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
             raise ValueError(f"--config: unknown flag {key!r} in {path}{_suggestion(f'--{key}', parser)}")
         if action.nargs == "+" and not isinstance(value, list):
             value = [value]
-        elif action.type is not None and isinstance(value, str):
+        elif callable(action.type) and isinstance(value, str):
             value = action.type(value)
         defaults[action.dest] = value
     return defaults

@@ -196,7 +196,7 @@ def to_sampling_params(request: SamplingFields, *, max_n: int, max_tokens: int |
     if request.n > max_n:
         raise ValueError(f"n must be at most {max_n} on this server, got {request.n}")
     stop = [request.stop] if isinstance(request.stop, str) else request.stop
-    given = {
+    given: dict[str, Any] = {
         "temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k,
         "min_p": request.min_p, "repetition_penalty": request.repetition_penalty,
         "presence_penalty": request.presence_penalty, "frequency_penalty": request.frequency_penalty,

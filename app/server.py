@@ -149,7 +149,7 @@ def create_app(engine_kwargs: dict, server_config: ServerConfig, client: Any = N
         route_handlers=[ChatController, CompletionsController, ModelsController, TokenizeController, OpsController],
         dependencies={"serving": Provide(_serving_from_state, sync_to_thread=False)},
         lifespan=[make_lifespan(engine_kwargs, server_config, client, engine_config, on_engine_death)],
-        exception_handlers=EXCEPTION_HANDLERS,
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]  # Litestar's handler map type is invariant
         cors_config=CORSConfig(allow_origins=list(server_config.allowed_origins),
                                allow_methods=list(server_config.allowed_methods),  # type: ignore[arg-type]
                                allow_headers=list(server_config.allowed_headers),

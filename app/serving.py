@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -95,7 +95,7 @@ class ServingContext:
                     await self.client.abort(engine_request.req_id)
             self._record(engine_request.req_id, timing, last)
 
-    async def _first_output(self, generator: AsyncIterator[Any]) -> Any:
+    async def _first_output(self, generator: AsyncGenerator[Any, None]) -> Any:
         timeout_s = self.config.request_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
@@ -104,7 +104,7 @@ class ServingContext:
             raise RequestTimeoutError(f"the request waited more than {timeout_s:g} s for the engine "
                                       f"(--request-timeout); the server is busy, retry later") from None
 
-    async def _generate(self, engine_request: Any, prompt: str | None) -> AsyncIterator[Any]:
+    async def _generate(self, engine_request: Any, prompt: str | None) -> AsyncGenerator[Any, None]:
         try:
             async for output in self.client.generate(engine_request, prompt=prompt):
                 yield output

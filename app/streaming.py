@@ -61,7 +61,8 @@ class ChatStreamFormat:
         new_ids = completion.token_ids[progress.num_tokens:]
         new_logprobs = (completion.logprobs or [])[progress.num_tokens:]
         progress.num_tokens = len(completion.token_ids)
-        calls, finish = [], None
+        calls: list = []
+        finish = None
         if progress.tool_parser is not None:
             text, calls = progress.tool_parser.feed(text)
         if completion.finish_reason is not None and not progress.is_done:

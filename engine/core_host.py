@@ -111,7 +111,7 @@ def core_process_main(config: EngineConfig, request_reader, output_writer) -> No
     abort_decoder = msgspec.msgpack.Decoder(AbortRequests)
 
     def receive(block: bool) -> list[tuple[bytes, object]]:
-        messages = []
+        messages: list[tuple[bytes, object]] = []
         while request_reader.poll(None if block and not messages else 0):
             data = request_reader.recv_bytes()
             tag, body = data[:1], data[1:]

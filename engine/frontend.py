@@ -203,6 +203,7 @@ class Frontend:
         if prompt_len + max_tokens > max_model_len:
             raise ValueError(f"This model's maximum context length is {max_model_len} tokens. However, you "
                              f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the messages, "
-                             f"{max_tokens} in the completion). Please reduce the length of the messages or completion.")
+                             f"{max_tokens} in the completion). Please reduce the length of the messages or "
+                             f"completion.")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         return msgspec.structs.replace(params, max_tokens=max_tokens, seed=seed)

@@ -46,7 +46,7 @@ class LLM:
         self.frontend = Frontend(self.config)
         self.client = InprocClient(self.config)
         self._request_counter = itertools.count()
-        self._media_fetcher = None
+        self._media_fetcher: Any = None   # vision.fetch.MediaFetcher, made on the first URL
 
     def get_tokenizer(self):
         return self.frontend.tokenizer
@@ -166,7 +166,9 @@ class LLM:
         if self._media_fetcher is None:
             self._media_fetcher = MediaFetcher(FetchConfig(allowed_local_media_path=self._allowed_local_media_path))
         data = self._media_fetcher.fetch_sync(url)
-        return decode_image(data) if modality == IMAGE else decode_video(data, **self.frontend.video_sampling_kwargs(None))
+        if modality == IMAGE:
+            return decode_image(data)
+        return decode_video(data, **self.frontend.video_sampling_kwargs(None))
 
     # ---------------------------------------------------------------- the engine loop
 

@@ -59,9 +59,8 @@ def smart_nframes(total_frames: int, video_fps: float, *, fps: float | None = FP
     else:
         lower = math.ceil(min_frames / FRAME_FACTOR) * FRAME_FACTOR
         upper = math.floor(min(max_frames, total_frames) / FRAME_FACTOR) * FRAME_FACTOR
-        count = total_frames / video_fps * (FPS if fps is None else fps)
-        count = min(min(max(count, lower), upper), total_frames)
-        count = math.floor(count / FRAME_FACTOR) * FRAME_FACTOR
+        wanted = total_frames / video_fps * (FPS if fps is None else fps)
+        count = math.floor(min(max(wanted, lower), upper, total_frames) / FRAME_FACTOR) * FRAME_FACTOR
     if not FRAME_FACTOR <= count <= total_frames:
         raise MediaError(f"cannot sample {count} frames from a video of {total_frames} frame(s); "
                          f"between {FRAME_FACTOR} and {total_frames} are possible")

@@ -27,9 +27,9 @@ def prompts_of(data: CompletionRequest) -> list[str | list[int]]:
     if isinstance(prompt, str):
         return [prompt]
     if all(isinstance(item, int) for item in prompt):
-        return [list(prompt)]
+        return [[item for item in prompt if isinstance(item, int)]]
     if all(isinstance(item, str) for item in prompt) or all(isinstance(item, list) for item in prompt):
-        return list(prompt)
+        return [item for item in prompt if not isinstance(item, int)]
     raise ValueError("prompt must be a string, a list of strings, a list of token ids, or a list of such lists")
 
 

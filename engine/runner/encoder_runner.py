@@ -226,7 +226,8 @@ def _out_of_memory_message(ready: dict[str, tuple[torch.Tensor, MultiModalItem]]
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         memory = (f"; device: {torch.cuda.memory_allocated(device) >> 20} MiB allocated, "
-                  f"{torch.cuda.memory_reserved(device) >> 20} MiB reserved, {free >> 20} MiB free of {total >> 20} MiB")
+                  f"{torch.cuda.memory_reserved(device) >> 20} MiB reserved, "
+                  f"{free >> 20} MiB free of {total >> 20} MiB")
     return (f"out of memory in the vision tower encoding {len(ready)} item(s): {num_patches} patches, "
             f"{num_rows} embedding rows{memory}. Use smaller media (--mm-processor-kwargs max_pixels, "
             f"--limit-mm-per-prompt) or a lower --gpu-memory-utilization")

@@ -111,7 +111,9 @@ class ModelRunner:
             plan = memory_plan.plan_gpu(self.config, shape, lambda: self._profile_run(encoder), encoder)
         else:
             plan = memory_plan.plan_cpu(self.config, shape)
-        rank = "" if self.parallel.world_size == 1 else f"rank {self.parallel.rank} (tp {self.parallel.tp_rank}, pp {self.parallel.pp_rank}): "
+        parallel = self.parallel
+        rank = ("" if parallel.world_size == 1
+                else f"rank {parallel.rank} (tp {parallel.tp_rank}, pp {parallel.pp_rank}): ")
         logger.info("%s%s", rank, plan.describe(cache_config.block_size, self.config.model_config.max_model_len))
         return plan.num_blocks
 
@@ -150,7 +152,8 @@ class ModelRunner:
         batch = self.input_batch.prepare(scheduler_output)
         hidden, failed = self._forward(scheduler_output, batch)               # [T, H]
         if hidden is None:  # an earlier pipeline stage: the last samples, record_sampled tells us
-            return ModelRunnerOutput(req_ids=batch.req_ids, sampled_token_ids=[[] for _ in batch.req_ids], failed=failed)
+            return ModelRunnerOutput(req_ids=batch.req_ids, sampled_token_ids=[[] for _ in batch.req_ids],
+                                     failed=failed)
         sampled, logprobs = self._sample(hidden, batch)
         sampled_token_ids = [[sampled[r]] if r in sampled else [] for r in batch.req_ids]
         self.input_batch.append_sampled(batch.req_ids, sampled_token_ids)
@@ -176,8 +179,9 @@ class ModelRunner:
         pair out to the next stage. -> hidden [T, H] on the last stage, None before it."""
         received = None
         if not self.parallel.is_first_stage:
-            received = pipeline.recv_from_prev_stage(self.parallel, batch.input_ids.shape[0], self.text_config.hidden_size,
-                                                     self.config.model_config.dtype, self.device)
+            received = pipeline.recv_from_prev_stage(self.parallel, batch.input_ids.shape[0],
+                                                     self.text_config.hidden_size, self.config.model_config.dtype,
+                                                     self.device)
         out = self.model(batch.input_ids, batch.positions, batch.attn_metadata, self.kv_caches,
                          inputs_embeds=inputs_embeds, intermediate_tensors=received)
         if self.parallel.is_last_stage:
@@ -270,8 +274,8 @@ class ModelRunner:
                                            list(range(next_block, next_block + num_blocks)), 0))
             next_block += num_blocks
         self._allocate_kv_cache(next_block)
-        self.execute(SchedulerOutput(new_reqs, CachedRequestData(), {r.req_id: len(r.prompt_token_ids) for r in new_reqs},
-                                     num_tokens, {}, set(), []))
+        num_scheduled = {r.req_id: len(r.prompt_token_ids) for r in new_reqs}
+        self.execute(SchedulerOutput(new_reqs, CachedRequestData(), num_scheduled, num_tokens, {}, set(), []))
         self.kv_caches = []
         self.input_batch = self._new_input_batch()
         return tower_peak
