@@ -178,3 +178,20 @@ def test_media_io_kwargs_set_the_video_frame_count(vl_frontend):
     assert frontend.video_sampling_kwargs(None)["nframes"] == 8
     assert frontend.video_sampling_kwargs({"num_frames": 4})["nframes"] == 4  # the request wins
     assert "nframes" not in vl_frontend.video_sampling_kwargs(None)
+
+
+def test_models_list_shows_the_generation_config_defaults(vl_frontend):
+    import dataclasses
+
+    from litestar.testing import TestClient
+
+    defaults = {"temperature": 0.1, "top_k": 1, "repetition_penalty": 1.05}
+    model_config = dataclasses.replace(vl_frontend.config.model_config, default_sampling_params=defaults)
+    frontend = type(vl_frontend)(vl_frontend.config.replace(model_config=model_config), tokenizer=vl_frontend.tokenizer)
+    with TestClient(app=create_app({}, server_config(), client=FakeEngineClient(frontend))) as client:
+        cards = client.get("/v1/models").json()["data"]
+        assert [card["default_sampling_params"] for card in cards] == [defaults, defaults]
+        client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "top_k": 5})
+    [request] = client.app.state.serving.client.requests
+    assert (request.sampling_params.temperature, request.sampling_params.top_k) == (0.1, 5)  # the request's wins
+    assert request.sampling_params.repetition_penalty == 1.05
