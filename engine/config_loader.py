@@ -177,6 +177,9 @@ def default_sampling_params(model_path: str, generation_config: str, overrides: 
         SamplingParams.from_optional(**defaults).validate()
     except (TypeError, ValueError) as exc:
         raise ValueError(f"--generation-config / --override-generation-config: {exc}") from None
+    if defaults:
+        logger.info("default sampling parameters from the model's generation config: %s (requests that leave "
+                    "them unset get them; --generation-config vllm turns this off)", defaults)
     return defaults
 
 
