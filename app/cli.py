@@ -1,5 +1,5 @@
 """`vlserve serve MODEL [flags]` / `python -m app --model MODEL [flags]`: vLLM's flag names ->
-(engine kwargs for `EngineConfig.create`, ServerConfig). Parsing only; `main` then hands both to
+(engine kwargs for `create_engine_config`, ServerConfig). Parsing only; `main` then hands both to
 app.server.serve.
 
 Every flag takes both spellings (`--max-model-len` and `--max_model_len`). Engine kwargs hold only
@@ -14,106 +14,12 @@ import difflib
 import json
 import os
 import sys
-from dataclasses import dataclass, field
 
 from app.chat_templates import resolve_chat_template
-from app.media import DecodeLimits
-from vision.fetch import FetchConfig
-from vision.limits import MultiModalLimits
-from vision.video import VideoDecodeLimits
+from app.server_config import ServerConfig
+from vision.limits import MultiModalLimits, decode_limit_flag
 
 UNSET = None  # argparse default for engine flags: "not given" -> left out of the engine kwargs
-LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    model: str
-    host: str = "0.0.0.0"
-    port: int = 8000
-    served_model_names: tuple[str, ...] = ()
-    api_keys: tuple[str, ...] = ()
-    chat_template: str | None = None          # template text (resolved from file / name / inline)
-    trust_request_chat_template: bool = False
-    enable_auto_tool_choice: bool = False
-    tool_call_parser: str | None = None
-    limits: MultiModalLimits = field(default_factory=MultiModalLimits)  # --limit-mm-per-prompt
-    allowed_local_media_path: str | None = None
-    allowed_media_domains: tuple[str, ...] | None = None
-    disable_log_requests: bool = False
-    disable_log_stats: bool = False
-    uvicorn_log_level: str = "info"
-    max_log_len: int | None = None
-    max_n: int = 16                           # cap on `n` per request
-    request_max_body_size: int = 64 * 1024 * 1024
-    drain_timeout_s: float = 30.0
-    # Hardening limits (SECURITY.md lists each with its flag and environment variable).
-    allow_private_media_addresses: bool = False
-    media_fetch_connect_timeout_s: float = 5.0
-    media_fetch_timeout_s: float = 30.0
-    max_media_bytes: int = 64 * 1024 * 1024   # per item
-    max_concurrent_media_fetches: int = 16
-    max_media_redirects: int = 3
-    max_image_pixels: int = 64 * 1024 * 1024
-    max_video_frame_pixels: int = 8192 * 8192
-    max_video_duration_s: float = 3600.0
-    max_video_decoded_frames: int = 20_000
-    video_decode_timeout_s: float = 30.0
-    max_waiting_requests: int = 512
-    max_queued_media_bytes: int = 1024 * 1024 * 1024
-    request_timeout_s: float = 600.0          # longest wait for the engine's first output
-    engine_iteration_timeout_s: float = 120.0  # a busy engine silent this long is taken as hung
-    h11_max_incomplete_event_size: int = 16 * 1024  # request line + headers; larger -> 431
-    exit_on_engine_death: bool = True
-    media_decode_workers: int | None = None   # image decoder processes; None: a quarter of the cores; 0: threads
-
-    def __post_init__(self) -> None:
-        positive = ("max_n", "request_max_body_size", "max_waiting_requests", "max_queued_media_bytes",
-                    "request_timeout_s", "h11_max_incomplete_event_size", "engine_iteration_timeout_s")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.removesuffix('_s').replace('_', '-')}: must be positive, "
-                                 f"got {getattr(self, name)}")
-        self.fetch_config()  # validates the fetch flags
-        self.decode_limits()
-        if not 0 <= self.port < 65536:
-            raise ValueError(f"--port: must be in [0, 65535], got {self.port}")
-        if self.media_decode_workers is not None and self.media_decode_workers < 0:
-            raise ValueError(f"--media-decode-workers: must be >= 0, got {self.media_decode_workers}")
-        if self.uvicorn_log_level not in LOG_LEVELS:
-            raise ValueError(f"--uvicorn-log-level: must be one of {', '.join(LOG_LEVELS)}")
-        if self.enable_auto_tool_choice and self.tool_call_parser is None:
-            raise ValueError("--enable-auto-tool-choice requires --tool-call-parser (supported: hermes)")
-        if self.tool_call_parser not in (None, "hermes"):
-            raise ValueError(f"--tool-call-parser: {self.tool_call_parser!r} is not supported (supported: hermes)")
-
-    @property
-    def served_names(self) -> tuple[str, ...]:
-        return self.served_model_names or (self.model,)
-
-    def fetch_config(self) -> FetchConfig:
-        try:
-            return FetchConfig(allowed_local_media_path=self.allowed_local_media_path,
-                               allowed_media_domains=self.allowed_media_domains or (),
-                               allow_private_addresses=self.allow_private_media_addresses,
-                               connect_timeout=self.media_fetch_connect_timeout_s,
-                               total_timeout=self.media_fetch_timeout_s, max_bytes=self.max_media_bytes,
-                               max_redirects=self.max_media_redirects,
-                               max_concurrent=self.max_concurrent_media_fetches)
-        except ValueError as exc:
-            raise ValueError(f"media fetch flags: {exc}") from None
-
-    def decode_limits(self) -> DecodeLimits:
-        if self.max_image_pixels < 1:
-            raise ValueError(f"--max-image-pixels: must be positive, got {self.max_image_pixels}")
-        try:
-            video = VideoDecodeLimits(max_pixels=self.max_video_frame_pixels,
-                                      max_duration_s=self.max_video_duration_s,
-                                      max_decoded_frames=self.max_video_decoded_frames,
-                                      max_decode_s=self.video_decode_timeout_s)
-        except ValueError as exc:
-            raise ValueError(f"video limit flags: {exc}") from None
-        return DecodeLimits(max_image_pixels=self.max_image_pixels, video=video)
 
 
 def _add(parser: argparse.ArgumentParser, name: str, *aliases: str, **kwargs) -> None:
@@ -156,6 +62,24 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     _add(parser, "device", default=UNSET, help="auto, cpu or cuda")
     _add(parser, "num-gpu-blocks-override", type=int, default=UNSET)
     _add(parser, "load-format", default=UNSET, help="auto, safetensors or dummy")
+    _add(parser, "tokenizer", default=UNSET, help="tokenizer directory or hub id (default: the model's)")
+    _add(parser, "revision", default=UNSET, help="hub revision (branch, tag or commit) of the model")
+    _add(parser, "tokenizer-revision", default=UNSET, help="hub revision of the tokenizer (default: --revision)")
+    _add(parser, "download-dir", default=UNSET, help="folder to download hub checkpoints into (default: HF cache)")
+    _add(parser, "max-logprobs", type=int, default=UNSET,
+         help="most logprobs / top_logprobs a request may ask for (default 20; -1: the vocabulary size)")
+    _add(parser, "enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=UNSET,
+         help="split long prompts across steps (default on); off: a prompt is prefilled in one step, "
+              "so --max-num-batched-tokens must hold --max-model-len")
+    _add(parser, "generation-config", default=UNSET,
+         help="auto (the model's generation_config.json gives unset sampling fields their defaults), "
+              "vllm (vLLM's neutral defaults) or a folder holding a generation_config.json")
+    _add(parser, "override-generation-config", default=UNSET,
+         help='JSON on top of the generation config, e.g. {"temperature": 0.5}')
+    _add(parser, "hf-overrides", default=UNSET, help='JSON set on the HF config, e.g. {"rope_theta": 20000}')
+    _add(parser, "media-io-kwargs", default=UNSET, help='JSON media loading settings: {"video": {"num_frames": 8}}')
+    _add(parser, "mm-processor-cache-gb", type=float, default=UNSET,
+         help="accepted for vLLM compatibility; no effect (there is no processor-output cache here)")
 
 
 def _add_server_flags(parser: argparse.ArgumentParser) -> None:
@@ -176,6 +100,19 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     _add(parser, "media-decode-workers", type=int, default=None,
          help="processes that decode images off the event loop (default: a quarter of the cores, 1 to 8; "
               "0: threads of the API process)")
+    _add(parser, "ssl-keyfile", default=None, help="TLS private key (PEM); with --ssl-certfile serves HTTPS")
+    _add(parser, "ssl-certfile", default=None, help="TLS certificate chain (PEM)")
+    _add(parser, "ssl-ca-certs", default=None, help="CA certificates to verify client certificates")
+    _add(parser, "allowed-origins", default='["*"]', help='CORS: JSON list of allowed origins (default ["*"])')
+    _add(parser, "allowed-methods", default='["*"]', help="CORS: JSON list of allowed methods")
+    _add(parser, "allowed-headers", default='["*"]', help="CORS: JSON list of allowed headers")
+    _add(parser, "allow-credentials", action="store_true", help="CORS: allow credentials")
+    _add(parser, "root-path", default=None, help="path prefix the server is reached under behind a proxy")
+    _add(parser, "response-role", default="assistant", help="role of chat replies to a generation prompt")
+    _add(parser, "chat-template-content-format", default="auto",
+         help="string (content as text), openai (content as a list of parts) or auto (from the template)")
+    _add(parser, "config", default=None, help="YAML file of flags (vLLM's form: `max-model-len: 4096`); "
+         "flags on the command line win")
 
 
 # (flag, ServerConfig field, type, environment variable): the hardening limits. The environment
@@ -251,27 +188,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_json(flag: str, text: str) -> dict:
+def _parse_json(flag: str, text: str | dict | list, kind: type = dict):
+    """A JSON flag's value; from a --config YAML file it may already be parsed."""
     try:
-        value = json.loads(text)
+        value = json.loads(text) if isinstance(text, str) else text
     except json.JSONDecodeError as exc:
         raise ValueError(f"--{flag}: invalid JSON ({exc.msg} at position {exc.pos})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"--{flag}: expected a JSON object, got {type(value).__name__}")
+    if not isinstance(value, kind):
+        expected = "object" if kind is dict else "list"
+        raise ValueError(f"--{flag}: expected a JSON {expected}, got {type(value).__name__}")
     return value
 
 
-def parse_limit_mm_per_prompt(text: str) -> dict:
-    """'image=5,video=1' or JSON ('{"image": 5}' or vLLM's '{"image": {"count": 5, ...}}')."""
-    if text.strip().startswith("{"):
-        return _parse_json("limit-mm-per-prompt", text)
-    limits: dict[str, int] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        modality, sep, count = item.partition("=")
-        if not sep or not count.strip().lstrip("-").isdigit():
-            raise ValueError(f"--limit-mm-per-prompt: expected modality=count, got {item!r}")
-        limits[modality.strip()] = int(count)
-    return limits
+def _json_strings(flag: str, text: str | list) -> tuple[str, ...]:
+    values = _parse_json(flag, text, list)
+    if not all(isinstance(value, str) for value in values):
+        raise ValueError(f"--{flag}: expected a JSON list of strings, got {values!r}")
+    return tuple(values)
+
+
+def parse_limit_mm_per_prompt(text: str | dict) -> dict:
+    """'image=5,video=1' or JSON ('{"image": 5}' or vLLM's '{"image": {"count": 5, ...}}') -> the
+    engine keyword's object, counts as integers; ValueError (naming the flag) when invalid."""
+    limits = MultiModalLimits.parse(text)
+    decoded = decode_limit_flag(text)
+    return {modality: spec if isinstance(spec, dict) else limits.max_items(modality)
+            for modality, spec in decoded.items()}
 
 
 def _check_supported(args: argparse.Namespace) -> None:
@@ -296,9 +238,14 @@ def _check_supported(args: argparse.Namespace) -> None:
 ENGINE_FLAGS = ("dtype", "max_model_len", "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens",
                 "block_size", "enable_prefix_caching", "seed", "enforce_eager", "trust_remote_code",
                 "tensor_parallel_size", "pipeline_parallel_size", "cpu_offload_gb", "kv_cache_dtype",
-                "device", "num_gpu_blocks_override", "load_format", "distributed_executor_backend", "encoder_cache_size",
+                "device", "num_gpu_blocks_override", "load_format", "distributed_executor_backend",
+                "encoder_cache_size",
                 "deterministic", "async_scheduling",
-                "mm_encoder_tp_mode")
+                "mm_encoder_tp_mode",
+                "tokenizer", "revision", "tokenizer_revision", "download_dir", "max_logprobs", "enable_chunked_prefill",
+                "generation_config", "mm_processor_cache_gb")
+# Engine flags whose value is a JSON object.
+JSON_ENGINE_FLAGS = ("mm_processor_kwargs", "override_generation_config", "hf_overrides", "media_io_kwargs")
 
 
 def engine_kwargs_from(args: argparse.Namespace, model: str) -> dict:
@@ -307,8 +254,9 @@ def engine_kwargs_from(args: argparse.Namespace, model: str) -> dict:
     kwargs["model"] = model
     if args.limit_mm_per_prompt is not None:
         kwargs["limit_mm_per_prompt"] = parse_limit_mm_per_prompt(args.limit_mm_per_prompt)
-    if args.mm_processor_kwargs is not None:
-        kwargs["mm_processor_kwargs"] = _parse_json("mm-processor-kwargs", args.mm_processor_kwargs)
+    for name in JSON_ENGINE_FLAGS:
+        if getattr(args, name) is not None:
+            kwargs[name] = _parse_json(name.replace("_", "-"), getattr(args, name))
     return kwargs
 
 
@@ -327,8 +275,14 @@ def server_config_from(args: argparse.Namespace, model: str, engine_kwargs: dict
         disable_log_requests=args.disable_log_requests, disable_log_stats=args.disable_log_stats,
         uvicorn_log_level=args.uvicorn_log_level.lower(), max_log_len=args.max_log_len,
         allow_private_media_addresses=args.allow_private_media_addresses,
-        exit_on_engine_death=not args.keep_serving_on_engine_death, media_decode_workers=args.media_decode_workers,
-        **limit_values_from(args),
+        exit_on_engine_death=not args.keep_serving_on_engine_death, **limit_values_from(args),
+        media_decode_workers=args.media_decode_workers,
+        ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs,
+        allowed_origins=_json_strings("allowed-origins", args.allowed_origins),
+        allowed_methods=_json_strings("allowed-methods", args.allowed_methods),
+        allowed_headers=_json_strings("allowed-headers", args.allowed_headers),
+        allow_credentials=args.allow_credentials, root_path=args.root_path, response_role=args.response_role,
+        chat_template_content_format=args.chat_template_content_format,
     )
 
 
@@ -336,15 +290,46 @@ def _known_options(parser: argparse.ArgumentParser) -> list[str]:
     return [option for action in parser._actions for option in action.option_strings]
 
 
+def _suggestion(flag: str, parser: argparse.ArgumentParser) -> str:
+    close = difflib.get_close_matches(flag.split("=", 1)[0], _known_options(parser), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def config_file_defaults(path: str, parser: argparse.ArgumentParser) -> dict:
+    """--config FILE: vLLM's YAML form, one flag per key (`max-model-len: 4096`, `enforce-eager:
+    true`, lists for multi-value flags, objects or JSON text for JSON flags) -> argparse defaults."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"--config: cannot read {path}: {exc}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config: {path} must hold a mapping of flag names to values")
+    actions = {option: action for action in parser._actions for option in action.option_strings}
+    defaults = {}
+    for key, value in values.items():
+        action = actions.get(f"--{key}")
+        if action is None or key == "config":
+            raise ValueError(f"--config: unknown flag {key!r} in {path}{_suggestion(f'--{key}', parser)}")
+        if action.nargs == "+" and not isinstance(value, list):
+            value = [value]
+        elif callable(action.type) and isinstance(value, str):
+            value = action.type(value)
+        defaults[action.dest] = value
+    return defaults
+
+
 def parse_serve_args(argv: list[str], prog: str = "vlserve serve") -> tuple[dict, ServerConfig]:
     """argv (after `serve`) -> (engine kwargs, ServerConfig). ValueError on a bad or unsupported value."""
     parser = build_serve_parser(prog)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        flag = unknown[0].split("=", 1)[0]
-        close = difflib.get_close_matches(flag, _known_options(parser), n=3, cutoff=0.6)
-        hint = f"; did you mean {' or '.join(close)}?" if close else ""
-        raise ValueError(f"unrecognized argument {flag!r}{hint}")
+        raise ValueError(f"unrecognized argument {unknown[0].split('=', 1)[0]!r}{_suggestion(unknown[0], parser)}")
+    if args.config is not None:  # the file's values become defaults: the command line still wins
+        parser.set_defaults(**config_file_defaults(args.config, parser))
+        args = parser.parse_args(argv)
     if args.model_tag and args.model and args.model_tag != args.model:
         raise ValueError(f"MODEL {args.model_tag!r} and --model {args.model!r} disagree")
     model = args.model_tag or args.model

@@ -43,7 +43,7 @@ def _head_size(request: h11.Request) -> int:
 class H11StatusHintProtocol(H11Protocol):
     def __init__(self, config, server_state, app_state, _loop=None) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        self.conn = _HintKeepingConnection(h11.SERVER, config.h11_max_incomplete_event_size
+        self.conn: _HintKeepingConnection = _HintKeepingConnection(h11.SERVER, config.h11_max_incomplete_event_size
                                            or h11._connection.DEFAULT_MAX_INCOMPLETE_EVENT_SIZE)
 
     def send_400_response(self, msg: str) -> None:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from engine.protocol import SchedulerStats
+
 PREFIX = "vlserve:"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -47,7 +49,7 @@ class ServerMetrics:
         self.total_prompt_tokens = 0
         self.total_generation_tokens = 0
 
-    def set_engine_stats(self, stats: object | None) -> None:
+    def set_engine_stats(self, stats: SchedulerStats | None) -> None:
         if stats is None:
             return
         self.num_requests_running.labels(self._model).set(stats.num_running_reqs)

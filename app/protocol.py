@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from engine.sampling_params import SamplingParams
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
@@ -156,7 +156,7 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, lt=2 ** 31)] | None = None  # at most --max-logprobs
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
@@ -178,7 +178,7 @@ PromptInput = (
 class CompletionRequest(SamplingFields, kw_only=True):
     prompt: PromptInput
     echo: bool = False
-    logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
+    logprobs: Annotated[int, Meta(ge=0, lt=2 ** 31)] | None = None  # at most --max-logprobs
     suffix: str | None = None
 
 
@@ -197,7 +197,7 @@ def to_sampling_params(request: SamplingFields, *, max_n: int, max_tokens: int |
     if request.n > max_n:
         raise ValueError(f"n must be at most {max_n} on this server, got {request.n}")
     stop = [request.stop] if isinstance(request.stop, str) else request.stop
-    given = {
+    given: dict[str, Any] = {
         "temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k,
         "min_p": request.min_p, "repetition_penalty": request.repetition_penalty,
         "presence_penalty": request.presence_penalty, "frequency_penalty": request.frequency_penalty,
@@ -333,6 +333,8 @@ class ModelCard(Struct, kw_only=True):
     created: int = msgspec.field(default_factory=lambda: int(time.time()))
     owned_by: str = "vlserve"
     parent: str | None = None
+    # What requests that leave these sampling fields unset get (--generation-config; vlserve's extra).
+    default_sampling_params: dict[str, Any] = {}
 
 
 class ModelList(Struct, kw_only=True):

@@ -73,9 +73,11 @@ def chat_choice(completion: Any, *, use_tools: bool, num_top: int | None, tokeni
 
 
 def chat_response(request_id: str, model: str, output: Any, *, use_tools: bool, num_top: int | None,
-                  tokenizer: Any) -> ChatCompletionResponse:
+                  tokenizer: Any, role: str = "assistant") -> ChatCompletionResponse:
     choices = [chat_choice(c, use_tools=use_tools, num_top=num_top, tokenizer=tokenizer)
                for c in sorted(output.outputs, key=lambda c: c.index)]
+    for choice in choices:
+        choice.message.role = role
     return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage_of([output]))
 
 

@@ -20,13 +20,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from litestar import Litestar
+from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import Server
 
 from app.chat_templates import default_chat_template
-from app.cli import ServerConfig
+from app.server_config import ServerConfig
 from app.errors import EXCEPTION_HANDLERS
 from app.metrics import ServerMetrics
 from app.routes.chat import ChatController
@@ -36,6 +38,7 @@ from app.routes.ops import OpsController, package_version
 from app.routes.tokenize import TokenizeController
 from app.serving import ServingContext
 from engine.config import EngineConfig
+from engine.config_loader import create_engine_config
 from vision.decode_pool import ImageDecodePool, default_num_workers
 from vision.fetch import MediaFetcher
 
@@ -79,6 +82,11 @@ def log_startup_summary(serving: ServingContext) -> None:
                 "API key %s", kv, model.max_model_len, engine_config.scheduler_config.max_num_seqs,
                 limits.max_items("image"), limits.max_items("video"),
                 "required" if serving.config.api_keys else "off")
+    defaults = model.get_diff_sampling_param()
+    if defaults:
+        logger.info("default sampling parameters from the generation config (--generation-config %s; requests "
+                    "that leave a field unset get it; --generation-config vllm turns this off): %s",
+                    model.generation_config, defaults)
 
 
 async def log_throughput(serving: ServingContext) -> None:
@@ -115,7 +123,7 @@ def make_lifespan(engine_kwargs: dict, server_config: ServerConfig, client: Any,
         is_owned = client is None
         engine_client = client
         if is_owned:
-            config = engine_config or await asyncio.to_thread(lambda: EngineConfig.create(**engine_kwargs))
+            config = engine_config or await asyncio.to_thread(lambda: create_engine_config(**engine_kwargs))
             engine_client = await start_client(config, server_config.engine_iteration_timeout_s)
         serving = build_serving(server_config, engine_client)
         app.state.serving = serving
@@ -147,8 +155,15 @@ def create_app(engine_kwargs: dict, server_config: ServerConfig, client: Any = N
         route_handlers=[ChatController, CompletionsController, ModelsController, TokenizeController, OpsController],
         dependencies={"serving": Provide(_serving_from_state, sync_to_thread=False)},
         lifespan=[make_lifespan(engine_kwargs, server_config, client, engine_config, on_engine_death)],
-        exception_handlers=EXCEPTION_HANDLERS,
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]  # Litestar's handler map type is invariant
+        cors_config=CORSConfig(allow_origins=list(server_config.allowed_origins),
+                               allow_methods=list(server_config.allowed_methods),  # type: ignore[arg-type]
+                               allow_headers=list(server_config.allowed_headers),
+                               allow_credentials=server_config.allow_credentials),
+        # --root-path: the proxy strips the prefix (Litestar drops scope["root_path"] from the
+        # path); the schema names it as the server URL, as FastAPI does for vLLM.
         openapi_config=OpenAPIConfig(title="vlserve", version=package_version(), path="/docs",
+                                     servers=[Server(url=server_config.root_path or "/")],
                                      render_plugins=[SwaggerRenderPlugin()]),
         request_max_body_size=server_config.request_max_body_size,
         logging_config=None,  # `serve` configures logging once; the app never rewires handlers
@@ -162,7 +177,7 @@ def serve(engine_kwargs: dict, server_config: ServerConfig) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        engine_config = EngineConfig.create(**engine_kwargs)
+        engine_config = create_engine_config(**engine_kwargs)
     except (ValueError, TypeError) as exc:
         print(f"vlserve: error: {exc}", file=sys.stderr)
         return 2
@@ -191,5 +206,7 @@ def uvicorn_config(app: Litestar, server_config: ServerConfig, **overrides: Any)
 
     settings = dict(host=server_config.host, port=server_config.port, log_level=server_config.uvicorn_log_level,
                     timeout_graceful_shutdown=int(server_config.drain_timeout_s), http=H11StatusHintProtocol,
-                    h11_max_incomplete_event_size=server_config.h11_max_incomplete_event_size, lifespan="on")
+                    h11_max_incomplete_event_size=server_config.h11_max_incomplete_event_size, lifespan="on",
+                    ssl_keyfile=server_config.ssl_keyfile, ssl_certfile=server_config.ssl_certfile,
+                    ssl_ca_certs=server_config.ssl_ca_certs, root_path=server_config.root_path or "")
     return uvicorn.Config(app, **{**settings, **overrides})

@@ -12,17 +12,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 from litestar import Request
 
-from app.admission import Admission, RequestTimeoutError, Ticket
-from app.cli import ServerConfig
+from app.admission import Admission, RequestTimeoutError, Ticket, body_size
 from app.errors import ClientDisconnected, EngineDeadError, ModelNotFoundError
 from app.metrics import RequestTiming, ServerMetrics
+from app.protocol import random_id
+from app.server_config import ServerConfig
 from engine.client import EngineDeadError as EngineClientDeadError
 
 logger = logging.getLogger("vlserve.requests")
@@ -55,6 +57,18 @@ class ServingContext:
         if not self.client.is_healthy():
             raise EngineDeadError(f"the engine is not running: {self.client.dead_error or 'stopped'}")
 
+    @asynccontextmanager
+    async def admitted(self, http_request: Request, model: str | None,
+                       id_prefix: str) -> AsyncIterator[tuple[str, str, Ticket]]:
+        """The opening every generating handler shares -> (served model name, request id, ticket):
+        the name checked (404), the engine's health (503), then admission under the overload
+        limits (503, before any media is fetched); the ticket is held until the block ends."""
+        name = self.resolve_model(model)
+        request_id = random_id(id_prefix)
+        self.check_healthy()
+        async with self.admission.admit(body_size(http_request)) as ticket:
+            yield name, request_id, ticket
+
     async def outputs(self, engine_request: Any, prompt: str | None = None,
                       ticket: Ticket | None = None) -> AsyncIterator[Any]:
         """Cumulative RequestOutputs of one request; aborts it if the consumer stops early. The
@@ -82,7 +96,7 @@ class ServingContext:
                     await self.client.abort(engine_request.req_id)
             self._record(engine_request.req_id, timing, last)
 
-    async def _first_output(self, generator: AsyncIterator[Any]) -> Any:
+    async def _first_output(self, generator: AsyncGenerator[Any, None]) -> Any:
         timeout_s = self.config.request_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
@@ -91,7 +105,7 @@ class ServingContext:
             raise RequestTimeoutError(f"the request waited more than {timeout_s:g} s for the engine "
                                       f"(--request-timeout); the server is busy, retry later") from None
 
-    async def _generate(self, engine_request: Any, prompt: str | None) -> AsyncIterator[Any]:
+    async def _generate(self, engine_request: Any, prompt: str | None) -> AsyncGenerator[Any, None]:
         try:
             async for output in self.client.generate(engine_request, prompt=prompt):
                 yield output

@@ -49,6 +49,7 @@ class ChatStreamFormat:
     include_usage: bool
     tokenizer: Any
     created: int = field(default_factory=lambda: int(time.time()))
+    role: str = "assistant"  # --response-role (or the last message's role without a generation prompt)
 
     def chunk(self, choices: list[ChatCompletionChunkChoice], usage=None) -> str:
         body = ChatCompletionChunk(id=self.request_id, model=self.model, created=self.created,
@@ -60,7 +61,8 @@ class ChatStreamFormat:
         new_ids = completion.token_ids[progress.num_tokens:]
         new_logprobs = (completion.logprobs or [])[progress.num_tokens:]
         progress.num_tokens = len(completion.token_ids)
-        calls, finish = [], None
+        calls: list = []
+        finish = None
         if progress.tool_parser is not None:
             text, calls = progress.tool_parser.feed(text)
         if completion.finish_reason is not None and not progress.is_done:
@@ -96,7 +98,7 @@ async def chat_events(fmt: ChatStreamFormat, first: Any, rest: AsyncIterator[Any
     """`first` was awaited by the handler (so errors before any output are plain HTTP errors)."""
     progress = {i: ChoiceProgress(tool_parser=HermesToolParser() if fmt.use_tools else None) for i in range(fmt.n)}
     for index in range(fmt.n):
-        yield fmt.chunk([ChatCompletionChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
+        yield fmt.chunk([ChatCompletionChunkChoice(index=index, delta=DeltaMessage(role=fmt.role, content=""))])
     last = first
     try:
         output = first

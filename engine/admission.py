@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vision.processors import MediaProcessor
+
 # Placeholder text an item replaces in the rendered prompt ("<|image_pad|>", "<image>\n", ...) is
 # never more tokens than this; the estimate of the text alone subtracts it per item.
 _MAX_PLACEHOLDER_TOKENS = 8
@@ -20,7 +22,7 @@ _MAX_PLACEHOLDER_TOKENS = 8
 
 @dataclass
 class MediaAdmission:
-    processor: object                 # vision.processors.* (num_tokens_for_size)
+    processor: MediaProcessor         # num_tokens_for_size
     num_text_tokens: int              # rendered prompt tokens, placeholders included
     num_items: int
     max_model_len: int

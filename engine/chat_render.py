@@ -63,9 +63,14 @@ def wants_content_parts(template: str) -> bool:
     return _LOOPS_OVER_CONTENT.search(template) is not None
 
 
+CONTENT_FORMATS = ("auto", "string", "openai")
+
+
 def render_chat(tokenizer, messages: list[dict], *, chat_template: str | None = None, tools=None,
                 add_generation_prompt: bool = True, continue_final_message: bool = False,
-                chat_template_kwargs: dict | None = None) -> RenderedChat:
+                chat_template_kwargs: dict | None = None, content_format: str = "auto") -> RenderedChat:
+    """`content_format` (--chat-template-content-format): string, openai, or auto (detected from
+    the template)."""
     template = resolve_template_text(chat_template) if chat_template else _tokenizer_template(tokenizer)
     extra = dict(chat_template_kwargs or {})
     reserved = sorted(_RESERVED_TEMPLATE_KWARGS & set(extra))
@@ -74,7 +79,10 @@ def render_chat(tokenizer, messages: list[dict], *, chat_template: str | None = 
     if not messages:
         raise ValueError("messages: at least one message is required")
     media: list[MediaRef] = []
-    parts_wanted = wants_content_parts(template)
+    if content_format not in CONTENT_FORMATS:
+        raise ValueError(f"--chat-template-content-format: must be one of {', '.join(CONTENT_FORMATS)}, "
+                         f"got {content_format!r}")
+    parts_wanted = wants_content_parts(template) if content_format == "auto" else content_format == "openai"
     conversation = [_normalize_message(m, parts_wanted, media) for m in messages]
     prompt = tokenizer.apply_chat_template(
         conversation, tools=tools, chat_template=template, tokenize=False,

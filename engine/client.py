@@ -96,7 +96,7 @@ class AsyncEngineClient:
         self._processor = OutputProcessor(frontend.tokenizer)
         self._slots: dict[str, _OutputSlot] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._core = None
+        self._core: ThreadCore | ProcessCore | None = None
         self._is_accepting = True
 
     @classmethod

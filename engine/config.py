@@ -1,9 +1,10 @@
 """Engine configuration: one frozen dataclass per concern, validated once, aggregated by
-EngineConfig. Built once (by `LLM(...)` or `app.cli`) with `EngineConfig.create(**kwargs)` and
-passed down; nothing reads flags or environment variables after that.
+EngineConfig. Built once (by `LLM(...)` or `app.server`) with
+`engine.config_loader.create_engine_config(**kwargs)` and passed down; nothing reads flags or
+environment variables after that.
 
 `__post_init__` only validates (ValueError naming the flag); reading the HF config is I/O and lives
-in `create`, outside the dataclasses.
+in engine.config_loader, which imports this module (never the other way).
 """
 
 from __future__ import annotations
@@ -38,16 +39,30 @@ class ModelConfig:
     tokenizer: str             # directory or hub id of the tokenizer
     trust_remote_code: bool = False
     revision: str | None = None
+    tokenizer_revision: str | None = None
     seed: int = 0
+    # --max-logprobs: the most top logprobs a request may ask for (-1: the vocabulary size).
+    max_logprobs: int = 20
     # Token ids that end generation (config eos + generation_config eos).
     eos_token_ids: tuple[int, ...] = ()
     # "auto"/"safetensors": read the checkpoint; "dummy": random weights made on the device.
     load_format: str = "auto"
+    # --generation-config: "auto" (the model's generation_config.json), "vllm" (none) or a folder.
+    generation_config: str = "auto"
+    # What requests that leave a field unset get (read from the generation config, then
+    # --override-generation-config on top): vLLM's names temperature, top_p, top_k, min_p,
+    # repetition_penalty and max_tokens (from max_new_tokens).
+    default_sampling_params: dict[str, Any] = field(default_factory=dict)
+
+    def get_diff_sampling_param(self) -> dict[str, Any]:
+        """vLLM's name: the sampling defaults that differ from vLLM's own (a copy)."""
+        return dict(self.default_sampling_params)
 
     def __post_init__(self) -> None:
         _require(self.load_format in ("auto", "safetensors", "dummy"), "load_format",
                  f"must be auto, safetensors or dummy, got {self.load_format!r}")
         _require(self.max_model_len >= 1, "max_model_len", f"must be positive, got {self.max_model_len}")
+        _require(self.max_logprobs >= -1, "max_logprobs", f"must be -1 or at least 0, got {self.max_logprobs}")
 
 
 @dataclass(frozen=True)
@@ -135,6 +150,10 @@ class DeviceConfig:
         _require(self.device in ("cpu", "cuda"), "device", f"must be cpu or cuda, got {self.device!r}")
 
 
+# --media-io-kwargs keys per modality (vLLM's VideoMediaIO arguments that mean something here).
+MEDIA_IO_KEYS = {"video": {"num_frames", "fps"}}
+
+
 @dataclass(frozen=True)
 class MultiModalConfig:
     # modality -> max items per prompt; a missing modality means vLLM's default (999).
@@ -144,8 +163,20 @@ class MultiModalConfig:
     mm_processor_kwargs: dict[str, Any] = field(default_factory=dict)
     # Vision-embedding rows the encoder cache may hold; None: derived from the limits.
     encoder_cache_size: int | None = None
+    # --media-io-kwargs: modality -> media loading settings ({"video": {"num_frames": 8}}).
+    media_io_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # --mm-processor-cache-gb: vLLM's cache of processor outputs. Accepted, no effect: the
+    # processors here are cheap and the encoder cache already keys on content (README).
+    mm_processor_cache_gb: float = 4.0
 
     def __post_init__(self) -> None:
+        for modality, settings in self.media_io_kwargs.items():
+            allowed = MEDIA_IO_KEYS.get(modality)
+            _require(allowed is not None, "media_io_kwargs", f"unknown modality {modality!r} (supported: video)")
+            _require(isinstance(settings, dict) and set(settings) <= allowed, "media_io_kwargs",
+                     f"{modality}: expected an object with keys among {sorted(allowed)}, got {settings!r}")
+        _require(self.mm_processor_cache_gb >= 0, "mm_processor_cache_gb",
+                 f"must be non-negative, got {self.mm_processor_cache_gb}")
         for modality, count in self.limit_per_prompt.items():
             _require(modality in ("image", "video"), "limit_mm_per_prompt",
                      f"unknown modality {modality!r} (supported: image, video)")
@@ -164,15 +195,14 @@ class EngineConfig:
     device_config: DeviceConfig
     multimodal_config: MultiModalConfig
 
-    @staticmethod
-    def create(**kwargs: Any) -> "EngineConfig":
-        """Build from LLM(...) / CLI keyword arguments (vLLM's names). Reads the HF config."""
-        from engine.config_loader import build_engine_config
-
-        return build_engine_config(**kwargs)
-
     def replace(self, **changes: Any) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
+
+
+def text_config(hf_config: Any) -> Any:
+    """The language model's part of an HF config (the config itself for text-only models); the
+    InternVL original-layout reader offers the same method."""
+    return hf_config.get_text_config()
 
 
 def resolve_device(device: str) -> str:

@@ -1,20 +1,25 @@
 """EngineConfig from vLLM's LLM(...) / CLI keyword names: resolve the checkpoint, read its HF
 config and generation config, check what we support, and fill the frozen config dataclasses.
 
-Caller: `EngineConfig.create(**kwargs)` (engine.config). All file I/O of configuration is here.
+Callers: LLM(...) (engine.llm) and the server (app.server) through `create_engine_config(**kwargs)`.
+All file I/O of configuration is here; engine.config holds only the frozen dataclasses.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Callable
 
 import torch
 
 from engine.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, MultiModalConfig,
-                           ParallelConfig, SchedulerConfig, resolve_device, resolve_dtype)
+                           ParallelConfig, SchedulerConfig, resolve_device, resolve_dtype, text_config)
+from engine.sampling_params import SamplingParams
 from engine.weights import resolve_model_path
+
+logger = logging.getLogger("vlserve.config")
 
 # Every keyword we accept, with its default. Anything else is a TypeError naming it.
 ENGINE_ARG_DEFAULTS: dict[str, Any] = {
@@ -29,13 +34,16 @@ ENGINE_ARG_DEFAULTS: dict[str, Any] = {
     "mm_encoder_tp_mode": "data",
     "enforce_eager": False, "deterministic": True, "async_scheduling": None,
     "limit_mm_per_prompt": None, "mm_processor_kwargs": None, "encoder_cache_size": None,
+    "generation_config": "auto", "override_generation_config": None,
+    "download_dir": None, "max_logprobs": 20, "hf_overrides": None, "media_io_kwargs": None,
+    "mm_processor_cache_gb": 4.0,
 }
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 
 # Architectures whose config.json transformers cannot read without remote code (the original
-# InternVL layout): architecture -> reader(path, raw config dict) -> config object.
-# Accepted only with --trust-remote-code (vLLM's rule), although no remote code is ever run.
+# InternVL layout): architecture -> reader(path, raw config dict) -> config object. Our own code
+# reads them, so no checkpoint Python runs and --trust-remote-code is not needed (still accepted).
 DICT_CONFIG_READERS: dict[str, Callable[[str, dict], Any]] = {
     "InternVLChatModel": lambda path, raw: _internvl_chat_reader()(path, raw),
 }
@@ -47,7 +55,8 @@ def _internvl_chat_reader() -> Callable[[str, dict], Any]:
     return read_internvl_chat_config
 
 
-def build_engine_config(**kwargs: Any) -> EngineConfig:
+def create_engine_config(**kwargs: Any) -> EngineConfig:
+    """Build from LLM(...) / CLI keyword arguments (vLLM's names). Reads the HF config."""
     unknown = sorted(set(kwargs) - set(ENGINE_ARG_DEFAULTS))
     if unknown:
         raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}")
@@ -101,7 +110,7 @@ def _check_model_supports_parallel(architecture: str) -> None:
 def _check_model_splits(config: ParallelConfig, hf_config: Any) -> None:
     from engine.distributed.parallel_context import ParallelContext, kv_heads_of_rank, layer_range
 
-    text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    text = text_config(hf_config)
     sizes = {"num_attention_heads": getattr(text, "num_attention_heads", None),
              "intermediate_size": getattr(text, "intermediate_size", None)}
     tp = ParallelContext(tp_size=config.tensor_parallel_size)
@@ -122,23 +131,71 @@ def _check_load_format(args: dict) -> None:
 def _model_config(args: dict, device: str) -> ModelConfig:
     from engine.models import SUPPORTED_ARCHITECTURES, refusal_reason
 
-    path = resolve_model_path(args["model"], args["revision"], args["trust_remote_code"])
-    hf_config = read_hf_config(path, args["trust_remote_code"])
+    path = resolve_model_path(args["model"], args["revision"], args["trust_remote_code"],
+                              download_dir=args["download_dir"])
+    hf_config = apply_hf_overrides(read_hf_config(path, args["trust_remote_code"]), args["hf_overrides"])
     architecture = (getattr(hf_config, "architectures", None) or [None])[0]
     if refusal_reason(architecture) is not None:
         raise ValueError(f"--model: architecture {architecture!r} is not supported: {refusal_reason(architecture)}")
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"--model: architecture {architecture!r} is not supported "
                          f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     return ModelConfig(
         model=args["model"], path=path, architecture=architecture, hf_config=hf_config,
         dtype=resolve_dtype(args["dtype"], checkpoint_dtype(hf_config), device),
-        max_model_len=_max_model_len(args["max_model_len"], text_config),
+        max_model_len=_max_model_len(args["max_model_len"], text_config(hf_config)),
         tokenizer=args["tokenizer"] or path, trust_remote_code=bool(args["trust_remote_code"]),
-        revision=args["revision"], seed=int(args["seed"] or 0),
+        revision=args["revision"], tokenizer_revision=args["tokenizer_revision"] or args["revision"],
+        seed=int(args["seed"] or 0), max_logprobs=int(args["max_logprobs"]),
         eos_token_ids=eos_token_ids(path, hf_config), load_format=args["load_format"],
+        generation_config=args["generation_config"],
+        default_sampling_params=default_sampling_params(path, args["generation_config"],
+                                                        args["override_generation_config"]),
     )
+
+
+# generation_config.json keys vLLM takes as request defaults -> SamplingParams names.
+GENERATION_DEFAULT_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                           "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def default_sampling_params(model_path: str, generation_config: str, overrides: dict | None) -> dict[str, Any]:
+    """vLLM's `get_diff_sampling_param`: --generation-config auto reads the model's
+    generation_config.json, vllm reads none, anything else is a folder holding one; then
+    --override-generation-config on top. do_sample is ignored, as in vLLM (top_k 1 is greedy)."""
+    if generation_config == "vllm":
+        config: dict[str, Any] = {}
+    else:
+        folder = model_path if generation_config == "auto" else generation_config
+        if generation_config != "auto" and not os.path.isdir(folder):
+            raise ValueError(f"--generation-config: {folder!r} is not auto, vllm or a folder")
+        config = _read_json_object(os.path.join(folder, "generation_config.json"), "generation-config")
+    if overrides is not None and not isinstance(overrides, dict):
+        raise ValueError(f"--override-generation-config: expected a JSON object, got {type(overrides).__name__}")
+    config.update(overrides or {})
+    defaults = {GENERATION_DEFAULT_KEYS[key]: value for key, value in config.items()
+                if key in GENERATION_DEFAULT_KEYS and value is not None}
+    try:
+        SamplingParams.from_optional(**defaults).validate()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--generation-config / --override-generation-config: {exc}") from None
+    if defaults:
+        logger.info("default sampling parameters from the model's generation config: %s (requests that leave "
+                    "them unset get them; --generation-config vllm turns this off)", defaults)
+    return defaults
+
+
+def _read_json_object(path: str, flag: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--{flag}: cannot read {path}: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"--{flag}: {path} holds no JSON object")
+    return value
 
 
 def read_hf_config(path: str, trust_remote_code: bool = False) -> Any:
@@ -146,9 +203,8 @@ def read_hf_config(path: str, trust_remote_code: bool = False) -> Any:
         raw = json.load(f)
     architecture = (raw.get("architectures") or [None])[0]
     if architecture in DICT_CONFIG_READERS:
-        if not trust_remote_code:
-            raise ValueError(f"--model: {path} is a remote-code checkpoint (architecture {architecture}); add "
-                             f"--trust-remote-code to load it (its weights are mapped, its Python is never run)")
+        logger.info("%s: a remote-code layout (architecture %s) read by vlserve's own code; no remote code from "
+                    "the checkpoint runs, with or without --trust-remote-code", path, architecture)
         return DICT_CONFIG_READERS[architecture](path, raw)
     from transformers import AutoConfig
 
@@ -158,6 +214,22 @@ def read_hf_config(path: str, trust_remote_code: bool = False) -> Any:
         raise ValueError(f"--model: cannot read {path}/config.json with transformers: {exc}") from exc
 
 
+def apply_hf_overrides(hf_config: Any, overrides: dict | None) -> Any:
+    """--hf-overrides: each key set on the HF config; a dict given for a sub-config (text_config,
+    vision_config) updates that sub-config key by key, as vLLM does."""
+    if overrides is None:
+        return hf_config
+    if not isinstance(overrides, dict):
+        raise ValueError(f"--hf-overrides: expected a JSON object, got {type(overrides).__name__}")
+    for key, value in overrides.items():
+        current = getattr(hf_config, key, None)
+        if isinstance(value, dict) and current is not None and not isinstance(current, dict):
+            apply_hf_overrides(current, value)
+        else:
+            setattr(hf_config, key, value)
+    return hf_config
+
+
 def checkpoint_dtype(hf_config: Any) -> torch.dtype | None:
     dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     if isinstance(dtype, str):
@@ -165,8 +237,8 @@ def checkpoint_dtype(hf_config: Any) -> torch.dtype | None:
     return dtype if isinstance(dtype, torch.dtype) else None
 
 
-def _max_model_len(requested: int | None, text_config: Any) -> int:
-    limit = getattr(text_config, "max_position_embeddings", None)
+def _max_model_len(requested: int | None, text: Any) -> int:
+    limit = getattr(text, "max_position_embeddings", None)
     if requested is None:
         if limit is None:
             raise ValueError("--max-model-len: required (the model config has no max_position_embeddings)")
@@ -180,8 +252,7 @@ def _max_model_len(requested: int | None, text_config: Any) -> int:
 def eos_token_ids(path: str, hf_config: Any) -> tuple[int, ...]:
     """config eos_token_id (top level or text config) + generation_config.json's, deduplicated."""
     found: list[int] = []
-    text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else None
-    for source in (getattr(hf_config, "eos_token_id", None), getattr(text_config, "eos_token_id", None)):
+    for source in (getattr(hf_config, "eos_token_id", None), getattr(text_config(hf_config), "eos_token_id", None)):
         found += _as_id_list(source)
     generation = os.path.join(path, "generation_config.json")
     if os.path.isfile(generation):
@@ -233,4 +304,6 @@ def _multimodal_config(args: dict) -> MultiModalConfig:
     limits = MultiModalLimits.parse(args["limit_mm_per_prompt"])
     return MultiModalConfig(limit_per_prompt=limits.limit_per_prompt(), limit_sizes=limits.limit_sizes(),
                             mm_processor_kwargs=dict(args["mm_processor_kwargs"] or {}),
-                            encoder_cache_size=args["encoder_cache_size"])
+                            encoder_cache_size=args["encoder_cache_size"],
+                            media_io_kwargs=dict(args["media_io_kwargs"] or {}),
+                            mm_processor_cache_gb=float(args["mm_processor_cache_gb"]))

@@ -22,9 +22,11 @@ from typing import Any, Protocol, runtime_checkable
 
 from engine.config import EngineConfig
 from engine.encoder_cache import EncoderCacheManager
+from engine.executor import Executor
 from engine.kv_cache.manager import KVCacheManager
 from engine.protocol import EngineOutputs, EngineRequest, SchedulerStats
 from engine.request import Request
+from engine.runner.memory_plan import encoder_plan
 from engine.scheduler import Scheduler
 from engine.scheduler_output import SchedulerOutput
 from vision.inputs import MODALITIES
@@ -40,7 +42,7 @@ class AsyncStepExecutor(Protocol):
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, runner=None) -> None:
+    def __init__(self, config: EngineConfig, runner: Executor | None = None) -> None:
         self.config = config
         self._init_runner(runner)
         self._init_kv_cache()
@@ -50,18 +52,20 @@ class EngineCore:
         self.async_scheduling = (config.scheduler_config.async_scheduling
                                  and isinstance(self.executor, AsyncStepExecutor))
 
-    def _init_runner(self, runner) -> None:
+    def _init_runner(self, runner: Executor | None) -> None:
         # An injected runner (tests) stands in for the executor: it offers the same methods.
         if runner is None:
             from engine.executor import create_executor
 
             runner = create_executor(self.config)
-        self.executor = runner
+        self.executor: Executor = runner
 
     @property
     def runner(self):
         """The ModelRunner when it runs in this process (uni executor), else the executor."""
-        return getattr(self.executor, "runner", self.executor)
+        from engine.executor.uniproc import UniprocExecutor
+
+        return self.executor.runner if isinstance(self.executor, UniprocExecutor) else self.executor
 
     def _init_kv_cache(self) -> None:
         cache_config, max_model_len = self.config.cache_config, self.config.model_config.max_model_len
@@ -91,14 +95,19 @@ class EngineCore:
             max_model_len=config.model_config.max_model_len, encoder_compute_budget=encoder_budget)
 
     def _encoder_budget(self) -> int:
-        """Embedding rows the encoder may compute per step and the encoder cache holds. Default:
-        enough for the largest item the runner can produce (else any item that fits the context)."""
+        """Embedding rows the encoder may compute per step and the encoder cache holds: for VL
+        models the memory plan's (enough for the largest item the limits admit); without a media
+        processor (text models, test fakes) enough for any item that fits the context."""
+        plan = encoder_plan(self.config)
+        if plan is not None:
+            logger.info("encoder cache: %d rows (%.2f GiB); largest %s item %d rows; up to %d in one tower call",
+                        plan.cache_size, plan.cache_bytes / (1 << 30), plan.modality, plan.max_tokens_per_item,
+                        plan.num_items_per_step)
+            return plan.cache_size
         explicit = self.config.multimodal_config.encoder_cache_size
         if explicit is not None:
             return explicit
-        max_item = getattr(self.executor, "max_encoder_tokens_per_item", None)
-        max_item_tokens = max_item() if callable(max_item) else self.config.model_config.max_model_len
-        return max(self.config.scheduler_config.max_num_batched_tokens, max_item_tokens)
+        return max(self.config.scheduler_config.max_num_batched_tokens, self.config.model_config.max_model_len)
 
     def add_request(self, engine_request: EngineRequest) -> None:
         error = validate_engine_request(engine_request, _vocab_size(self.config.model_config.hf_config))
@@ -146,9 +155,7 @@ class EngineCore:
 
     def shutdown(self) -> None:
         """Stop the executor's workers (no-op in process)."""
-        shutdown = getattr(self.executor, "shutdown", None)
-        if callable(shutdown):
-            shutdown()
+        self.executor.shutdown()
 
     def reset_prefix_cache(self) -> bool:
         return self.scheduler.kv_cache_manager.reset_prefix_cache()

@@ -18,6 +18,7 @@ from multiprocessing.connection import wait
 import msgspec
 
 from engine.config import EngineConfig
+from engine.process_signals import ignore_group_stop_signals
 from engine.protocol import AbortRequests, EngineOutputs, EngineRequest, SchedulerStats
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,9 @@ class ThreadCore:
 # ---------------------------------------------------------------- core in a child process
 
 def core_process_main(config: EngineConfig, request_reader, output_writer) -> None:
-    """Entry point of the engine-core process (spawned)."""
+    """Entry point of the engine-core process (spawned). It leaves on SHUTDOWN or when the
+    server's pipe closes, never on the process group's SIGTERM/SIGINT (engine.process_signals)."""
+    ignore_group_stop_signals()
     try:
         from engine.core import EngineCore
 
@@ -108,7 +111,7 @@ def core_process_main(config: EngineConfig, request_reader, output_writer) -> No
     abort_decoder = msgspec.msgpack.Decoder(AbortRequests)
 
     def receive(block: bool) -> list[tuple[bytes, object]]:
-        messages = []
+        messages: list[tuple[bytes, object]] = []
         while request_reader.poll(None if block and not messages else 0):
             data = request_reader.recv_bytes()
             tag, body = data[:1], data[1:]

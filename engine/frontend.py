@@ -18,7 +18,7 @@ from PIL import Image
 
 from engine.admission import MediaAdmission
 from engine.chat_render import RenderedChat, render_chat
-from engine.config import EngineConfig
+from engine.config import EngineConfig, text_config
 from engine.protocol import EngineRequest
 from engine.sampling_params import SamplingParams
 from vision.image import to_rgb
@@ -40,9 +40,23 @@ def load_tokenizer(model_config):
 
     try:
         return AutoTokenizer.from_pretrained(model_config.tokenizer, trust_remote_code=model_config.trust_remote_code,
-                                             revision=model_config.revision)
+                                             revision=model_config.tokenizer_revision)
     except (OSError, ValueError) as exc:
         raise ValueError(f"--tokenizer: cannot load a tokenizer from {model_config.tokenizer}: {exc}") from exc
+
+
+def is_video_with_metadata(data: object) -> bool:
+    """vLLM's `(frames, {"fps": ..., "frames_indices": ..., "total_num_frames": ...})` form."""
+    return isinstance(data, tuple) and len(data) == 2 and isinstance(data[1], dict)
+
+
+def as_video_frames(data: object) -> VideoFrames:
+    """A decoded video, `(frames, metadata)`, or bare frames (taken as 24 per second, as transformers)."""
+    if isinstance(data, VideoFrames):
+        return data
+    if is_video_with_metadata(data):
+        return video_from_metadata(*data)  # type: ignore[misc]
+    return video_from_frames(data)  # type: ignore[arg-type]
 
 
 class Frontend:
@@ -52,8 +66,7 @@ class Frontend:
         self.chat_template = self._init_chat_template()
         self._processor = None  # built on the first request with media
         hf_config = config.model_config.hf_config
-        text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-        self.vocab_size = int(getattr(text_config, "vocab_size", 0) or len(self.tokenizer))
+        self.vocab_size = int(getattr(text_config(hf_config), "vocab_size", 0) or len(self.tokenizer))
         self.is_multimodal = getattr(hf_config, "vision_config", None) is not None
         self._seed_rng = random.Random(config.model_config.seed)
 
@@ -76,8 +89,9 @@ class Frontend:
 
     def render_chat(self, messages: list[dict], *, tools=None, chat_template: str | None = None,
                     add_generation_prompt: bool = True, continue_final_message: bool = False,
-                    chat_template_kwargs: dict | None = None) -> RenderedChat:
+                    chat_template_kwargs: dict | None = None, content_format: str = "auto") -> RenderedChat:
         return render_chat(self.tokenizer, messages, chat_template=chat_template or self.chat_template, tools=tools,
+                           content_format=content_format,
                            add_generation_prompt=add_generation_prompt,
                            continue_final_message=continue_final_message,
                            chat_template_kwargs=chat_template_kwargs)
@@ -91,16 +105,23 @@ class Frontend:
                               self.config.multimodal_config.encoder_cache_size, mm_processor_kwargs or None)
 
     def video_sampling_kwargs(self, mm_processor_kwargs: dict | None) -> dict:
-        """decode_video keyword arguments (fps, frame counts) from the request's mm_processor_kwargs."""
-        return self.processor.video_sampling_kwargs(mm_processor_kwargs or None) if self.is_multimodal else {}
+        """decode_video keyword arguments (fps, frame counts) from the request's mm_processor_kwargs
+        over the server's --media-io-kwargs video settings."""
+        if not self.is_multimodal:
+            return {}
+        media_io = self.config.multimodal_config.media_io_kwargs.get(VIDEO, {})
+        return self.processor.video_sampling_kwargs({**media_io, **(mm_processor_kwargs or {})} or None)
 
     def make_request(self, request_id: str, prompt: str | list[int], media: list[MediaInput],
                      sampling_params: SamplingParams, mm_processor_kwargs: dict | None = None, *,
                      add_special_tokens: bool = True, cache_salt: str | None = None,
                      arrival_time: float | None = None) -> EngineRequest:
         """ValueError (user-facing message) on any invalid input. `add_special_tokens`: False for a
-        prompt rendered from a chat template (the template wrote them already)."""
-        sampling_params.validate()
+        prompt rendered from a chat template (the template wrote them already). Sampling fields the
+        request left unset take the model's generation-config defaults (--generation-config)."""
+        defaults = self.config.model_config.default_sampling_params
+        sampling_params = sampling_params.with_defaults(defaults).validate()
+        self._check_num_logprobs(sampling_params)
         token_ids = self._tokenize(prompt, add_special_tokens)
         self.check_media_counts(media)
         mm_items = []
@@ -110,6 +131,14 @@ class Frontend:
         return EngineRequest(req_id=request_id, prompt_token_ids=token_ids, sampling_params=params,
                              mm_items=mm_items, arrival_time=time.time() if arrival_time is None else arrival_time,
                              cache_salt=cache_salt)
+
+    def _check_num_logprobs(self, params: SamplingParams) -> None:
+        max_logprobs = self.config.model_config.max_logprobs
+        limit = self.vocab_size if max_logprobs == -1 else max_logprobs
+        for name, asked in (("logprobs (top_logprobs)", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
+            if asked is not None and asked > limit:
+                raise ValueError(f"{name}: {asked} requested, more than the server allows "
+                                 f"(--max-logprobs {max_logprobs})")
 
     def _tokenize(self, prompt: str | list[int], add_special_tokens: bool) -> list[int]:
         if isinstance(prompt, str):
@@ -178,10 +207,14 @@ class Frontend:
             raise ValueError(f"The prompt (length {prompt_len}) is longer than the maximum model length of "
                              f"{max_model_len}; it must leave room for at least one generated token. "
                              f"Make sure that `max_model_len` exceeds the text plus multimodal tokens.")
-        max_tokens = params.max_tokens if params.max_tokens is not None else max_model_len - prompt_len
+        max_tokens = params.max_tokens
+        if max_tokens is None:  # unset: what is left, capped by the generation config's max_new_tokens
+            max_tokens = min(max_model_len - prompt_len,
+                             self.config.model_config.default_sampling_params.get("max_tokens", max_model_len))
         if prompt_len + max_tokens > max_model_len:
             raise ValueError(f"This model's maximum context length is {max_model_len} tokens. However, you "
                              f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the messages, "
-                             f"{max_tokens} in the completion). Please reduce the length of the messages or completion.")
+                             f"{max_tokens} in the completion). Please reduce the length of the messages or "
+                             f"completion.")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
         return msgspec.structs.replace(params, max_tokens=max_tokens, seed=seed)

@@ -17,13 +17,14 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from engine.client import InprocClient
-from engine.config import EngineConfig
+from engine.config_loader import create_engine_config
 from engine.detokenizer import OutputProcessor
-from engine.frontend import Frontend, MediaInput
+from engine.frontend import Frontend, MediaInput, is_video_with_metadata
 from engine.outputs import RequestOutput
 from engine.protocol import EngineRequest
 from engine.sampling_params import SamplingParams
 from vision.inputs import IMAGE, VIDEO
+from vision.video import VideoFrames
 
 
 class LLM:
@@ -35,7 +36,7 @@ class LLM:
                  enforce_eager: bool = False, trust_remote_code: bool = False, **kwargs: Any):
         # file:// media in chat messages: only under this directory (vLLM's flag); None refuses them.
         self._allowed_local_media_path = kwargs.pop("allowed_local_media_path", None)
-        self.config = EngineConfig.create(
+        self.config = create_engine_config(
             model=model, tokenizer=tokenizer, dtype=dtype, device=device, max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
@@ -45,10 +46,15 @@ class LLM:
         self.frontend = Frontend(self.config)
         self.client = InprocClient(self.config)
         self._request_counter = itertools.count()
-        self._media_fetcher = None
+        self._media_fetcher: Any = None   # vision.fetch.MediaFetcher, made on the first URL
 
     def get_tokenizer(self):
         return self.frontend.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """vLLM's: the model's generation-config defaults (--generation-config), used when
+        `generate`/`chat` get no sampling_params."""
+        return SamplingParams.from_optional(**self.config.model_config.get_diff_sampling_param())
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
@@ -62,7 +68,8 @@ class LLM:
     def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, tools: list[dict] | None = None,
-             chat_template_kwargs: dict | None = None, mm_processor_kwargs: dict | None = None) -> list[RequestOutput]:
+             chat_template_kwargs: dict | None = None, mm_processor_kwargs: dict | None = None,
+             chat_template_content_format: str = "auto") -> list[RequestOutput]:
         """messages: one OpenAI-format conversation (list of dicts) or a list of conversations."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         params_list = self._params_per_prompt(sampling_params, len(conversations))
@@ -70,7 +77,8 @@ class LLM:
         for conversation, params in zip(conversations, params_list):
             rendered = self.frontend.render_chat(
                 conversation, tools=tools, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, chat_template_kwargs=chat_template_kwargs)
+                continue_final_message=continue_final_message, chat_template_kwargs=chat_template_kwargs,
+                content_format=chat_template_content_format)
             self.frontend.check_media_counts(rendered.media)  # before fetching anything
             media = [self._media_input(ref) for ref in rendered.media]
             request = self.frontend.make_request(self._next_id(), rendered.prompt, media, params,
@@ -81,10 +89,9 @@ class LLM:
     def _next_id(self) -> str:
         return str(next(self._request_counter))
 
-    @staticmethod
-    def _params_per_prompt(sampling_params, num_prompts: int) -> list[SamplingParams]:
+    def _params_per_prompt(self, sampling_params, num_prompts: int) -> list[SamplingParams]:
         if sampling_params is None:
-            return [SamplingParams()] * num_prompts
+            return [self.get_default_sampling_params()] * num_prompts
         if isinstance(sampling_params, SamplingParams):
             return [sampling_params] * num_prompts
         params_list = list(sampling_params)
@@ -127,8 +134,8 @@ class LLM:
             items = multi_modal_data.get(modality)
             if items is None:
                 continue
-            if (not isinstance(items, (list, tuple)) or (modality == VIDEO and items and not _is_video(items[0]))
-                    or (modality == VIDEO and _has_metadata(items))):
+            if (not isinstance(items, (list, tuple)) or is_video_with_metadata(items)
+                    or (modality == VIDEO and items and not _is_video(items[0]))):
                 items = [items]  # one image / one video (an array, a list of PIL frames, (frames, metadata))
             media += [MediaInput(modality, item) for item in items]
         return media
@@ -194,13 +201,9 @@ class LLM:
 
 
 def _is_video(item) -> bool:
-    """One video: a [T, H, W, 3] array, a VideoFrames, a list of PIL frames, or (frames, metadata dict)."""
+    """One video: a [T, H, W, 3] array, a VideoFrames, a list of PIL frames or (frames, metadata)."""
     import numpy as np
 
-    return ((isinstance(item, np.ndarray) and item.ndim == 4) or hasattr(item, "fps") or isinstance(item, list)
-            or _has_metadata(item))
-
-
-def _has_metadata(item) -> bool:
-    """vLLM's video with metadata: (frames, {"fps": ..., "frames_indices": [...], ...})."""
-    return isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], dict)
+    if isinstance(item, np.ndarray):
+        return item.ndim == 4
+    return isinstance(item, (VideoFrames, list)) or is_video_with_metadata(item)

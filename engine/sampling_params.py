@@ -2,24 +2,35 @@
 
 Validated once, in `validate()`, by whoever builds it (LLM.generate, the HTTP routes); every bad
 value raises ValueError naming the field.
+
+Unset is not the same as default: temperature, top_p, top_k, min_p and repetition_penalty left
+out (or given as None) read as vLLM's neutral value but are listed in `unset_fields`, so that the
+engine can fill them from the model's generation_config.json (`with_defaults`, called by
+engine.frontend), as vLLM's server and transformers' `generate` do.
 """
 
 from __future__ import annotations
 
 import msgspec
+from msgspec.structs import force_setattr
 
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = 20  # the default of --max-logprobs (the bound is the server's, checked in engine.frontend)
+# The fields a generation config may supply, with the value they take when nothing supplies one.
+NEUTRAL_VALUES: dict[str, float | int] = {
+    "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+}
 
 
 class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
     n: int = 1
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 or -1: off
-    min_p: float = 0.0
+    # None (the default): unset -> the model's generation config, else NEUTRAL_VALUES (see __post_init__).
+    repetition_penalty: float = None  # type: ignore[assignment]
+    temperature: float = None  # type: ignore[assignment]
+    top_p: float = None  # type: ignore[assignment]
+    top_k: int = None  # type: ignore[assignment]  # 0 or -1: off
+    min_p: float = None  # type: ignore[assignment]
     seed: int | None = None
     stop: list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -32,6 +43,30 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tr
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     detokenize: bool = True
+    # Names of NEUTRAL_VALUES fields the caller left unset; filled in by __post_init__.
+    unset_fields: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        # Runs on construction, on msgspec decode and on structs.replace: a field holding None is
+        # unset (it takes the neutral value); a field once unset that now holds a value other than
+        # the neutral one was set by `replace`.
+        unset = {name for name in self.unset_fields if getattr(self, name) in (None, NEUTRAL_VALUES[name])}
+        for name, neutral in NEUTRAL_VALUES.items():
+            if getattr(self, name) is None:
+                force_setattr(self, name, neutral)
+                unset.add(name)
+        force_setattr(self, "unset_fields", frozenset(unset))
+
+    @classmethod
+    def from_optional(cls, **kwargs) -> "SamplingParams":
+        """vLLM's constructor for optional values: a None argument means the default."""
+        return cls(**{name: value for name, value in kwargs.items() if value is not None})
+
+    def with_defaults(self, defaults: dict) -> "SamplingParams":
+        """The unset fields filled from `defaults` (a generation config's sampling values, vLLM's
+        `ModelConfig.get_diff_sampling_param()` names); the given ones win. Nothing is unset after."""
+        filled = {name: defaults[name] for name in self.unset_fields if defaults.get(name) is not None}
+        return msgspec.structs.replace(self, unset_fields=frozenset(), **filled)
 
     def validate(self) -> "SamplingParams":
         checks = [
@@ -47,10 +82,8 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tr
             (self.min_tokens >= 0, "min_tokens", "must be non-negative"),
             (self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
              "must not exceed max_tokens"),
-            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
-             f"must be in [0, {MAX_LOGPROBS}]"),
-            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
-             "prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}]"),
+            (self.logprobs is None or self.logprobs >= 0, "logprobs", "must be non-negative"),
+            (self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs", "must be non-negative"),
             (self.seed is None or -(2 ** 63) <= self.seed < 2 ** 64, "seed", "must fit in 64 bits"),
         ]
         for ok, field, message in checks:

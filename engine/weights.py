@@ -25,9 +25,10 @@ Weights = Iterable[tuple[str, torch.Tensor]]
 # --- locating a checkpoint -------------------------------------------------------------------
 
 def resolve_model_path(model: str, revision: str | None = None, trust_remote_code: bool = False,
-                       use_modelscope: bool | None = None) -> str:
+                       use_modelscope: bool | None = None, download_dir: str | None = None) -> str:
     """A local directory holding config.json; else a snapshot from the HF cache / hub
-    (HF_HUB_OFFLINE=1: cache only) or, with VLSERVE_USE_MODELSCOPE=True, from ModelScope."""
+    (HF_HUB_OFFLINE=1: cache only) or, with VLSERVE_USE_MODELSCOPE=True, from ModelScope.
+    `download_dir` (--download-dir): the cache folder to read and download into instead of HF's."""
     del trust_remote_code  # remote code is never run; kept for vLLM's signature
     if os.path.isdir(model):
         return _check_model_dir(model)
@@ -35,7 +36,10 @@ def resolve_model_path(model: str, revision: str | None = None, trust_remote_cod
         raise ValueError(f"--model: directory {model!r} does not exist")
     if use_modelscope is None:
         use_modelscope = os.environ.get("VLSERVE_USE_MODELSCOPE", "").strip().lower() in ("1", "true")
-    path = _modelscope_snapshot(model, revision) if use_modelscope else _hf_snapshot(model, revision)
+    if use_modelscope:
+        path = _modelscope_snapshot(model, revision, download_dir)
+    else:
+        path = _hf_snapshot(model, revision, download_dir)
     return _check_model_dir(path)
 
 
@@ -43,12 +47,13 @@ def _looks_like_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~")) or model.count("/") > 1
 
 
-def _hf_snapshot(model: str, revision: str | None) -> str:
+def _hf_snapshot(model: str, revision: str | None, download_dir: str | None = None) -> str:
     from huggingface_hub import snapshot_download
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
-        return snapshot_download(model, revision=revision, local_files_only=offline, cache_dir=_hf_cache_dir(),
+        return snapshot_download(model, revision=revision, local_files_only=offline,
+                                 cache_dir=download_dir or _hf_cache_dir(),
                                  allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
                                                  "*.jinja", "*.tiktoken", "*.py"])
     except Exception as exc:  # hub errors come in many classes; the message is what matters
@@ -65,13 +70,13 @@ def _hf_cache_dir() -> str | None:
     return None
 
 
-def _modelscope_snapshot(model: str, revision: str | None) -> str:
+def _modelscope_snapshot(model: str, revision: str | None, download_dir: str | None = None) -> str:
     try:
         from modelscope import snapshot_download
     except ImportError as exc:
         raise ValueError("VLSERVE_USE_MODELSCOPE is set but the modelscope package is not installed "
                          "(pip install modelscope)") from exc
-    return snapshot_download(model, revision=revision)
+    return snapshot_download(model, revision=revision, cache_dir=download_dir)
 
 
 def _check_model_dir(path: str) -> str:

@@ -28,7 +28,9 @@ import torch
 @dataclass(frozen=True)
 class RefVideo:
     frames: np.ndarray  # [num_frames, height, width, 3] uint8, already sampled
-    fps: float          # rate of the sampled frames (with frames_indices: of the source video)
+    # rate of the sampled frames (with frames_indices: of the source video); None: a bare array, no
+    # metadata (transformers assumes 24)
+    fps: float | None
     frames_indices: tuple[int, ...] | None = None  # source frame numbers (Qwen3-VL timestamps); None: 0..T-1
 
 
@@ -130,9 +132,12 @@ def prepare_inputs(model_dir: str | Path, request) -> dict[str, torch.Tensor]:
         return dict(loaded.tokenizer(prompt, return_tensors="pt"))
     media_kwargs = dict(request.mm_processor_kwargs)
     if videos:
-        media_kwargs.update(
-            videos=[video.frames for video in videos], do_sample_frames=False,
-            video_metadata=[_video_metadata(video) for video in videos])
+        media_kwargs.update(videos=[video.frames for video in videos], do_sample_frames=False)
+        bare = [video.fps is None for video in videos]
+        if any(bare) and not all(bare):
+            raise ValueError("videos: either all bare arrays (fps None) or all with an fps")
+        if not all(bare):
+            media_kwargs["video_metadata"] = [_video_metadata(video) for video in videos]
     return dict(loaded.processor(text=[prompt], images=images or None, return_tensors="pt", **media_kwargs))
 
 

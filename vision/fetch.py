@@ -245,7 +245,7 @@ async def _resolve(host: str, port: int, is_exempt: bool) -> str:
             infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError):
             raise MediaError(f"could not resolve the media host {host}") from None
-        addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
     if not addresses:
         raise MediaError(f"could not resolve the media host {host}")
     if not is_exempt and not all(_is_public(address) for address in addresses):

@@ -34,5 +34,5 @@ def mm_hash(frames: np.ndarray | None, settings: dict[str, Any], uuid: str | Non
         raise ValueError("mm_hash needs the frames when no uuid is given")
     array = np.ascontiguousarray(frames)
     hasher.update(f"\x00frames\x00{array.dtype.str}{list(array.shape)}".encode())
-    hasher.update(memoryview(array).cast("B"))
+    hasher.update(array.data.cast("B"))  # contiguous: the raw bytes, no copy
     return hasher.hexdigest()[: 2 * DIGEST_SIZE]

@@ -83,5 +83,15 @@ class ProcessedMedia:
         frames = np.ascontiguousarray(self.frames, dtype=np.uint8)
         return MultiModalItem(
             modality=self.modality, mm_hash=self.mm_hash, placeholder=placeholder,
-            frames=frames.tobytes(), frames_shape=tuple(int(d) for d in frames.shape),
-            grid_thw=tuple(int(d) for d in self.grid_thw), second_per_grid_t=float(self.second_per_grid_t))
+            frames=frames.tobytes(), frames_shape=_four(frames.shape),
+            grid_thw=_three(self.grid_thw), second_per_grid_t=float(self.second_per_grid_t))
+
+
+def _four(shape) -> tuple[int, int, int, int]:
+    a, b, c, d = (int(n) for n in shape)
+    return a, b, c, d
+
+
+def _three(shape) -> tuple[int, int, int]:
+    a, b, c = (int(n) for n in shape)
+    return a, b, c

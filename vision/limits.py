@@ -43,12 +43,7 @@ class MultiModalLimits:
         """Parse the flag's value (string or already-decoded JSON object); None / "" -> defaults."""
         if value is None or (isinstance(value, str) and not value.strip()):
             return cls()
-        if isinstance(value, str):
-            raw = _parse_json(value) if value.strip().startswith("{") else _parse_pairs(value)
-        elif isinstance(value, dict):
-            raw = value
-        else:
-            raise ValueError(f"{_FLAG}: expected 'image=N,video=N' or a JSON object, got {type(value).__name__}")
+        raw = decode_limit_flag(value)
         return cls({modality: _modality_limit(modality, spec) for modality, spec in raw.items()})
 
     @classmethod
@@ -96,9 +91,17 @@ class MultiModalLimits:
                                  f"({_FLAG})")
 
 
-def _parse_json(text: str) -> dict:
+def decode_limit_flag(value: str | dict) -> dict:
+    """The flag's value as an object: 'image=5,video=1' -> {"image": "5", "video": "1"}, a JSON
+    text decoded, an object as is (not yet validated: MultiModalLimits.parse does that)."""
+    if isinstance(value, dict):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"{_FLAG}: expected 'image=N,video=N' or a JSON object, got {type(value).__name__}")
+    if not value.strip().startswith("{"):
+        return _parse_pairs(value)
     try:
-        raw = json.loads(text)
+        raw = json.loads(value)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{_FLAG}: invalid JSON ({exc.msg} at position {exc.pos})") from None
     if not isinstance(raw, dict):

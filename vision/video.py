@@ -34,6 +34,10 @@ from vision.inputs import MediaError
 
 FRAME_FACTOR = 2
 FPS = 2.0
+# Frames given without metadata: transformers' `VideoMetadata.sampled_fps` falls back to 24 frames
+# per second (Qwen2.5-VL: second_per_grid_t = temporal_patch_size / 24). Qwen2-VL and InternVL
+# positions do not depend on time, so only Qwen2.5-VL sees the value.
+FRAMES_WITHOUT_METADATA_FPS = 24.0
 FPS_MIN_FRAMES = 4
 FPS_MAX_FRAMES = 768
 MAX_TOTAL_FRAMES = 10_000_000  # metadata beyond this (or fps outside (0, 1000]) is refused
@@ -59,9 +63,8 @@ def smart_nframes(total_frames: int, video_fps: float, *, fps: float | None = FP
     else:
         lower = math.ceil(min_frames / FRAME_FACTOR) * FRAME_FACTOR
         upper = math.floor(min(max_frames, total_frames) / FRAME_FACTOR) * FRAME_FACTOR
-        count = total_frames / video_fps * (FPS if fps is None else fps)
-        count = min(min(max(count, lower), upper), total_frames)
-        count = math.floor(count / FRAME_FACTOR) * FRAME_FACTOR
+        wanted = total_frames / video_fps * (FPS if fps is None else fps)
+        count = math.floor(min(max(wanted, lower), upper, total_frames) / FRAME_FACTOR) * FRAME_FACTOR
     if not FRAME_FACTOR <= count <= total_frames:
         raise MediaError(f"cannot sample {count} frames from a video of {total_frames} frame(s); "
                          f"between {FRAME_FACTOR} and {total_frames} are possible")
@@ -155,8 +158,9 @@ def video_sampling_kwargs(defaults: dict, mm_kwargs: dict | None) -> dict:
     return sampling
 
 
-def video_from_frames(frames: list[Image.Image] | np.ndarray, fps: float = FPS) -> VideoFrames:
-    """Frames given directly (already sampled at `fps` frames per second): RGB uint8 [T, H, W, 3]."""
+def video_from_frames(frames: list[Image.Image] | np.ndarray, fps: float = FRAMES_WITHOUT_METADATA_FPS) -> VideoFrames:
+    """Frames given directly (already sampled at `fps` frames per second): RGB uint8 [T, H, W, 3].
+    Without an fps the frames are taken as 24 per second, as transformers does (see below)."""
     if not fps > 0:
         raise ValueError(f"fps must be positive, got {fps}")
     if isinstance(frames, np.ndarray):
@@ -176,32 +180,36 @@ def video_from_frames(frames: list[Image.Image] | np.ndarray, fps: float = FPS) 
 
 
 def video_from_metadata(frames, metadata: dict, sampling_kwargs: dict | None = None) -> VideoFrames:
-    """vLLM's offline video form: (frames [T, H, W, 3] uint8, metadata dict with fps, frames_indices,
-    total_num_frames, duration, do_sample_frames). With do_sample_frames the frames are the whole
-    video and are sampled here (transformers' Qwen3-VL rule, `sampling_kwargs`); without, they are
-    already sampled and frames_indices says which source frame each one is."""
+    """vLLM's offline video form: (frames [T, H, W, 3] uint8 or PIL frames, metadata dict with fps,
+    frames_indices, total_num_frames, duration, do_sample_frames; other keys are ignored).
+    With do_sample_frames the frames are the whole video and are sampled here (transformers' Qwen3-VL
+    rule, `sampling_kwargs`). Without, they are already sampled: frames_indices says which source
+    frame each one is, and the sampled rate follows transformers' `VideoMetadata.sampled_fps`:
+    len(frames_indices) / total_num_frames * fps when all three are known, else fps."""
     if not isinstance(metadata, dict):
         raise MediaError(f"video metadata must be a dict, got {type(metadata).__name__}")
     video = video_from_frames(frames, fps=1.0)
-    video_fps = metadata.get("fps")
+    video_fps, total = metadata.get("fps"), metadata.get("total_num_frames")
     if isinstance(video_fps, bool) or not isinstance(video_fps, (int, float)) or not 0 < video_fps <= MAX_VIDEO_FPS:
         raise MediaError(f"video metadata fps must be a number in (0, {MAX_VIDEO_FPS:g}], got {video_fps!r}")
-    total = len(video.frames)
+    if total is not None and (isinstance(total, bool) or not isinstance(total, int) or not 1 <= total <= MAX_TOTAL_FRAMES):
+        raise MediaError(f"video metadata total_num_frames must be a positive integer, got {total!r}")
+    num_given = len(video.frames)
     if metadata.get("do_sample_frames"):
-        if metadata.get("total_num_frames", total) != total:
-            raise MediaError(f"video metadata total_num_frames={metadata['total_num_frames']} but {total} frames "
+        if total is not None and total != num_given:
+            raise MediaError(f"video metadata total_num_frames={total} but {num_given} frames "
                              f"were given (do_sample_frames needs the whole video)")
         kwargs = {k: v for k, v in (sampling_kwargs or {}).items() if k != "sampling"}
-        indices = transformers_frame_indices(total, float(video_fps), **kwargs)
-        return VideoFrames(frames=video.frames[indices], fps=len(indices) / total * video_fps, total_frames=total,
-                           video_fps=float(video_fps), frame_indices=tuple(indices))
-    indices = metadata.get("frames_indices")
-    indices = list(range(total)) if indices is None else [int(i) for i in indices]
-    if len(indices) != total or any(i < 0 for i in indices):
-        raise MediaError(f"video metadata frames_indices must give one non-negative source frame number per "
-                         f"frame ({total}), got {len(indices)}")
-    num_source = int(metadata.get("total_num_frames") or max(indices) + 1)
-    return VideoFrames(frames=video.frames, fps=total / max(num_source, 1) * video_fps, total_frames=num_source,
+        indices = transformers_frame_indices(num_given, float(video_fps), **kwargs)
+        return VideoFrames(frames=video.frames[indices], fps=len(indices) / num_given * video_fps,
+                           total_frames=num_given, video_fps=float(video_fps), frame_indices=tuple(indices))
+    given = metadata.get("frames_indices")
+    indices = list(range(num_given)) if given is None else [int(i) for i in given]
+    if len(indices) != num_given or any(not 0 <= i < (total or MAX_TOTAL_FRAMES) for i in indices):
+        raise MediaError(f"video metadata frames_indices must give one source frame per frame ({num_given}), "
+                         f"each in [0, total_num_frames), got {len(indices)}")
+    sampled_fps = len(indices) / total * video_fps if given is not None and total is not None else video_fps
+    return VideoFrames(frames=video.frames, fps=float(sampled_fps), total_frames=total or max(indices) + 1,
                        video_fps=float(video_fps), frame_indices=tuple(indices))
 
 

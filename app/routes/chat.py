@@ -16,14 +16,14 @@ from litestar.di import NamedDependency
 from litestar.params import JSONBody
 from litestar.response import ServerSentEvent
 
-from app.admission import Ticket, body_size
+from app.admission import Ticket
 from app.auth import require_api_key
-from app.cli import ServerConfig
 from app.errors import EngineDeadError
 from app.media import check_media_counts, load_media, media_plan
-from app.protocol import (ChatCompletionRequest, ChatCompletionResponse, check_stream_options, random_id,
+from app.protocol import (ChatCompletionRequest, ChatCompletionResponse, check_stream_options,
                           to_sampling_params)
 from app.responses import chat_response
+from app.server_config import ServerConfig
 from app.serving import ServingContext
 from app.streaming import ChatStreamFormat, chat_events
 
@@ -64,7 +64,7 @@ async def build_chat_request(data: ChatCompletionRequest, serving: ServingContex
         message_dicts(data), tools=[msgspec.to_builtins(t) for t in data.tools] if use_tools else None,
         chat_template=data.chat_template or serving.chat_template,
         add_generation_prompt=data.add_generation_prompt, continue_final_message=data.continue_final_message,
-        chat_template_kwargs=data.chat_template_kwargs)
+        chat_template_kwargs=data.chat_template_kwargs, content_format=serving.config.chat_template_content_format)
     media = await load_media(rendered.media, serving.fetcher, serving.config.limits,
                              decode_limits=serving.config.decode_limits(),
                              on_fetched=ticket.add_media_bytes if ticket else lambda num_bytes: None,
@@ -84,14 +84,13 @@ class ChatController(Controller):
     async def create(
             self, data: JSONBody[ChatCompletionRequest], serving: NamedDependency[ServingContext], request: Request,
     ) -> Response:
-        model = serving.resolve_model(data.model)
         use_tools = check_chat_options(data, serving.config)
-        request_id = random_id("chatcmpl")
-        serving.check_healthy()
-        async with serving.admission.admit(body_size(request)) as ticket:  # 503 before any fetch
+        async with serving.admitted(request, data.model, "chatcmpl") as (model, request_id, ticket):
             engine_request, prompt = await build_chat_request(data, serving, request_id, use_tools, ticket)
             num_top = (data.top_logprobs or 0) if data.logprobs else None
             tokenizer = serving.client.frontend.tokenizer
+            # vLLM's rule: --response-role after a generation prompt, else the last message's role.
+            role = serving.config.response_role if data.add_generation_prompt else data.messages[-1].role
             if data.stream:
                 outputs = serving.outputs(engine_request, prompt, ticket)
                 first = await anext(outputs, None)
@@ -99,9 +98,10 @@ class ChatController(Controller):
                     raise EngineDeadError("the engine returned no output")
                 include_usage = bool(data.stream_options and data.stream_options.include_usage)
                 fmt = ChatStreamFormat(request_id=request_id, model=model, n=data.n, use_tools=use_tools,
-                                       num_top_logprobs=num_top, include_usage=include_usage, tokenizer=tokenizer)
+                                       num_top_logprobs=num_top, include_usage=include_usage, tokenizer=tokenizer,
+                                       role=role)
                 return ServerSentEvent(chat_events(fmt, first, outputs))
             [output] = await serving.final_outputs([(engine_request, prompt)], request, ticket)
         body: ChatCompletionResponse = chat_response(request_id, model, output, use_tools=use_tools,
-                                                     num_top=num_top, tokenizer=tokenizer)
+                                                     num_top=num_top, tokenizer=tokenizer, role=role)
         return Response(body)

@@ -15,9 +15,8 @@ from litestar.di import NamedDependency
 from litestar.params import JSONBody
 from litestar.response import ServerSentEvent
 
-from app.admission import body_size
 from app.auth import require_api_key
-from app.protocol import CompletionRequest, check_stream_options, random_id, to_sampling_params
+from app.protocol import CompletionRequest, check_stream_options, to_sampling_params
 from app.responses import completion_response
 from app.serving import ServingContext
 from app.streaming import CompletionStreamFormat, completion_events
@@ -28,9 +27,9 @@ def prompts_of(data: CompletionRequest) -> list[str | list[int]]:
     if isinstance(prompt, str):
         return [prompt]
     if all(isinstance(item, int) for item in prompt):
-        return [list(prompt)]
+        return [[item for item in prompt if isinstance(item, int)]]
     if all(isinstance(item, str) for item in prompt) or all(isinstance(item, list) for item in prompt):
-        return list(prompt)
+        return [item for item in prompt if not isinstance(item, int)]
     raise ValueError("prompt must be a string, a list of strings, a list of token ids, or a list of such lists")
 
 
@@ -65,11 +64,8 @@ class CompletionsController(Controller):
     async def create(
             self, data: JSONBody[CompletionRequest], serving: NamedDependency[ServingContext], request: Request,
     ) -> Response:
-        model = serving.resolve_model(data.model)
         check_completion_options(data)
-        request_id = random_id("cmpl")
-        serving.check_healthy()
-        async with serving.admission.admit(body_size(request)) as ticket:  # 503 before any work
+        async with serving.admitted(request, data.model, "cmpl") as (model, request_id, ticket):
             engine_requests = await build_completion_requests(data, serving, request_id)
             tokenizer = serving.client.frontend.tokenizer
             echoes = echo_texts(data, tokenizer)

@@ -1,4 +1,5 @@
-"""GET /v1/models: the served model names, each with its root (what was loaded) and max_model_len.
+"""GET /v1/models: the served model names, each with its root (what was loaded), max_model_len and
+the sampling defaults from the generation config (`default_sampling_params`).
 
 Caller: Litestar (registered by app.server).
 """
@@ -20,5 +21,7 @@ class ModelsController(Controller):
 
     @get("")
     async def list_models(self, serving: NamedDependency[ServingContext]) -> ModelList:
-        return ModelList(data=[ModelCard(id=name, root=serving.config.model, max_model_len=serving.max_model_len)
+        defaults = serving.client.frontend.config.model_config.get_diff_sampling_param()
+        return ModelList(data=[ModelCard(id=name, root=serving.config.model, max_model_len=serving.max_model_len,
+                                         default_sampling_params=defaults)
                                for name in serving.config.served_names])

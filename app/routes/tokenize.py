@@ -28,7 +28,8 @@ async def tokenize_messages(data: TokenizeRequest, serving: ServingContext) -> l
     rendered = frontend.render_chat(messages, chat_template=serving.chat_template,
                                     add_generation_prompt=data.add_generation_prompt,
                                     continue_final_message=data.continue_final_message,
-                                    chat_template_kwargs=data.chat_template_kwargs)
+                                    chat_template_kwargs=data.chat_template_kwargs,
+                                    content_format=serving.config.chat_template_content_format)
     media = await load_media(rendered.media, serving.fetcher, serving.config.limits,
                              decode_limits=serving.config.decode_limits(),
                              plan=media_plan(frontend, rendered, data.mm_processor_kwargs),

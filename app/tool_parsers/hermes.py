@@ -53,7 +53,8 @@ class HermesToolParser:
     def feed(self, delta: str) -> tuple[str, list[ToolCall]]:
         """A text delta -> (content safe to emit now, tool calls completed by this delta)."""
         self.buffer += delta
-        content, calls = [], []
+        content: list[str] = []
+        calls: list[ToolCall] = []
         while True:
             if not self.is_in_call:
                 start = self.buffer.find(START_TAG)

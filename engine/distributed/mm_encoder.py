@@ -20,7 +20,8 @@ from engine.distributed.parallel_context import ParallelContext
 
 def assign_items(num_patches: list[int], tp_size: int) -> list[list[int]]:
     """Item indices per rank, each rank's list in item order."""
-    loads, owned = [0] * tp_size, [[] for _ in range(tp_size)]
+    loads = [0] * tp_size
+    owned: list[list[int]] = [[] for _ in range(tp_size)]
     for item in sorted(range(len(num_patches)), key=lambda i: (-num_patches[i], i)):
         rank = min(range(tp_size), key=lambda r: (loads[r], r))
         loads[rank] += num_patches[item]

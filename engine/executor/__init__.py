@@ -1,10 +1,9 @@
 """Executors: how the engine core reaches the model runner(s). Caller: engine.core.EngineCore.
 
-Every executor offers what EngineCore needs of a runner:
+Every executor offers what EngineCore needs of a runner (the Executor protocol):
     num_blocks_for_memory() -> int          KV blocks that fit (the smallest over the ranks)
     initialize_kv_cache(num_blocks) -> None
     execute(SchedulerOutput) -> ModelRunnerOutput
-    max_encoder_tokens_per_item() -> int
     shutdown() -> None                      stops worker processes / actors (idempotent)
 
     uni  UniprocExecutor     one ModelRunner in this process (world size 1; the default)
@@ -17,13 +16,27 @@ progress and from every later one.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from engine.config import EngineConfig
 from engine.executor.distributed import WorkerError
+from engine.runner_output import ModelRunnerOutput
+from engine.scheduler_output import SchedulerOutput
 
-__all__ = ["WorkerError", "create_executor"]
+__all__ = ["Executor", "WorkerError", "create_executor"]
 
 
-def create_executor(config: EngineConfig):
+class Executor(Protocol):
+    def num_blocks_for_memory(self) -> int: ...
+
+    def initialize_kv_cache(self, num_blocks: int) -> None: ...
+
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+
+    def shutdown(self) -> None: ...
+
+
+def create_executor(config: EngineConfig) -> Executor:
     backend = config.parallel_config.distributed_executor_backend or "uni"
     if backend == "uni":
         if config.parallel_config.world_size != 1:

@@ -49,10 +49,6 @@ class DistributedExecutor:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self._call("initialize_kv_cache", num_blocks)
 
-    def max_encoder_tokens_per_item(self) -> int:
-        results = [r for r in self._call("max_encoder_tokens_per_item") if r is not None]
-        return max(results) if results else self.config.model_config.max_model_len
-
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         results = self._call("execute", scheduler_output, self._previous_sampled)
         output: ModelRunnerOutput = results[-1]

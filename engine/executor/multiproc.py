@@ -26,6 +26,7 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from engine.config import EngineConfig
+from engine.process_signals import ignore_group_stop_signals
 from engine.executor.distributed import DistributedExecutor, WorkerError
 
 logger = logging.getLogger(__name__)
@@ -150,9 +151,11 @@ class MultiprocWorkers:
 
 
 def worker_process_main(config: EngineConfig, rank: int, init_method: str, pipe) -> None:
-    """Entry point of a worker process (spawned)."""
+    """Entry point of a worker process (spawned); it leaves on "shutdown" or when the core's pipe
+    closes, never on the process group's SIGTERM/SIGINT (engine.process_signals)."""
     from engine.executor.worker import Worker, set_worker_env
 
+    ignore_group_stop_signals()
     set_worker_env()
     local_rank = rank   # one host: rank i uses GPU i
     try:

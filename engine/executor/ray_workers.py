@@ -76,7 +76,8 @@ class RayWorkers:
         self.actors = [
             actor_class.options(
                 num_cpus=1, num_gpus=1 if use_gpu else 0, runtime_env={"env_vars": dict(WORKER_ENV)},
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=rank),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group,
+                                                                     placement_group_bundle_index=rank),
             ).remote()
             for rank in range(world_size)]
         self._closed = False

@@ -23,10 +23,6 @@ class UniprocExecutor:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.runner.initialize_kv_cache(num_blocks)
 
-    def max_encoder_tokens_per_item(self) -> int:
-        method = getattr(self.runner, "max_encoder_tokens_per_item", None)
-        return method() if callable(method) else self.config.model_config.max_model_len
-
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(scheduler_output)
 

@@ -55,10 +55,6 @@ class Worker:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.runner.initialize_kv_cache(num_blocks)
 
-    def max_encoder_tokens_per_item(self) -> int | None:
-        method = getattr(self.runner, "max_encoder_tokens_per_item", None)
-        return method() if callable(method) else None
-
     def execute(self, scheduler_output: SchedulerOutput,
                 previous_sampled: PreviousSampled | None) -> ModelRunnerOutput | dict[str, str]:
         """-> the full output on the output rank, else {req_id: error} seen by this rank."""

@@ -6,6 +6,9 @@ Caller: engine.config_loader (is the architecture supported?) and engine.runner.
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
+import torch
 from torch import nn
 
 from engine.models.qwen2 import Qwen2ForCausalLM
@@ -14,10 +17,29 @@ from engine.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from engine.models.qwen2_vl import Qwen2VLForConditionalGeneration
 from engine.models.qwen3_vl import Qwen3VLForConditionalGeneration
 
+@runtime_checkable
+class MultiModalModel(Protocol):
+    """A VL model: the runner's EncoderRunner calls these (engine/runner/encoder_runner.py)."""
+
+    # The token whose rows take vision embedding rows; None: every placeholder row does.
+    embed_token_id: int | None
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor: ...   # [T] -> [T, H]
+
+    def embed_multimodal(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]: ...
+
+
+@runtime_checkable
+class MRoPEModel(Protocol):
+    """A model with multimodal rotary positions (Qwen2-VL family): [3, T] positions per prompt."""
+
+    def get_mrope_positions(self, prompt_token_ids: list, mm_items: list) -> tuple[torch.Tensor, int]: ...
+
+
 _MODELS: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "InternVLForConditionalGeneration": InternVLForConditionalGeneration,
-    "InternVLChatModel": InternVLForConditionalGeneration,  # original layout, --trust-remote-code
+    "InternVLChatModel": InternVLForConditionalGeneration,  # original layout (no remote code runs)
     "Qwen2VLForConditionalGeneration": Qwen2VLForConditionalGeneration,
     "Qwen2_5_VLForConditionalGeneration": Qwen2_5_VLForConditionalGeneration,
     "Qwen3VLForConditionalGeneration": Qwen3VLForConditionalGeneration,

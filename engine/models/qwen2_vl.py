@@ -51,6 +51,7 @@ class Qwen2VLForConditionalGeneration(nn.Module):
     }
     tower_class: type[nn.Module] = Qwen2VisionTransformer
     language_model_class: type[nn.Module] = Qwen2Model
+    embed_token_id: int | None = None   # every placeholder row takes a vision row (MultiModalModel)
 
     def __init__(self, config: Any, parallel: ParallelContext = SINGLE_RANK):
         super().__init__()

@@ -70,11 +70,28 @@ class EncoderRunner:
             state = input_batch.requests[req_id]
             error = _failed_item(state.mm_items, failed_items) or self._merge_request(
                 embeds, first_row, state.num_computed_tokens, num_new, state.mm_items, failed_items,
-                _EmbedMask(getattr(model, "embed_token_id", None), state.prompt_token_ids))
+                _EmbedMask(model.embed_token_id, state.prompt_token_ids))
             if error is not None:
                 failed[req_id] = error
             first_row += num_new
         return embeds, failed
+
+    def profile(self, model, item: MultiModalItem, num_items: int) -> int:
+        """Encodes `num_items` copies of `item` in one tower call (the largest media batch a step
+        may hold) and forgets them; returns the call's peak device memory over what was allocated
+        before (bytes; 0 off CUDA). Caller: ModelRunner's memory profile."""
+        is_cuda = self.device.type == "cuda"
+        if is_cuda:
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        pixel_values = self._pixel_values(item)
+        copies = {f"profile-{i}": (pixel_values, item) for i in range(num_items)}
+        self._run_tower(model, copies)
+        peak = torch.cuda.max_memory_allocated() - before if is_cuda else 0
+        self.free(list(copies))
+        self.num_tower_calls, self.num_encoded_items = 0, 0
+        return peak
 
     # ---- which items ----------------------------------------------------------------------
 
@@ -107,18 +124,34 @@ class EncoderRunner:
         if not ready:
             return failed
         try:
-            self._run_tower(model, ready)
+            self._run_tower_guarded(model, ready)
         except Exception as exc:
             if len(ready) == 1:
                 mm_hash, (_, item) = next(iter(ready.items()))
                 failed[mm_hash] = _error(item, exc)
                 return failed
-            for mm_hash, entry in ready.items():  # find the culprit: one item per call
+            for mm_hash, entry in ready.items():  # find the culprit (or fit in memory): one item per call
                 try:
-                    self._run_tower(model, {mm_hash: entry})
+                    self._run_tower_guarded(model, {mm_hash: entry})
                 except Exception as item_exc:
                     failed[mm_hash] = _error(entry[1], item_exc)
         return failed
+
+    def _run_tower_guarded(self, model, ready: dict[str, tuple[torch.Tensor, MultiModalItem]]) -> None:
+        """_run_tower, with its failures sorted: a CUDA error that poisons the device (device-side
+        assert, illegal address) propagates and stops the engine (requests then get 503); an
+        out-of-memory becomes TowerOutOfMemory with the numbers; anything else is the input's."""
+        try:
+            self._run_tower(model, ready)
+        except torch.OutOfMemoryError as exc:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise TowerOutOfMemory(_out_of_memory_message(ready, self.device)) from exc
+        except Exception as exc:
+            if is_fatal_device_error(exc):
+                logger.error("the vision tower hit a fatal device error; stopping the engine: %s", exc)
+                raise FatalDeviceError(str(exc)) from exc
+            raise
 
     def _pixel_values(self, item: MultiModalItem) -> torch.Tensor:
         """The item's uint8 frames, moved to the device, -> pixel values [patches, patch_dim]."""
@@ -165,6 +198,40 @@ class EncoderRunner:
             step_rows = first_row + lo - start + picked.nonzero().squeeze(1)
             embeds[to_device(step_rows, embeds.device)] = embedding[skipped:skipped + len(step_rows)]
         return None
+
+
+class TowerOutOfMemory(RuntimeError):
+    """The tower ran out of device memory on this step's items (their requests fail; others run)."""
+
+
+class FatalDeviceError(BaseException):
+    """A CUDA error after which no kernel can be trusted. A BaseException so that no per-request
+    `except Exception` swallows it: it must reach the engine core and stop it."""
+
+
+_FATAL_CUDA_MESSAGES = ("device-side assert", "illegal memory access", "illegal address", "CUDA error",
+                        "unspecified launch failure", "misaligned address")
+
+
+def is_fatal_device_error(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    return isinstance(exc, torch.AcceleratorError) or (
+        isinstance(exc, RuntimeError) and any(text in str(exc) for text in _FATAL_CUDA_MESSAGES))
+
+
+def _out_of_memory_message(ready: dict[str, tuple[torch.Tensor, MultiModalItem]], device: torch.device) -> str:
+    num_patches = sum(values.shape[0] for values, _ in ready.values())
+    num_rows = sum(item.placeholder.length for _, item in ready.values())
+    memory = ""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        memory = (f"; device: {torch.cuda.memory_allocated(device) >> 20} MiB allocated, "
+                  f"{torch.cuda.memory_reserved(device) >> 20} MiB reserved, "
+                  f"{free >> 20} MiB free of {total >> 20} MiB")
+    return (f"out of memory in the vision tower encoding {len(ready)} item(s): {num_patches} patches, "
+            f"{num_rows} embedding rows{memory}. Use smaller media (--mm-processor-kwargs max_pixels, "
+            f"--limit-mm-per-prompt) or a lower --gpu-memory-utilization")
 
 
 class _EmbedMask:

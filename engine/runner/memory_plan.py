@@ -1,7 +1,15 @@
 """How many KV-cache blocks fit: bytes per block from the model shape, and the memory left for
-the cache (CPU: a byte budget; GPU: measured after a profiling forward at the largest batch).
+the cache (CPU: a byte budget; GPU: measured after a profiling forward at the largest batch, the
+vision tower's largest media batch included), after the encoder cache's share.
 
-Caller: ModelRunner.num_blocks_for_memory. It also prints the plan in tokens and requests.
+Callers: ModelRunner.num_blocks_for_memory (the KV plan, printed in tokens and requests) and
+EngineCore (`plan_encoder`: the encoder cache size the scheduler budgets with).
+
+The encoder plan: the largest item the limits admit (--limit-mm-per-prompt counts and sizes, the
+processor's pixel bounds with --mm-processor-kwargs), in embedding rows, capped by max_model_len;
+the encoder cache holds max(max_num_batched_tokens, that item) rows of the LM's hidden size (as
+vLLM), which is also the rows one step may encode; the profile encodes as many largest items as
+one step may (at least one).
 """
 
 from __future__ import annotations
@@ -12,7 +20,9 @@ from typing import Callable
 
 import torch
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, text_config
+from vision.processors import PROCESSORS, MediaProcessor, get_processor
+from vision.video import FPS_MAX_FRAMES
 
 logger = logging.getLogger(__name__)
 
@@ -34,19 +44,38 @@ class KVCacheShape:
 
 
 @dataclass(frozen=True)
+class EncoderPlan:
+    modality: str                      # of the largest admissible item
+    item_size: tuple[int, int, int]    # its (height, width, num_frames) before processing
+    max_tokens_per_item: int           # its embedding rows (placeholder tokens), at most max_model_len
+    num_items_per_step: int            # largest items one step may encode (the profile's tower batch)
+    cache_size: int                    # rows the encoder cache holds = rows one step may encode
+    bytes_per_row: int                 # LM hidden size x dtype size
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.cache_size * self.bytes_per_row
+
+
+@dataclass(frozen=True)
 class MemoryPlan:
     num_blocks: int
     bytes_per_block: int
     weights_bytes: int = 0
-    peak_activation_bytes: int = 0
+    peak_activation_bytes: int = 0     # the profile's peak over the weights (LM step and tower batch)
+    tower_peak_bytes: int = 0          # of which the tower's largest media batch needed alone
+    encoder_cache_bytes: int = 0       # reserved for the encoder cache (EncoderPlan.cache_bytes)
 
     def describe(self, block_size: int, max_model_len: int) -> str:
         tokens = self.num_blocks * block_size
         gib = self.num_blocks * self.bytes_per_block / (1 << 30)
+        vision = (f"; vision tower: peak {self.tower_peak_bytes / (1 << 30):.2f} GiB on its largest media batch, "
+                  f"encoder cache {self.encoder_cache_bytes / (1 << 30):.2f} GiB"
+                  if self.tower_peak_bytes or self.encoder_cache_bytes else "")
         return (f"KV cache: {self.num_blocks} blocks x {block_size} = {tokens} tokens ({gib:.2f} GiB), "
                 f"{tokens / max_model_len:.2f}x requests at max_model_len {max_model_len}; "
                 f"weights {self.weights_bytes / (1 << 30):.2f} GiB, "
-                f"activation peak {self.peak_activation_bytes / (1 << 30):.2f} GiB")
+                f"activation peak {self.peak_activation_bytes / (1 << 30):.2f} GiB{vision}")
 
 
 def plan_cpu(config: EngineConfig, shape: KVCacheShape) -> MemoryPlan:
@@ -54,28 +83,102 @@ def plan_cpu(config: EngineConfig, shape: KVCacheShape) -> MemoryPlan:
     return MemoryPlan(num_blocks=budget // shape.bytes_per_block, bytes_per_block=shape.bytes_per_block)
 
 
-def plan_gpu(config: EngineConfig, shape: KVCacheShape, profile_run: Callable[[], None]) -> MemoryPlan:
-    """Run the largest step once, then give the KV cache what is left of
-    gpu_memory_utilization * total after the weights, that peak and non-torch allocations."""
+def kv_cache_budget(total: int, utilization: float, peak: int, non_torch: int, encoder_cache_bytes: int) -> int:
+    """Bytes left for the KV cache: utilization x total, less the profile's peak (weights +
+    activations, tower included), memory outside torch's allocator and the encoder cache."""
+    return int(total * utilization) - peak - max(non_torch, 0) - encoder_cache_bytes
+
+
+def plan_gpu(config: EngineConfig, shape: KVCacheShape, profile_run: Callable[[], int],
+             encoder: EncoderPlan | None = None) -> MemoryPlan:
+    """Run the largest step once (profile_run returns the tower batch's own peak, 0 without one),
+    then give the KV cache what is left (kv_cache_budget)."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     weights_bytes = torch.cuda.memory_allocated()
     free_before, total = torch.cuda.mem_get_info()
     torch.cuda.reset_peak_memory_stats()
-    profile_run()
+    tower_peak = profile_run()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     torch.cuda.empty_cache()
     free_after, _ = torch.cuda.mem_get_info()
     # Memory used outside torch's allocator (CUDA context, NCCL, cuBLAS workspaces).
     non_torch = (total - free_after) - torch.cuda.memory_reserved()
+    cache_bytes = encoder.cache_bytes if encoder is not None else 0
     if config.cache_config.kv_cache_memory_bytes is not None:
         budget = config.cache_config.kv_cache_memory_bytes
     else:
-        budget = int(total * config.cache_config.gpu_memory_utilization) - peak - max(non_torch, 0)
+        budget = kv_cache_budget(total, config.cache_config.gpu_memory_utilization, peak, non_torch, cache_bytes)
     if budget < shape.bytes_per_block:
         raise ValueError(f"--gpu-memory-utilization: {config.cache_config.gpu_memory_utilization} leaves no "
-                         f"room for the KV cache (weights {weights_bytes >> 20} MiB, peak {peak >> 20} MiB, "
+                         f"room for the KV cache (weights {weights_bytes >> 20} MiB, peak {peak >> 20} MiB "
+                         f"(vision tower {tower_peak >> 20} MiB), encoder cache {cache_bytes >> 20} MiB, "
                          f"total {total >> 20} MiB)")
     return MemoryPlan(num_blocks=budget // shape.bytes_per_block, bytes_per_block=shape.bytes_per_block,
-                      weights_bytes=weights_bytes, peak_activation_bytes=peak - weights_bytes)
+                      weights_bytes=weights_bytes, peak_activation_bytes=peak - weights_bytes,
+                      tower_peak_bytes=tower_peak, encoder_cache_bytes=cache_bytes)
+
+
+# Aspect ratios tried for the largest image: a:b for a, b in 1..16 at a side unit larger than any
+# pixel bound, so that Qwen's max_pixels and InternVL's tile grids (up to max_num tiles) both bind.
+_ASPECTS = [(a, b) for a in range(1, 17) for b in range(1, 17)]
+_SIDE_UNIT = 4096
+
+
+def encoder_plan(config: EngineConfig) -> EncoderPlan | None:
+    """plan_encoder with the server's processor (--mm-processor-kwargs); None for a text model."""
+    model_config = config.model_config
+    if model_config.architecture not in PROCESSORS:
+        return None
+    processor = get_processor(model_config.path, model_config.hf_config,
+                              config.multimodal_config.mm_processor_kwargs or None)
+    return plan_encoder(config, processor)
+
+
+def largest_image_size(processor: MediaProcessor, plan: EncoderPlan) -> tuple[int, int]:
+    """(height, width) of an image with as many rows as the plan's largest item allows (the tower
+    profile's input; a video's rows are profiled as an image of as many rows), at the smallest
+    scale of the item's aspect ratio that still yields them, so the dummy image stays small."""
+    height, width = plan.item_size[:2] if plan.modality == "image" else (_SIDE_UNIT, _SIDE_UNIT)
+    sizes = [(max(1, height * k // 64), max(1, width * k // 64)) for k in range(1, 65)]   # scales 1/64 .. 1
+    ranked = [(processor.num_tokens_for_size("image", h, w), -h * w, (h, w)) for h, w in sizes]
+    admitted = [entry for entry in ranked if entry[0] <= plan.max_tokens_per_item] or ranked[:1]
+    return max(admitted)[2]   # the most rows, then the smallest area
+
+
+def plan_encoder(config: EngineConfig, processor: MediaProcessor) -> EncoderPlan:
+    """The encoder cache and profile batch for the largest item the limits admit."""
+    candidates = []
+    for modality in ("image", "video"):
+        if config.multimodal_config.max_items(modality) > 0:
+            candidates += [(processor.num_tokens_for_size(modality, *size), modality, size)
+                           for size in _item_sizes(config, processor, modality)]
+    if not candidates:  # every modality limited to 0: nothing is ever encoded
+        candidates = [(1, "image", (1, 1, 1))]
+    tokens, modality, size = max(candidates, key=lambda c: (c[0], -c[2][0] * c[2][1]))  # then the smallest
+    max_model_len = config.model_config.max_model_len
+    max_tokens_per_item = min(tokens, max_model_len)
+    explicit = config.multimodal_config.encoder_cache_size
+    cache_size = explicit if explicit is not None else max(config.scheduler_config.max_num_batched_tokens,
+                                                           max_tokens_per_item)
+    text = text_config(config.model_config.hf_config)
+    element = torch.empty((), dtype=config.model_config.dtype).element_size()
+    return EncoderPlan(modality=modality, item_size=size, max_tokens_per_item=max_tokens_per_item,
+                       num_items_per_step=max(1, cache_size // max_tokens_per_item), cache_size=cache_size,
+                       bytes_per_row=int(text.hidden_size) * element)
+
+
+def _item_sizes(config: EngineConfig, processor: MediaProcessor, modality: str) -> list[tuple[int, int, int]]:
+    """(height, width, num_frames) candidates: the size object of --limit-mm-per-prompt when
+    given, else every _ASPECTS ratio; videos at the frame count the limits or sampling allow."""
+    bounds = config.multimodal_config.limit_sizes.get(modality, {})
+    num_frames = 1
+    if modality == "video":
+        sampling = processor.video_sampling_kwargs(None)
+        num_frames = int(bounds.get("num_frames") or sampling.get("nframes") or sampling.get("max_frames")
+                         or FPS_MAX_FRAMES)
+    if "width" in bounds and "height" in bounds:
+        return [(int(bounds["height"]), int(bounds["width"]), num_frames)]
+    return [(_SIDE_UNIT * a, _SIDE_UNIT * b, num_frames) for a, b in _ASPECTS]
+

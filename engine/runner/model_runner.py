@@ -15,11 +15,11 @@ import logging
 
 import torch
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, text_config
 from engine.distributed import pipeline
 from engine.distributed.parallel_context import SINGLE_RANK, ParallelContext, kv_heads_of_rank, layer_range
 from engine.layers.linear import set_batch_invariant
-from engine.models import get_model_class
+from engine.models import MRoPEModel, MultiModalModel, get_model_class
 from engine.protocol import TokenLogprobs
 from engine.runner import memory_plan
 from engine.runner.cuda_graphs import DecodeGraphs
@@ -73,7 +73,7 @@ class ModelRunner:
         self.config = config
         self.parallel = parallel   # this rank's share (engine.executor.worker builds it)
         self.device = torch.device(config.device_config.device)
-        self.text_config = _text_config(config.model_config.hf_config)
+        self.text_config = text_config(config.model_config.hf_config)
         self.model = load_model(config, parallel)
         if self.device.type == "cuda" and config.device_config.deterministic:
             set_batch_invariant(self.model, True)   # see kernels/matmul.py
@@ -83,14 +83,14 @@ class ModelRunner:
         self.input_batch = self._new_input_batch()
         # VL models: computes vision embeddings for scheduler_output.scheduled_encoder_inputs and
         # scatters them into inputs_embeds at the placeholder rows (engine/runner/encoder_runner.py).
-        has_tower = hasattr(self.model, "embed_multimodal") and parallel.is_first_stage
+        has_tower = isinstance(self.model, MultiModalModel) and parallel.is_first_stage
         self.encoder_runner = EncoderRunner.create(config) if has_tower else None
 
     def _new_input_batch(self) -> InputBatch:
         model_config = self.config.model_config
         return InputBatch(block_size=self.config.cache_config.block_size, device=self.device,
                           vocab_size=self.text_config.vocab_size, eos_token_ids=model_config.eos_token_ids,
-                          default_seed=model_config.seed, uses_mrope=hasattr(self.model, "get_mrope_positions"))
+                          default_seed=model_config.seed, uses_mrope=isinstance(self.model, MRoPEModel))
 
     # --- KV cache ----------------------------------------------------------------------------
 
@@ -108,10 +108,13 @@ class ModelRunner:
         if cache_config.num_gpu_blocks_override is not None:
             return cache_config.num_gpu_blocks_override
         if self.device.type == "cuda":
-            plan = memory_plan.plan_gpu(self.config, shape, self._profile_run)
+            encoder = memory_plan.encoder_plan(self.config) if self.encoder_runner is not None else None
+            plan = memory_plan.plan_gpu(self.config, shape, lambda: self._profile_run(encoder), encoder)
         else:
             plan = memory_plan.plan_cpu(self.config, shape)
-        rank = "" if self.parallel.world_size == 1 else f"rank {self.parallel.rank} (tp {self.parallel.tp_rank}, pp {self.parallel.pp_rank}): "
+        parallel = self.parallel
+        rank = ("" if parallel.world_size == 1
+                else f"rank {parallel.rank} (tp {parallel.tp_rank}, pp {parallel.pp_rank}): ")
         logger.info("%s%s", rank, plan.describe(cache_config.block_size, self.config.model_config.max_model_len))
         return plan.num_blocks
 
@@ -181,8 +184,9 @@ class ModelRunner:
         pair out to the next stage. -> hidden [T, H] on the last stage, None before it."""
         received = None
         if not self.parallel.is_first_stage:
-            received = pipeline.recv_from_prev_stage(self.parallel, batch.input_ids.shape[0], self.text_config.hidden_size,
-                                                     self.config.model_config.dtype, self.device)
+            received = pipeline.recv_from_prev_stage(self.parallel, batch.input_ids.shape[0],
+                                                     self.text_config.hidden_size, self.config.model_config.dtype,
+                                                     self.device)
         out = self.model(batch.input_ids, batch.positions, batch.attn_metadata, self.kv_caches,
                          inputs_embeds=inputs_embeds, intermediate_tensors=received)
         if self.parallel.is_last_stage:
@@ -229,9 +233,29 @@ class ModelRunner:
 
     # --- memory profiling --------------------------------------------------------------------
 
-    def _profile_run(self) -> None:
+    def _profile_tower(self, encoder: memory_plan.EncoderPlan) -> int:
+        """The tower on the largest media batch a step may hold; returns its peak (bytes)."""
+        from PIL import Image
+
+        from vision.inputs import PlaceholderRange
+        from vision.processors import get_processor
+
+        model_config = self.config.model_config
+        processor = get_processor(model_config.path, model_config.hf_config,
+                                  self.config.multimodal_config.mm_processor_kwargs or None)
+        height, width = memory_plan.largest_image_size(processor, encoder)
+        processed = processor.process_image(Image.new("RGB", (width, height), (128, 128, 128)))
+        item = processed.to_item(PlaceholderRange(offset=0, length=processed.num_tokens))
+        peak = self.encoder_runner.profile(self.model, item, encoder.num_items_per_step)
+        logger.info("vision tower profile: %d image(s) of %dx%d (%d rows each) in one call, peak %.2f GiB",
+                    encoder.num_items_per_step, width, height, processed.num_tokens, peak / (1 << 30))
+        return peak
+
+    def _profile_run(self, encoder: memory_plan.EncoderPlan | None = None) -> int:
         """The largest step the scheduler can send: max_num_batched_tokens prompt tokens over
-        up to max_num_seqs requests, all sampling with top-k/top-p, on a throwaway KV cache."""
+        up to max_num_seqs requests, all sampling with top-k/top-p, on a throwaway KV cache;
+        first, for VL models, the tower on its largest media batch. Returns the tower's peak."""
+        tower_peak = self._profile_tower(encoder) if encoder is not None and self.encoder_runner else 0
         sched = self.config.scheduler_config
         num_tokens = min(sched.max_num_batched_tokens, sched.max_num_seqs * self.config.model_config.max_model_len)
         num_reqs = min(sched.max_num_seqs, num_tokens)
@@ -245,11 +269,9 @@ class ModelRunner:
                                            list(range(next_block, next_block + num_blocks)), 0))
             next_block += num_blocks
         self._allocate_kv_cache(next_block)
-        self.execute(SchedulerOutput(new_reqs, CachedRequestData(), {r.req_id: len(r.prompt_token_ids) for r in new_reqs},
-                                     num_tokens, {}, set(), []))
+        num_scheduled = {r.req_id: len(r.prompt_token_ids) for r in new_reqs}
+        self.execute(SchedulerOutput(new_reqs, CachedRequestData(), num_scheduled, num_tokens, {}, set(), []))
         self.kv_caches = []
         self.input_batch = self._new_input_batch()
+        return tower_peak
 
-
-def _text_config(hf_config):
-    return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config

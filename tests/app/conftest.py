@@ -17,9 +17,9 @@ import pytest
 from litestar.testing import TestClient
 from transformers import AutoConfig
 
-from app.cli import ServerConfig
+from app.server_config import ServerConfig
 from app.server import create_app
-from engine.config import EngineConfig
+from engine.config_loader import create_engine_config
 from engine.frontend import Frontend
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.protocol import SchedulerStats
@@ -86,7 +86,7 @@ def vl_frontend(tiny_model_dir) -> Frontend:
     """The real Frontend of the tiny qwen2_5_vl checkpoint. The config is built from the qwen2
     checkpoint and pointed at the VL one, so this works whether or not the VL model class is
     registered (the fake engine never loads weights)."""
-    text_config = EngineConfig.create(model=str(tiny_model_dir("qwen2")), max_model_len=MAX_MODEL_LEN,
+    text_config = create_engine_config(model=str(tiny_model_dir("qwen2")), max_model_len=MAX_MODEL_LEN,
                                       limit_mm_per_prompt=LIMITS)
     path = str(tiny_model_dir("qwen2_5_vl"))
     model_config = dataclasses.replace(text_config.model_config, model=path, path=path, tokenizer=path,

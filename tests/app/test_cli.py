@@ -83,11 +83,11 @@ def test_main_help_and_errors(capsys):
 
 def test_engine_tuning_flags_reach_the_engine_config(tiny_model_dir):
     from app.cli import parse_serve_args
-    from engine.config import EngineConfig
+    from engine.config_loader import create_engine_config
 
     model = str(tiny_model_dir("qwen2"))
     kwargs, _ = parse_serve_args([model, "--no-deterministic", "--encoder_cache_size", "4096", "--device", "cpu"])
     assert kwargs == {"model": model, "deterministic": False, "encoder_cache_size": 4096, "device": "cpu"}
-    config = EngineConfig.create(**kwargs)
+    config = create_engine_config(**kwargs)
     assert config.device_config.deterministic is False and config.multimodal_config.encoder_cache_size == 4096
     assert parse_serve_args([model, "--deterministic"])[0]["deterministic"] is True

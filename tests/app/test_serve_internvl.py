@@ -1,9 +1,11 @@
 """The seed's InternVL deployment end to end: `vlserve serve <InternVL2.5 original layout>
---trust-remote-code --max-num-batched-tokens 8192`, parsed by the real CLI, on the tiny checkpoint,
-answering an OpenAI chat request with a base64 image. Oracle: the offline LLM.chat greedy output."""
+--max-num-batched-tokens 8192` (no --trust-remote-code, as `vllm serve OpenGVLab/InternVL2_5-1B`
+in the seed), parsed by the real CLI, on the tiny checkpoint, answering an OpenAI chat request with
+a base64 image. Oracle: the offline LLM.chat greedy output."""
 
 import base64
 import io
+import logging
 
 import numpy as np
 import openai
@@ -15,7 +17,7 @@ from app.server import create_app
 from engine import LLM, SamplingParams
 from tests.app.conftest import UvicornThread
 
-FLAGS = ["--trust-remote-code", "--max-num-batched-tokens", "8192", "--device", "cpu",
+FLAGS = ["--max-num-batched-tokens", "8192", "--device", "cpu",
          "--max-model-len", "2048", "--num-gpu-blocks-override", "256", "--served-model-name", "internvl-tiny"]
 
 
@@ -55,7 +57,11 @@ def test_chat_with_base64_image_matches_offline_greedy(server, model_path):
     assert reply.usage.prompt_tokens_details.model_dump()["image_tokens"] == expected.num_image_tokens > 0
 
 
-def test_original_layout_needs_trust_remote_code(model_path):
-    engine_kwargs, _ = parse_serve_args([model_path, "--device", "cpu"])
-    with pytest.raises(ValueError, match="--trust-remote-code"):
-        LLM(**engine_kwargs)
+def test_original_layout_loads_without_remote_code_and_the_flag_is_still_accepted(model_path, caplog):
+    with caplog.at_level(logging.INFO, logger="vlserve.config"):
+        from engine.config_loader import create_engine_config
+
+        plain = create_engine_config(**parse_serve_args([model_path, "--device", "cpu"])[0])
+    assert "no remote code from the checkpoint runs" in caplog.text
+    flagged = create_engine_config(**parse_serve_args([model_path, "--device", "cpu", "--trust-remote-code"])[0])
+    assert plain.model_config.architecture == flagged.model_config.architecture == "InternVLChatModel"

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import NUM_NEW_TOKENS, TOP_K
 from engine.client import AsyncEngineClient, EngineDeadError
-from engine.config import EngineConfig
+from engine.config_loader import create_engine_config
 from engine.sampling_params import SamplingParams
 from reference import hf_generate
 
@@ -29,7 +29,7 @@ async def _collect(client, request):
 
 
 def test_server_client_at_tp2_answers_then_fails_clearly_when_a_worker_dies(qwen2_dir):
-    config = EngineConfig.create(model=str(qwen2_dir), dtype="float32", device="cpu", tensor_parallel_size=2,
+    config = create_engine_config(model=str(qwen2_dir), dtype="float32", device="cpu", tensor_parallel_size=2,
                                  max_model_len=256, block_size=4, max_num_batched_tokens=16)
     client = AsyncEngineClient.start(config)
     try:

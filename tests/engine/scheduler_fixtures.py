@@ -127,6 +127,9 @@ class FakeRunner:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.initialized_num_blocks = num_blocks
 
+    def shutdown(self) -> None:
+        pass
+
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self.scheduler_outputs.append(scheduler_output)
         self._update_states(scheduler_output)

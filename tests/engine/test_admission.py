@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 from transformers import AutoProcessor
 
-from engine.config import EngineConfig
+from engine.config_loader import create_engine_config
 from engine.frontend import Frontend, MediaInput
 from engine.sampling_params import SamplingParams
 
@@ -19,7 +19,7 @@ def model_dir(tiny_model_dir):
 
 
 def _frontend(model_dir, max_model_len):
-    return Frontend(EngineConfig.create(model=str(model_dir), device="cpu", max_model_len=max_model_len))
+    return Frontend(create_engine_config(model=str(model_dir), device="cpu", max_model_len=max_model_len))
 
 
 def _hf_tokens(model_dir, width, height) -> int:

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine.client import AsyncEngineClient, EngineDeadError
-from engine.config import EngineConfig
+from engine.config_loader import create_engine_config
 from engine.sampling_params import SamplingParams
 
 MAX_TOKENS = 8
@@ -20,7 +20,7 @@ MAX_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def config(tiny_model_dir):
-    return EngineConfig.create(model=str(tiny_model_dir("qwen2")), dtype="float32", max_model_len=1024,
+    return create_engine_config(model=str(tiny_model_dir("qwen2")), dtype="float32", max_model_len=1024,
                                num_gpu_blocks_override=128)
 
 

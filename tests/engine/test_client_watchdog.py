@@ -11,7 +11,7 @@ import time
 import pytest
 
 from engine.client import AsyncEngineClient, EngineDeadError
-from engine.config import EngineConfig
+from engine.config_loader import create_engine_config
 from engine.sampling_params import SamplingParams
 
 TIMEOUT_S = 2.0
@@ -19,7 +19,7 @@ TIMEOUT_S = 2.0
 
 @pytest.fixture(scope="module")
 def client(tiny_model_dir):
-    config = EngineConfig.create(model=str(tiny_model_dir("qwen2")), device="cpu", num_gpu_blocks_override=140,
+    config = create_engine_config(model=str(tiny_model_dir("qwen2")), device="cpu", num_gpu_blocks_override=140,
                                  max_model_len=2048)
     engine = AsyncEngineClient.start(config, iteration_timeout_s=TIMEOUT_S)
     yield engine

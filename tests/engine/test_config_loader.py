@@ -1,4 +1,4 @@
-"""build_engine_config: vLLM keyword names in, EngineConfig out; every bad value is an error that
+"""create_engine_config: vLLM keyword names in, EngineConfig out; every bad value is an error that
 names the flag (or the supported choices)."""
 
 import json
@@ -8,6 +8,7 @@ import torch
 from transformers import Qwen2Config
 
 from engine.config import EngineConfig
+from engine.config_loader import create_engine_config
 
 
 @pytest.fixture()
@@ -21,7 +22,7 @@ def model_dir(tmp_path):
 
 
 def test_defaults_come_from_the_checkpoint(model_dir):
-    config = EngineConfig.create(model=str(model_dir), device="cpu")
+    config = create_engine_config(model=str(model_dir), device="cpu")
     model = config.model_config
     assert model.architecture == "Qwen2ForCausalLM" and model.path == str(model_dir)
     assert model.max_model_len == 96 and config.scheduler_config.max_model_len == 96
@@ -32,7 +33,7 @@ def test_defaults_come_from_the_checkpoint(model_dir):
 
 
 def test_explicit_arguments_are_applied(model_dir):
-    config = EngineConfig.create(model=str(model_dir), device="cpu", dtype="float32", max_model_len=32,
+    config = create_engine_config(model=str(model_dir), device="cpu", dtype="float32", max_model_len=32,
                                  block_size=8, max_num_seqs=3, max_num_batched_tokens=40, seed=5,
                                  limit_mm_per_prompt={"image": 2, "video": 0}, load_format="dummy",
                                  kv_cache_memory_bytes=1 << 20, enable_prefix_caching=False)
@@ -45,7 +46,7 @@ def test_explicit_arguments_are_applied(model_dir):
 
 
 def test_limit_mm_per_prompt_object_form(model_dir):
-    config = EngineConfig.create(model=str(model_dir), device="cpu",
+    config = create_engine_config(model=str(model_dir), device="cpu",
                                  limit_mm_per_prompt='{"image": {"count": 3, "width": 512, "height": 256}}')
     assert config.multimodal_config.limit_per_prompt == {"image": 3}
     assert config.multimodal_config.limit_sizes == {"image": {"width": 512, "height": 256}}
@@ -64,7 +65,7 @@ def test_limit_mm_per_prompt_object_form(model_dir):
 ])
 def test_bad_arguments_are_named(model_dir, kwargs, error, match):
     with pytest.raises(error, match=match):
-        EngineConfig.create(model=str(model_dir), device="cpu", **kwargs)
+        create_engine_config(model=str(model_dir), device="cpu", **kwargs)
 
 
 def test_unsupported_architecture_lists_the_supported_ones(model_dir):
@@ -72,7 +73,7 @@ def test_unsupported_architecture_lists_the_supported_ones(model_dir):
     raw["architectures"] = ["Qwen2ForSequenceClassification"]
     (model_dir / "config.json").write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="'Qwen2ForSequenceClassification' is not supported.*Qwen2ForCausalLM"):
-        EngineConfig.create(model=str(model_dir), device="cpu")
+        create_engine_config(model=str(model_dir), device="cpu")
 
 
 def test_qwen3_vl_moe_is_refused_with_the_reason(tmp_path):
@@ -85,4 +86,4 @@ def test_qwen3_vl_moe_is_refused_with_the_reason(tmp_path):
 
 def test_missing_model_directory(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
-        EngineConfig.create(model=str(tmp_path / "absent"), device="cpu")
+        create_engine_config(model=str(tmp_path / "absent"), device="cpu")

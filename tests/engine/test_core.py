@@ -9,6 +9,7 @@ import torch
 
 from engine.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, MultiModalConfig,
                            ParallelConfig, SchedulerConfig)
+from engine.config_loader import create_engine_config
 from engine.core import EngineCore
 from engine.protocol import EngineRequest, FinishReason
 from engine.request import Request
@@ -128,7 +129,7 @@ def test_core_with_the_real_runner_matches_transformers_greedy_under_preemption(
     from transformers import AutoModelForCausalLM
 
     path = str(tiny_model_dir("qwen2"))
-    config = EngineConfig.create(model=path, device="cpu", dtype="float32", max_model_len=64,
+    config = create_engine_config(model=path, device="cpu", dtype="float32", max_model_len=64,
                                  block_size=4, num_gpu_blocks_override=30, max_num_batched_tokens=24)
     core = EngineCore(config)  # builds the ModelRunner itself
     prompts = {f"r{i}": [(37 * i + 11 * p) % 200 + 3 for p in range(9 + 5 * i)] for i in range(4)}

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 from transformers import AutoConfig
 
-from engine.config import EngineConfig, MultiModalConfig
+from engine.config import MultiModalConfig
+from engine.config_loader import create_engine_config
 from engine.frontend import Frontend, MediaInput
 from engine.sampling_params import SamplingParams
 
@@ -16,7 +17,7 @@ MAX_MODEL_LEN = 64
 
 @pytest.fixture(scope="module")
 def frontend(tiny_model_dir):
-    return Frontend(EngineConfig.create(model=str(tiny_model_dir("qwen2")), max_model_len=MAX_MODEL_LEN))
+    return Frontend(create_engine_config(model=str(tiny_model_dir("qwen2")), max_model_len=MAX_MODEL_LEN))
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_image_and_video_placeholders_expand_like_the_hf_processor(tiny_model_di
     from transformers import AutoProcessor
 
     path = str(tiny_model_dir("qwen2_vl"))
-    frontend = Frontend(EngineConfig.create(model=path, dtype="float32", max_model_len=4096))
+    frontend = Frontend(create_engine_config(model=path, dtype="float32", max_model_len=4096))
     hf_processor = AutoProcessor.from_pretrained(path)
     image = Image.new("RGB", (90, 60), (200, 30, 10))
     video = [Image.new("RGB", (56, 84), (i * 40, 0, 0)) for i in range(4)]

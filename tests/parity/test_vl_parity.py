@@ -65,7 +65,7 @@ def cases():
 def make_cases() -> dict:
     """name -> (prompt text, images, videos as (frames, fps)); media in prompt order. Also used by
     bench/check_vl_gpu.py."""
-    video_a = pattern_video(4, 56, 40, seed=20)   # given as a bare array: fps 2 (qwen-vl-utils' default)
+    video_a = pattern_video(4, 56, 40, seed=20)   # a bare array: 24 fps, as transformers (no metadata either side)
     video_b = pattern_video(6, 42, 42, seed=30)   # VideoFrames at fps 1.5: 2.5-VL time steps of 8/3 -> 0, 2, 5
     one_image = pattern_image(112, 84, 1)
     return {
@@ -96,7 +96,7 @@ def engine_prompt(case) -> dict:
 def ref_request(case) -> RefRequest:
     text, images, videos = case
     return RefRequest(prompt=text, images=tuple(images),
-                      videos=tuple(RefVideo(frames, fps or 2.0) for frames, fps in videos))
+                      videos=tuple(RefVideo(frames, fps) for frames, fps in videos))
 
 
 @pytest.fixture(scope="module", params=MODELS)

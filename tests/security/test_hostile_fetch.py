@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from app.cli import ServerConfig
+from app.server_config import ServerConfig
 from tests.security.conftest import (ENGINE_KWARGS, MediaServer, ServerThread, assert_error, chat_body, data_url,
                                      image_part, kv_usage_and_running, png_bytes, wait_until_kv_free)
 from vision.limits import MultiModalLimits

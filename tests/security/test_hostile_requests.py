@@ -17,7 +17,7 @@ import time
 import httpx
 import pytest
 
-from app.cli import ServerConfig
+from app.server_config import ServerConfig
 from tests.security.conftest import (ENGINE_KWARGS, ServerThread, assert_error, chat_body, data_url, image_part,
                                      png_bytes, video_part, wait_until_kv_free)
 from vision.limits import MultiModalLimits

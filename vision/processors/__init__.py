@@ -11,7 +11,34 @@ family's dependencies cost nothing to the others.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vision.inputs import MultiModalItem, PlaceholderRange, ProcessedMedia
+
+
+class MediaProcessor(Protocol):
+    """What engine.frontend (CPU half), engine.admission and engine.runner (device half) call."""
+
+    def process_image(self, image: Image.Image, mm_kwargs: dict | None = None, detail: str | None = None,
+                      uuid: str | None = None) -> ProcessedMedia: ...
+
+    def process_video(self, frames: np.ndarray, fps: float, mm_kwargs: dict | None = None,
+                      uuid: str | None = None) -> ProcessedMedia: ...
+
+    def num_tokens_for_size(self, modality: str, height: int, width: int, num_frames: int = 1,
+                            mm_kwargs: dict | None = None, detail: str | None = None) -> int: ...
+
+    def video_sampling_kwargs(self, mm_kwargs: dict | None) -> dict[str, Any]: ...
+
+    def expand_placeholders(self, prompt_token_ids: list[int],
+                            media: list[ProcessedMedia]) -> tuple[list[int], list[PlaceholderRange]]: ...
+
+    def pixel_values_from_frames(self, frames: torch.Tensor, item: MultiModalItem,
+                                 dtype: torch.dtype) -> torch.Tensor: ...
 
 PROCESSORS: dict[str, str] = {
     "Qwen2VLForConditionalGeneration": "vision.processors.qwen2_vl:Qwen2VLProcessor",
@@ -22,7 +49,7 @@ PROCESSORS: dict[str, str] = {
 }
 
 
-def get_processor(model_dir: str, hf_config: Any, mm_processor_kwargs: dict | None = None):
+def get_processor(model_dir: str, hf_config: Any, mm_processor_kwargs: dict | None = None) -> MediaProcessor:
     """The processor for `hf_config`'s architecture, configured from `model_dir`'s processor files
     plus the server's --mm-processor-kwargs. ValueError for a model without a media processor."""
     architecture = _architecture(hf_config)

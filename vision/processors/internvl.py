@@ -134,7 +134,7 @@ def _settings(model_dir: str, hf_config: Any, server_kwargs: dict) -> InternVLPr
     architecture = (_get(hf_config, "architectures") or [""])[0]
     sampling = tuple((k, server_kwargs[k]) for k in _VIDEO_SAMPLING_KEYS if k in server_kwargs)
     if architecture == "InternVLChatModel":
-        tiles = dict(min_tiles=int(_get(hf_config, "min_dynamic_patch", 1)),
+        tiles: dict[str, Any] = dict(min_tiles=int(_get(hf_config, "min_dynamic_patch", 1)),
                      max_tiles=int(_get(hf_config, "max_dynamic_patch", 12)))
         tiles.update(_tile_overrides(server_kwargs, tiles))
         return InternVLProcessingConfig(
@@ -187,7 +187,7 @@ def _resize(image: np.ndarray, width: int, height: int, hf_native: bool) -> np.n
     pil = Image.fromarray(image)
     if pil.size == (width, height):
         return image
-    return np.asarray(pil.resize((width, height), Image.BICUBIC), dtype=np.uint8)
+    return np.asarray(pil.resize((width, height), Image.Resampling.BICUBIC), dtype=np.uint8)
 
 
 def tile_image(image: np.ndarray, config: InternVLProcessingConfig, min_tiles: int, max_tiles: int) -> np.ndarray:
@@ -296,7 +296,8 @@ class InternVLProcessor:
 
     def _processed(self, modality: str, tiles: np.ndarray, uuid: str | None) -> ProcessedMedia:
         num_tiles = len(tiles)
-        num_tokens = len(self._video_ids(num_tiles)) if modality == VIDEO else 2 + num_tiles * self.config.tokens_per_tile
+        tokens_per_tile = self.config.tokens_per_tile
+        num_tokens = len(self._video_ids(num_tiles)) if modality == VIDEO else 2 + num_tiles * tokens_per_tile
         settings = {**self.config.hash_fields(), "modality": modality}
         return ProcessedMedia(modality=modality, frames=tiles, grid_thw=(num_tiles, 1, 1), num_tokens=num_tokens,
                               second_per_grid_t=0.0, mm_hash=mm_hash(tiles if uuid is None else None, settings, uuid))
@@ -367,7 +368,8 @@ class InternVLProcessor:
         own preprocessing does (fused 255-scaled mean/std for transformers; /255 then mean/std else)."""
         size = self.config.image_size
         if frames.dim() != 4 or tuple(frames.shape[1:]) != (size, size, 3) or frames.shape[0] != item.grid_thw[0]:
-            raise ValueError(f"InternVL tiles must be [{item.grid_thw[0]}, {size}, {size}, 3], got {list(frames.shape)}")
+            raise ValueError(f"InternVL tiles must be [{item.grid_thw[0]}, {size}, {size}, 3], "
+                             f"got {list(frames.shape)}")
         video = item.modality == VIDEO
         mean = torch.tensor(self.config.video_mean if video else self.config.image_mean, device=frames.device)
         std = torch.tensor(self.config.video_std if video else self.config.image_std, device=frames.device)

@@ -7,7 +7,7 @@ import torch
 from transformers import Qwen2Config
 from transformers import Qwen2ForCausalLM as HFQwen2
 
-from engine.config import EngineConfig
+from engine.config_loader import create_engine_config
 from engine.runner.cuda_graphs import DecodeGraphs, decode_buckets
 from engine.runner.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
@@ -75,7 +75,7 @@ def _step(runner, reqs, plan, first):
 
 def test_replayed_decode_with_padding_matches_transformers(checkpoint):
     path, hf = checkpoint
-    config = EngineConfig.create(model=path, dtype="float32", device="cpu", block_size=BLOCK_SIZE, max_num_seqs=8)
+    config = create_engine_config(model=path, dtype="float32", device="cpu", block_size=BLOCK_SIZE, max_num_seqs=8)
     runner = ModelRunner(config)
     runner.initialize_kv_cache(NUM_BLOCKS)
     graphs = _EmulatedGraphs(runner.model, runner.kv_caches, 8, config.model_config.max_model_len, BLOCK_SIZE,

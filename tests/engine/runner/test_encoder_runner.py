@@ -26,6 +26,8 @@ class FakeProcessor:
 class FakeModel:
     """embed_multimodal fails for any item whose rows contain 255 (a 'tower error')."""
 
+    embed_token_id = None   # every placeholder row takes a vision row
+
     def __init__(self):
         self.calls = []   # number of items per tower call
 
@@ -189,3 +191,39 @@ def test_embedding_of_the_wrong_size_fails_the_request(num_rows):
     h.runner.embeddings["a"] = torch.zeros(num_rows, HIDDEN)
     _, failed = h.step({"r": 6}, new={"r": (prompt, [item])})
     assert "wrong size" in failed["r"]
+
+
+class RaisingModel(FakeModel):
+    def __init__(self, error: BaseException):
+        super().__init__()
+        self.error = error
+
+    def embed_multimodal(self, pixel_values, grid_thw):
+        self.calls.append(len(grid_thw))
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("CUDA error: device-side assert triggered"),
+    RuntimeError("CUDA error: an illegal memory access was encountered"),
+    torch.AcceleratorError("CUDA error: unspecified launch failure"),
+])
+def test_fatal_cuda_errors_stop_the_engine(error):
+    from engine.runner.encoder_runner import FatalDeviceError
+
+    h = Harness()
+    h.model = RaisingModel(error)
+    item = make_item("a", 0, item_rows(1, 4))
+    with pytest.raises(FatalDeviceError):
+        h.step({"r": 6}, new={"r": (prompt_with([item], 6), [item])}, encoder_inputs={"r": [0]})
+    assert h.model.calls == [1]  # no retry: the device cannot be trusted any more
+
+
+def test_out_of_memory_in_the_tower_fails_its_requests_with_the_numbers():
+    h = Harness()
+    h.model = RaisingModel(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    items = {name: [make_item(name, 1, item_rows(i, 4))] for i, name in enumerate(("a", "b"))}
+    _, failed = h.step({"a": 6, "b": 6}, new={n: (prompt_with(items[n], 6), items[n]) for n in items},
+                       encoder_inputs={"a": [0], "b": [0]})
+    assert sorted(failed) == ["a", "b"] and h.model.calls == [2, 1, 1]   # batched, then one by one
+    assert "out of memory in the vision tower encoding 1 item(s): 4 patches, 4 embedding rows" in failed["a"]

@@ -8,7 +8,7 @@ import torch
 from transformers import Qwen2Config
 from transformers import Qwen2ForCausalLM as HFQwen2
 
-from engine.config import EngineConfig
+from engine.config_loader import create_engine_config
 from engine.runner.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
@@ -37,7 +37,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture()
 def runner(checkpoint):
-    config = EngineConfig.create(model=checkpoint[0], dtype="float32", device="cpu", block_size=BLOCK_SIZE)
+    config = create_engine_config(model=checkpoint[0], dtype="float32", device="cpu", block_size=BLOCK_SIZE)
     model_runner = ModelRunner(config)
     model_runner.initialize_kv_cache(64)
     return model_runner
@@ -187,9 +187,9 @@ def test_seeded_sampling_does_not_depend_on_the_batch(checkpoint, runner):
 def test_num_blocks_for_memory_on_cpu(checkpoint):
     base = dict(model=checkpoint[0], dtype="float32", device="cpu", block_size=BLOCK_SIZE)
     bytes_per_block = 2 * 2 * BLOCK_SIZE * 2 * 12 * 4          # k+v, layers, block, kv heads, head_dim, fp32
-    runner = ModelRunner(EngineConfig.create(**base, kv_cache_memory_bytes=bytes_per_block * 37 + 5))
+    runner = ModelRunner(create_engine_config(**base, kv_cache_memory_bytes=bytes_per_block * 37 + 5))
     assert runner.num_blocks_for_memory() == 37
-    runner = ModelRunner(EngineConfig.create(**base, num_gpu_blocks_override=11))
+    runner = ModelRunner(create_engine_config(**base, num_gpu_blocks_override=11))
     assert runner.num_blocks_for_memory() == 11
     runner.initialize_kv_cache(11)
     assert len(runner.kv_caches) == 2 and runner.kv_caches[0][0].shape == (11, BLOCK_SIZE, 2, 12)
