@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from engine.config import EngineConfig
 from engine.encoder_cache import EncoderCacheManager
@@ -26,6 +26,7 @@ from engine.executor import Executor
 from engine.kv_cache.manager import KVCacheManager
 from engine.protocol import EngineOutputs, EngineRequest, SchedulerStats
 from engine.request import Request
+from engine.runner_output import ModelRunnerOutput
 from engine.runner.memory_plan import encoder_plan
 from engine.scheduler import Scheduler
 from engine.scheduler_output import SchedulerOutput
@@ -34,11 +35,17 @@ from vision.inputs import MODALITIES
 logger = logging.getLogger(__name__)
 
 
+class PendingRunnerOutput(Protocol):
+    """A launched step (engine.runner.step_output.StepOutput): result() waits for it alone."""
+
+    def result(self) -> ModelRunnerOutput: ...
+
+
 @runtime_checkable
 class AsyncStepExecutor(Protocol):
     """An executor that can launch a step and hand back its output later (one rank in process)."""
 
-    def execute_async(self, scheduler_output: SchedulerOutput) -> Any: ...
+    def execute_async(self, scheduler_output: SchedulerOutput) -> PendingRunnerOutput: ...
 
 
 class EngineCore:
@@ -48,9 +55,10 @@ class EngineCore:
         self._init_kv_cache()
         self._init_scheduler()
         # (SchedulerOutput, StepOutput) of the step on the device (async scheduling only).
-        self._inflight = None
-        self.async_scheduling = (config.scheduler_config.async_scheduling
-                                 and isinstance(self.executor, AsyncStepExecutor))
+        self._inflight: tuple[SchedulerOutput, PendingRunnerOutput] | None = None
+        self._async_executor = (self.executor if config.scheduler_config.async_scheduling
+                                and isinstance(self.executor, AsyncStepExecutor) else None)
+        self.async_scheduling = self._async_executor is not None
 
     def _init_runner(self, runner: Executor | None) -> None:
         # An injected runner (tests) stands in for the executor: it offers the same methods.
@@ -132,17 +140,21 @@ class EngineCore:
         """Async scheduling: schedule and launch step N+1, then wait for step N's tokens (the
         device runs N+1 meanwhile) and turn them into outputs. Requests that need N's tokens on
         the host first (scheduler.can_schedule_ahead) make it wait for N before scheduling."""
+        assert self._async_executor is not None
         outputs = None
         if self._inflight is not None and not self.scheduler.can_schedule_ahead():
             outputs = self._finish_inflight()
         scheduler_output = self.scheduler.schedule()
-        launched = (scheduler_output, self.executor.execute_async(scheduler_output))
+        launched = (scheduler_output, self._async_executor.execute_async(scheduler_output))
         if self._inflight is not None:
             outputs = self._finish_inflight()
         self._inflight = launched
-        return outputs if outputs is not None else EngineOutputs(stats=self.scheduler.make_stats(), timestamp=time.time())
+        if outputs is None:   # the first step after idle: nothing has come back yet
+            outputs = EngineOutputs(stats=self.scheduler.make_stats(), timestamp=time.time())
+        return outputs
 
     def _finish_inflight(self) -> EngineOutputs:
+        assert self._inflight is not None
         scheduler_output, step_output = self._inflight
         self._inflight = None
         return self.scheduler.update_from_output(scheduler_output, step_output.result())

@@ -197,7 +197,7 @@ class Frontend:
         if isinstance(data, tuple) and len(data) == 2 and isinstance(data[1], dict):
             video = video_from_metadata(data[0], data[1], self.video_sampling_kwargs(mm_kwargs))
             return video, video
-        return video_from_frames(data), None
+        return video_from_frames(data), None  # type: ignore[arg-type]  # checked by video_from_frames
 
     def _complete_sampling_params(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
         """vLLM's length rules; max_tokens None -> what is left of max_model_len; a seed for every

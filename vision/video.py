@@ -192,7 +192,8 @@ def video_from_metadata(frames, metadata: dict, sampling_kwargs: dict | None = N
     video_fps, total = metadata.get("fps"), metadata.get("total_num_frames")
     if isinstance(video_fps, bool) or not isinstance(video_fps, (int, float)) or not 0 < video_fps <= MAX_VIDEO_FPS:
         raise MediaError(f"video metadata fps must be a number in (0, {MAX_VIDEO_FPS:g}], got {video_fps!r}")
-    if total is not None and (isinstance(total, bool) or not isinstance(total, int) or not 1 <= total <= MAX_TOTAL_FRAMES):
+    if total is not None and (isinstance(total, bool) or not isinstance(total, int)
+                              or not 1 <= total <= MAX_TOTAL_FRAMES):
         raise MediaError(f"video metadata total_num_frames must be a positive integer, got {total!r}")
     num_given = len(video.frames)
     if metadata.get("do_sample_frames"):

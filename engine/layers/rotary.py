@@ -1,6 +1,7 @@
 """Rotary position embedding (neox / rotate-half layout, as HF Qwen2), with the M-RoPE variant
 of Qwen2-VL: positions [3, T] (temporal, height, width) and `mrope_section` saying which
-frequencies read which row (in blocks; interleaved t/h/w for Qwen3-VL, `mrope_interleaved`). Caller: attention blocks; application is `kernels.apply_rotary`.
+frequencies read which row (in blocks; interleaved t/h/w for Qwen3-VL, `mrope_interleaved`).
+Caller: attention blocks; application is `kernels.apply_rotary`.
 
 cos_sin_cache [max_position, head_dim]: row p = cos(p * inv_freq) | sin(p * inv_freq), each half
 head_dim/2 wide. Computed in float32 and cast to the model dtype, as HF casts cos/sin to x.dtype.

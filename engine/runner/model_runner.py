@@ -158,8 +158,8 @@ class ModelRunner:
         batch = self.input_batch.prepare(scheduler_output)
         hidden, failed = self._forward(scheduler_output, batch)               # [T, H]
         if hidden is None:  # an earlier pipeline stage: the last samples, record_sampled tells us
-            return StepOutput.ready(ModelRunnerOutput(req_ids=batch.req_ids, sampled_token_ids=[[] for _ in batch.req_ids],
-                                                      failed=failed))
+            return StepOutput.ready(ModelRunnerOutput(
+                req_ids=batch.req_ids, sampled_token_ids=[[] for _ in batch.req_ids], failed=failed))
         sampler_output = self._sample(hidden, batch)
         if sampler_output is not None:
             self.input_batch.mark_launched(batch.sampling_req_ids, sampler_output.sampled_token_ids)

@@ -13,7 +13,8 @@ the engine's device). Images are exactly Qwen2-VL's. Videos differ:
     frames, "<{t:.1f} seconds><|vision_start|>" + pads + "<|vision_end|>", t the mean source time
     (frame index / source fps) of the group's first and last frame (an odd count repeats the last
     frame). Example, 4 frames at 2 fps from frames 0..3, 2 pads per group:
-        <|vision_start|><0.2 seconds><|vision_start|>PP<|vision_end|><1.2 seconds><|vision_start|>PP<|vision_end|><|vision_end|>
+        <|vision_start|><0.2 seconds><|vision_start|>PP<|vision_end|>
+            <1.2 seconds><|vision_start|>PP<|vision_end|><|vision_end|>     (one line in the prompt)
     The outer start/end come from the chat template. The timestamps are tokenised alone: in the
     rendered prompt they always sit between special tokens, where the tokenizer splits anyway.
 
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from vision.hashing import mm_hash
-from vision.inputs import IMAGE, VIDEO, MediaError, ProcessedMedia
+from vision.inputs import VIDEO, MediaError, ProcessedMedia
 from vision.processors.qwen2_vl import (Qwen2VLProcessingConfig, Qwen2VLProcessor, _config_int, _read_processor_dicts,
                                         resize_frames)
 from vision.video import VideoFrames
