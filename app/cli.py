@@ -113,6 +113,20 @@ class ServerConfig:
         return DecodeLimits(max_image_pixels=self.max_image_pixels, video=video)
 
 
+_SIZE_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def human_readable_int(text: str) -> int:
+    """vLLM's sizes: 1500, 25.6k (decimal: k m g t) or 2G (binary: K M G T)."""
+    value = text.strip()
+    try:
+        if value[-1:] in _SIZE_SUFFIXES:
+            return int(float(value[:-1]) * _SIZE_SUFFIXES[value[-1]])
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 2000000000, 2G, 500M, 1.5g)") from None
+
+
 def _add(parser: argparse.ArgumentParser, name: str, *aliases: str, **kwargs) -> None:
     """Register --a-b and --a_b (plus aliases) for one destination."""
     spellings = [f"--{name}"] + ([f"--{name.replace('-', '_')}"] if "-" in name else [])
@@ -123,7 +137,10 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     _add(parser, "model", default=UNSET, help="model directory or hub id (same as the positional MODEL)")
     _add(parser, "dtype", default=UNSET, help="auto, float32, bfloat16, float16")
     _add(parser, "max-model-len", type=int, default=UNSET)
-    _add(parser, "gpu-memory-utilization", type=float, default=UNSET)
+    _add(parser, "gpu-memory-utilization", type=float, default=UNSET, help="GPU only; see --kv-cache-memory-bytes")
+    _add(parser, "kv-cache-memory-bytes", type=human_readable_int, default=UNSET,
+         help="KV cache size, e.g. 2G or 500M (default on the CPU: --max-num-seqs requests of --max-model-len, "
+              "capped at half the available memory)")
     _add(parser, "max-num-seqs", type=int, default=UNSET)
     _add(parser, "max-num-batched-tokens", type=int, default=UNSET)
     _add(parser, "block-size", type=int, default=UNSET)
@@ -287,7 +304,7 @@ ENGINE_FLAGS = ("dtype", "max_model_len", "gpu_memory_utilization", "max_num_seq
                 "block_size", "enable_prefix_caching", "seed", "enforce_eager", "trust_remote_code",
                 "tensor_parallel_size", "pipeline_parallel_size", "cpu_offload_gb", "kv_cache_dtype",
                 "device", "num_gpu_blocks_override", "load_format", "distributed_executor_backend", "encoder_cache_size",
-                "deterministic",
+                "deterministic", "kv_cache_memory_bytes",
                 "mm_encoder_tp_mode")
 
 
