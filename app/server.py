@@ -23,7 +23,6 @@ from litestar import Litestar
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import SwaggerRenderPlugin
 
 from app.chat_templates import default_chat_template
 from app.cli import ServerConfig
@@ -31,6 +30,7 @@ from app.errors import EXCEPTION_HANDLERS
 from app.metrics import ServerMetrics
 from app.routes.chat import ChatController
 from app.routes.completions import CompletionsController
+from app.routes.docs import swagger_assets_router, swagger_render_plugin
 from app.routes.models import ModelsController
 from app.routes.ops import OpsController, package_version
 from app.routes.tokenize import TokenizeController
@@ -138,12 +138,13 @@ def create_app(engine_kwargs: dict, server_config: ServerConfig, client: Any = N
                engine_config: EngineConfig | None = None,
                on_engine_death: Callable[[], None] | None = None) -> Litestar:
     return Litestar(
-        route_handlers=[ChatController, CompletionsController, ModelsController, TokenizeController, OpsController],
+        route_handlers=[ChatController, CompletionsController, ModelsController, TokenizeController, OpsController,
+                        swagger_assets_router()],
         dependencies={"serving": Provide(_serving_from_state, sync_to_thread=False)},
         lifespan=[make_lifespan(engine_kwargs, server_config, client, engine_config, on_engine_death)],
         exception_handlers=EXCEPTION_HANDLERS,
         openapi_config=OpenAPIConfig(title="vlserve", version=package_version(), path="/docs",
-                                     render_plugins=[SwaggerRenderPlugin()]),
+                                     render_plugins=[swagger_render_plugin()]),
         request_max_body_size=server_config.request_max_body_size,
         logging_config=None,  # `serve` configures logging once; the app never rewires handlers
         debug=False,

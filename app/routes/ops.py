@@ -16,6 +16,9 @@ from app.errors import EngineDeadError
 from app.protocol import VersionResponse
 from app.serving import ServingContext
 
+# Litestar appends "; charset=utf-8" to text/* media types itself; prometheus_client's constant has one too.
+METRICS_MEDIA_TYPE = CONTENT_TYPE_LATEST.split("; charset=")[0]
+
 
 def package_version() -> str:
     try:
@@ -41,7 +44,7 @@ class OpsController(Controller):
     @get("/metrics")
     async def metrics(self, serving: NamedDependency[ServingContext]) -> Response[bytes]:
         serving.metrics.set_engine_stats(serving.client.stats)
-        return Response(serving.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(serving.metrics.render(), media_type=METRICS_MEDIA_TYPE)
 
     @get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request) -> dict:
