@@ -17,6 +17,9 @@ INSTALL_STEPS=${FIRST_COMMAND% && *}
 PORT=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 
 python -m venv "$VENV"
+# The PyTorch CPU index is unreachable from CI (pip then takes torch from the local find-links); without
+# retries pip gives up on it at once instead of backing off ~8 s for each of torch's dependencies.
+export PIP_RETRIES=0
 export PATH="$VENV/bin:$PATH" VIRTUAL_ENV="$VENV"
 unset PYTHONPATH
 start=$(date +%s)

@@ -15,12 +15,16 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from app.chat_templates import resolve_chat_template
-from app.media import DecodeLimits
+from app.listen import bind_listener
+from app.version import package_version
 from vision.fetch import FetchConfig
 from vision.limits import MultiModalLimits
-from vision.video import VideoDecodeLimits
+
+if TYPE_CHECKING:
+    from app.media import DecodeLimits
 
 UNSET = None  # argparse default for engine flags: "not given" -> left out of the engine kwargs
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -101,6 +105,10 @@ class ServerConfig:
             raise ValueError(f"media fetch flags: {exc}") from None
 
     def decode_limits(self) -> DecodeLimits:
+        # Imported here: they pull in torch, and `vlserve` binds its port before anything heavy loads.
+        from app.media import DecodeLimits
+        from vision.video import VideoDecodeLimits
+
         if self.max_image_pixels < 1:
             raise ValueError(f"--max-image-pixels: must be positive, got {self.max_image_pixels}")
         try:
@@ -252,6 +260,7 @@ def build_serve_parser(prog: str = "vlserve serve") -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlserve", allow_abbrev=False,
                                      description="Serve vision-language models with an OpenAI-compatible API.")
+    parser.add_argument("--version", action="version", version=package_version())
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible); see `vlserve serve --help`",
                    add_help=False)
@@ -362,13 +371,15 @@ def parse_serve_args(argv: list[str], prog: str = "vlserve serve") -> tuple[dict
 
 def run_serve(argv: list[str], prog: str) -> int:
     try:
+        address, _ = build_serve_parser(prog).parse_known_args(argv)
+        listener = bind_listener(address.host, address.port)  # first: a busy port fails before torch loads
         engine_kwargs, server_config = parse_serve_args(argv, prog)
     except ValueError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     from app.server import serve
 
-    return serve(engine_kwargs, server_config)
+    return serve(engine_kwargs, server_config, listener)
 
 
 def main(argv: list[str] | None = None) -> int:

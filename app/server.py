@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -32,9 +33,10 @@ from app.routes.chat import ChatController
 from app.routes.completions import CompletionsController
 from app.routes.docs import swagger_assets_router, swagger_render_plugin
 from app.routes.models import ModelsController
-from app.routes.ops import OpsController, package_version
+from app.routes.ops import OpsController
 from app.routes.tokenize import TokenizeController
 from app.serving import ServingContext
+from app.version import package_version
 from engine.config import EngineConfig
 from vision.fetch import MediaFetcher
 
@@ -151,8 +153,9 @@ def create_app(engine_kwargs: dict, server_config: ServerConfig, client: Any = N
     )
 
 
-def serve(engine_kwargs: dict, server_config: ServerConfig) -> int:
-    """Validate the engine configuration (a clear error before anything loads), then run uvicorn."""
+def serve(engine_kwargs: dict, server_config: ServerConfig, listener: socket.socket | None = None) -> int:
+    """Validate the engine configuration (a clear error before anything loads), then run uvicorn
+    (on `listener`, bound by the caller before the model loads, else on host:port)."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -174,7 +177,7 @@ def serve(engine_kwargs: dict, server_config: ServerConfig) -> int:
     # shutdown that drains the engine), then re-raises it under the handler found at start: make
     # that one a no-op so a drained SIGTERM ends with exit status 0, as service managers expect.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    server.run()
+    server.run(sockets=[listener] if listener is not None else None)
     return 1 if engine_died else 0
 
 
