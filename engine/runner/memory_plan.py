@@ -75,7 +75,7 @@ def plan_cpu(config: EngineConfig, shape: KVCacheShape, available_bytes: int | N
                 f"(--max-num-seqs {max_num_seqs} x --max-model-len {max_model_len} would need "
                 f"{wanted * shape.bytes_per_block / (1 << 30):.1f} GiB)")
     return MemoryPlan(num_blocks=min(wanted, cap), bytes_per_block=shape.bytes_per_block,
-                      sized_by=sized_by + "; set --kv-cache-memory-bytes to choose")
+                      sized_by=sized_by + "; --kv-cache-memory-bytes sets it (--gpu-memory-utilization is GPU only)")
 
 
 def available_memory_bytes() -> int:
