@@ -70,9 +70,9 @@ def log_startup_summary(serving: ServingContext) -> None:
     kv = (f"{num_blocks} blocks x {cache.block_size} tokens = {num_blocks * cache.block_size} tokens"
           if num_blocks else "sized by the engine core (its log line gives blocks and tokens)")
     limits = serving.config.limits
-    logger.info("vlserve %s serving %s as %s | dtype %s | device %s", package_version(), model.model,
+    logger.info("vlserve %s serving %s as %s | dtype %s | device %s | http://%s:%d", package_version(), model.model,
                 ", ".join(serving.config.served_names), str(model.dtype).removeprefix("torch."),
-                engine_config.device_config.device)
+                engine_config.device_config.device, serving.config.host, serving.config.port)
     logger.info("KV cache: %s | max_model_len %d | max_num_seqs %d | per prompt: image %d, video %d | "
                 "API key %s", kv, model.max_model_len, engine_config.scheduler_config.max_num_seqs,
                 limits.max_items("image"), limits.max_items("video"),

@@ -95,6 +95,9 @@ class ThreadCore:
 
 def core_process_main(config: EngineConfig, request_reader, output_writer) -> None:
     """Entry point of the engine-core process (spawned)."""
+    # A spawned process starts with no logging set up: without this its start-up plan (weights, KV cache
+    # size and what sized it) would be dropped. No-op when the parent's settings were inherited.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         from engine.core import EngineCore
 
