@@ -1,6 +1,7 @@
 """First-run command line: `vlserve --version`, a busy port failing before the model loads, and
 --kv-cache-memory-bytes (vLLM's flag and size spellings)."""
 
+import re
 import socket
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from app.cli import main, parse_serve_args
+from app.listen import bind_listener
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,6 +38,13 @@ def test_busy_port_fails_within_three_seconds_naming_the_flag(tiny_model_dir):
     assert result.returncode == 2, result.stderr
     assert f"--port {port}" in result.stderr and "another --port" in result.stderr
     assert elapsed < 3, f"a busy port took {elapsed:.1f} s to report"
+
+
+@pytest.mark.parametrize("host, port, needle", [("127.0.0.1", 70000, "--port: must be in [0, 65535]"),
+                                                ("no-such-host.invalid", 8000, "--host no-such-host.invalid")])
+def test_bad_listen_address_names_the_flag(host, port, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        bind_listener(host, port)
 
 
 @pytest.mark.parametrize("text, expected", [("123456789", 123456789), ("2G", 2 << 30), ("1.5g", 1_500_000_000),
