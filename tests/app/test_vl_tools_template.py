@@ -10,6 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from app.chat_templates import load_bundled
+from app.routes.chat import warn_tools_dropped
 from tests.app.test_chat_fake import TOOLS, chat, image_part, png_bytes
 
 # 200x150 -> smart_resize to 196x140 -> 14x10 patches of 14 -> merged 2x2: 35 placeholder tokens.
@@ -72,6 +73,7 @@ def test_tools_and_an_image_through_the_server(make_client, vl_frontend):
 
 
 def test_tools_dropped_by_the_template_are_logged_once(make_client, caplog):
+    warn_tools_dropped.cache_clear()  # "once" is per process; earlier tests may have sent tools already
     client, fake = make_client()  # the checkpoint's Qwen2-VL template, which ignores tools
     messages = [{"role": "user", "content": [image_part(png_bytes(64, 64)), {"type": "text", "text": "Weather?"}]}]
     with caplog.at_level(logging.WARNING, logger="vlserve.chat"):
