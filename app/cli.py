@@ -16,10 +16,27 @@ import os
 import sys
 
 from app.chat_templates import resolve_chat_template
+from app.listen import bind_listener
 from app.server_config import ServerConfig
+from app.version import package_version
 from vision.limits import MultiModalLimits, decode_limit_flag
 
 UNSET = None  # argparse default for engine flags: "not given" -> left out of the engine kwargs
+
+
+_SIZE_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+                  "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def human_readable_int(text: str) -> int:
+    """vLLM's sizes: 1500, 25.6k (decimal: k m g t) or 2G (binary: K M G T)."""
+    value = text.strip()
+    try:
+        if value[-1:] in _SIZE_SUFFIXES:
+            return int(float(value[:-1]) * _SIZE_SUFFIXES[value[-1]])
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 2000000000, 2G, 500M, 1.5g)") from None
 
 
 def _add(parser: argparse.ArgumentParser, name: str, *aliases: str, **kwargs) -> None:
@@ -32,7 +49,10 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     _add(parser, "model", default=UNSET, help="model directory or hub id (same as the positional MODEL)")
     _add(parser, "dtype", default=UNSET, help="auto, float32, bfloat16, float16")
     _add(parser, "max-model-len", type=int, default=UNSET)
-    _add(parser, "gpu-memory-utilization", type=float, default=UNSET)
+    _add(parser, "gpu-memory-utilization", type=float, default=UNSET, help="GPU only; see --kv-cache-memory-bytes")
+    _add(parser, "kv-cache-memory-bytes", type=human_readable_int, default=UNSET,
+         help="KV cache size, e.g. 2G or 500M (default on the CPU: --max-num-seqs requests of --max-model-len, "
+              "capped at half the available memory)")
     _add(parser, "max-num-seqs", type=int, default=UNSET)
     _add(parser, "max-num-batched-tokens", type=int, default=UNSET)
     _add(parser, "block-size", type=int, default=UNSET)
@@ -180,6 +200,7 @@ def build_serve_parser(prog: str = "vlserve serve") -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlserve", allow_abbrev=False,
                                      description="Serve vision-language models with an OpenAI-compatible API.")
+    parser.add_argument("--version", action="version", version=package_version())
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible); see `vlserve serve --help`",
                    add_help=False)
@@ -240,7 +261,7 @@ ENGINE_FLAGS = ("dtype", "max_model_len", "gpu_memory_utilization", "max_num_seq
                 "tensor_parallel_size", "pipeline_parallel_size", "cpu_offload_gb", "kv_cache_dtype",
                 "device", "num_gpu_blocks_override", "load_format", "distributed_executor_backend",
                 "encoder_cache_size",
-                "deterministic", "async_scheduling",
+                "deterministic", "async_scheduling", "kv_cache_memory_bytes",
                 "mm_encoder_tp_mode",
                 "tokenizer", "revision", "tokenizer_revision", "download_dir", "max_logprobs", "enable_chunked_prefill",
                 "generation_config", "mm_processor_cache_gb")
@@ -341,13 +362,15 @@ def parse_serve_args(argv: list[str], prog: str = "vlserve serve") -> tuple[dict
 
 def run_serve(argv: list[str], prog: str) -> int:
     try:
+        address, _ = build_serve_parser(prog).parse_known_args(argv)
+        listener = bind_listener(address.host, address.port)  # first: a busy port fails before torch loads
         engine_kwargs, server_config = parse_serve_args(argv, prog)
     except ValueError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     from app.server import serve
 
-    return serve(engine_kwargs, server_config)
+    return serve(engine_kwargs, server_config, listener)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -24,7 +25,6 @@ from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Server
 
 from app.chat_templates import default_chat_template
@@ -33,10 +33,12 @@ from app.errors import EXCEPTION_HANDLERS
 from app.metrics import ServerMetrics
 from app.routes.chat import ChatController
 from app.routes.completions import CompletionsController
+from app.routes.docs import swagger_assets_router, swagger_render_plugin
 from app.routes.models import ModelsController
-from app.routes.ops import OpsController, package_version
+from app.routes.ops import OpsController
 from app.routes.tokenize import TokenizeController
 from app.serving import ServingContext
+from app.version import package_version
 from engine.config import EngineConfig
 from engine.config_loader import create_engine_config
 from vision.decode_pool import ImageDecodePool, default_num_workers
@@ -75,9 +77,9 @@ def log_startup_summary(serving: ServingContext) -> None:
     kv = (f"{num_blocks} blocks x {cache.block_size} tokens = {num_blocks * cache.block_size} tokens"
           if num_blocks else "sized by the engine core (its log line gives blocks and tokens)")
     limits = serving.config.limits
-    logger.info("vlserve %s serving %s as %s | dtype %s | device %s", package_version(), model.model,
+    logger.info("vlserve %s serving %s as %s | dtype %s | device %s | http://%s:%d", package_version(), model.model,
                 ", ".join(serving.config.served_names), str(model.dtype).removeprefix("torch."),
-                engine_config.device_config.device)
+                engine_config.device_config.device, serving.config.host, serving.config.port)
     logger.info("KV cache: %s | max_model_len %d | max_num_seqs %d | per prompt: image %d, video %d | "
                 "API key %s", kv, model.max_model_len, engine_config.scheduler_config.max_num_seqs,
                 limits.max_items("image"), limits.max_items("video"),
@@ -152,7 +154,8 @@ def create_app(engine_kwargs: dict, server_config: ServerConfig, client: Any = N
                engine_config: EngineConfig | None = None,
                on_engine_death: Callable[[], None] | None = None) -> Litestar:
     return Litestar(
-        route_handlers=[ChatController, CompletionsController, ModelsController, TokenizeController, OpsController],
+        route_handlers=[ChatController, CompletionsController, ModelsController, TokenizeController, OpsController,
+                        swagger_assets_router()],
         dependencies={"serving": Provide(_serving_from_state, sync_to_thread=False)},
         lifespan=[make_lifespan(engine_kwargs, server_config, client, engine_config, on_engine_death)],
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]  # Litestar's handler map type is invariant
@@ -164,15 +167,16 @@ def create_app(engine_kwargs: dict, server_config: ServerConfig, client: Any = N
         # path); the schema names it as the server URL, as FastAPI does for vLLM.
         openapi_config=OpenAPIConfig(title="vlserve", version=package_version(), path="/docs",
                                      servers=[Server(url=server_config.root_path or "/")],
-                                     render_plugins=[SwaggerRenderPlugin()]),
+                                     render_plugins=[swagger_render_plugin()]),
         request_max_body_size=server_config.request_max_body_size,
         logging_config=None,  # `serve` configures logging once; the app never rewires handlers
         debug=False,
     )
 
 
-def serve(engine_kwargs: dict, server_config: ServerConfig) -> int:
-    """Validate the engine configuration (a clear error before anything loads), then run uvicorn."""
+def serve(engine_kwargs: dict, server_config: ServerConfig, listener: socket.socket | None = None) -> int:
+    """Validate the engine configuration (a clear error before anything loads), then run uvicorn
+    (on `listener`, bound by the caller before the model loads, else on host:port)."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -194,7 +198,7 @@ def serve(engine_kwargs: dict, server_config: ServerConfig) -> int:
     # shutdown that drains the engine), then re-raises it under the handler found at start: make
     # that one a no-op so a drained SIGTERM ends with exit status 0, as service managers expect.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    server.run()
+    server.run(sockets=[listener] if listener is not None else None)
     return 1 if engine_died else 0
 
 

@@ -5,12 +5,13 @@ validated once. Built by app.cli from the flags; read by app.server, app.serving
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from app.media import DecodeLimits
-from engine.chat_render import CONTENT_FORMATS
 from vision.fetch import FetchConfig
 from vision.limits import MultiModalLimits
-from vision.video import VideoDecodeLimits
+
+if TYPE_CHECKING:   # imported where used: they pull in torch, and `vlserve` binds its port first
+    from app.media import DecodeLimits
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
@@ -87,6 +88,8 @@ class ServerConfig:
             raise ValueError("--enable-auto-tool-choice requires --tool-call-parser (supported: hermes)")
         if self.tool_call_parser not in (None, "hermes"):
             raise ValueError(f"--tool-call-parser: {self.tool_call_parser!r} is not supported (supported: hermes)")
+        from engine.chat_render import CONTENT_FORMATS
+
         if self.chat_template_content_format not in CONTENT_FORMATS:
             raise ValueError(f"--chat-template-content-format: must be one of {', '.join(CONTENT_FORMATS)}, "
                              f"got {self.chat_template_content_format!r}")
@@ -110,6 +113,9 @@ class ServerConfig:
             raise ValueError(f"media fetch flags: {exc}") from None
 
     def decode_limits(self) -> DecodeLimits:
+        from app.media import DecodeLimits
+        from vision.video import VideoDecodeLimits
+
         if self.max_image_pixels < 1:
             raise ValueError(f"--max-image-pixels: must be positive, got {self.max_image_pixels}")
         try:

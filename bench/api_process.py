@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import binascii
 import io
 import multiprocessing
 import re
@@ -31,7 +30,7 @@ import harness  # noqa: F401 - puts the repo on sys.path
 
 from app.media import load_media
 from app.streaming import ChatStreamFormat, ChoiceProgress
-from engine.config import EngineConfig
+from engine.config_loader import create_engine_config
 from engine.detokenizer import OutputProcessor
 from engine.frontend import Frontend, MediaInput
 from engine.protocol import EngineOutput, FinishReason
@@ -162,7 +161,7 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=48, help="images loaded at once for the lag test")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    frontend = Frontend(EngineConfig.create(model=args.model_dir, device="cpu", max_model_len=4096))
+    frontend = Frontend(create_engine_config(model=args.model_dir, device="cpu", max_model_len=4096))
     harness.print_table("per 448x448 PNG image, CPU ms", image_stages(frontend))
     urls = [png_data_url(seed) for seed in range(1, args.burst + 1)]
     pool = ImageDecodePool(args.workers)

@@ -46,6 +46,7 @@ class MediaRef:
 class RenderedChat:
     prompt: str
     media: list[MediaRef] = field(default_factory=list)
+    tools_dropped: bool = False   # tools were given but the template left them out of the prompt
 
 
 def resolve_template_text(chat_template: str) -> str:
@@ -84,11 +85,16 @@ def render_chat(tokenizer, messages: list[dict], *, chat_template: str | None = 
                          f"got {content_format!r}")
     parts_wanted = wants_content_parts(template) if content_format == "auto" else content_format == "openai"
     conversation = [_normalize_message(m, parts_wanted, media) for m in messages]
-    prompt = tokenizer.apply_chat_template(
-        conversation, tools=tools, chat_template=template, tokenize=False,
-        add_generation_prompt=add_generation_prompt and not continue_final_message,
-        continue_final_message=continue_final_message, **extra)
-    return RenderedChat(prompt=prompt, media=media)
+
+    def apply(tools_to_render) -> str:
+        return tokenizer.apply_chat_template(
+            conversation, tools=tools_to_render, chat_template=template, tokenize=False,
+            add_generation_prompt=add_generation_prompt and not continue_final_message,
+            continue_final_message=continue_final_message, **extra)
+
+    prompt = apply(tools)
+    # A template that never reads `tools` (Qwen2-VL's, for one) renders the same text without them.
+    return RenderedChat(prompt=prompt, media=media, tools_dropped=bool(tools) and prompt == apply(None))
 
 
 def _tokenizer_template(tokenizer) -> str:

@@ -69,7 +69,8 @@ class ModelConfig:
 class CacheConfig:
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
-    # CPU: bytes of KV cache (there is no device memory to take a fraction of). None: 4 GiB.
+    # Bytes of KV cache (vLLM's flag; wins over gpu_memory_utilization). None on the CPU: room for
+    # max_num_seqs requests of max_model_len, capped by the available memory (runner/memory_plan.py).
     kv_cache_memory_bytes: int | None = None
     num_gpu_blocks_override: int | None = None
     enable_prefix_caching: bool = True

@@ -98,6 +98,9 @@ def core_process_main(config: EngineConfig, request_reader, output_writer) -> No
     """Entry point of the engine-core process (spawned). It leaves on SHUTDOWN or when the
     server's pipe closes, never on the process group's SIGTERM/SIGINT (engine.process_signals)."""
     ignore_group_stop_signals()
+    # A spawned process starts with no logging set up: without this its start-up plan (weights, KV cache
+    # size and what sized it) would be dropped. No-op when the parent's settings were inherited.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         from engine.core import EngineCore
 

@@ -56,9 +56,28 @@ def _hf_snapshot(model: str, revision: str | None, download_dir: str | None = No
                                  cache_dir=download_dir or _hf_cache_dir(),
                                  allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
                                                  "*.jinja", "*.tiktoken", "*.py"])
-    except Exception as exc:  # hub errors come in many classes; the message is what matters
+    except Exception as exc:  # hub errors come in many classes
         where = "the local HF cache (HF_HUB_OFFLINE=1)" if offline else "the HF hub or cache"
-        raise ValueError(f"--model: cannot find {model!r} in {where}: {exc}") from exc
+        raise ValueError(f"--model: cannot find {model!r} in {where}: {_hub_error_text(exc, model, offline)}") from exc
+
+
+def _hub_error_text(exc: Exception, model: str, offline: bool) -> str:
+    """What to do, in command-line terms (huggingface_hub's own texts speak of its Python arguments)."""
+    from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+
+    if offline:
+        return (f"it has not been downloaded. Unset HF_HUB_OFFLINE to let vlserve download it, download it "
+                f"first (hf download {model}), or pass a local directory as the model")
+    if isinstance(exc, GatedRepoError):
+        return "the model is gated: accept its terms on the hub, then set HF_TOKEN"
+    if isinstance(exc, RepositoryNotFoundError):
+        return "no such model on the hub (a private one needs HF_TOKEN)"
+    if isinstance(exc, RevisionNotFoundError):
+        return "--revision names no branch, tag or commit of this model"
+    if isinstance(exc, LocalEntryNotFoundError):
+        return "the hub cannot be reached and the model is not in the HF cache (set HF_HOME / HF_HUB_CACHE?)"
+    return str(exc).splitlines()[0]
 
 
 def _hf_cache_dir() -> str | None:

@@ -147,7 +147,8 @@ class MediaFetcher:
         host = parsed.host.lower().rstrip(".")
         domains = self.config.allowed_media_domains
         if domains and host not in domains:
-            raise MediaError(f"fetching media from {host} is not allowed on this server")
+            raise MediaError(f"fetching media from {host} is not allowed on this server (not in its "
+                              f"--allowed-media-domains)")
         is_exempt = self.config.allow_private_addresses or host in domains
         address = await _resolve(host, parsed.port or (443 if parsed.scheme == "https" else 80), is_exempt)
         return _Target(url=parsed.copy_with(host=address), host=host, host_header=parsed.netloc.decode("ascii"))
@@ -155,13 +156,15 @@ class MediaFetcher:
     def _read_local(self, url: str) -> bytes:
         root = self.config.allowed_local_media_path
         if not root:
-            raise MediaError("file:// media URLs are not allowed on this server")
+            raise MediaError("file:// media URLs are not allowed on this server (it was started without "
+                             "--allowed-local-media-path)")
         parsed = urlsplit(url)
         if parsed.netloc not in ("", "localhost"):
             raise MediaError("file:// media URLs must not name a remote host")
         path = Path(os.path.realpath(unquote(parsed.path)))  # symlinks and '..' resolved
         if not path.is_relative_to(Path(os.path.realpath(root))):
-            raise MediaError("the file:// media URL is outside the allowed local media path")
+            raise MediaError("the file:// media URL is outside the allowed local media path "
+                             "(--allowed-local-media-path)")
         if not path.is_file():
             raise MediaError("the file:// media URL does not name an existing file")
         if path.stat().st_size > self.config.max_bytes:
@@ -173,7 +176,11 @@ class MediaFetcher:
         return data
 
     def _too_large(self) -> MediaError:
-        return MediaError(f"the media is larger than this server's limit of {self.config.max_bytes} bytes")
+        return too_large(self.config.max_bytes)
+
+
+def too_large(max_bytes: int) -> MediaError:
+    return MediaError(f"the media is larger than this server's limit of {max_bytes} bytes (--max-media-bytes)")
 
 
 def decode_data_url(url: str, max_bytes: int) -> bytes:
@@ -188,7 +195,7 @@ def decode_data_url(url: str, max_bytes: int) -> bytes:
     if not data:
         raise MediaError("the data URL is empty")
     if len(data) > max_bytes:
-        raise MediaError(f"the media is larger than this server's limit of {max_bytes} bytes")
+        raise too_large(max_bytes)
     return data
 
 
@@ -249,7 +256,9 @@ async def _resolve(host: str, port: int, is_exempt: bool) -> str:
     if not addresses:
         raise MediaError(f"could not resolve the media host {host}")
     if not is_exempt and not all(_is_public(address) for address in addresses):
-        raise MediaError(f"refusing to fetch media from {host}: it is a private or local network address")
+        raise MediaError(f"refusing to fetch media from {host}: it is a private or local network address "
+                         f"(a server started with --allow-private-media-addresses, or with {host} in "
+                         f"--allowed-media-domains, fetches it)")
     return str(addresses[0])
 
 

@@ -8,6 +8,8 @@ settings (tools, response_format, request chat templates) are in `check_chat_opt
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 from typing import Any
 
 import msgspec
@@ -26,6 +28,8 @@ from app.responses import chat_response
 from app.server_config import ServerConfig
 from app.serving import ServingContext
 from app.streaming import ChatStreamFormat, chat_events
+
+logger = logging.getLogger("vlserve.chat")
 
 
 def check_chat_options(data: ChatCompletionRequest, config: ServerConfig) -> bool:
@@ -48,6 +52,14 @@ def check_chat_options(data: ChatCompletionRequest, config: ServerConfig) -> boo
     return True
 
 
+@functools.lru_cache(maxsize=8)
+def warn_tools_dropped(template: str) -> None:
+    """Logged once per template (the cache is the "once")."""
+    logger.warning("a request's tools were dropped: the chat template in use does not render tools, so the "
+                   "model never sees them. For Qwen2.5-VL use --chat-template qwen2_5_vl_tools (README: "
+                   "'Tools'); template starts %r", template[:60])
+
+
 def message_dicts(data: ChatCompletionRequest) -> list[dict]:
     return [msgspec.to_builtins(message) for message in data.messages]
 
@@ -65,6 +77,8 @@ async def build_chat_request(data: ChatCompletionRequest, serving: ServingContex
         chat_template=data.chat_template or serving.chat_template,
         add_generation_prompt=data.add_generation_prompt, continue_final_message=data.continue_final_message,
         chat_template_kwargs=data.chat_template_kwargs, content_format=serving.config.chat_template_content_format)
+    if rendered.tools_dropped:
+        warn_tools_dropped(data.chat_template or serving.chat_template or "the model's own chat template")
     media = await load_media(rendered.media, serving.fetcher, serving.config.limits,
                              decode_limits=serving.config.decode_limits(),
                              on_fetched=ticket.add_media_bytes if ticket else lambda num_bytes: None,

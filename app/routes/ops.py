@@ -6,8 +6,6 @@ Caller: Litestar (registered by app.server).
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
 from litestar import Controller, MediaType, Request, Response, get
 from litestar.di import NamedDependency
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -15,13 +13,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from app.errors import EngineDeadError
 from app.protocol import VersionResponse
 from app.serving import ServingContext
+from app.version import package_version
 
-
-def package_version() -> str:
-    try:
-        return version("vlserve")
-    except PackageNotFoundError:
-        return "0.0.0+unknown"
+# Litestar appends "; charset=utf-8" to text/* media types itself; prometheus_client's constant has one too.
+METRICS_MEDIA_TYPE = CONTENT_TYPE_LATEST.split("; charset=")[0]
 
 
 class OpsController(Controller):
@@ -41,7 +36,7 @@ class OpsController(Controller):
     @get("/metrics")
     async def metrics(self, serving: NamedDependency[ServingContext]) -> Response[bytes]:
         serving.metrics.set_engine_stats(serving.client.stats)
-        return Response(serving.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(serving.metrics.render(), media_type=METRICS_MEDIA_TYPE)
 
     @get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request) -> dict:

@@ -136,8 +136,9 @@ class ModelRunner:
         shape = self.kv_cache_shape()
         self.kv_caches = []
         for _ in range(shape.num_layers):
-            kv = torch.zeros(2, num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim,
-                             dtype=shape.dtype, device=self.device)
+            dims = (2, num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim)
+            kv = (memory_plan.zeroed_host_tensor(dims, shape.dtype) if self.device.type == "cpu"
+                  else torch.zeros(dims, dtype=shape.dtype, device=self.device))
             self.kv_caches.append((kv[0], kv[1]))
 
     # --- one step ----------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import json
 import mimetypes
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -86,15 +87,17 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=300.0)
-    parser.add_argument("--output", default=None, help="write one JSON line per item (prediction, correct)")
+    parser.add_argument("--output", type=Path, default=Path(tempfile.gettempdir()) / "vlserve-eval" / "predictions.jsonl",
+                        help="where to write one JSON line per item (prediction, correct); default: %(default)s")
     parser.add_argument("--min-accuracy", type=float, default=None, help="exit 1 below this accuracy")
     args = parser.parse_args()
     items = [json.loads(line) for line in Path(args.data).read_text().splitlines() if line.strip()]
     start = time.perf_counter()
     results = asyncio.run(evaluate(args, items))
     summary = report(results, time.perf_counter() - start)
-    if args.output:
-        Path(args.output).write_text("".join(json.dumps(r) + "\n" for r in results))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text("".join(json.dumps(r) + "\n" for r in results))
+    print(f"predictions: {args.output}", file=sys.stderr)
     for failure in [r for r in results if r.get("error")][:5]:
         print(f"failed: {failure['image']}: {failure['error']}", file=sys.stderr)
     print(json.dumps(summary))

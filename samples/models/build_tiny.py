@@ -54,7 +54,7 @@ def text_kwargs(name: str, ids: dict[str, int], shape: str = "default") -> dict:
     return dict(
         vocab_size=VOCAB_SIZES[name] + (13 if alt else 0), hidden_size=96 if alt else 64,
         intermediate_size=160 if alt else 128, num_hidden_layers=layers, num_attention_heads=6 if alt else 4,
-        num_key_value_heads=1 if alt else 2, hidden_act="silu", max_position_embeddings=4096,
+        num_key_value_heads=1 if alt else 2, hidden_act="silu", max_position_embeddings=8192,
         rms_norm_eps=1e-6, rope_parameters=rope, use_sliding_window=False, max_window_layers=layers,
         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
     )
@@ -192,15 +192,20 @@ def make_hf_tokenizer(chat_template: str):
 
 
 def write_tokenizer_files(name: str, out_dir: Path) -> dict[str, int]:
-    """Tokenizer (+ processor configs for VL) in the layout transformers 5 saves; returns special ids."""
+    """Tokenizer (+ processor configs for VL) in the layout transformers 5 saves; returns special ids.
+
+    The VL processor files are written as JSON rather than through the processors' save_pretrained:
+    instantiating transformers' video processors demands torchvision, which serving does not need."""
     template = {"qwen2": QWEN2_5_CHAT_TEMPLATE, "qwen3_vl": (CHAT_TEMPLATES_DIR / "qwen3_vl.jinja").read_text()
                 }.get(name, QWEN2_VL_CHAT_TEMPLATE)
     tokenizer = make_hf_tokenizer(template)
-    if name == "qwen2":
-        tokenizer.save_pretrained(out_dir)
-    else:
-        make_processor(name, tokenizer).save_pretrained(out_dir)
-        (out_dir / "processor_config.json").unlink()  # hub checkpoints ship the two files below instead
+    tokenizer.save_pretrained(out_dir)
+    if name != "qwen2":
+        processor_class = PROCESSOR_CLASSES[name]
+        tokenizer_config_path = out_dir / "tokenizer_config.json"
+        tokenizer_config = json.loads(tokenizer_config_path.read_text())
+        tokenizer_config["processor_class"] = processor_class  # what the processor's save adds
+        tokenizer_config_path.write_text(json.dumps(tokenizer_config, indent=2, sort_keys=True) + "\n")
         write_preprocessor_configs(name, out_dir)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS + NON_SPECIAL_ADDED_TOKENS}
     if ids != special_token_ids(train_tokenizer()):
@@ -208,27 +213,7 @@ def write_tokenizer_files(name: str, out_dir: Path) -> dict[str, int]:
     return ids
 
 
-def make_processor(name: str, tokenizer):
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
-
-    if name == "qwen3_vl":
-        return make_qwen3_vl_processor(tokenizer)
-    processor_class = Qwen2VLProcessor if name == "qwen2_vl" else Qwen2_5_VLProcessor
-    image_processor = Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
-    video_processor = Qwen2VLVideoProcessor(min_pixels=VIDEO_MIN_PIXELS, max_pixels=VIDEO_MAX_PIXELS)
-    return processor_class(image_processor=image_processor, tokenizer=tokenizer,
-                           video_processor=video_processor, chat_template=tokenizer.chat_template)
-
-
-def make_qwen3_vl_processor(tokenizer):
-    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
-
-    image_processor = Qwen2VLImageProcessor(size=QWEN3_IMAGE_SIZE, patch_size=16, image_mean=QWEN3_MEAN_STD,
-                                            image_std=QWEN3_MEAN_STD)
-    video_processor = Qwen3VLVideoProcessor(size=QWEN3_VIDEO_SIZE, patch_size=16, image_mean=QWEN3_MEAN_STD,
-                                            image_std=QWEN3_MEAN_STD, cap_pixels_per_frame=True)
-    return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
-                            chat_template=tokenizer.chat_template)
+PROCESSOR_CLASSES = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
 
 
 def write_qwen3_vl_preprocessor_configs(out_dir: Path) -> None:
@@ -243,27 +228,23 @@ def write_qwen3_vl_preprocessor_configs(out_dir: Path) -> None:
 
 
 def write_preprocessor_configs(name: str, out_dir: Path) -> None:
-    """Overwrite preprocessor_config.json with the exact shape the Qwen hub checkpoints ship."""
+    """preprocessor_config.json and video_preprocessor_config.json in the shape the Qwen hub checkpoints ship."""
     if name == "qwen3_vl":
         return write_qwen3_vl_preprocessor_configs(out_dir)
-    processor_class = "Qwen2VLProcessor" if name == "qwen2_vl" else "Qwen2_5_VLProcessor"
-    image = {
-        "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS, "patch_size": 14, "temporal_patch_size": 2,
-        "merge_size": 2, "image_mean": IMAGE_MEAN, "image_std": IMAGE_STD,
-        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": processor_class,
-    }
+    processor_class = PROCESSOR_CLASSES[name]
+    geometry = {"patch_size": 14, "temporal_patch_size": 2, "merge_size": 2}
+    normalisation = {"image_mean": IMAGE_MEAN, "image_std": IMAGE_STD}
+    image = {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS, **geometry, **normalisation,
+             "image_processor_type": "Qwen2VLImageProcessor", "processor_class": processor_class}
     (out_dir / "preprocessor_config.json").write_text(json.dumps(image, indent=2) + "\n")
-    video_path = out_dir / "video_preprocessor_config.json"
-    video = json.loads(video_path.read_text()) if video_path.exists() else {}
-    video.update({
-        "min_pixels": VIDEO_MIN_PIXELS, "max_pixels": VIDEO_MAX_PIXELS, "patch_size": 14,
-        "temporal_patch_size": 2, "merge_size": 2, "image_mean": IMAGE_MEAN, "image_std": IMAGE_STD,
-        "video_processor_type": "Qwen2VLVideoProcessor", "processor_class": processor_class,
+    video = {
+        "min_pixels": VIDEO_MIN_PIXELS, "max_pixels": VIDEO_MAX_PIXELS, **geometry, **normalisation,
+        "processor_class": processor_class, "video_processor_type": "Qwen2VLVideoProcessor",
         "size": {"shortest_edge": VIDEO_MIN_PIXELS, "longest_edge": VIDEO_MAX_PIXELS},
         # qwen-vl-utils' total-pixel budget per video; transformers' default from v5.22 on, explicit here.
         "cap_pixels_per_frame": True,
-    })
-    video_path.write_text(json.dumps(video, indent=2, sort_keys=True) + "\n")
+    }
+    (out_dir / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2, sort_keys=True) + "\n")
 
 
 def shard_in_two(out_dir: Path) -> None:

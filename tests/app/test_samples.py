@@ -4,6 +4,7 @@ FakeEngineClient (its scripted replies are the oracle for what the scripts must 
 import functools
 import http.server
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -89,3 +90,16 @@ def test_eval_script(api, media_dir, tmp_path):
     assert summary["accuracy"] == pytest.approx(expected_accuracy) and summary["requests_per_s"] > 0
     assert len(output.read_text().splitlines()) == len(items)
     assert "eval" in out.stderr  # the progress bar
+
+
+def test_eval_script_writes_outside_the_repository_by_default(api, media_dir, tmp_path):
+    """Without --output the predictions go to the temporary directory (TMPDIR here), not the checkout."""
+    data = REPO / "samples" / "eval" / "orientation.jsonl"
+    result = subprocess.run([sys.executable, str(REPO / "samples" / "eval" / "eval_vqa.py"), "--data", str(data),
+                             "--media-dir", str(media_dir), "--base-url", api],
+                            capture_output=True, text=True, timeout=120, cwd=REPO,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    written = tmp_path / "vlserve-eval" / "predictions.jsonl"
+    assert len(written.read_text().splitlines()) == len(data.read_text().splitlines())
+    assert f"predictions: {written}" in result.stderr

@@ -81,7 +81,7 @@ def test_qwen3_vl_moe_is_refused_with_the_reason(tmp_path):
 
     Qwen3VLMoeConfig(architectures=["Qwen3VLMoeForConditionalGeneration"]).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="Qwen3-VL MoE .* fused MoE kernels.*dense Qwen3-VL"):
-        EngineConfig.create(model=str(tmp_path), device="cpu")
+        create_engine_config(model=str(tmp_path), device="cpu")
 
 
 def test_missing_model_directory(tmp_path):
