@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The closing device call of issue 14 (one lease): tune the mid/large linear tiles (kernels/linear_tiles.json,
-# copied to $OUT), then W4-VL served (vlserve bench serve at 1/16/64 clients, deterministic default; 64 with
+# The closing device call (one lease): the vision memory check of issue 16 (0.95 utilisation, largest image),
+# then W4-VL served (vlserve bench serve at 1/16/64 clients, deterministic default; 64 with
 # --no-deterministic), W2 + W1 (median of 5) + determinism, W1 --no-deterministic, transformers baselines.
 # Carry build/h11wheels and build/w4wheels (bench/fetch_gpu_wheels.sh).
 set -uo pipefail
@@ -13,11 +13,8 @@ export PYTHONPATH=$(pwd):/tmp/site PATH=/tmp/site/bin:$PATH
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 start=$(date +%s)
-for range in mid large; do
-  timeout 90 python3 bench/tune_linear.py --shapes 3b --range $range --write-table 2>&1 | grep -v "^skip" | tee -a "$OUT/tune.log"
-done
-cp kernels/linear_tiles.json "$OUT/"
-echo "[tune done at $(( $(date +%s) - start )) s]"
+timeout 150 python3 bench/check_vision_memory.py 2>&1 | grep -v -i "warn" | grep -iE "plan|encoder|tower|peak|KV cache|OK|FAIL|error|out of memory" | tail -14
+echo "[vision memory check done at $(( $(date +%s) - start )) s]"
 nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 250 > "$OUT/gpu_util_w4.txt" &
 smi=$!
 # py-spy of the server's processes (API, engine core, decode workers) for 10 s into the 64-client level
