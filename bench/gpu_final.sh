@@ -13,25 +13,32 @@ export PYTHONPATH=$(pwd):/tmp/site PATH=/tmp/site/bin:$PATH
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 start=$(date +%s)
-timeout 150 python3 bench/check_vision_memory.py 2>&1 | grep -v -i "warn" | grep -iE "plan|encoder|tower|peak|KV cache|OK|FAIL|error|out of memory" | tail -14
-echo "[vision memory check done at $(( $(date +%s) - start )) s]"
+log() { tee -a "$OUT/final.log"; }
+stamp() { echo "[$1 done at $(( $(date +%s) - start )) s]" | log; }
 nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 250 > "$OUT/gpu_util_w4.txt" &
 smi=$!
 # py-spy of the server's processes (API, engine core, decode workers) for 10 s into the 64-client level
 (sleep 58; mkdir -p /tmp/pyspy; for pid in $(pgrep -f "spawn_main|-m app"); do
    py-spy record -d 10 -r 50 -f raw -o /tmp/pyspy/pid_$pid.txt --pid $pid >/dev/null 2>&1 &
- done; wait; ps -eo pid,args | grep -E "spawn_main|-m app" > /tmp/pyspy/ps.txt) &
-timeout 200 python3 bench/w4_serving.py --levels 1,16,64 --min-prompts 32 2>&1 | grep -v -i "warn\|INFO\|it/s\]" | tail -16
-cp bench/results/w4_serving.json bench/results/w4_det.json 2>/dev/null
-timeout 100 python3 bench/w4_serving.py --levels 64 --min-prompts 32 \
-  --server-args "--load-format dummy --max-model-len 8000 --gpu-memory-utilization 0.9 --no-deterministic" 2>&1 \
-  | grep -v -i "warn\|INFO\|it/s\]" | tail -6
-cp bench/results/w4_serving.json bench/results/w4_nondet.json 2>/dev/null
+ done; wait; ps -eo pid,args | grep -E "spawn_main|-m app" > /tmp/pyspy/ps.txt
+ tar czf "$OUT/pyspy.tgz" /tmp/pyspy 2>/dev/null) &
+timeout 200 python3 bench/w4_serving.py --levels 1,16,64 --min-prompts 32 2>&1 | grep -v -i "warn\|INFO\|it/s\]" | tail -16 | log
 kill $smi 2>/dev/null
-echo "[w4 done at $(( $(date +%s) - start )) s]"
-timeout 150 python3 bench/run_all.py --parts det --runs 5 2>&1 | grep -v -i "warn" | grep -E "W1|W2|stage|determinism|start|median|runs" | head -30
-timeout 70 python3 bench/run_all.py --parts nondet --runs 3 2>&1 | grep -E "W1 out|median|runs \(s\)" | head -6
-timeout 80 python3 bench/run_all.py --parts hf 2>&1 | grep -v -i warn | tail -4
-python3 bench/run_all.py --summarize 2>&1 | tail -22
-tar czf "$OUT/results.tgz" bench/results/*.json /tmp/pyspy 2>/dev/null
-echo "[all done at $(( $(date +%s) - start )) s]"
+cp bench/results/w4_serving.json "$OUT/w4_det.json" 2>/dev/null
+stamp "W4 det"
+timeout 150 python3 bench/run_all.py --parts det --runs 5 2>&1 | grep -v -i "warn" \
+  | grep -E "W1|W2|stage|determinism|start|median|runs|requests/s|output tokens" | head -30 | log
+cp bench/results/run_all_det.json "$OUT/" 2>/dev/null
+stamp "det"
+timeout 120 python3 bench/check_vision_memory.py 2>&1 | grep -v -i "warn" \
+  | grep -iE "plan|encoder|tower|peak|KV cache|OK|FAIL|error|out of memory" | tail -14 | log
+stamp "vision memory"
+timeout 90 python3 bench/w4_serving.py --levels 64 --min-prompts 32 \
+  --server-args "--load-format dummy --max-model-len 8000 --gpu-memory-utilization 0.9 --no-deterministic" 2>&1 \
+  | grep -v -i "warn\|INFO\|it/s\]" | tail -6 | log
+stamp "W4 nondet"
+timeout 70 python3 bench/run_all.py --parts nondet --runs 3 2>&1 | grep -E "W1 out|median|runs \(s\)" | head -6 | log
+timeout 80 python3 bench/run_all.py --parts hf 2>&1 | grep -v -i warn | tail -4 | log
+python3 bench/run_all.py --summarize 2>&1 | tail -22 | log
+tar czf "$OUT/results.tgz" bench/results/*.json 2>/dev/null
+stamp "all"
