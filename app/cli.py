@@ -151,6 +151,9 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     _add(parser, "device", default=UNSET, help="auto, cpu or cuda")
     _add(parser, "num-gpu-blocks-override", type=int, default=UNSET)
     _add(parser, "load-format", default=UNSET, help="auto, safetensors or dummy")
+    _add(parser, "structured-outputs-config", default=UNSET,
+         help='JSON, e.g. {"backend": "auto|guidance|xgrammar", "disable_any_whitespace": false, '
+              '"disable_additional_properties": false}')
 
 
 def _add_server_flags(parser: argparse.ArgumentParser) -> None:
@@ -299,6 +302,8 @@ def engine_kwargs_from(args: argparse.Namespace, model: str) -> dict:
         kwargs["limit_mm_per_prompt"] = parse_limit_mm_per_prompt(args.limit_mm_per_prompt)
     if args.mm_processor_kwargs is not None:
         kwargs["mm_processor_kwargs"] = _parse_json("mm-processor-kwargs", args.mm_processor_kwargs)
+    if args.structured_outputs_config is not None:
+        kwargs["structured_outputs_config"] = _parse_json("structured-outputs-config", args.structured_outputs_config)
     return kwargs
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from engine.structured_output.config import StructuredOutputsConfig
+
 _DTYPES = {
     "float32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -159,6 +161,7 @@ class EngineConfig:
     parallel_config: ParallelConfig
     device_config: DeviceConfig
     multimodal_config: MultiModalConfig
+    structured_outputs_config: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
 
     @staticmethod
     def create(**kwargs: Any) -> "EngineConfig":

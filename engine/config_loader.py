@@ -14,6 +14,7 @@ import torch
 
 from engine.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, MultiModalConfig,
                            ParallelConfig, SchedulerConfig, resolve_device, resolve_dtype)
+from engine.structured_output.config import StructuredOutputsConfig
 from engine.weights import resolve_model_path
 
 # Every keyword we accept, with its default. Anything else is a TypeError naming it.
@@ -29,6 +30,7 @@ ENGINE_ARG_DEFAULTS: dict[str, Any] = {
     "mm_encoder_tp_mode": "data",
     "enforce_eager": False, "deterministic": True,
     "limit_mm_per_prompt": None, "mm_processor_kwargs": None, "encoder_cache_size": None,
+    "structured_outputs_config": None,
 }
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
@@ -65,6 +67,7 @@ def build_engine_config(**kwargs: Any) -> EngineConfig:
         device_config=DeviceConfig(device=device, enforce_eager=bool(args["enforce_eager"]),
                                    deterministic=bool(args["deterministic"])),
         multimodal_config=_multimodal_config(args),
+        structured_outputs_config=StructuredOutputsConfig.parse(args["structured_outputs_config"]),
     )
 
 

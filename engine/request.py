@@ -68,6 +68,8 @@ class Request:
         # Prompt logprobs arrive chunk by chunk and are sent once the prompt is fully computed.
         self.prompt_logprobs: list[TokenLogprobs | None] = []
         self.has_sent_prompt_logprobs = False
+        # Its grammar and matcher (engine.structured_output.manager), set when the scheduler admits it.
+        self.structured_output = None
 
     @classmethod
     def from_engine_request(cls, engine_request: EngineRequest) -> "Request":
@@ -95,6 +97,12 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def use_structured_output(self) -> bool:
+        """Its next step's token bitmask depends on the token sampled this step: an overlapped
+        (async) schedule must not run ahead of a batch holding such a request."""
+        return self.sampling_params.structured_outputs is not None
 
     @property
     def wants_prompt_logprobs(self) -> bool:

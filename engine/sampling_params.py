@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import msgspec
 
+from engine.structured_output.params import GuidedDecodingParams, StructuredOutputsParams
+
+__all__ = ["GuidedDecodingParams", "SamplingParams", "StructuredOutputsParams"]
+
 MAX_LOGPROBS = 20
 
 
@@ -32,6 +36,8 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tr
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     detokenize: bool = True
+    # One output constraint (JSON schema, regex, choice, grammar, ...); see engine/structured_output.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def validate(self) -> "SamplingParams":
         checks = [
@@ -58,6 +64,8 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tr
                 raise ValueError(f"{field} {message}, got {getattr(self, field)!r}")
         if self.stop is not None and any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.structured_outputs is not None:
+            self.structured_outputs.validate()
         return self
 
     @property

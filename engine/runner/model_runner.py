@@ -28,7 +28,7 @@ from engine.runner.input_batch import InputBatch, StepBatch
 from engine.runner_output import ModelRunnerOutput
 from engine.sampler import Sampler, compute_logprobs
 from engine.sampling_params import SamplingParams
-from engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
+from engine.scheduler_output import CachedRequestData, GrammarBitmask, NewRequestData, SchedulerOutput
 from engine.weights import init_dummy_weights, iterate_weights, load_checked
 
 logger = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class ModelRunner:
         hidden, failed = self._forward(scheduler_output, batch)               # [T, H]
         if hidden is None:  # an earlier pipeline stage: the last samples, record_sampled tells us
             return ModelRunnerOutput(req_ids=batch.req_ids, sampled_token_ids=[[] for _ in batch.req_ids], failed=failed)
-        sampled, logprobs = self._sample(hidden, batch)
+        sampled, logprobs = self._sample(hidden, batch, scheduler_output.grammar_bitmask)
         sampled_token_ids = [[sampled[r]] if r in sampled else [] for r in batch.req_ids]
         self.input_batch.append_sampled(batch.req_ids, sampled_token_ids)
         return ModelRunnerOutput(req_ids=batch.req_ids, sampled_token_ids=sampled_token_ids,
@@ -201,11 +201,16 @@ class ModelRunner:
         state.mrope_positions, state.mrope_delta = self.model.get_mrope_positions(
             state.prompt_token_ids, state.mm_items)
 
-    def _sample(self, hidden: torch.Tensor, batch: StepBatch):
+    def _sample(self, hidden: torch.Tensor, batch: StepBatch, grammar_bitmask: GrammarBitmask | None):
         """-> ({req_id: token}, {req_id: [TokenLogprobs]}) for the requests that sample."""
         if not batch.sampling_req_ids:
             return {}, {}
         logits = self.model.compute_logits(hidden[batch.logits_indices])   # [S, vocab]
+        if grammar_bitmask is not None:   # [structured outputs] the sampler masks these rows
+            row_of = {req_id: row for row, req_id in enumerate(batch.sampling_req_ids)}
+            rows = [row_of[req_id] for req_id in grammar_bitmask.req_ids]
+            batch.sampling.grammar_rows = torch.tensor(rows, device=logits.device)
+            batch.sampling.grammar_bitmask = grammar_bitmask.bitmask.to(logits.device, non_blocking=True)
         out = self.sampler(logits, batch.sampling)
         tokens = out.sampled_token_ids.tolist()
         sampled = dict(zip(batch.sampling_req_ids, tokens))
