@@ -30,8 +30,6 @@ from app.streaming import ChatStreamFormat, chat_events
 
 def check_chat_options(data: ChatCompletionRequest, config: ServerConfig) -> bool:
     """ValueError for options this server refuses; returns whether tool calls are parsed."""
-    if data.response_format is not None and data.response_format.type != "text":
-        raise ValueError(f"response_format type {data.response_format.type!r} is not supported (only 'text')")
     if data.chat_template is not None and not config.trust_request_chat_template:
         raise ValueError("chat_template in the request is refused: start the server with "
                          "--trust-request-chat-template to allow it")

@@ -49,6 +49,13 @@ def resolve_structured_outputs(params: StructuredOutputsParams,
 
 
 def _choose_backend(requested: str, spec: GrammarSpec) -> tuple[str | None, str | None]:
+    if spec.kind == "json":
+        # xgrammar compiles a schema with keywords it does not implement (not, if/then, uniqueItems,
+        # unknown formats) by ignoring them: the output would "fail open". llguidance names them, so
+        # its verdict on a JSON schema holds whichever backend compiles it.
+        error = check_spec("guidance", spec)
+        if error is not None:
+            return None, _invalid(spec, [f"guidance: {error}"])
     candidates = ("guidance", "xgrammar") if requested == "auto" else (requested,)
     errors = []
     for backend in candidates:
@@ -56,4 +63,8 @@ def _choose_backend(requested: str, spec: GrammarSpec) -> tuple[str | None, str 
         if error is None:
             return backend, None
         errors.append(f"{backend}: {error}")
-    return None, f"structured outputs: the {spec.kind} constraint is invalid or unsupported ({'; '.join(errors)})"
+    return None, _invalid(spec, errors)
+
+
+def _invalid(spec: GrammarSpec, errors: list[str]) -> str:
+    return f"structured outputs: the {spec.kind} constraint is invalid or unsupported ({'; '.join(errors)})"

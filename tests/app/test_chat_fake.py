@@ -101,7 +101,9 @@ def test_refusals_are_400_with_openai_error_shape(make_client):
     cases = [
         (chat([{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]),
          "input_audio"),
-        (chat(user, response_format={"type": "json_object"}), "response_format"),
+        (chat(user, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}),
+         "Invalid type: foo"),
+        (chat(user, response_format={"type": "json_object"}, guided_regex="a+"), "one output constraint"),
         (chat(user, chat_template="{{ 'x' }}"), "--trust-request-chat-template"),
         (chat(user, tools=TOOLS, tool_choice="required"), "not supported"),
         (chat(user, n=17), "n must be at most 16"),
