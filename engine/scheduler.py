@@ -213,8 +213,7 @@ class Scheduler:
         self.waiting.extendleft(reversed(compiling))
 
     def _has_grammar(self, request: Request, compiling: list[Request]) -> bool:
-        """[structured outputs] Whether the head of the queue may be scheduled; if not, it is popped:
-        moved to `compiling`, or failed (bad grammar, compile timeout)."""
+        """[structured outputs] May the queue's head run? If not it is popped: to `compiling`, or failed."""
         if request.structured_output is None:
             return True
         status = self.structured_output.grammar_status(request.structured_output)
@@ -290,10 +289,8 @@ class Scheduler:
             new_block_ids=[plan.new_block_ids[request.req_id] for request in plan.cached_reqs],
             num_computed_tokens=[request.num_computed_tokens for request in plan.cached_reqs])
         finished_req_ids, self.finished_req_ids = self.finished_req_ids, set()
-        sampling = [request for request in plan.new_reqs + plan.cached_reqs
-                    if request.num_computed_tokens + plan.num_scheduled_tokens[request.req_id] >= request.num_tokens]
-        grammar_bitmask = None if self.structured_output is None else self.structured_output.grammar_bitmask(
-            [(request.req_id, request.structured_output) for request in sampling if request.structured_output])
+        grammar_bitmask = self.structured_output and self.structured_output.grammar_bitmask(
+            plan.new_reqs + plan.cached_reqs, plan.num_scheduled_tokens)
         return SchedulerOutput(
             scheduled_new_reqs=new_reqs, scheduled_cached_reqs=cached_reqs,
             num_scheduled_tokens=plan.num_scheduled_tokens,

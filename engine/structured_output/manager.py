@@ -116,19 +116,23 @@ class StructuredOutputManager:
             state.matcher.rollback(num_tokens)
             state.num_accepted_tokens -= num_tokens
 
-    def grammar_bitmask(self, rows: list[tuple[str, StructuredOutputRequest]]) -> GrammarBitmask | None:
-        """(req_id, state) of the constrained requests sampling this step -> their bitmask rows.
-        A terminated matcher's row allows everything (only ignore_eos runs past the grammar)."""
+    def grammar_bitmask(self, requests: list, num_scheduled_tokens: dict[str, int]) -> GrammarBitmask | None:
+        """The step's scheduled requests (engine.request.Request) -> bitmask rows of those with a
+        grammar that sample this step (a partial prefill chunk samples nothing). A terminated
+        matcher's row allows everything (only ignore_eos runs past the end of a grammar)."""
+        rows = [request for request in requests if request.structured_output is not None
+                and request.num_computed_tokens + num_scheduled_tokens[request.req_id] >= request.num_tokens]
         if not rows:
             return None
         bitmask = torch.full((len(rows), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
         by_backend: dict[str, list[tuple[GrammarMatcher, int]]] = {}
-        for row, (_, state) in enumerate(rows):
+        for row, request in enumerate(rows):
+            state = request.structured_output
             if not state.matcher.is_terminated():
                 by_backend.setdefault(state.backend, []).append((state.matcher, row))
         for name, matchers in by_backend.items():
             self._backends[name].fill_bitmasks(matchers, bitmask)
-        return GrammarBitmask(req_ids=[req_id for req_id, _ in rows], bitmask=bitmask)
+        return GrammarBitmask(req_ids=[request.req_id for request in rows], bitmask=bitmask)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

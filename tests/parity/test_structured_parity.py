@@ -11,6 +11,7 @@ with an image (tiny Qwen2.5-VL). Every run ends with all KV blocks free.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -67,18 +68,30 @@ class GuidanceLogitsProcessor:
         return scores
 
 
-def library_processor(backend: str, tokenizer, vocab_size: int, field: str, value):
+@functools.lru_cache(maxsize=4)
+def xgrammar_compiler(model_dir: str, vocab_size: int):
+    import xgrammar as xgr
+
+    return xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(load(model_dir).tokenizer, vocab_size=vocab_size))
+
+
+@functools.lru_cache(maxsize=4)
+def guidance_tokenizer(model_dir: str, vocab_size: int):
+    import llguidance.hf
+
+    return llguidance.hf.from_tokenizer(load(model_dir).tokenizer, n_vocab=vocab_size)
+
+
+def library_processor(backend: str, model_dir: str, vocab_size: int, field: str, value):
     if backend == "xgrammar":
-        import xgrammar as xgr
         from xgrammar.contrib.hf import LogitsProcessor
 
-        compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size))
+        compiler = xgrammar_compiler(model_dir, vocab_size)
         compiled = {"json": lambda: compiler.compile_json_schema(json.dumps(value), any_whitespace=True),
                     "regex": lambda: compiler.compile_regex(value),
                     "choice": lambda: compiler.compile_grammar("root ::= " + " | ".join(json.dumps(c) for c in value)),
                     "grammar": lambda: compiler.compile_grammar(value)}[field]()
         return LogitsProcessor(compiled)
-    import llguidance.hf
     from llguidance import LLMatcher
     from llguidance.gbnf_to_lark import any_to_lark
 
@@ -86,7 +99,7 @@ def library_processor(backend: str, tokenizer, vocab_size: int, field: str, valu
                "regex": lambda: LLMatcher.grammar_from_regex(value),
                "choice": lambda: LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in value)),
                "grammar": lambda: LLMatcher.grammar_from_lark(any_to_lark(value))}[field]()
-    return GuidanceLogitsProcessor(LLMatcher(llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size), grammar))
+    return GuidanceLogitsProcessor(LLMatcher(guidance_tokenizer(model_dir, vocab_size), grammar))
 
 
 class RecordUnmasked:
@@ -138,7 +151,7 @@ def make_cases(model_dir: str, with_image: bool):
             engine_prompt = hf_request = chat(text)
         structured = None if field is None else StructuredOutputsParams(**{field: value}, backend=backend)
         params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, logprobs=TOP_K, structured_outputs=structured)
-        processor = None if field is None else library_processor(backend, loaded.tokenizer, vocab_size, field, value)
+        processor = None if field is None else library_processor(backend, model_dir, vocab_size, field, value)
         cases.append((engine_prompt, hf_request, params, processor))
     return cases
 
@@ -152,6 +165,7 @@ def model_and_cases(request, tiny_model_dir):
 
 
 def run_and_compare(llm: LLM, cases, reference) -> None:
+    """The cases in one batch (any subset: each case's reference is its own)."""
     outputs = llm.generate([c[0] for c in cases], [c[2] for c in cases], use_tqdm=False)
     for i, (output, (tokens, tops)) in enumerate(zip(outputs, reference)):
         completion = output.outputs[0]
@@ -174,7 +188,12 @@ def test_structured_outputs_match_transformers(model_and_cases, setting):
     kwargs = {"defaults": {}, "chunked_prefill": {"max_num_batched_tokens": 32},
               "preemption": {"num_gpu_blocks_override": 40, "enable_prefix_caching": False}}[setting]
     llm = LLM(model_dir, dtype="float32", max_model_len=512, device="cpu", **kwargs)
+    if setting != "defaults":   # every third constraint (both backends) and the unconstrained requests, for time
+        keep = [i for i in range(len(cases)) if (i // len(BACKENDS)) % 3 == 0 or cases[i][2].structured_outputs is None]
+        cases, reference = [cases[i] for i in keep], [reference[i] for i in keep]
     run_and_compare(llm, cases, reference)
     if setting == "preemption":
         assert llm.client.stats().num_preemptions > 0
-    assert sum(1 for _, (tokens, _) in zip(cases, reference) if tokens and tokens[-1] in load(model_dir).eos_token_ids) > 10
+    # Many cases end where the grammar allows EOS, the rest are cut by max_tokens: both paths are compared.
+    num_stopped = sum(1 for tokens, _ in reference if tokens and tokens[-1] in load(model_dir).eos_token_ids)
+    assert 5 < num_stopped < len(reference) - 5
