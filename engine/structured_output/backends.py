@@ -46,7 +46,7 @@ def check_spec(backend: str, spec: GrammarSpec) -> str | None:
         if backend == "guidance":
             return _guidance_check(spec)
         _xgrammar_grammar(spec)
-    except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+    except Exception as exc:   # noqa: BLE001 - the libraries raise their own types (GbnfToLarkError, ...)
         return _clean_message(str(exc))
     return None
 

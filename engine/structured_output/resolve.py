@@ -56,7 +56,11 @@ def _choose_backend(requested: str, spec: GrammarSpec) -> tuple[str | None, str 
         error = check_spec("guidance", spec)
         if error is not None:
             return None, _invalid(spec, [f"guidance: {error}"])
-    candidates = ("guidance", "xgrammar") if requested == "auto" else (requested,)
+    # auto falls back to xgrammar only where the two differ in dialect, not in meaning: EBNF
+    # grammars (lookahead, escapes) and structural tags. Its regexes match an unknown escape such as
+    # \Z literally, so a regex llguidance refuses is refused.
+    fallback = ("xgrammar",) if spec.kind in ("grammar", "structural_tag") else ()
+    candidates = ("guidance", *fallback) if requested == "auto" else (requested,)
     errors = []
     for backend in candidates:
         error = check_spec(backend, spec)

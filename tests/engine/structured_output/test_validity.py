@@ -67,3 +67,14 @@ def test_500_sampled_outputs_are_valid(model_dir):
     assert reasons["json", "stop"] >= 50 and reasons["regex", "stop"] >= 50 and reasons["choice", "stop"] >= 50, reasons
     stats = llm.client.stats()
     assert stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_n_samples_each_follow_the_grammar(model_dir):
+    llm = LLM(model_dir, dtype="float32", device="cpu", max_model_len=256)
+    choices = ["north", "south", "east", "west"]
+    params = SamplingParams(n=6, temperature=1.0, seed=7, max_tokens=8,
+                            structured_outputs=StructuredOutputsParams(choice=choices))
+    [output] = llm.generate(["<|im_start|>user\nWhere?<|im_end|>\n<|im_start|>assistant\n"], params, use_tqdm=False)
+    texts = [completion.text for completion in output.outputs]
+    assert len(texts) == 6 and all(text in choices for text in texts), texts
+    assert all(completion.finish_reason == "stop" for completion in output.outputs)
