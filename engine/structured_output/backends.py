@@ -103,9 +103,10 @@ class GuidanceMatcher:
         self._is_terminated = False
 
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
-        from llguidance.torch import fill_next_token_bitmask
-
-        fill_next_token_bitmask(self._matcher, bitmask, row)
+        # Not llguidance.torch's helper: importing that module runs a torch.compile decorator
+        # (seconds of torch._dynamo import on the first grammar).
+        words = bitmask[row]
+        self._matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
 
     def is_terminated(self) -> bool:
         return self._is_terminated
@@ -132,9 +133,9 @@ class GuidanceBackend:
         return GuidanceMatcher(compiled.deep_copy(), self._tokenizer.eos_token)
 
     def fill_bitmasks(self, rows: list[tuple[GuidanceMatcher, int]], bitmask: torch.Tensor) -> None:
-        from llguidance.torch import fill_next_token_bitmask_par
-
-        fill_next_token_bitmask_par(self._executor, [(m._matcher, row) for m, row in rows], bitmask)
+        assert bitmask.dtype == torch.int32 and bitmask.is_contiguous() and bitmask.device.type == "cpu"
+        self._executor.unsafe_compute_mask_ptr([(m._matcher, row) for m, row in rows], bitmask.data_ptr(),
+                                               bitmask.shape[1] * 4, bitmask.shape[0])
 
 
 # ---------------------------------------------------------------- xgrammar
