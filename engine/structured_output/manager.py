@@ -105,6 +105,8 @@ class StructuredOutputManager:
             if state.matcher.is_terminated():
                 return True   # EOS accepted already: later tokens (ignore_eos) are unconstrained
             if not state.matcher.accept_token(token_id):
+                # Only when the mask left nothing (min_tokens banning the EOS the grammar requires).
+                logger.warning("structured outputs: the grammar refused token %d; the output may not match", token_id)
                 return False
             state.num_accepted_tokens += 1
         return True

@@ -111,3 +111,13 @@ def test_bad_constraints_are_400_naming_the_problem(client, extra, needle):
     assert caught.value.status_code == 400
     assert needle in caught.value.body["message"], caught.value.body
     assert complete(client, guided_choice=["still", "serving"]).message.content in ("still", "serving")
+
+
+def test_streamed_output_is_constrained_too(client):
+    stream = client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=48, stream=True,
+                                            response_format={"type": "json_schema",
+                                                             "json_schema": {"name": "v", "schema": SCHEMA}})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    assert matches_schema(text, SCHEMA)

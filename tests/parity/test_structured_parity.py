@@ -41,7 +41,7 @@ def chat(content: str) -> str:
     return f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def test_image() -> Image.Image:
+def pattern_image() -> Image.Image:
     rng = np.random.default_rng(3)
     return Image.fromarray(rng.integers(0, 255, (84, 112, 3), dtype=np.uint8))
 
@@ -138,7 +138,7 @@ def make_cases(model_dir: str, with_image: bool):
     each backend, plus 3 unconstrained requests."""
     loaded = load(model_dir)
     vocab_size = loaded.model.config.get_text_config().vocab_size
-    image = test_image()
+    image = pattern_image()
     cases = []
     constraints = [(b, f, v) for f, v in all_constraints() for b in BACKENDS] + [(None, None, None)] * 3
     for i, (backend, field, value) in enumerate(constraints):
@@ -156,12 +156,20 @@ def make_cases(model_dir: str, with_image: bool):
     return cases
 
 
-@pytest.fixture(scope="module", params=["qwen2", "qwen2_5_vl"])
-def model_and_cases(request, tiny_model_dir):
-    model_dir = str(tiny_model_dir(request.param))
-    cases = make_cases(model_dir, with_image=request.param == "qwen2_5_vl")
-    reference = [hf_constrained(model_dir, hf_request, processor) for _, hf_request, _, processor in cases]
-    return request.param, model_dir, cases, reference
+@pytest.fixture(scope="module")
+def cases_of(tiny_model_dir):
+    """model name -> (model_dir, cases, HF references), built once per model."""
+    built = {}
+
+    def get(name: str):
+        if name not in built:
+            model_dir = str(tiny_model_dir(name))
+            cases = make_cases(model_dir, with_image=name == "qwen2_5_vl")
+            reference = [hf_constrained(model_dir, hf_request, processor) for _, hf_request, _, processor in cases]
+            built[name] = model_dir, cases, reference
+        return built[name]
+
+    return get
 
 
 def run_and_compare(llm: LLM, cases, reference) -> None:
@@ -180,11 +188,12 @@ def run_and_compare(llm: LLM, cases, reference) -> None:
     assert stats.num_free_blocks == stats.num_total_blocks > 0
 
 
-@pytest.mark.parametrize("setting", ["defaults", "chunked_prefill", "preemption"])
-def test_structured_outputs_match_transformers(model_and_cases, setting):
-    name, model_dir, cases, reference = model_and_cases
-    if name == "qwen2_5_vl" and setting == "preemption":
-        pytest.skip("preemption runs on the text model; the VL model runs defaults and chunked prefill")
+# Preemption runs on the text model; the VL model runs defaults and chunked prefill (time).
+@pytest.mark.slow
+@pytest.mark.parametrize("name, setting", [("qwen2", "defaults"), ("qwen2", "chunked_prefill"), ("qwen2", "preemption"),
+                                           ("qwen2_5_vl", "defaults"), ("qwen2_5_vl", "chunked_prefill")])
+def test_structured_outputs_match_transformers(cases_of, name, setting):
+    model_dir, cases, reference = cases_of(name)
     kwargs = {"defaults": {}, "chunked_prefill": {"max_num_batched_tokens": 32},
               "preemption": {"num_gpu_blocks_override": 40, "enable_prefix_caching": False}}[setting]
     llm = LLM(model_dir, dtype="float32", max_model_len=512, device="cpu", **kwargs)
