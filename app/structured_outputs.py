@@ -9,6 +9,7 @@ one constraint in a request is a ValueError (HTTP 400) naming them.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -33,6 +34,10 @@ def structured_outputs_of(request: Any) -> StructuredOutputsParams | None:
     legacy = _from_legacy_fields(request)
     if legacy is not None:
         forms.append(("guided_*", legacy))
+    tool_calls = _from_tool_choice(request)
+    if tool_calls is not None:
+        forms.append((f"tool_choice ({request.tool_choice if isinstance(request.tool_choice, str) else 'named'})",
+                       tool_calls))
     if len(forms) > 1:
         raise ValueError(f"give one output constraint per request; this one has {len(forms)}: "
                          f"{', '.join(name for name, _ in forms)}")
@@ -68,3 +73,33 @@ def _from_legacy_fields(request: Any) -> StructuredOutputsParams | None:
                          f"or guided_grammar)")
     return StructuredOutputsParams(**constraints, whitespace_pattern=given.get("guided_whitespace_pattern"),
                                    backend=given.get("guided_decoding_backend"))
+
+
+def _from_tool_choice(request: Any) -> StructuredOutputsParams | None:
+    """tool_choice "required" or a named function (chat only): the output must be hermes tool calls
+    (`<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`, what the Qwen templates ask
+    for) whose arguments follow the function's parameters schema; app.tool_parsers.hermes reads them."""
+    choice = getattr(request, "tool_choice", None)
+    if choice is None or choice in ("none", "auto"):
+        return None
+    tools = request.tools or []
+    if not tools:
+        raise ValueError(f"tool_choice {choice if isinstance(choice, str) else 'with a named function'} requires tools")
+    if isinstance(choice, str):   # "required": one or more calls of any tool
+        chosen, repeat = tools, "+" if request.parallel_tool_calls else ""
+    else:
+        chosen, repeat = [tool for tool in tools if tool.function.name == choice.function.name], ""
+        if not chosen:
+            raise ValueError(f"tool_choice names the function {choice.function.name!r}, which is not in tools")
+    calls = [{"type": "object", "properties": {"name": {"const": tool.function.name},
+                                               "arguments": tool.function.parameters or {"type": "object"}},
+              "required": ["name", "arguments"], "additionalProperties": False} for tool in chosen]
+    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    # json.dumps' separators, as the Qwen templates show the calls; no free whitespace to wander in.
+    schema["x-guidance"] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+    # A Lark grammar (llguidance) with the JSON schema inline. The tags are the tokenizer's added
+    # tokens, named as tokens: llguidance masks the quoted text "<tool_call>" to that token but then
+    # refuses it when consumed (it treats added tokens as special).
+    grammar = (f'start: tool_call{repeat}\ntool_call: <tool_call> "\\n" call "\\n" </tool_call> "\\n"?\n'
+               f"call: %json {json.dumps(schema)}")
+    return StructuredOutputsParams(grammar=grammar)

@@ -37,10 +37,10 @@ def check_chat_options(data: ChatCompletionRequest, config: ServerConfig) -> boo
     if data.top_logprobs is not None and not data.logprobs:
         raise ValueError("top_logprobs requires logprobs to be true")
     choice = data.tool_choice
-    if choice == "required" or not isinstance(choice, (str, type(None))):
-        raise ValueError("tool_choice 'required' and named tool choice are not supported (use 'auto' or 'none')")
     if not data.tools or choice == "none":
         return False
+    if choice == "required" or not isinstance(choice, (str, type(None))):
+        return True   # the output is constrained to tool calls (app.structured_outputs): no parser flags needed
     if not config.enable_auto_tool_choice:
         raise ValueError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set')
     return True

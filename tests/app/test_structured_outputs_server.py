@@ -121,3 +121,25 @@ def test_streamed_output_is_constrained_too(client):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
     assert matches_schema(text, SCHEMA)
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"unit": {"enum": ["c", "f"]}, "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["unit", "days"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}}, "required": ["zone"], "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("tool_choice, names", [
+    ({"type": "function", "function": {"name": "get_time"}}, {"get_time"}),
+    ("required", {"get_weather", "get_time"}),
+])
+def test_tool_choice_required_and_named_give_valid_tool_calls(client, tool_choice, names):
+    response = client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, max_tokens=96,
+                                              tools=[WEATHER, TIME], tool_choice=tool_choice, parallel_tool_calls=False)
+    message = response.choices[0].message
+    assert response.choices[0].finish_reason == "tool_calls" and len(message.tool_calls) == 1, message
+    call = message.tool_calls[0].function
+    assert call.name in names
+    parameters = {"get_weather": WEATHER, "get_time": TIME}[call.name]["function"]["parameters"]
+    jsonschema.validate(json.loads(call.arguments), parameters)
