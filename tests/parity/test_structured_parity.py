@@ -3,7 +3,7 @@ grammar library driving a logits processor, float32 on the CPU.
 
 The oracle for xgrammar is `xgrammar.contrib.hf.LogitsProcessor`; for llguidance a small processor
 here (a fresh LLMatcher, the same bitmask format). Both are compiled here straight from the
-libraries, not through engine.structured_output. For the 38 constraints of specs.py, each under both
+libraries, not through engine.structured_output. For the 38 constraints of structured_specs.py, each under both
 backends, in one batch with unconstrained requests: greedy tokens identical and top-5 logprobs of the
 unmasked distribution within 1e-4; under defaults, chunked prefill and preemption (tiny Qwen2) and
 with an image (tiny Qwen2.5-VL). Every run ends with all KV blocks free.
@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,9 +21,7 @@ from PIL import Image
 
 from engine import LLM, SamplingParams, StructuredOutputsParams
 from reference import RefRequest, load, prepare_inputs
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine" / "structured_output"))
-from specs import all_constraints  # noqa: E402
+from tests.engine.structured_output.structured_specs import all_constraints
 
 MAX_NEW_TOKENS = 12
 TOP_K = 5

@@ -1,5 +1,5 @@
 """Issue 17 acceptance (validity): 500 sampled generations (temperature 1.0, tiny Qwen2, one batch)
-over the 20 schemas, 10 regexes and 5 choice lists of specs.py, backend auto. Oracles independent of
+over the 20 schemas, 10 regexes and 5 choice lists of structured_specs.py, backend auto. Oracles independent of
 the engine: every output that finishes with `stop` parses with strict json.loads and validates with
 jsonschema, passes re.fullmatch, or is one of the choices; every output cut by `length` is a valid
 prefix (the `regex` module's partial match; a choice's prefix; for JSON, a fresh llguidance matcher
@@ -19,7 +19,7 @@ import regex
 from transformers import AutoTokenizer
 
 from engine import LLM, SamplingParams, StructuredOutputsParams
-from tests.engine.structured_output.specs import CHOICES, REGEXES, SCHEMAS
+from tests.engine.structured_output.structured_specs import CHOICES, REGEXES, SCHEMAS
 
 NUM_SAMPLES = 500
 MAX_TOKENS = 24
