@@ -31,7 +31,7 @@ from engine.protocol import EngineOutput, EngineOutputs, FinishReason, Scheduler
 from engine.request import Request, RequestStatus
 from engine.runner_output import ModelRunnerOutput
 from engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
-from engine.structured_output.manager import COMPILING, READY, StructuredOutputManager
+from engine.structured_output.manager import COMPILING, READY, REFUSED_TOKEN_MESSAGE, StructuredOutputManager
 
 
 @dataclass
@@ -334,8 +334,10 @@ class Scheduler:
             for token_id in sampled_token_ids:
                 request.append_output_token_id(token_id)
                 new_token_ids.append(token_id)
-                if request.structured_output is not None:   # [structured outputs] advance the matcher
-                    self.structured_output.accept_tokens(request.structured_output, [token_id])
+                if request.structured_output is not None and not self.structured_output.accept_tokens(
+                        request.structured_output, [token_id]):   # [structured outputs] never fail open
+                    request.status, request.error = RequestStatus.FINISHED_ERROR, REFUSED_TOKEN_MESSAGE
+                    break
                 if check_stop(request, self.eos_token_ids, self.max_model_len):
                     break
         self._step_generation_tokens += len(new_token_ids)
@@ -348,7 +350,8 @@ class Scheduler:
             req_id=req_id, new_token_ids=new_token_ids,
             new_logprobs=logprobs[:len(new_token_ids)] if logprobs and new_token_ids else None,
             prompt_logprobs=prompt_logprobs, finish_reason=request.status.finish_reason,
-            stop_reason=request.stop_reason, num_cached_tokens=max(0, request.num_cached_tokens))
+            stop_reason=request.stop_reason, num_cached_tokens=max(0, request.num_cached_tokens),
+            error=request.error)
         if request.is_finished:
             self.running.remove(request)
             self._free_request(request, request.status)

@@ -29,6 +29,8 @@ from engine.structured_output.params import GrammarSpec, StructuredOutputsParams
 logger = logging.getLogger(__name__)
 
 READY, COMPILING = "ready", "compiling"
+REFUSED_TOKEN_MESSAGE = ("structured outputs: the grammar refused a sampled token (nothing was allowed: min_tokens "
+                         "banning the end the grammar requires, or a grammar beyond the library's limits)")
 
 
 @dataclass
@@ -94,9 +96,13 @@ class StructuredOutputManager:
                         f"(compile_timeout_s in --structured-outputs-config)")
             return COMPILING
         error = state.compiled.exception()
+        if error is None:
+            try:   # a library error here must fail this request, not the engine loop
+                state.matcher = self._backends[state.backend].new_matcher(state.compiled.result())
+            except Exception as exc:   # noqa: BLE001
+                error = exc
         if error is not None:
             return f"structured outputs: invalid grammar ({state.backend}): {error}"
-        state.matcher = self._backends[state.backend].new_matcher(state.compiled.result())
         return READY
 
     def accept_tokens(self, state: StructuredOutputRequest, token_ids: list[int]) -> bool:
@@ -105,8 +111,7 @@ class StructuredOutputManager:
             if state.matcher.is_terminated():
                 return True   # EOS accepted already: later tokens (ignore_eos) are unconstrained
             if not state.matcher.accept_token(token_id):
-                # Only when the mask left nothing (min_tokens banning the EOS the grammar requires).
-                logger.warning("structured outputs: the grammar refused token %d; the output may not match", token_id)
+                logger.warning("structured outputs: the grammar refused token %d", token_id)
                 return False
             state.num_accepted_tokens += 1
         return True

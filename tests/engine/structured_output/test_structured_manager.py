@@ -134,3 +134,15 @@ def test_sampler_masks_only_the_grammar_rows():
             allowed = int(bitmask[mask_row, token // 32]) >> (token % 32) & 1
             assert masked[row, token] == (logits[row, token] if allowed else float("-inf"))
     assert torch.equal(masked[1], logits[1])
+
+
+def test_a_token_the_grammar_refuses_fails_the_request_instead_of_failing_open(tokenizer):
+    scheduler = make_scheduler(tokenizer)
+    request = structured("r", choice=["ab"])
+    scheduler.add_request(request)
+    wait_compiled(request)
+    _, outputs = step(scheduler, {"r": tokenizer.convert_tokens_to_ids("c")})
+    [output] = outputs.outputs
+    assert output.finish_reason == FinishReason.ERROR and "refused a sampled token" in output.error
+    assert "r" not in scheduler.requests
+    assert scheduler.kv_cache_manager.get_num_free_blocks() == scheduler.kv_cache_manager.num_usable_blocks
