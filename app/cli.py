@@ -100,6 +100,9 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     _add(parser, "media-io-kwargs", default=UNSET, help='JSON media loading settings: {"video": {"num_frames": 8}}')
     _add(parser, "mm-processor-cache-gb", type=float, default=UNSET,
          help="accepted for vLLM compatibility; no effect (there is no processor-output cache here)")
+    _add(parser, "structured-outputs-config", default=UNSET,
+         help='JSON, e.g. {"backend": "auto|guidance|xgrammar", "disable_any_whitespace": false, '
+              '"disable_additional_properties": false}')
 
 
 def _add_server_flags(parser: argparse.ArgumentParser) -> None:
@@ -266,7 +269,8 @@ ENGINE_FLAGS = ("dtype", "max_model_len", "gpu_memory_utilization", "max_num_seq
                 "tokenizer", "revision", "tokenizer_revision", "download_dir", "max_logprobs", "enable_chunked_prefill",
                 "generation_config", "mm_processor_cache_gb")
 # Engine flags whose value is a JSON object.
-JSON_ENGINE_FLAGS = ("mm_processor_kwargs", "override_generation_config", "hf_overrides", "media_io_kwargs")
+JSON_ENGINE_FLAGS = ("mm_processor_kwargs", "override_generation_config", "hf_overrides", "media_io_kwargs",
+                     "structured_outputs_config")
 
 
 def engine_kwargs_from(args: argparse.Namespace, model: str) -> dict:

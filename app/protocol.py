@@ -16,7 +16,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from engine.sampling_params import SamplingParams
+from app.structured_outputs import structured_outputs_of
+from engine.sampling_params import SamplingParams, StructuredOutputsParams
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
@@ -119,8 +120,8 @@ class StreamOptions(Struct, kw_only=True):
 
 
 class ResponseFormat(Struct, kw_only=True):
-    type: str
-    json_schema: dict[str, Any] | None = None
+    type: str                                    # text | json_object | json_schema
+    json_schema: dict[str, Any] | None = None    # {"name", "schema", "strict", "description"}
 
 
 # ---------------------------------------------------------------- requests
@@ -150,6 +151,15 @@ class SamplingFields(Struct, kw_only=True):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     mm_processor_kwargs: dict[str, Any] | None = None
+    # Output constraints (app.structured_outputs): one of these forms per request.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_json: str | dict[str, Any] | None = None        # deprecated: structured_outputs.json
+    guided_regex: str | None = None                         # deprecated: structured_outputs.regex
+    guided_choice: list[str] | None = None                  # deprecated: structured_outputs.choice
+    guided_grammar: str | None = None                       # deprecated: structured_outputs.grammar
+    guided_whitespace_pattern: str | None = None            # deprecated: structured_outputs.whitespace_pattern
+    guided_decoding_backend: str | None = None              # deprecated: --structured-outputs-config
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
@@ -160,7 +170,6 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
-    response_format: ResponseFormat | None = None
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
@@ -207,6 +216,7 @@ def to_sampling_params(request: SamplingFields, *, max_n: int, max_tokens: int |
         ignore_eos=request.ignore_eos, max_tokens=max_tokens, min_tokens=request.min_tokens,
         logprobs=logprobs, skip_special_tokens=request.skip_special_tokens,
         include_stop_str_in_output=request.include_stop_str_in_output,
+        structured_outputs=structured_outputs_of(request),
         **{name: value for name, value in given.items() if value is not None},
     )
     return params.validate()

@@ -13,6 +13,10 @@ if [ -d build/h11wheels ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     build/h11wheels/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
+if [ -d build/sowheels ]; then   # structured outputs (llguidance, xgrammar): into /tmp/site like h11wheels
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    build/sowheels/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
 if [ -d build/w4wheels ]; then
   python3 -m pip install -q --no-index --find-links build/w4wheels litestar uvicorn httpx prometheus_client \
     2>/dev/null || python3 -m pip install -q --break-system-packages --no-index --find-links build/w4wheels \
@@ -32,6 +36,9 @@ if python3 -c "import litestar, uvicorn" 2>/dev/null; then
   echo "=== W4 serving"; python3 bench/w4_serving.py 2>&1 | grep -v -i "warn\|INFO"
 else
   echo "=== W4 skipped: litestar/uvicorn (and their deps) not installed on this machine"
+fi
+if python3 -c "import llguidance, xgrammar" 2>/dev/null; then
+  echo "=== structured outputs"; python3 bench/structured_outputs.py 2>&1 | grep -v -i "warn"
 fi
 python3 bench/run_all.py --summarize
 if [ -n "${OUT:-}" ]; then

@@ -7,6 +7,7 @@
 from engine.config import EngineConfig
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.structured_output import GuidedDecodingParams, StructuredOutputsParams
 
 
 def __getattr__(name: str):
@@ -18,4 +19,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'engine' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "EngineConfig"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "EngineConfig",
+           "StructuredOutputsParams", "GuidedDecodingParams"]

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from engine.structured_output.config import StructuredOutputsConfig
+
 _DTYPES = {
     "float32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -195,6 +197,7 @@ class EngineConfig:
     parallel_config: ParallelConfig
     device_config: DeviceConfig
     multimodal_config: MultiModalConfig
+    structured_outputs_config: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
 
     def replace(self, **changes: Any) -> "EngineConfig":
         return dataclasses.replace(self, **changes)

@@ -17,6 +17,7 @@ import torch
 from engine.config import (CacheConfig, DeviceConfig, EngineConfig, ModelConfig, MultiModalConfig,
                            ParallelConfig, SchedulerConfig, resolve_device, resolve_dtype, text_config)
 from engine.sampling_params import SamplingParams
+from engine.structured_output.config import StructuredOutputsConfig
 from engine.weights import resolve_model_path
 
 logger = logging.getLogger("vlserve.config")
@@ -37,6 +38,7 @@ ENGINE_ARG_DEFAULTS: dict[str, Any] = {
     "generation_config": "auto", "override_generation_config": None,
     "download_dir": None, "max_logprobs": 20, "hf_overrides": None, "media_io_kwargs": None,
     "mm_processor_cache_gb": 4.0,
+    "structured_outputs_config": None,
 }
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
@@ -74,6 +76,7 @@ def create_engine_config(**kwargs: Any) -> EngineConfig:
         device_config=DeviceConfig(device=device, enforce_eager=bool(args["enforce_eager"]),
                                    deterministic=bool(args["deterministic"])),
         multimodal_config=_multimodal_config(args),
+        structured_outputs_config=StructuredOutputsConfig.parse(args["structured_outputs_config"]),
     )
 
 

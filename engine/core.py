@@ -23,6 +23,7 @@ from typing import Protocol, runtime_checkable
 from engine.config import EngineConfig
 from engine.encoder_cache import EncoderCacheManager
 from engine.executor import Executor
+from engine.frontend import load_tokenizer
 from engine.kv_cache.manager import KVCacheManager
 from engine.protocol import EngineOutputs, EngineRequest, SchedulerStats
 from engine.request import Request
@@ -30,6 +31,7 @@ from engine.runner_output import ModelRunnerOutput
 from engine.runner.memory_plan import encoder_plan
 from engine.scheduler import Scheduler
 from engine.scheduler_output import SchedulerOutput
+from engine.structured_output.manager import StructuredOutputManager
 from vision.inputs import MODALITIES
 
 logger = logging.getLogger(__name__)
@@ -100,7 +102,10 @@ class EngineCore:
         self.scheduler = Scheduler(
             config.scheduler_config, kv_cache_manager, EncoderCacheManager(encoder_budget),
             eos_token_ids=config.model_config.eos_token_ids,
-            max_model_len=config.model_config.max_model_len, encoder_compute_budget=encoder_budget)
+            max_model_len=config.model_config.max_model_len, encoder_compute_budget=encoder_budget,
+            structured_output_manager=StructuredOutputManager(
+                config.structured_outputs_config, lambda: load_tokenizer(config.model_config),
+                _vocab_size(config.model_config.hf_config)))
 
     def _encoder_budget(self) -> int:
         """Embedding rows the encoder may compute per step and the encoder cache holds: for VL
@@ -167,6 +172,7 @@ class EngineCore:
 
     def shutdown(self) -> None:
         """Stop the executor's workers (no-op in process)."""
+        self.scheduler.structured_output.shutdown()
         self.executor.shutdown()
 
     def reset_prefix_cache(self) -> bool:

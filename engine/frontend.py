@@ -21,6 +21,7 @@ from engine.chat_render import RenderedChat, render_chat
 from engine.config import EngineConfig, text_config
 from engine.protocol import EngineRequest
 from engine.sampling_params import SamplingParams
+from engine.structured_output.resolve import resolve_structured_outputs
 from vision.image import to_rgb
 from vision.inputs import IMAGE, MODALITIES, VIDEO
 from vision.video import VideoFrames, video_from_frames, video_from_metadata
@@ -217,4 +218,7 @@ class Frontend:
                              f"{max_tokens} in the completion). Please reduce the length of the messages or "
                              f"completion.")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
-        return msgspec.structs.replace(params, max_tokens=max_tokens, seed=seed)
+        structured = params.structured_outputs
+        if structured is not None:
+            structured = resolve_structured_outputs(structured, self.config.structured_outputs_config)
+        return msgspec.structs.replace(params, max_tokens=max_tokens, seed=seed, structured_outputs=structured)

@@ -12,10 +12,14 @@ after preemption all move that one counter (DESIGN rule 4).
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 
 from engine.protocol import EngineRequest, FinishReason, TokenLogprobs
 from engine.sampling_params import SamplingParams
 from vision.inputs import MultiModalItem
+
+if TYPE_CHECKING:
+    from engine.structured_output.manager import StructuredOutputRequest
 
 
 class RequestStatus(enum.IntEnum):
@@ -65,10 +69,11 @@ class Request:
         self.num_inflight_tokens = 0
         self.num_output_placeholders = 0
         # Its next step cannot be prepared before its last token is on the host (the sampler's
-        # penalties read every output token): async scheduling waits for the step on the device.
+        # penalties read every output token; a grammar's bitmask follows the last token): async
+        # scheduling waits for the step on the device.
         params = sampling_params
         self.needs_host_tokens = (params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
-                                  or params.presence_penalty != 0.0)
+                                  or params.presence_penalty != 0.0 or params.structured_outputs is not None)
         self.num_cached_tokens = -1  # prefix-cache hit at first admission; -1 until admitted
         self.num_preemptions = 0
         # Chained hashes of this request's full blocks (engine.kv_cache.block_hash), grown lazily.
@@ -78,6 +83,8 @@ class Request:
         # Prompt logprobs arrive chunk by chunk and are sent once the prompt is fully computed.
         self.prompt_logprobs: list[TokenLogprobs | None] = []
         self.has_sent_prompt_logprobs = False
+        # Its grammar and matcher (engine.structured_output.manager), set when the scheduler admits it.
+        self.structured_output: StructuredOutputRequest | None = None
 
     @classmethod
     def from_engine_request(cls, engine_request: EngineRequest) -> "Request":
@@ -105,6 +112,12 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def use_structured_output(self) -> bool:
+        """Its next step's token bitmask depends on the token sampled this step: an overlapped
+        (async) schedule must not run ahead of a batch holding such a request."""
+        return self.sampling_params.structured_outputs is not None
 
     @property
     def wants_prompt_logprobs(self) -> bool:

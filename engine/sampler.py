@@ -90,6 +90,9 @@ class SamplingBatch:
     output_token_ids: torch.Tensor | None = None    # [R, max_output_len] int64, padded with -1
     banned_token_ids: torch.Tensor | None = None    # [R, max_banned] int64, -1 padded (min_tokens)
     max_num_logprobs: int | None = None             # largest top-k asked for; None: no logprobs
+    # [structured outputs] rows under a grammar and their allowed tokens (bit set = allowed).
+    grammar_rows: torch.Tensor | None = None        # [C] int64, indices into the R rows
+    grammar_bitmask: torch.Tensor | None = None     # [C, ceil(vocab / 32)] int32
 
 
 @dataclass
@@ -106,13 +109,14 @@ class Sampler(torch.nn.Module):
         """logits [R, vocab] (any float dtype) -> SamplerOutput."""
         if (batch.all_greedy and batch.max_num_logprobs is None and batch.banned_token_ids is None
                 and batch.repetition_penalty is None and batch.frequency_penalty is None
-                and batch.presence_penalty is None):
+                and batch.presence_penalty is None and batch.grammar_rows is None):
             # Greedy fast path: argmax of the raw logits (float32 widening is exact, same index).
             return SamplerOutput(sampled_token_ids=logits.argmax(dim=-1))
         logits = logits.float()
         raw_logits = logits
         logits = apply_penalties(logits, batch)
         logits = ban_tokens(logits, batch.banned_token_ids)
+        logits = apply_grammar_bitmask(logits, batch.grammar_rows, batch.grammar_bitmask)
         sampled = logits.argmax(dim=-1)
         if not batch.all_greedy:
             sampled = torch.where(batch.temperature < 1e-5, sampled, self._sample(logits, batch))
@@ -166,6 +170,21 @@ def ban_tokens(logits: torch.Tensor, banned_token_ids: torch.Tensor | None) -> t
         return logits
     banned = _token_counts(banned_token_ids, logits.shape[-1]) > 0
     return logits.masked_fill(banned, float("-inf"))
+
+
+def apply_grammar_bitmask(logits: torch.Tensor, rows: torch.Tensor | None,
+                          bitmask: torch.Tensor | None) -> torch.Tensor:
+    """Tokens a row's grammar forbids get -inf (EOS too, until the grammar may end). Logprobs are
+    taken before this: they describe the model's unmasked distribution (vLLM's convention)."""
+    if rows is None:
+        return logits
+    vocab_size = logits.shape[-1]
+    bits = torch.arange(32, device=logits.device, dtype=torch.int32)
+    allowed = ((bitmask[:, :, None] >> bits) & 1).bool().flatten(1)            # [C, 32 * W]
+    if allowed.shape[1] < vocab_size:   # a mask narrower than the logits allows none of the rest
+        allowed = torch.nn.functional.pad(allowed, (0, vocab_size - allowed.shape[1]))
+    masked = logits[rows].masked_fill(~allowed[:, :vocab_size], float("-inf"))   # [C, V]
+    return logits.index_copy(0, rows, masked)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor | None) -> torch.Tensor:

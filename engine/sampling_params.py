@@ -14,6 +14,10 @@ from __future__ import annotations
 import msgspec
 from msgspec.structs import force_setattr
 
+from engine.structured_output.params import GuidedDecodingParams, StructuredOutputsParams
+
+__all__ = ["GuidedDecodingParams", "SamplingParams", "StructuredOutputsParams"]
+
 MAX_LOGPROBS = 20  # the default of --max-logprobs (the bound is the server's, checked in engine.frontend)
 # The fields a generation config may supply, with the value they take when nothing supplies one.
 NEUTRAL_VALUES: dict[str, float | int] = {
@@ -43,6 +47,8 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tr
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     detokenize: bool = True
+    # One output constraint (JSON schema, regex, choice, grammar, ...); see engine/structured_output.
+    structured_outputs: StructuredOutputsParams | None = None
     # Names of NEUTRAL_VALUES fields the caller left unset; filled in by __post_init__.
     unset_fields: frozenset[str] = frozenset()
 
@@ -91,6 +97,8 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tr
                 raise ValueError(f"{field} {message}, got {getattr(self, field)!r}")
         if self.stop is not None and any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.structured_outputs is not None:
+            self.structured_outputs.validate()
         return self
 
     @property

@@ -31,6 +31,7 @@ from engine.protocol import EngineOutput, EngineOutputs, FinishReason, Scheduler
 from engine.request import Request, RequestStatus
 from engine.runner_output import ModelRunnerOutput
 from engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
+from engine.structured_output.manager import COMPILING, READY, REFUSED_TOKEN_MESSAGE, StructuredOutputManager
 
 
 @dataclass
@@ -52,10 +53,12 @@ class _StepPlan:
 class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, kv_cache_manager: KVCacheManager,
                  encoder_cache_manager: EncoderCacheManager, *, eos_token_ids: tuple[int, ...],
-                 max_model_len: int, encoder_compute_budget: int) -> None:
+                 max_model_len: int, encoder_compute_budget: int,
+                 structured_output_manager: StructuredOutputManager | None = None) -> None:
         self._init_limits(scheduler_config, max_model_len, encoder_compute_budget, eos_token_ids)
         self.kv_cache_manager = kv_cache_manager
         self.encoder_cache = encoder_cache_manager
+        self.structured_output = structured_output_manager
         self._init_queues()
 
     def _init_limits(self, scheduler_config: SchedulerConfig, max_model_len: int,
@@ -86,6 +89,9 @@ class Scheduler:
         if error is not None:
             self.reject(request.req_id, error)
             return
+        if request.use_structured_output:   # [structured outputs] starts compiling its grammar
+            request.structured_output = self.structured_output.add_request(
+                request.req_id, request.sampling_params.structured_outputs)
         self.requests[request.req_id] = request
         self.waiting.append(request)
 
@@ -102,6 +108,8 @@ class Scheduler:
         if num_prompt_tokens > self.kv_cache_manager.max_num_tokens:
             return (f"The prompt has {num_prompt_tokens} tokens but the whole KV cache holds "
                     f"{self.kv_cache_manager.max_num_tokens}.")
+        if request.use_structured_output and self.structured_output is None:
+            return "structured outputs are not available in this engine"
         limit = min(self.encoder_compute_budget, self.encoder_cache.cache_size)
         for item in request.mm_items:
             if item.placeholder.length > limit:
@@ -178,8 +186,11 @@ class Scheduler:
                 return None
 
     def _schedule_waiting(self, budget: _StepBudget, plan: _StepPlan) -> None:
+        compiling: list[Request] = []   # [structured outputs] waiting for their grammar: skipped, kept in order
         while self.waiting and budget.num_tokens > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            if not self._has_grammar(request, compiling):
+                continue
             computed_blocks, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
             num_new_tokens = request.num_tokens - num_hit_tokens
             if not self.enable_chunked_prefill and num_new_tokens > budget.num_tokens:
@@ -201,6 +212,22 @@ class Scheduler:
             self.running.append(request)
             plan.new_reqs.append(request)
             self._commit(request, num_new_tokens, encoder_inputs, budget, plan)
+        self.waiting.extendleft(reversed(compiling))
+
+    def _has_grammar(self, request: Request, compiling: list[Request]) -> bool:
+        """[structured outputs] May the queue's head run? If not it is popped: to `compiling`, or failed."""
+        if request.structured_output is None:
+            return True
+        status = self.structured_output.grammar_status(request.structured_output)
+        if status == READY:
+            return True
+        self.waiting.popleft()
+        if status == COMPILING:
+            compiling.append(request)
+        else:
+            self._free_request(request, RequestStatus.FINISHED_ERROR, error=status)
+            self.reject(request.req_id, status)
+        return False
 
     def _plan_encoder_inputs(self, request: Request, num_computed_tokens: int, num_new_tokens: int,
                              budget: _StepBudget) -> tuple[int, list[int]]:
@@ -288,12 +315,15 @@ class Scheduler:
             new_block_ids=[plan.new_block_ids[request.req_id] for request in plan.cached_reqs],
             num_computed_tokens=[first_position(request) for request in plan.cached_reqs])
         finished_req_ids, self.finished_req_ids = self.finished_req_ids, set()
+        grammar_bitmask = (self.structured_output.grammar_bitmask(plan.new_reqs + plan.cached_reqs,
+                                                                   plan.num_scheduled_tokens)
+                           if self.structured_output is not None else None)
         return SchedulerOutput(
             scheduled_new_reqs=new_reqs, scheduled_cached_reqs=cached_reqs,
             num_scheduled_tokens=plan.num_scheduled_tokens,
             total_num_scheduled_tokens=sum(plan.num_scheduled_tokens.values()),
             scheduled_encoder_inputs=plan.encoder_inputs, finished_req_ids=finished_req_ids,
-            free_encoder_mm_hashes=self.encoder_cache.get_freed_mm_hashes())
+            free_encoder_mm_hashes=self.encoder_cache.get_freed_mm_hashes(), grammar_bitmask=grammar_bitmask)
 
     # ---------------------------------------------------------------- update
 
@@ -339,6 +369,10 @@ class Scheduler:
             for token_id in sampled_token_ids:
                 request.append_output_token_id(token_id)
                 new_token_ids.append(token_id)
+                if request.structured_output is not None and not self.structured_output.accept_tokens(
+                        request.structured_output, [token_id]):   # [structured outputs] never fail open
+                    request.status, request.error = RequestStatus.FINISHED_ERROR, REFUSED_TOKEN_MESSAGE
+                    break
                 if check_stop(request, self.eos_token_ids, self.max_model_len):
                     break
         self._step_generation_tokens += len(new_token_ids)
@@ -351,7 +385,8 @@ class Scheduler:
             req_id=req_id, new_token_ids=new_token_ids,
             new_logprobs=logprobs[:len(new_token_ids)] if logprobs and new_token_ids else None,
             prompt_logprobs=prompt_logprobs, finish_reason=request.status.finish_reason,
-            stop_reason=request.stop_reason, num_cached_tokens=max(0, request.num_cached_tokens))
+            stop_reason=request.stop_reason, num_cached_tokens=max(0, request.num_cached_tokens),
+            error=request.error)
         if request.is_finished:
             self.running.remove(request)
             self._free_request(request, request.status)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from engine.sampling_params import SamplingParams
 from vision.inputs import MultiModalItem
 
@@ -41,6 +43,15 @@ class CachedRequestData:
 
 
 @dataclass
+class GrammarBitmask:
+    """[structured outputs] The allowed next tokens of the constrained requests that sample this
+    step (engine.structured_output.manager builds it; the sampler masks their logits with it)."""
+
+    req_ids: list[str]
+    bitmask: torch.Tensor = field(repr=False)   # [len(req_ids), ceil(vocab / 32)] int32, CPU; bit set = allowed
+
+
+@dataclass
 class SchedulerOutput:
     scheduled_new_reqs: list[NewRequestData]
     scheduled_cached_reqs: CachedRequestData
@@ -55,6 +66,9 @@ class SchedulerOutput:
     finished_req_ids: set[str]
     # Encoder-cache entries the runner may drop (no scheduled request needs them any more).
     free_encoder_mm_hashes: list[str]
+    # [structured outputs] Token bitmask rows of the constrained requests that sample this step;
+    # None when none does. Built from the matchers after the previous step's tokens were accepted.
+    grammar_bitmask: GrammarBitmask | None = None
 
     @property
     def is_empty(self) -> bool:

@@ -34,8 +34,6 @@ logger = logging.getLogger("vlserve.chat")
 
 def check_chat_options(data: ChatCompletionRequest, config: ServerConfig) -> bool:
     """ValueError for options this server refuses; returns whether tool calls are parsed."""
-    if data.response_format is not None and data.response_format.type != "text":
-        raise ValueError(f"response_format type {data.response_format.type!r} is not supported (only 'text')")
     if data.chat_template is not None and not config.trust_request_chat_template:
         raise ValueError("chat_template in the request is refused: start the server with "
                          "--trust-request-chat-template to allow it")
@@ -43,10 +41,10 @@ def check_chat_options(data: ChatCompletionRequest, config: ServerConfig) -> boo
     if data.top_logprobs is not None and not data.logprobs:
         raise ValueError("top_logprobs requires logprobs to be true")
     choice = data.tool_choice
-    if choice == "required" or not isinstance(choice, (str, type(None))):
-        raise ValueError("tool_choice 'required' and named tool choice are not supported (use 'auto' or 'none')")
     if not data.tools or choice == "none":
         return False
+    if choice == "required" or not isinstance(choice, (str, type(None))):
+        return True   # the output is constrained to tool calls (app.structured_outputs): no parser flags needed
     if not config.enable_auto_tool_choice:
         raise ValueError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set')
     return True

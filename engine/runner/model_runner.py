@@ -27,9 +27,10 @@ from engine.runner.encoder_runner import EncoderRunner
 from engine.runner.input_batch import InputBatch, StepBatch
 from engine.runner_output import ModelRunnerOutput
 from engine.runner.step_output import StepOutput
+from engine.runner.transfer import to_device
 from engine.sampler import Sampler, SamplerOutput, compute_logprobs
 from engine.sampling_params import SamplingParams
-from engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
+from engine.scheduler_output import CachedRequestData, GrammarBitmask, NewRequestData, SchedulerOutput
 from engine.weights import init_dummy_weights, iterate_weights, load_checked
 
 logger = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ class ModelRunner:
         if hidden is None:  # an earlier pipeline stage: the last samples, record_sampled tells us
             return StepOutput.ready(ModelRunnerOutput(
                 req_ids=batch.req_ids, sampled_token_ids=[[] for _ in batch.req_ids], failed=failed))
-        sampler_output = self._sample(hidden, batch)
+        sampler_output = self._sample(hidden, batch, scheduler_output.grammar_bitmask)
         if sampler_output is not None:
             self.input_batch.mark_launched(batch.sampling_req_ids, sampler_output.sampled_token_ids)
         prompt_logprobs = self._prompt_logprobs(hidden, batch)   # syncs; only requests that ask
@@ -212,11 +213,18 @@ class ModelRunner:
         state.mrope_positions, state.mrope_delta = self.model.get_mrope_positions(
             state.prompt_token_ids, state.mm_items)
 
-    def _sample(self, hidden: torch.Tensor, batch: StepBatch) -> SamplerOutput | None:
+    def _sample(self, hidden: torch.Tensor, batch: StepBatch,
+                grammar_bitmask: GrammarBitmask | None = None) -> SamplerOutput | None:
         """The step's sampling rows -> SamplerOutput on the device, or None when none samples."""
         if not batch.sampling_req_ids:
             return None
         logits = self.model.compute_logits(hidden[batch.logits_indices])   # [S, vocab]
+        if grammar_bitmask is not None:   # [structured outputs] the sampler masks these rows
+            assert batch.sampling is not None
+            row_of = {req_id: row for row, req_id in enumerate(batch.sampling_req_ids)}
+            rows = [row_of[req_id] for req_id in grammar_bitmask.req_ids]
+            batch.sampling.grammar_rows = to_device(torch.tensor(rows), logits.device)
+            batch.sampling.grammar_bitmask = to_device(grammar_bitmask.bitmask, logits.device)
         return self.sampler(logits, batch.sampling)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, batch: StepBatch) -> dict[str, list[TokenLogprobs | None]]:

@@ -1,0 +1,145 @@
+"""StructuredOutputManager: the engine core's side of structured outputs. It compiles grammars
+off the step loop, keeps one matcher per request, builds each step's token bitmask and advances
+the matchers with the tokens the scheduler accepts.
+
+Caller: engine.scheduler only (add_request -> grammar_status while waiting -> grammar_bitmask
+each step it samples -> accept_tokens per emitted token -> nothing on finish: state dies with the
+Request). Runs in the core's thread; compilation runs in a small thread pool.
+
+Compiled grammars are cached by (backend, spec): a request whose schema was seen before starts
+at once; a new one waits in the queue without holding up the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from engine.scheduler_output import GrammarBitmask
+from engine.structured_output.backends import BACKEND_CLASSES, GrammarBackend, GrammarMatcher
+from engine.structured_output.config import StructuredOutputsConfig
+from engine.structured_output.params import GrammarSpec, StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
+
+READY, COMPILING = "ready", "compiling"
+REFUSED_TOKEN_MESSAGE = ("structured outputs: the grammar refused a sampled token (nothing was allowed: min_tokens "
+                         "banning the end the grammar requires, or a grammar beyond the library's limits)")
+
+
+@dataclass
+class StructuredOutputRequest:
+    """One request's grammar: its compile future until done, then its matcher."""
+
+    backend: str
+    compiled: Future
+    deadline: float                         # time.monotonic() by which it must be compiled
+    matcher: GrammarMatcher | None = None
+    num_accepted_tokens: int = 0            # tokens the matcher consumed (for rollback)
+
+
+class StructuredOutputManager:
+    def __init__(self, config: StructuredOutputsConfig, load_tokenizer, vocab_size: int) -> None:
+        self.config = config
+        self.vocab_size = vocab_size            # the model's logits width (may exceed the tokenizer's)
+        self._load_tokenizer = load_tokenizer   # () -> HF tokenizer, called once, in a pool thread
+        self._tokenizer = None
+        self._backends: dict[str, GrammarBackend] = {}
+        self._lock = threading.Lock()           # guards _tokenizer and _backends
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
+        self._cache: OrderedDict[tuple[str, GrammarSpec], Future] = OrderedDict()
+
+    def add_request(self, req_id: str, params: StructuredOutputsParams) -> StructuredOutputRequest:
+        """Start compiling (or reuse the cached compile of) the request's grammar."""
+        backend = params.backend if params.backend not in (None, "auto") else self._default_backend()
+        key = (backend, params.spec())
+        compiled = self._cache.get(key)
+        if compiled is None or (compiled.done() and compiled.exception() is not None):
+            compiled = self._pool.submit(self._compile, backend, key[1])
+            self._cache[key] = compiled
+            while len(self._cache) > self.config.max_cached_grammars:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
+        return StructuredOutputRequest(backend, compiled, time.monotonic() + self.config.compile_timeout_s)
+
+    def _default_backend(self) -> str:
+        return "guidance" if self.config.backend == "auto" else self.config.backend
+
+    def _compile(self, backend_name: str, spec: GrammarSpec):
+        started = time.perf_counter()
+        compiled = self._backend(backend_name).compile(spec)
+        logger.debug("compiled a %s grammar with %s in %.1f ms", spec.kind, backend_name,
+                     1e3 * (time.perf_counter() - started))
+        return compiled
+
+    def _backend(self, name: str) -> GrammarBackend:
+        with self._lock:
+            if name not in self._backends:
+                if self._tokenizer is None:
+                    self._tokenizer = self._load_tokenizer()
+                self._backends[name] = BACKEND_CLASSES[name](self._tokenizer, self.vocab_size)
+            return self._backends[name]
+
+    def grammar_status(self, state: StructuredOutputRequest) -> str:
+        """READY (matcher built), COMPILING, or a user-facing error message (bad spec, timeout)."""
+        if state.matcher is not None:
+            return READY
+        if not state.compiled.done():
+            if time.monotonic() > state.deadline:
+                return (f"structured outputs: the grammar did not compile within {self.config.compile_timeout_s:g} s "
+                        f"(compile_timeout_s in --structured-outputs-config)")
+            return COMPILING
+        error = state.compiled.exception()
+        if error is None:
+            try:   # a library error here must fail this request, not the engine loop
+                state.matcher = self._backends[state.backend].new_matcher(state.compiled.result())
+            except Exception as exc:   # noqa: BLE001
+                error = exc
+        if error is not None:
+            return f"structured outputs: invalid grammar ({state.backend}): {error}"
+        return READY
+
+    def accept_tokens(self, state: StructuredOutputRequest, token_ids: list[int]) -> bool:
+        """Advance the matcher; False if the grammar refuses a token (it then stays put)."""
+        for token_id in token_ids:
+            if state.matcher.is_terminated():
+                return True   # EOS accepted already: later tokens (ignore_eos) are unconstrained
+            if not state.matcher.accept_token(token_id):
+                logger.warning("structured outputs: the grammar refused token %d", token_id)
+                return False
+            state.num_accepted_tokens += 1
+        return True
+
+    def rollback(self, state: StructuredOutputRequest, num_tokens: int) -> None:
+        """Undo the last num_tokens accepted tokens (rejected speculative tokens)."""
+        num_tokens = min(num_tokens, state.num_accepted_tokens)
+        if num_tokens:
+            state.matcher.rollback(num_tokens)
+            state.num_accepted_tokens -= num_tokens
+
+    def grammar_bitmask(self, requests: list, num_scheduled_tokens: dict[str, int]) -> GrammarBitmask | None:
+        """The step's scheduled requests (engine.request.Request) -> bitmask rows of those with a
+        grammar that sample this step (a partial prefill chunk samples nothing). A terminated
+        matcher's row allows everything (only ignore_eos runs past the end of a grammar)."""
+        rows = [request for request in requests if request.structured_output is not None
+                and request.num_computed_tokens + num_scheduled_tokens[request.req_id] >= request.num_tokens]
+        if not rows:
+            return None
+        bitmask = torch.full((len(rows), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+        by_backend: dict[str, list[tuple[GrammarMatcher, int]]] = {}
+        for row, request in enumerate(rows):
+            state = request.structured_output
+            if not state.matcher.is_terminated():
+                by_backend.setdefault(state.backend, []).append((state.matcher, row))
+        for name, matchers in by_backend.items():
+            self._backends[name].fill_bitmasks(matchers, bitmask)
+        return GrammarBitmask(req_ids=[request.req_id for request in rows], bitmask=bitmask)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
