@@ -15,9 +15,9 @@ from tests.app.test_chat_fake import TOOLS, chat, image_part, png_bytes
 
 # 200x150 -> smart_resize to 196x140 -> 14x10 patches of 14 -> merged 2x2: 35 placeholder tokens.
 IMAGE_TOKENS = 35
-# TOOLS[0] as the server hands it to the template (its request struct's field order: function, then type).
-TOOL_JSON = ('{"function": {"name": "get_weather", "description": "weather", "parameters": {"type": "object", '
-             '"properties": {"city": {"type": "string"}}}}, "type": "function"}')
+# TOOLS[0] as the server hands it to the template (vLLM's key order: type, then function).
+TOOL_JSON = ('{"type": "function", "function": {"name": "get_weather", "description": "weather", "parameters": '
+             '{"type": "object", "properties": {"city": {"type": "string"}}}}}')
 VL_MESSAGES = [
     [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "video"},
                                   {"type": "image"}]},
