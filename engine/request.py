@@ -68,6 +68,8 @@ class Request:
         # Prompt logprobs arrive chunk by chunk and are sent once the prompt is fully computed.
         self.prompt_logprobs: list[TokenLogprobs | None] = []
         self.has_sent_prompt_logprobs = False
+        # Beam search: the group this request is a slot of (engine.beam_groups), else None.
+        self.beam_group = None
 
     @classmethod
     def from_engine_request(cls, engine_request: EngineRequest) -> "Request":

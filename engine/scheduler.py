@@ -24,6 +24,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from engine import beam_groups
 from engine.config import SchedulerConfig
 from engine.encoder_cache import EncoderCacheManager
 from engine.kv_cache.manager import KVCacheManager
@@ -75,6 +76,7 @@ class Scheduler:
         self.finished_req_ids: set[str] = set()
         # Outputs decided outside a step (requests rejected at admission), sent with the next one.
         self.pending_outputs: list[EngineOutput] = []
+        self.beam_groups: dict[str, beam_groups.BeamGroup] = {}   # beam search: by user request id
         self.num_preemptions = 0
         self._step_prompt_tokens = 0
         self._step_generation_tokens = 0
@@ -88,6 +90,8 @@ class Scheduler:
             return
         self.requests[request.req_id] = request
         self.waiting.append(request)
+        if request.sampling_params.use_beam_search:   # beam search: this is the group's leader
+            beam_groups.start_beam_group(self, request)
 
     def reject(self, req_id: str, message: str) -> None:
         """Send FinishReason.ERROR for a request that is out of the queues (or never entered)."""
@@ -114,6 +118,9 @@ class Scheduler:
         for req_id in req_ids:
             request = self.requests.get(req_id)
             if request is None:
+                continue
+            if request.beam_group is not None:   # beam search: the whole group
+                beam_groups.finish_beam_group(self, request.beam_group, RequestStatus.FINISHED_ABORTED)
                 continue
             if request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
@@ -153,7 +160,8 @@ class Scheduler:
             plan.cached_reqs.append(request)
             plan.new_block_ids[request.req_id] = [block.block_id for block in new_blocks]
             self._commit(request, num_new_tokens, encoder_inputs, budget, plan)
-            index += 1
+            # a preempted beam group may have left from before this request
+            index = self.running.index(request) + 1 if plan.has_preempted else index + 1
 
     def _allocate_or_preempt(self, request: Request, num_new_tokens: int, plan: _StepPlan):
         """Allocate the step's slots, preempting the newest running requests until they fit.
@@ -163,6 +171,11 @@ class Scheduler:
             if new_blocks is not None:
                 return new_blocks
             victim = self.running.pop()
+            group = victim.beam_group
+            if group is not None and all(other.beam_group is group for other in self.running):
+                self.running.append(victim)   # beam search: nobody else holds blocks
+                beam_groups.fail_beam_group_too_big(self, group, plan)
+                return None
             if victim is request and not self.running:
                 # Nobody else holds blocks: the whole cache cannot hold this request.
                 message = (f"The request grew to {request.num_tokens} tokens, more than the KV "
@@ -170,9 +183,12 @@ class Scheduler:
                 self._free_request(request, RequestStatus.FINISHED_ERROR, error=message)
                 self.reject(request.req_id, message)
                 return None
-            self._preempt(victim)
+            if group is not None:   # beam search: the group goes as a unit
+                beam_groups.preempt_beam_group(self, group, plan)
+            else:
+                self._preempt(victim)
             plan.has_preempted = True
-            if victim is request:
+            if request.status != RequestStatus.RUNNING:
                 return None
 
     def _schedule_waiting(self, budget: _StepBudget, plan: _StepPlan) -> None:
@@ -262,12 +278,14 @@ class Scheduler:
             new_block_ids=[plan.new_block_ids[request.req_id] for request in plan.cached_reqs],
             num_computed_tokens=[request.num_computed_tokens for request in plan.cached_reqs])
         finished_req_ids, self.finished_req_ids = self.finished_req_ids, set()
+        forked_reqs, kv_block_copies = beam_groups.take_beam_forks(self)
         return SchedulerOutput(
             scheduled_new_reqs=new_reqs, scheduled_cached_reqs=cached_reqs,
             num_scheduled_tokens=plan.num_scheduled_tokens,
             total_num_scheduled_tokens=sum(plan.num_scheduled_tokens.values()),
             scheduled_encoder_inputs=plan.encoder_inputs, finished_req_ids=finished_req_ids,
-            free_encoder_mm_hashes=self.encoder_cache.get_freed_mm_hashes())
+            free_encoder_mm_hashes=self.encoder_cache.get_freed_mm_hashes(),
+            forked_reqs=forked_reqs, kv_block_copies=kv_block_copies)
 
     # ---------------------------------------------------------------- update
 
@@ -284,11 +302,15 @@ class Scheduler:
                                           runner_output)
             if output is not None:
                 outputs.append(output)
+        if self.beam_groups:   # beam search: groups whose slots all reported pick their next beams
+            outputs += beam_groups.advance_beam_groups(self)
         return EngineOutputs(outputs=outputs, stats=self.make_stats(), timestamp=time.time())
 
     def _update_request(self, request: Request, num_tokens: int, sampled_token_ids: list[int],
                         runner_output: ModelRunnerOutput) -> EngineOutput | None:
         req_id = request.req_id
+        if req_id in runner_output.failed and request.beam_group is not None:
+            return beam_groups.fail_beam_group(self, request.beam_group, runner_output.failed[req_id])
         if req_id in runner_output.failed:
             message = runner_output.failed[req_id]
             self.running.remove(request)
@@ -301,7 +323,9 @@ class Scheduler:
         prompt_logprobs = self._collect_prompt_logprobs(
             request, runner_output.prompt_logprobs.get(req_id))
         new_token_ids = []
-        if request.num_computed_tokens == request.num_tokens:  # else a partial prefill
+        if request.num_computed_tokens == request.num_tokens and request.beam_group is not None:
+            request.beam_group.record(req_id, runner_output.logprobs[req_id][0])  # beam search
+        elif request.num_computed_tokens == request.num_tokens:  # else a partial prefill
             for token_id in sampled_token_ids:
                 request.append_output_token_id(token_id)
                 new_token_ids.append(token_id)

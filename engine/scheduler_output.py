@@ -41,6 +41,18 @@ class CachedRequestData:
 
 
 @dataclass
+class ForkedRequestData:
+    """Beam search: the runner rebuilds `req_id` from `parent_req_id`'s state as it was at the
+    start of this step (same prompt, media and M-RoPE positions) with these tokens and blocks."""
+
+    req_id: str
+    parent_req_id: str
+    output_token_ids: list[int]
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
 class SchedulerOutput:
     scheduled_new_reqs: list[NewRequestData]
     scheduled_cached_reqs: CachedRequestData
@@ -55,6 +67,16 @@ class SchedulerOutput:
     finished_req_ids: set[str]
     # Encoder-cache entries the runner may drop (no scheduled request needs them any more).
     free_encoder_mm_hashes: list[str]
+    # Beam search (engine.beam_search): slots re-pointed at new beams, applied after the new
+    # requests and before the cached ones; then KV block copies (src, dst), made before the forward.
+    forked_reqs: list[ForkedRequestData] = field(default_factory=list)
+    kv_block_copies: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def needs_sampled_tokens(self) -> bool:
+        """The step re-points beams: scheduling it needed the previous step's tokens on the host
+        (an asynchronous loop must run such steps synchronously)."""
+        return bool(self.forked_reqs)
 
     @property
     def is_empty(self) -> bool:
