@@ -45,6 +45,8 @@ class ServerConfig:
     uvicorn_log_level: str = "info"
     max_log_len: int | None = None
     max_n: int = 16                           # cap on `n` per request
+    max_beam_width: int = 8                   # cap on `n` with use_beam_search
+    max_best_of: int = 16                     # cap on best_of (/v1/completions)
     request_max_body_size: int = 64 * 1024 * 1024
     drain_timeout_s: float = 30.0
     # Hardening limits (SECURITY.md lists each with its flag and environment variable).
@@ -67,7 +69,7 @@ class ServerConfig:
     exit_on_engine_death: bool = True
 
     def __post_init__(self) -> None:
-        positive = ("max_n", "request_max_body_size", "max_waiting_requests", "max_queued_media_bytes",
+        positive = ("max_n", "max_beam_width", "max_best_of", "request_max_body_size", "max_waiting_requests", "max_queued_media_bytes",
                     "request_timeout_s", "h11_max_incomplete_event_size", "engine_iteration_timeout_s")
         for name in positive:
             if not getattr(self, name) > 0:
@@ -188,6 +190,8 @@ LIMIT_FLAGS = (
     ("request-timeout", "request_timeout_s", float, "VLSERVE_REQUEST_TIMEOUT"),
     ("engine-iteration-timeout", "engine_iteration_timeout_s", float, "VLSERVE_ENGINE_ITERATION_TIMEOUT"),
     ("max-n", "max_n", int, "VLSERVE_MAX_N"),
+    ("max-beam-width", "max_beam_width", int, "VLSERVE_MAX_BEAM_WIDTH"),
+    ("max-best-of", "max_best_of", int, "VLSERVE_MAX_BEST_OF"),
     ("max-request-body-bytes", "request_max_body_size", int, "VLSERVE_MAX_REQUEST_BODY_BYTES"),
     ("h11-max-incomplete-event-size", "h11_max_incomplete_event_size", int, "VLSERVE_H11_MAX_INCOMPLETE_EVENT_SIZE"),
     ("drain-timeout", "drain_timeout_s", float, "VLSERVE_DRAIN_TIMEOUT"),

@@ -257,7 +257,9 @@ class RequestState:
     def make_output(self) -> RequestOutput:
         completions = list(self._completions.values())
         errors = [c.error for c in completions if c.error]
+        num_generated_tokens = None
         if self.finished and len(completions) > self.request.sampling_params.n:   # best_of: the top n
+            num_generated_tokens = sum(len(c.token_ids) for c in completions)
             completions = _best_completions(completions, self.request.sampling_params.n)
         return RequestOutput(
             request_id=self.request.req_id, prompt=self.prompt,
@@ -267,7 +269,7 @@ class RequestState:
             finished=self.finished, num_cached_tokens=self.num_cached_tokens,
             num_image_tokens=_num_placeholder_tokens(self.request, IMAGE),
             num_video_tokens=_num_placeholder_tokens(self.request, VIDEO),
-            error=errors[0] if errors else None)
+            error=errors[0] if errors else None, num_generated_tokens=num_generated_tokens)
 
 
 def _best_completions(completions: list[CompletionState], n: int) -> list[CompletionState]:
