@@ -98,7 +98,33 @@ def take_beam_forks(scheduler: Scheduler) -> tuple[list[ForkedRequestData], list
     return forks, copies
 
 
-def preempt_beam_group(scheduler: Scheduler, group: BeamGroup, plan) -> None:
+def preempt_beam_group(scheduler: Scheduler, victim: Request, plan) -> None:
+    """The scheduler popped `victim`, a slot, to free blocks: the whole group goes. When nobody
+    else holds blocks the group alone cannot fit the cache, and it ends with an error."""
+    group = victim.beam_group
+    is_alone = all(other.beam_group is group for other in scheduler.running)
+    scheduler.running.append(victim)
+    _preempt_slots(scheduler, group, plan)
+    if is_alone:
+        scheduler.pending_outputs.append(fail_beam_group(scheduler, group, _too_big(scheduler, group)))
+
+
+def fail_if_group_cannot_fit(scheduler: Scheduler, waiting_slot: Request) -> None:
+    """A slot found no blocks while its siblings run: if they are all that holds blocks, they wait
+    for it forever (they only step together), so the group needs more than the whole cache."""
+    group = waiting_slot.beam_group
+    if group is None or not scheduler.running or any(
+            r.beam_group is not group or r.num_computed_tokens < r.num_tokens for r in scheduler.running):
+        return   # somebody else holds blocks, or a sibling is still computing (maybe in this step)
+    scheduler.pending_outputs.append(fail_beam_group(scheduler, group, _too_big(scheduler, group)))
+
+
+def _too_big(scheduler: Scheduler, group: BeamGroup) -> str:
+    return (f"beam search with width {group.search.width} needs more KV cache than there is "
+            f"({scheduler.kv_cache_manager.max_num_tokens} tokens); lower the width or max_tokens")
+
+
+def _preempt_slots(scheduler: Scheduler, group: BeamGroup, plan) -> None:
     """Every running slot goes back to the front of the waiting queue, in slot order. Slots already
     scheduled in this step are taken out of the plan (their budget is not given back: the step is
     just smaller)."""
@@ -134,10 +160,3 @@ def fail_beam_group(scheduler: Scheduler, group: BeamGroup, error: str) -> Engin
     finish_beam_group(scheduler, group, RequestStatus.FINISHED_ERROR, error)
     return EngineOutput(req_id=group.req_id, new_token_ids=[], finish_reason=FinishReason.ERROR, error=error)
 
-
-def fail_beam_group_too_big(scheduler: Scheduler, group: BeamGroup, plan) -> None:
-    """The group alone needs more blocks than the cache has: it ends with an error."""
-    preempt_beam_group(scheduler, group, plan)
-    error = (f"beam search with width {group.search.width} needs more KV cache than there is "
-             f"({scheduler.kv_cache_manager.max_num_tokens} tokens); lower the width or max_tokens")
-    scheduler.pending_outputs.append(fail_beam_group(scheduler, group, error))

@@ -171,20 +171,15 @@ class Scheduler:
             if new_blocks is not None:
                 return new_blocks
             victim = self.running.pop()
-            group = victim.beam_group
-            if group is not None and all(other.beam_group is group for other in self.running):
-                self.running.append(victim)   # beam search: nobody else holds blocks
-                beam_groups.fail_beam_group_too_big(self, group, plan)
-                return None
-            if victim is request and not self.running:
+            if victim.beam_group is not None:   # beam search: the group goes (or fails) as a unit
+                beam_groups.preempt_beam_group(self, victim, plan)
+            elif victim is request and not self.running:
                 # Nobody else holds blocks: the whole cache cannot hold this request.
                 message = (f"The request grew to {request.num_tokens} tokens, more than the KV "
                            f"cache holds ({self.kv_cache_manager.max_num_tokens} tokens).")
                 self._free_request(request, RequestStatus.FINISHED_ERROR, error=message)
                 self.reject(request.req_id, message)
                 return None
-            if group is not None:   # beam search: the group goes as a unit
-                beam_groups.preempt_beam_group(self, group, plan)
             else:
                 self._preempt(victim)
             plan.has_preempted = True
@@ -205,6 +200,7 @@ class Scheduler:
             new_blocks = self.kv_cache_manager.allocate_slots(
                 request, num_new_tokens, num_hit_tokens, computed_blocks)
             if new_blocks is None:
+                beam_groups.fail_if_group_cannot_fit(self, request)   # beam search: never a deadlock
                 break
             self.waiting.popleft()
             self.kv_cache_manager.record_prefix_lookup(request.num_tokens, num_hit_tokens)
@@ -309,10 +305,10 @@ class Scheduler:
     def _update_request(self, request: Request, num_tokens: int, sampled_token_ids: list[int],
                         runner_output: ModelRunnerOutput) -> EngineOutput | None:
         req_id = request.req_id
-        if req_id in runner_output.failed and request.beam_group is not None:
-            return beam_groups.fail_beam_group(self, request.beam_group, runner_output.failed[req_id])
         if req_id in runner_output.failed:
             message = runner_output.failed[req_id]
+            if request.beam_group is not None:   # beam search: the whole group fails
+                return beam_groups.fail_beam_group(self, request.beam_group, message)
             self.running.remove(request)
             self._free_request(request, RequestStatus.FINISHED_ERROR, error=message)
             return EngineOutput(req_id=req_id, new_token_ids=[], finish_reason=FinishReason.ERROR,
