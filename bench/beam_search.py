@@ -7,7 +7,7 @@
 Median of --runs after a warm-up. Runs in about a minute on an H100/H200.
 
     python bench/beam_search.py [--runs 3] [--prompts 100] [--width 4]
-Caller: by hand, bench/run_all.py.
+Caller: by hand (the lead, on the GPU).
 """
 
 from __future__ import annotations

@@ -43,6 +43,25 @@ def start_beam_group(scheduler: Scheduler, leader: Request) -> None:
     scheduler.beam_groups[leader.req_id] = group
 
 
+def needs_synchronous_steps(scheduler: Scheduler) -> bool:
+    """While a group runs, step N+1 cannot be scheduled before step N's log-probs are on the host
+    (they pick the beams): an asynchronous engine loop must step synchronously."""
+    return bool(scheduler.beam_groups)
+
+
+def can_admit(scheduler: Scheduler, leader: Request) -> bool:
+    """A leader that has not forked yet enters only with room for all its beams: width sequences
+    under max_num_seqs, and free blocks for its prompt plus one block per beam (unless nothing
+    runs, so that a group is never kept out of an idle engine)."""
+    group = leader.beam_group
+    if len(group.slots) > 1 or group.search.num_generated > 0 or not scheduler.running:
+        return True
+    width, manager = group.search.width, scheduler.kv_cache_manager
+    num_blocks = -(-leader.num_tokens // manager.block_size) + width
+    return (len(scheduler.running) + width <= scheduler.max_num_seqs
+            and manager.get_num_free_blocks() >= num_blocks)
+
+
 def advance_beam_groups(scheduler: Scheduler) -> list[EngineOutput]:
     """After a step: every group whose slots all reported takes its next step."""
     outputs = []

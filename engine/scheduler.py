@@ -189,6 +189,8 @@ class Scheduler:
     def _schedule_waiting(self, budget: _StepBudget, plan: _StepPlan) -> None:
         while self.waiting and budget.num_tokens > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            if request.beam_group is not None and not beam_groups.can_admit(self, request):
+                break   # beam search: room for every beam of the group
             computed_blocks, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
             num_new_tokens = request.num_tokens - num_hit_tokens
             if not self.enable_chunked_prefill and num_new_tokens > budget.num_tokens:

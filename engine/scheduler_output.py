@@ -73,11 +73,5 @@ class SchedulerOutput:
     kv_block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
-    def needs_sampled_tokens(self) -> bool:
-        """The step re-points beams: scheduling it needed the previous step's tokens on the host
-        (an asynchronous loop must run such steps synchronously)."""
-        return bool(self.forked_reqs)
-
-    @property
     def is_empty(self) -> bool:
         return self.total_num_scheduled_tokens == 0
