@@ -30,7 +30,7 @@ import torch
 
 from beam_reference import hf_beam_search
 from engine import LLM, BeamSearchParams, SamplingParams
-from reference import RefRequest, RefVideo, hf_generate
+from reference import RefRequest, RefVideo, hf_generate, load
 
 SCORE_ATOL = 1e-4
 MAX_MODEL_LEN = 1024
@@ -66,8 +66,10 @@ def random_prompt(model_dir, seed: int, length: int = PROMPT_LEN) -> list[int]:
 
 
 def stop_token_for(model_dir, prompt, width: int) -> int:
-    """A token the best unconstrained beam emits third: with it as a stop token, EOS is reached."""
-    return hf_beam_search(model_dir, prompt, width, 4, ignore_eos=True)[0].token_ids[2]
+    """The first token of the best unconstrained beam: with it as a stop token, a one-token
+    hypothesis finishes in the first step (and survives to the output unless length_penalty
+    favours long beams)."""
+    return hf_beam_search(model_dir, prompt, width, 2, ignore_eos=True)[0].token_ids[0]
 
 
 def beam_params(width, max_tokens, length_penalty=1.0, early_stopping=False, stop_token_ids=None,
@@ -104,7 +106,11 @@ def grid_case(model_dir, width, max_tokens, length_penalty, early_stopping, eos_
     return prompt, beam_params(width, max_tokens, length_penalty, early_stopping, stop_ids), reference
 
 
-def assert_stop_reached(output, eos_reached: bool, length_penalty: float) -> None:
+def assert_stop_reached(output, eos_reached: bool, length_penalty: float, stop_ids, model_dir) -> None:
+    """Finish reasons agree with the tokens, and a stop token is reached where the case wants it."""
+    stop_set = set(stop_ids or ()) | set(load(model_dir).eos_token_ids)   # generation_config.json's EOS
+    for completion in output.outputs:
+        assert (completion.finish_reason == "stop") == (completion.token_ids[-1] in stop_set)
     num_stopped = sum(c.finish_reason == "stop" for c in output.outputs)
     # length_penalty 2 favours long beams: the stopped ones may be outranked
     assert num_stopped > 0 if eos_reached and length_penalty < 2.0 else num_stopped == 0 or eos_reached
@@ -117,7 +123,7 @@ def test_beams_equal_transformers(llm, model_dir, width, max_tokens, length_pena
                                           eos_reached)
     [output] = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
     assert_beams_match(output, reference, length_penalty)
-    assert_stop_reached(output, eos_reached, length_penalty)
+    assert_stop_reached(output, eos_reached, length_penalty, params.stop_token_ids, model_dir)
     assert_all_blocks_free(llm)
 
 
