@@ -74,6 +74,7 @@ def advance_beam_groups(scheduler: Scheduler) -> list[EngineOutput]:
 def _advance(scheduler: Scheduler, group: BeamGroup) -> list[EngineOutput]:
     num_computed = group.slots[0].num_tokens   # every slot: prompt + the same number of outputs
     parents = group.search.step([group.candidates[slot.req_id] for slot in group.slots])
+    scheduler._step_generation_tokens += len(group.slots)   # one token per beam (for /metrics)
     group.candidates.clear()
     if group.search.is_done:
         outputs = group.final_outputs(max(0, group.slots[0].num_cached_tokens))
