@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgspec
 import numpy as np
 
 from engine.protocol import EngineOutput, FinishReason, TokenLogprobs
@@ -208,8 +209,6 @@ class BeamGroup:
 def beam_slot_params(params: SamplingParams, num_stop_tokens: int) -> SamplingParams:
     """The params a slot runs with: greedy, and the runner returns enough top log-probs for the
     step (num_candidates, plus the stop tokens min_tokens may filter out, plus what the user wants)."""
-    import msgspec
-
     needed = num_candidates(params.n, num_stop_tokens) + num_stop_tokens
     return msgspec.structs.replace(params, temperature=0.0, logprobs=max(needed, params.logprobs or 0))
 
