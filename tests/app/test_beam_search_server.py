@@ -3,6 +3,8 @@
 parameters), itself checked against transformers in tests/engine/test_beam_search.py.
 """
 
+import functools
+
 import openai
 import pytest
 
@@ -33,11 +35,17 @@ def llm(model_path):
     return LLM(model=model_path, **ENGINE_KWARGS)
 
 
-def beam_texts(llm, prompt_ids) -> list[str]:
-    """LLM.beam_search's sequences, best first, as the server's choices show them (generated part)."""
+@functools.lru_cache(maxsize=4)
+def _beam_texts(llm, prompt_ids: tuple[int, ...]) -> list[str]:
+    prompt_ids = list(prompt_ids)
     [result] = llm.beam_search([{"prompt_token_ids": prompt_ids}], BeamSearchParams(beam_width=WIDTH, max_tokens=MAX_TOKENS))
     tokenizer = llm.get_tokenizer()
     return [tokenizer.decode(s.tokens[len(prompt_ids):], skip_special_tokens=True) for s in result.sequences]
+
+
+def beam_texts(llm, prompt_ids) -> list[str]:
+    """LLM.beam_search's sequences, best first, as the server's choices show them (generated part)."""
+    return _beam_texts(llm, tuple(prompt_ids))
 
 
 def test_completions_beams_equal_llm_beam_search(client, llm):
