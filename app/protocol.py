@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from engine.sampling_params import MAX_LENGTH_PENALTY, MAX_LOGPROBS, SamplingParams
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
@@ -151,7 +151,7 @@ class SamplingFields(Struct, kw_only=True):
     mm_processor_kwargs: dict[str, Any] | None = None
     # Beam search (vLLM's extra body): n is the beam width.
     use_beam_search: bool = False
-    length_penalty: float = 1.0
+    length_penalty: Annotated[float, Meta(ge=-MAX_LENGTH_PENALTY, le=MAX_LENGTH_PENALTY)] = 1.0
     early_stopping: bool | Literal["never"] = False
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import msgspec
 
 MAX_LOGPROBS = 20
+MAX_LENGTH_PENALTY = 10.0
 
 
 class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
@@ -73,6 +74,9 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tr
 
     def _validate_beam_search(self) -> None:
         """Beam search is deterministic (beam sampling is not built) and decodes on raw log-probs."""
+        if not -MAX_LENGTH_PENALTY <= self.length_penalty <= MAX_LENGTH_PENALTY:   # len ** lp stays finite
+            raise ValueError(f"length_penalty must be in [-{MAX_LENGTH_PENALTY}, {MAX_LENGTH_PENALTY}], "
+                             f"got {self.length_penalty!r}")
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be true, false or \"never\", got {self.early_stopping!r}")
         refused = [

@@ -299,7 +299,8 @@ def test_best_of_returns_the_highest_cumulative_logprobs(llm, model_dir):
 def test_beam_search_refusals():
     for bad, field in [(dict(temperature=0.7), "temperature"), (dict(stop=["x"]), "stop"),
                        (dict(early_stopping="sometimes"), "early_stopping"), (dict(best_of=5), "best_of"),
-                       (dict(repetition_penalty=1.2), "repetition_penalty")]:
+                       (dict(repetition_penalty=1.2), "repetition_penalty"),
+                       (dict(length_penalty=1e308), "length_penalty")]:
         params = msgspec.structs.replace(beam_params(4, 8), **bad)
         with pytest.raises(ValueError, match=field):
             params.validate()
