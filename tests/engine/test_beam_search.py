@@ -86,8 +86,9 @@ def assert_beams_match(output, reference, length_penalty: float) -> None:
     for completion, beam in zip(output.outputs, reference):
         score = completion.cumulative_logprob / len(completion.token_ids) ** length_penalty
         assert abs(score - beam.score) < SCORE_ATOL, (score, beam.score)
+        # the engine sums in float32 (as transformers): allow its rounding over long beams
         assert abs(sum(next(iter(p.values())).logprob for p in completion.logprobs)
-                   - completion.cumulative_logprob) < SCORE_ATOL
+                   - completion.cumulative_logprob) < SCORE_ATOL * len(completion.token_ids)
 
 
 def assert_all_blocks_free(llm) -> None:
@@ -98,17 +99,20 @@ def assert_all_blocks_free(llm) -> None:
 
 
 def grid_case(model_dir, width, max_tokens, length_penalty, early_stopping, eos_reached):
-    """-> (prompt, SamplingParams, the transformers reference) of one point of the grid."""
+    """-> (prompt, SamplingParams, the transformers reference) of one point of the grid. EOS not
+    reached: ignore_eos (the tiny checkpoint's own EOS comes up in long runs); reached: the
+    checkpoint's EOS plus a stop token every search meets in its first step."""
     prompt = random_prompt(model_dir, seed=width * 1000 + max_tokens + int(10 * length_penalty))
     stop_ids = [stop_token_for(model_dir, prompt, width)] if eos_reached else None
     reference = hf_beam_search(model_dir, prompt, width, max_tokens, length_penalty, early_stopping,
-                               stop_token_ids=tuple(stop_ids or ()))
-    return prompt, beam_params(width, max_tokens, length_penalty, early_stopping, stop_ids), reference
+                               ignore_eos=not eos_reached, stop_token_ids=tuple(stop_ids or ()))
+    params = beam_params(width, max_tokens, length_penalty, early_stopping, stop_ids)
+    return prompt, msgspec.structs.replace(params, ignore_eos=not eos_reached), reference
 
 
 def assert_stop_reached(output, eos_reached: bool, length_penalty: float, stop_ids, model_dir) -> None:
     """Finish reasons agree with the tokens, and a stop token is reached where the case wants it."""
-    stop_set = set(stop_ids or ()) | set(load(model_dir).eos_token_ids)   # generation_config.json's EOS
+    stop_set = set(stop_ids or ()) | (set(load(model_dir).eos_token_ids) if eos_reached else set())
     for completion in output.outputs:
         assert (completion.finish_reason == "stop") == (completion.token_ids[-1] in stop_set)
     num_stopped = sum(c.finish_reason == "stop" for c in output.outputs)
