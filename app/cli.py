@@ -156,6 +156,8 @@ LIMIT_FLAGS = (
     ("request-timeout", "request_timeout_s", float, "VLSERVE_REQUEST_TIMEOUT"),
     ("engine-iteration-timeout", "engine_iteration_timeout_s", float, "VLSERVE_ENGINE_ITERATION_TIMEOUT"),
     ("max-n", "max_n", int, "VLSERVE_MAX_N"),
+    ("max-beam-width", "max_beam_width", int, "VLSERVE_MAX_BEAM_WIDTH"),
+    ("max-best-of", "max_best_of", int, "VLSERVE_MAX_BEST_OF"),
     ("max-request-body-bytes", "request_max_body_size", int, "VLSERVE_MAX_REQUEST_BODY_BYTES"),
     ("h11-max-incomplete-event-size", "h11_max_incomplete_event_size", int, "VLSERVE_H11_MAX_INCOMPLETE_EVENT_SIZE"),
     ("drain-timeout", "drain_timeout_s", float, "VLSERVE_DRAIN_TIMEOUT"),

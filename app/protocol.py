@@ -17,7 +17,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from app.structured_outputs import structured_outputs_of
-from engine.sampling_params import SamplingParams, StructuredOutputsParams
+from engine.sampling_params import MAX_LENGTH_PENALTY, SamplingParams, StructuredOutputsParams
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
@@ -160,6 +160,10 @@ class SamplingFields(Struct, kw_only=True):
     guided_grammar: str | None = None                       # deprecated: structured_outputs.grammar
     guided_whitespace_pattern: str | None = None            # deprecated: structured_outputs.whitespace_pattern
     guided_decoding_backend: str | None = None              # deprecated: --structured-outputs-config
+    # Beam search (vLLM's extra body): n is the beam width.
+    use_beam_search: bool = False
+    length_penalty: Annotated[float, Meta(ge=-MAX_LENGTH_PENALTY, le=MAX_LENGTH_PENALTY)] = 1.0
+    early_stopping: bool | Literal["never"] = False
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
@@ -189,6 +193,7 @@ class CompletionRequest(SamplingFields, kw_only=True):
     echo: bool = False
     logprobs: Annotated[int, Meta(ge=0, lt=2 ** 31)] | None = None  # at most --max-logprobs
     suffix: str | None = None
+    best_of: PositiveInt | None = None
 
 
 def check_stream_options(request: SamplingFields) -> None:
@@ -201,10 +206,11 @@ def check_stream_options(request: SamplingFields) -> None:
 
 
 def to_sampling_params(request: SamplingFields, *, max_n: int, max_tokens: int | None,
-                       logprobs: int | None) -> SamplingParams:
+                       logprobs: int | None, max_beam_width: int = 8, max_best_of: int = 16) -> SamplingParams:
     """Request fields -> SamplingParams (ValueError on values bounded by the server)."""
     if request.n > max_n:
         raise ValueError(f"n must be at most {max_n} on this server, got {request.n}")
+    check_beam_search_and_best_of(request, max_beam_width, max_best_of)
     stop = [request.stop] if isinstance(request.stop, str) else request.stop
     given: dict[str, Any] = {
         "temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k,
@@ -217,9 +223,27 @@ def to_sampling_params(request: SamplingFields, *, max_n: int, max_tokens: int |
         logprobs=logprobs, skip_special_tokens=request.skip_special_tokens,
         include_stop_str_in_output=request.include_stop_str_in_output,
         structured_outputs=structured_outputs_of(request),
+        use_beam_search=request.use_beam_search, length_penalty=request.length_penalty,
+        early_stopping=request.early_stopping, best_of=getattr(request, "best_of", None),
         **{name: value for name, value in given.items() if value is not None},
     )
+    if request.use_beam_search and request.temperature is None:   # beam search is deterministic
+        params = msgspec.structs.replace(params, temperature=0.0)
     return params.validate()
+
+
+def check_beam_search_and_best_of(request: SamplingFields, max_beam_width: int, max_best_of: int) -> None:
+    """The server's caps (--max-beam-width, --max-best-of), before any media is fetched."""
+    if request.use_beam_search and request.n > max_beam_width:
+        raise ValueError(f"n (the beam width with use_beam_search) must be at most {max_beam_width} on this "
+                         f"server, got {request.n}")
+    best_of = getattr(request, "best_of", None)
+    if best_of is None:
+        return
+    if best_of > max_best_of:
+        raise ValueError(f"best_of must be at most {max_best_of} on this server, got {best_of}")
+    if request.stream:
+        raise ValueError("best_of is not supported with stream (as OpenAI's API)")
 
 
 # ---------------------------------------------------------------- responses

@@ -19,7 +19,8 @@ from app.tool_parsers import hermes
 def usage_of(outputs: list[Any]) -> Usage:
     """Usage over one or more RequestOutputs (several prompts in one /v1/completions call)."""
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
-    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    completion = sum(sum(len(c.token_ids) for c in o.outputs) if o.num_generated_tokens is None
+                     else o.num_generated_tokens for o in outputs)   # best_of: every sample counts
     details = PromptTokensDetails(cached_tokens=sum(o.num_cached_tokens for o in outputs),
                                   image_tokens=sum(o.num_image_tokens for o in outputs),
                                   video_tokens=sum(o.num_video_tokens for o in outputs))

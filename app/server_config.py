@@ -35,6 +35,8 @@ class ServerConfig:
     uvicorn_log_level: str = "info"
     max_log_len: int | None = None
     max_n: int = 16                           # cap on `n` per request
+    max_beam_width: int = 8                   # cap on `n` with use_beam_search
+    max_best_of: int = 16                     # cap on best_of (/v1/completions)
     request_max_body_size: int = 64 * 1024 * 1024
     drain_timeout_s: float = 30.0
     # Hardening limits (SECURITY.md lists each with its flag and environment variable).
@@ -70,8 +72,9 @@ class ServerConfig:
     chat_template_content_format: str = "auto"
 
     def __post_init__(self) -> None:
-        positive = ("max_n", "request_max_body_size", "max_waiting_requests", "max_queued_media_bytes",
-                    "request_timeout_s", "h11_max_incomplete_event_size", "engine_iteration_timeout_s")
+        positive = ("max_n", "max_beam_width", "max_best_of", "request_max_body_size", "max_waiting_requests",
+                    "max_queued_media_bytes", "request_timeout_s", "h11_max_incomplete_event_size",
+                    "engine_iteration_timeout_s")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.removesuffix('_s').replace('_', '-')}: must be positive, "

@@ -4,6 +4,7 @@
     outputs = LLM("Qwen/Qwen2.5-VL-3B-Instruct").generate("Hello", SamplingParams(max_tokens=16))
 """
 
+from engine.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from engine.config import EngineConfig
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -19,5 +20,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'engine' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob", "EngineConfig",
-           "StructuredOutputsParams", "GuidedDecodingParams"]
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence", "RequestOutput",
+           "CompletionOutput", "Logprob", "EngineConfig", "StructuredOutputsParams", "GuidedDecodingParams"]

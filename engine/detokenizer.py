@@ -139,6 +139,8 @@ class CompletionState:
             return False
         self.token_ids.extend(output.new_token_ids)
         self._add_logprobs(output.new_logprobs or [])
+        if output.cumulative_logprob is not None:   # beam search: the engine's float32 sum
+            self.cumulative_logprob = output.cumulative_logprob
         is_final = output.finish_reason is not None
         if self._detokenizer is not None:
             num_new_chars = self._detokenizer.add_tokens(output.new_token_ids, is_final)
@@ -150,11 +152,10 @@ class CompletionState:
         return False
 
     def _add_logprobs(self, entries: list[TokenLogprobs]) -> None:
-        if self.logprobs is None:
-            return
-        for entry in entries:
-            self.logprobs.append(format_logprobs(self._tokenizer, entry))
-            self.cumulative_logprob += entry.logprobs[0]
+        for entry in entries:   # best_of asks the engine for them even when the user did not
+            self.cumulative_logprob = (self.cumulative_logprob or 0.0) + entry.logprobs[0]
+            if self.logprobs is not None:
+                self.logprobs.append(format_logprobs(self._tokenizer, entry))
 
     def _apply_stop_strings(self, num_new_chars: int) -> bool:
         hit = find_stop_string(self.text, num_new_chars, self._stop, self._params.include_stop_str_in_output)
@@ -182,14 +183,18 @@ class CompletionState:
 
 
 def child_requests(request: EngineRequest) -> list[EngineRequest]:
-    """n>1: one engine request per completion ("{i}_{req_id}", vLLM's naming), seeds seed+i."""
+    """n>1: one engine request per completion ("{i}_{req_id}", vLLM's naming), seeds seed+i;
+    best_of of them when best_of > n (each with its logprobs, to rank them). Beam search is one
+    engine request whose k results come back as "{rank}_{req_id}"."""
     params = request.sampling_params
-    if params.n == 1:
+    num_samples = max(params.n, params.best_of or 0)
+    if num_samples == 1 or params.use_beam_search:
         return [request]
+    extra = {"logprobs": 0} if num_samples > params.n and params.logprobs is None else {}
     children = []
-    for index in range(params.n):
+    for index in range(num_samples):
         seed = None if params.seed is None else (params.seed + index) % 2 ** 64
-        child_params = msgspec.structs.replace(params, n=1, seed=seed)
+        child_params = msgspec.structs.replace(params, n=1, best_of=None, seed=seed, **extra)
         children.append(msgspec.structs.replace(request, req_id=f"{index}_{request.req_id}",
                                                 sampling_params=child_params))
     return children
@@ -203,16 +208,20 @@ class RequestState:
         self.prompt = prompt
         self._tokenizer = tokenizer
         self.children = child_requests(request)
-        self._completions = {child.req_id: CompletionState(i, tokenizer, request.prompt_token_ids,
-                                                           child.sampling_params)
-                             for i, child in enumerate(self.children)}
+        params = request.sampling_params
+        completion_ids = ([f"{i}_{request.req_id}" for i in range(params.n)] if params.use_beam_search
+                          else [child.req_id for child in self.children])
+        self._completions = {req_id: CompletionState(i, tokenizer, request.prompt_token_ids, params)
+                             for i, req_id in enumerate(completion_ids)}
         self._want_prompt_logprobs = request.sampling_params.prompt_logprobs is not None
         self.prompt_logprobs: list[PositionLogprobs | None] | None = None
         self.num_cached_tokens = 0
 
     @property
     def child_req_ids(self) -> list[str]:
-        return list(self._completions)
+        """Ids outputs may come under: each completion's, and for beam search the group's."""
+        return list(self._completions) + [child.req_id for child in self.children
+                                          if child.req_id not in self._completions]
 
     @property
     def finished(self) -> bool:
@@ -223,6 +232,9 @@ class RequestState:
 
     @property
     def unfinished_child_ids(self) -> list[str]:
+        """The engine requests still running (to abort there)."""
+        if self.request.sampling_params.use_beam_search:
+            return [self.request.req_id] if not self.finished else []
         return [req_id for req_id, c in self._completions.items() if c.finish_reason is None]
 
     def process(self, output: EngineOutput) -> bool:
@@ -231,6 +243,9 @@ class RequestState:
             self.prompt_logprobs = [None if entry is None else format_logprobs(self._tokenizer, entry)
                                     for entry in output.prompt_logprobs]
         self.num_cached_tokens = max(self.num_cached_tokens, output.num_cached_tokens)
+        if output.req_id not in self._completions:   # beam search: the group failed as a whole
+            self.finish_all(FinishReason.ERROR, output.error or "request failed in the engine")
+            return False
         return self._completions[output.req_id].process(output)
 
     def finish_all(self, reason: FinishReason, error: str | None = None) -> None:
@@ -243,6 +258,10 @@ class RequestState:
     def make_output(self) -> RequestOutput:
         completions = list(self._completions.values())
         errors = [c.error for c in completions if c.error]
+        num_generated_tokens = None
+        if self.finished and len(completions) > self.request.sampling_params.n:   # best_of: the top n
+            num_generated_tokens = sum(len(c.token_ids) for c in completions)
+            completions = _best_completions(completions, self.request.sampling_params.n)
         return RequestOutput(
             request_id=self.request.req_id, prompt=self.prompt,
             prompt_token_ids=list(self.request.prompt_token_ids),
@@ -251,7 +270,16 @@ class RequestState:
             finished=self.finished, num_cached_tokens=self.num_cached_tokens,
             num_image_tokens=_num_placeholder_tokens(self.request, IMAGE),
             num_video_tokens=_num_placeholder_tokens(self.request, VIDEO),
-            error=errors[0] if errors else None)
+            error=errors[0] if errors else None, num_generated_tokens=num_generated_tokens)
+
+
+def _best_completions(completions: list[CompletionState], n: int) -> list[CompletionState]:
+    """OpenAI's best_of: the n with the highest cumulative log-prob, renumbered 0..n-1."""
+    best = sorted(completions, key=lambda c: -(c.cumulative_logprob if c.cumulative_logprob is not None
+                                               else float("-inf")))[:n]
+    for index, completion in enumerate(best):
+        completion.index = index
+    return best
 
 
 def _num_placeholder_tokens(request: EngineRequest, modality: str) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from engine.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from engine.client import InprocClient
 from engine.config_loader import create_engine_config
 from engine.detokenizer import OutputProcessor
@@ -85,6 +86,34 @@ class LLM:
                                                  mm_processor_kwargs, add_special_tokens=False)
             requests.append((request, rendered.prompt))
         return self._run(requests, use_tqdm)
+
+    def beam_search(self, prompts, params: BeamSearchParams, lora_request=None, use_tqdm: bool = False,
+                    concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
+        """vLLM's LLM.beam_search, run inside the engine (engine/beam_search.py): prompts as for
+        generate (str, {"prompt_token_ids"}, {"prompt", "multi_modal_data"}); one BeamSearchOutput per
+        prompt with params.beam_width sequences, best first."""
+        if lora_request is not None:
+            raise ValueError("lora_request: LoRA adapters are not supported")
+        prompt_list = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        sampling_params = params.to_sampling_params()
+        step = concurrency_limit or max(1, len(prompt_list))
+        outputs = []
+        for start in range(0, len(prompt_list), step):
+            chunk = prompt_list[start:start + step]
+            results = self._run([self._request_from_prompt(p, sampling_params) for p in chunk], use_tqdm)
+            outputs += [self._beam_search_output(result) for result in results]
+        return outputs
+
+    def _beam_search_output(self, result: RequestOutput) -> BeamSearchOutput:
+        tokenizer = self.frontend.tokenizer
+        sequences = []
+        for completion in result.outputs:
+            tokens = list(result.prompt_token_ids) + list(completion.token_ids)
+            sequences.append(BeamSearchSequence(
+                tokens=tokens, logprobs=completion.logprobs or [], cum_logprob=completion.cumulative_logprob,
+                text=tokenizer.decode(tokens), finish_reason=completion.finish_reason,
+                stop_reason=completion.stop_reason))
+        return BeamSearchOutput(sequences)
 
     def _next_id(self) -> str:
         return str(next(self._request_counter))

@@ -49,6 +49,8 @@ class EngineOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False
     stop_reason: int | str | None = None   # the stop token id that ended it
     num_cached_tokens: int = 0             # prompt tokens served from the prefix cache
     error: str | None = None               # with FinishReason.ERROR: a message for the user
+    # Beam search: the hypothesis' sum of token log-probs (sent with its only output).
+    cumulative_logprob: float | None = None
 
 
 class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

@@ -19,6 +19,7 @@ from engine.sampling_params import SamplingParams
 from vision.inputs import MultiModalItem
 
 if TYPE_CHECKING:
+    from engine.beam_groups import BeamGroup
     from engine.structured_output.manager import StructuredOutputRequest
 
 
@@ -85,6 +86,8 @@ class Request:
         self.has_sent_prompt_logprobs = False
         # Its grammar and matcher (engine.structured_output.manager), set when the scheduler admits it.
         self.structured_output: StructuredOutputRequest | None = None
+        # Beam search: the group this request is a slot of (engine.beam_groups), else None.
+        self.beam_group: BeamGroup | None = None
 
     @classmethod
     def from_engine_request(cls, engine_request: EngineRequest) -> "Request":

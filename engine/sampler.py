@@ -220,6 +220,7 @@ def compute_logprobs(raw_logits: torch.Tensor, token_ids: torch.Tensor, num_logp
     """raw_logits [R, V], token_ids [R] -> (ids, logprobs, ranks), each [R, 1 + num_logprobs]:
     the given token first, then the top-num_logprobs tokens of log_softmax(raw_logits)."""
     log_probs = torch.log_softmax(raw_logits.float(), dim=-1)              # [R, V]
+    num_logprobs = min(num_logprobs, log_probs.shape[-1])   # beam search may ask for many
     chosen = log_probs.gather(1, token_ids[:, None])                       # [R, 1]
     chosen_rank = (log_probs > chosen).sum(dim=-1, keepdim=True) + 1
     top_values, top_ids = log_probs.topk(num_logprobs, dim=-1)              # [R, k]

@@ -23,6 +23,7 @@ MAX_LOGPROBS = 20  # the default of --max-logprobs (the bound is the server's, c
 NEUTRAL_VALUES: dict[str, float | int] = {
     "temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
 }
+MAX_LENGTH_PENALTY = 10.0
 
 
 class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
@@ -47,6 +48,13 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tr
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     detokenize: bool = True
+    # Beam search (vLLM's pre-0.6 names; LLM.beam_search and the servers' use_beam_search set them):
+    # n is the beam width; the search is transformers' generate(num_beams=n, do_sample=False).
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False   # True, False or "never" (transformers' meaning)
+    # Completions API: sample best_of, return the n with the highest cumulative log-prob.
+    best_of: int | None = None
     # One output constraint (JSON schema, regex, choice, grammar, ...); see engine/structured_output.
     structured_outputs: StructuredOutputsParams | None = None
     # Names of NEUTRAL_VALUES fields the caller left unset; filled in by __post_init__.
@@ -99,7 +107,32 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tr
             raise ValueError("stop strings must be non-empty")
         if self.structured_outputs is not None:
             self.structured_outputs.validate()
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of must be at least n ({self.n}), got {self.best_of}")
+        if self.use_beam_search:
+            self._validate_beam_search()
         return self
+
+    def _validate_beam_search(self) -> None:
+        """Beam search is deterministic (beam sampling is not built) and decodes on raw log-probs."""
+        if not -MAX_LENGTH_PENALTY <= self.length_penalty <= MAX_LENGTH_PENALTY:   # len ** lp stays finite
+            raise ValueError(f"length_penalty must be in [-{MAX_LENGTH_PENALTY}, {MAX_LENGTH_PENALTY}], "
+                             f"got {self.length_penalty!r}")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be true, false or \"never\", got {self.early_stopping!r}")
+        refused = [
+            (self.temperature != 0.0, "temperature", "must be 0 with use_beam_search (beam sampling is not supported)"),
+            (self.best_of not in (None, self.n), "best_of", "must equal n (the beam width) with use_beam_search"),
+            (bool(self.stop), "stop", "strings are not supported with use_beam_search (stop_token_ids are)"),
+            (self.prompt_logprobs is not None, "prompt_logprobs", "is not supported with use_beam_search"),
+            (self.top_p != 1.0 or self.effective_top_k or self.min_p != 0.0, "top_p",
+             "top_k and min_p do not apply to beam search; leave them unset"),
+            (self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty,
+             "repetition_penalty", "presence_penalty and frequency_penalty are not supported with use_beam_search"),
+        ]
+        for bad, field, message in refused:
+            if bad:
+                raise ValueError(f"{field} {message}, got {getattr(self, field)!r}")
 
     @property
     def is_greedy(self) -> bool:

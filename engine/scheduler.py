@@ -24,6 +24,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from engine import beam_groups
 from engine.config import SchedulerConfig
 from engine.encoder_cache import EncoderCacheManager
 from engine.kv_cache.manager import KVCacheManager
@@ -78,6 +79,7 @@ class Scheduler:
         self.finished_req_ids: set[str] = set()
         # Outputs decided outside a step (requests rejected at admission), sent with the next one.
         self.pending_outputs: list[EngineOutput] = []
+        self.beam_groups: dict[str, beam_groups.BeamGroup] = {}   # beam search: by user request id
         self.num_preemptions = 0
         self._step_prompt_tokens = 0
         self._step_generation_tokens = 0
@@ -94,6 +96,8 @@ class Scheduler:
                 request.req_id, request.sampling_params.structured_outputs)
         self.requests[request.req_id] = request
         self.waiting.append(request)
+        if request.sampling_params.use_beam_search:   # beam search: this is the group's leader
+            beam_groups.start_beam_group(self, request)
 
     def reject(self, req_id: str, message: str) -> None:
         """Send FinishReason.ERROR for a request that is out of the queues (or never entered)."""
@@ -122,6 +126,9 @@ class Scheduler:
         for req_id in req_ids:
             request = self.requests.get(req_id)
             if request is None:
+                continue
+            if request.beam_group is not None:   # beam search: the whole group
+                beam_groups.finish_beam_group(self, request.beam_group, RequestStatus.FINISHED_ABORTED)
                 continue
             if request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
@@ -163,7 +170,8 @@ class Scheduler:
             plan.cached_reqs.append(request)
             plan.new_block_ids[request.req_id] = [block.block_id for block in new_blocks]
             self._commit(request, num_new_tokens, encoder_inputs, budget, plan)
-            index += 1
+            # a preempted beam group may have left from before this request
+            index = self.running.index(request) + 1 if plan.has_preempted else index + 1
 
     def _allocate_or_preempt(self, request: Request, num_new_tokens: int, plan: _StepPlan):
         """Allocate the step's slots, preempting the newest running requests until they fit.
@@ -173,16 +181,19 @@ class Scheduler:
             if new_blocks is not None:
                 return new_blocks
             victim = self.running.pop()
-            if victim is request and not self.running:
+            if victim.beam_group is not None:   # beam search: the group goes (or fails) as a unit
+                beam_groups.preempt_beam_group(self, victim, plan)
+            elif victim is request and not self.running:
                 # Nobody else holds blocks: the whole cache cannot hold this request.
                 message = (f"The request grew to {request.num_tokens} tokens, more than the KV "
                            f"cache holds ({self.kv_cache_manager.max_num_tokens} tokens).")
                 self._free_request(request, RequestStatus.FINISHED_ERROR, error=message)
                 self.reject(request.req_id, message)
                 return None
-            self._preempt(victim)
+            else:
+                self._preempt(victim)
             plan.has_preempted = True
-            if victim is request:
+            if request.status != RequestStatus.RUNNING:
                 return None
 
     def _schedule_waiting(self, budget: _StepBudget, plan: _StepPlan) -> None:
@@ -191,6 +202,8 @@ class Scheduler:
             request = self.waiting[0]
             if not self._has_grammar(request, compiling):
                 continue
+            if request.beam_group is not None and not beam_groups.can_admit(self, request):
+                break   # beam search: room for every beam of the group
             computed_blocks, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
             num_new_tokens = request.num_tokens - num_hit_tokens
             if not self.enable_chunked_prefill and num_new_tokens > budget.num_tokens:
@@ -202,6 +215,7 @@ class Scheduler:
             new_blocks = self.kv_cache_manager.allocate_slots(
                 request, num_new_tokens, num_hit_tokens, computed_blocks)
             if new_blocks is None:
+                beam_groups.fail_if_group_cannot_fit(self, request)   # beam search: never a deadlock
                 break
             self.waiting.popleft()
             self.kv_cache_manager.record_prefix_lookup(request.num_tokens, num_hit_tokens)
@@ -268,7 +282,10 @@ class Scheduler:
 
     def can_schedule_ahead(self) -> bool:
         """Async scheduling: False while a running request needs its last token on the host
-        before its next step can be prepared (see Request.needs_host_tokens)."""
+        before its next step can be prepared (see Request.needs_host_tokens), or while a beam
+        group runs (its beams are picked from the last step's log-probs)."""
+        if beam_groups.needs_synchronous_steps(self):
+            return False
         return not any(r.needs_host_tokens and r.num_output_placeholders for r in self.running)
 
     def _commit(self, request: Request, num_new_tokens: int, encoder_inputs: list[int],
@@ -318,12 +335,14 @@ class Scheduler:
         grammar_bitmask = (self.structured_output.grammar_bitmask(plan.new_reqs + plan.cached_reqs,
                                                                    plan.num_scheduled_tokens)
                            if self.structured_output is not None else None)
+        forked_reqs, kv_block_copies = beam_groups.take_beam_forks(self)
         return SchedulerOutput(
             scheduled_new_reqs=new_reqs, scheduled_cached_reqs=cached_reqs,
             num_scheduled_tokens=plan.num_scheduled_tokens,
             total_num_scheduled_tokens=sum(plan.num_scheduled_tokens.values()),
             scheduled_encoder_inputs=plan.encoder_inputs, finished_req_ids=finished_req_ids,
-            free_encoder_mm_hashes=self.encoder_cache.get_freed_mm_hashes(), grammar_bitmask=grammar_bitmask)
+            free_encoder_mm_hashes=self.encoder_cache.get_freed_mm_hashes(), grammar_bitmask=grammar_bitmask,
+            forked_reqs=forked_reqs, kv_block_copies=kv_block_copies)
 
     # ---------------------------------------------------------------- update
 
@@ -348,6 +367,8 @@ class Scheduler:
                 continue
             if output is not None:
                 outputs.append(output)
+        if self.beam_groups:   # beam search: groups whose slots all reported pick their next beams
+            outputs += beam_groups.advance_beam_groups(self)
         return EngineOutputs(outputs=outputs, stats=self.make_stats(), timestamp=time.time())
 
     def _update_request(self, request: Request, num_tokens: int, sampled_token_ids: list[int],
@@ -355,6 +376,8 @@ class Scheduler:
         req_id = request.req_id
         if req_id in runner_output.failed:
             message = runner_output.failed[req_id]
+            if request.beam_group is not None:   # beam search: the whole group fails
+                return beam_groups.fail_beam_group(self, request.beam_group, message)
             self.running.remove(request)
             self._free_request(request, RequestStatus.FINISHED_ERROR, error=message)
             return EngineOutput(req_id=req_id, new_token_ids=[], finish_reason=FinishReason.ERROR,
@@ -365,7 +388,9 @@ class Scheduler:
         prompt_logprobs = self._collect_prompt_logprobs(
             request, runner_output.prompt_logprobs.get(req_id))
         new_token_ids = []
-        if request.num_computed_tokens == request.num_tokens:  # else a partial prefill
+        if request.num_computed_tokens == request.num_tokens and request.beam_group is not None:
+            request.beam_group.record(req_id, runner_output.logprobs[req_id][0])  # beam search
+        elif request.num_computed_tokens == request.num_tokens:  # else a partial prefill
             for token_id in sampled_token_ids:
                 request.append_output_token_id(token_id)
                 new_token_ids.append(token_id)

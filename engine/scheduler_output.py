@@ -52,6 +52,18 @@ class GrammarBitmask:
 
 
 @dataclass
+class ForkedRequestData:
+    """Beam search: the runner rebuilds `req_id` from `parent_req_id`'s state as it was at the
+    start of this step (same prompt, media and M-RoPE positions) with these tokens and blocks."""
+
+    req_id: str
+    parent_req_id: str
+    output_token_ids: list[int]
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
 class SchedulerOutput:
     scheduled_new_reqs: list[NewRequestData]
     scheduled_cached_reqs: CachedRequestData
@@ -69,6 +81,10 @@ class SchedulerOutput:
     # [structured outputs] Token bitmask rows of the constrained requests that sample this step;
     # None when none does. Built from the matchers after the previous step's tokens were accepted.
     grammar_bitmask: GrammarBitmask | None = None
+    # Beam search (engine.beam_search): slots re-pointed at new beams, applied after the new
+    # requests and before the cached ones; then KV block copies (src, dst), made before the forward.
+    forked_reqs: list[ForkedRequestData] = field(default_factory=list)
+    kv_block_copies: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:

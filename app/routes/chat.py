@@ -69,7 +69,8 @@ async def build_chat_request(data: ChatCompletionRequest, serving: ServingContex
     check_media_counts(data.messages, serving.config.limits)
     max_tokens = data.max_completion_tokens or data.max_tokens
     num_top = (data.top_logprobs or 0) if data.logprobs else None
-    params = to_sampling_params(data, max_n=serving.config.max_n, max_tokens=max_tokens, logprobs=num_top)
+    params = to_sampling_params(data, max_n=serving.config.max_n, max_tokens=max_tokens, logprobs=num_top,
+                                max_beam_width=serving.config.max_beam_width, max_best_of=serving.config.max_best_of)
     rendered = frontend.render_chat(
         message_dicts(data), tools=[msgspec.to_builtins(t) for t in data.tools] if use_tools else None,
         chat_template=data.chat_template or serving.chat_template,

@@ -42,7 +42,8 @@ def check_completion_options(data: CompletionRequest) -> None:
 async def build_completion_requests(data: CompletionRequest, serving: ServingContext,
                                     request_id: str) -> list[tuple[Any, str | None]]:
     params = to_sampling_params(data, max_n=serving.config.max_n,
-                                max_tokens=16 if data.max_tokens is None else data.max_tokens, logprobs=data.logprobs)
+                                max_tokens=16 if data.max_tokens is None else data.max_tokens, logprobs=data.logprobs,
+                                max_beam_width=serving.config.max_beam_width, max_best_of=serving.config.max_best_of)
     frontend = serving.client.frontend
     return [(await asyncio.to_thread(frontend.make_request, f"{request_id}-{i}", prompt, [], params),
              prompt if isinstance(prompt, str) else None)

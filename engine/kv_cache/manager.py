@@ -139,5 +139,41 @@ class KVCacheManager:
             self.block_pool.uncache_blocks(block for block in blocks if block.ref_cnt == 1)
         self.block_pool.free_blocks(reversed(blocks))
 
+    def reassign_beams(self, slot_req_ids: list[str], parent_req_ids: list[str],
+                       num_computed_tokens: int) -> list[tuple[int, int]]:
+        """Beam search: slot i now continues the beam held by parent_req_ids[i] (every slot and
+        parent holds exactly `num_computed_tokens` tokens of KV). Full blocks are shared (one more
+        reference each); a partial last block goes to the first slot that takes that parent and is
+        copied for the others (copy on write). Blocks of beams nobody continues are freed at once.
+        Returns the (src, dst) block copies the runner makes before the next forward.
+
+        Never short of blocks: each copy needs one fresh block, and each pruned beam frees its own
+        partial last block first (as many pruned beams as parents taken twice)."""
+        old_blocks = {req_id: self.req_to_blocks.pop(req_id, []) for req_id in slot_req_ids}
+        old_cached = {req_id: self.num_cached_blocks.pop(req_id, 0) for req_id in slot_req_ids}
+        num_full, has_partial = divmod(num_computed_tokens, self.block_size)
+        new_blocks, to_copy, claimed = {}, [], set()
+        for slot_id, parent_id in zip(slot_req_ids, parent_req_ids):
+            parent_blocks = old_blocks[parent_id]
+            blocks = parent_blocks[:num_full]
+            self.block_pool.touch(blocks)
+            if has_partial and parent_id in claimed:
+                to_copy.append((slot_id, parent_blocks[num_full]))
+            elif has_partial:
+                claimed.add(parent_id)
+                blocks.append(parent_blocks[num_full])
+                self.block_pool.touch(blocks[-1:])
+            new_blocks[slot_id] = blocks
+            self.num_cached_blocks[slot_id] = min(old_cached[parent_id], num_full)
+        for blocks in old_blocks.values():
+            self.block_pool.free_blocks(reversed(blocks))
+        copies = []
+        for slot_id, source in to_copy:
+            fresh = self.block_pool.get_new_blocks(1)[0]
+            new_blocks[slot_id].append(fresh)
+            copies.append((source.block_id, fresh.block_id))
+        self.req_to_blocks.update(new_blocks)
+        return copies
+
     def reset_prefix_cache(self) -> bool:
         return self.block_pool.reset_prefix_cache()

@@ -17,6 +17,7 @@ One step, requests in scheduling order, each computing tokens [num_computed, num
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ from engine.layers.attention import AttentionMetadata
 from engine.runner.transfer import to_device
 from engine.sampler import SamplingBatch, seed_keys
 from engine.sampling_params import SamplingParams
-from engine.scheduler_output import NewRequestData, SchedulerOutput
+from engine.scheduler_output import ForkedRequestData, NewRequestData, SchedulerOutput
 from vision.inputs import MultiModalItem
 
 
@@ -148,6 +149,7 @@ class InputBatch:
                 block_ids=list(new.block_ids), num_computed_tokens=new.num_computed_tokens,
                 mm_items=list(new.mm_items))
             state.row = self.block_table.add_row(state.block_ids)
+        self._apply_forks(scheduler_output.forked_reqs)
         cached = scheduler_output.scheduled_cached_reqs
         for req_id, new_block_ids, num_computed in zip(cached.req_ids, cached.new_block_ids,
                                                        cached.num_computed_tokens):
@@ -157,6 +159,18 @@ class InputBatch:
                 state.block_ids.extend(new_block_ids)
             state.num_computed_tokens = num_computed
         return scheduler_output.scheduled_new_reqs
+
+    def _apply_forks(self, forked_reqs: list[ForkedRequestData]) -> None:
+        """Beam search: each slot becomes a copy of its parent (as of the step's start) with the
+        given tokens and blocks. Parents are read before any slot is rewritten."""
+        parents = {fork.parent_req_id: self.requests[fork.parent_req_id] for fork in forked_reqs}
+        for fork in forked_reqs:
+            parent = parents[fork.parent_req_id]
+            self._remove(fork.req_id)
+            state = self.requests[fork.req_id] = dataclasses.replace(
+                parent, req_id=fork.req_id, output_token_ids=list(fork.output_token_ids),
+                block_ids=list(fork.block_ids), num_computed_tokens=fork.num_computed_tokens)
+            state.row = self.block_table.add_row(state.block_ids)
 
     def _remove(self, req_id: str) -> None:
         state = self.requests.pop(req_id, None)

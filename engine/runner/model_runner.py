@@ -142,6 +142,14 @@ class ModelRunner:
                   else torch.zeros(dims, dtype=shape.dtype, device=self.device))
             self.kv_caches.append((kv[0], kv[1]))
 
+    def _copy_kv_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        src, dst = (torch.tensor(ids, device=self.device) for ids in zip(*copies))
+        for k_cache, v_cache in self.kv_caches:   # each [num_blocks, block_size, kv_heads, head_dim]
+            k_cache[dst] = k_cache[src]
+            v_cache[dst] = v_cache[src]
+
     # --- one step ----------------------------------------------------------------------------
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -153,6 +161,7 @@ class ModelRunner:
         behind an event). The caller may launch the next step before StepOutput.result()."""
         for new_req in self.input_batch.update(scheduler_output):
             self._init_mrope_positions(new_req)
+        self._copy_kv_blocks(scheduler_output.kv_block_copies)   # beam search: copy on write
         if self.encoder_runner is not None:  # evicted by the scheduler: drop before anything else
             self.encoder_runner.free(scheduler_output.free_encoder_mm_hashes)
         if scheduler_output.is_empty:

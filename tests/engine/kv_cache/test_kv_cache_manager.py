@@ -87,3 +87,32 @@ def test_free_discarding_cache_forgets_unshared_blocks_only():
     assert manager.get_num_free_blocks() == 9 and manager.reset_prefix_cache()
     stats = manager.prefix_cache_stats
     assert (stats.num_queries, stats.num_hits) == (0, 0)  # counted by the scheduler on admission
+
+
+def test_reassign_beams_shares_full_blocks_and_copies_the_partial_one():
+    """Beam search (engine/beam_search.py docstring): slots s0, s1 hold 6 tokens each (B = 4:
+    one full block, one partial). Both continue s1's beam: the first slot taking it (s0) gets s1's
+    partial block, the other a copy in a fresh block; s0's old blocks are freed at once, s1's full
+    block is shared."""
+    manager = KVCacheManager(num_blocks=11, block_size=4, enable_caching=False)
+    for req_id in ("s0", "s1"):
+        manager.allocate_slots(_request(req_id, 6), 6)
+    assert manager.get_block_ids("s0") == [1, 2] and manager.get_block_ids("s1") == [3, 4]
+    copies = manager.reassign_beams(["s0", "s1"], ["s1", "s1"], num_computed_tokens=6)
+    # free queue before: 5..10, then s0's old blocks (2, 1: tail first); the copy takes its front
+    assert manager.get_block_ids("s0") == [3, 4] and manager.get_block_ids("s1") == [3, 5]
+    assert copies == [(4, 5)]
+    pool = manager.block_pool
+    assert pool.blocks[3].ref_cnt == 2 and pool.blocks[4].ref_cnt == 1
+    assert manager.get_num_free_blocks() == 10 - 3
+    for req_id in ("s0", "s1"):
+        manager.free(_request(req_id, 6))
+    assert manager.get_num_free_blocks() == 10
+
+
+def test_reassign_beams_at_a_block_boundary_copies_nothing():
+    manager = KVCacheManager(num_blocks=11, block_size=4, enable_caching=False)
+    manager.allocate_slots(_request("s0", 8), 8)
+    assert manager.reassign_beams(["s0", "s1", "s2"], ["s0", "s0", "s0"], num_computed_tokens=8) == []
+    assert manager.get_block_ids("s1") == manager.get_block_ids("s2") == [1, 2]
+    assert manager.block_pool.blocks[1].ref_cnt == 3 and manager.get_num_free_blocks() == 8
