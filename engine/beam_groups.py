@@ -17,15 +17,15 @@ Life of a group (width k, user request id R):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from engine.beam_search import BeamGroup, BeamSearchState, beam_slot_params
 from engine.protocol import EngineOutput, FinishReason
 from engine.request import Request, RequestStatus
 from engine.scheduler_output import ForkedRequestData
 
-if TYPE_CHECKING:
-    from engine.scheduler import Scheduler
+# engine.scheduler.Scheduler, which calls these helpers (named, not imported: no import cycle).
+Scheduler = Any
 
 
 def start_beam_group(scheduler: Scheduler, leader: Request) -> None:

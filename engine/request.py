@@ -19,7 +19,7 @@ from engine.sampling_params import SamplingParams
 from vision.inputs import MultiModalItem
 
 if TYPE_CHECKING:
-    from engine.beam_groups import BeamGroup
+    from engine.beam_search import BeamGroup
     from engine.structured_output.manager import StructuredOutputRequest
 
 

@@ -24,7 +24,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine import beam_groups
+import engine.beam_groups as beam_groups
 from engine.config import SchedulerConfig
 from engine.encoder_cache import EncoderCacheManager
 from engine.kv_cache.manager import KVCacheManager

@@ -247,7 +247,7 @@ def test_vl_beams_equal_transformers(tiny_model_dir, vl_llm, case):
     image = Image.fromarray(rng.integers(0, 255, (84, 112, 3), dtype=np.uint8))
     frames = rng.integers(0, 255, (4, 40, 56, 3), dtype=np.uint8)
     request = (RefRequest(prompt=text, images=(image,)) if modality == "image"
-               else RefRequest(prompt=text, videos=(RefVideo(frames, 2.0),)))
+               else RefRequest(prompt=text, videos=(RefVideo(frames, None),)))  # bare frames: 24 fps
     reference = hf_beam_search(model_dir, request, 4, 10, 1.0, False)
     data = {"image": image} if modality == "image" else {"video": frames}
     [output] = vl_llm.generate([{"prompt": text, "multi_modal_data": data}], beam_params(4, 10), use_tqdm=False)

@@ -7,7 +7,7 @@ import pytest
 
 from app.cli import parse_serve_args
 from engine import GuidedDecodingParams, SamplingParams, StructuredOutputsParams
-from engine.config import EngineConfig
+from engine.config_loader import create_engine_config
 from engine.structured_output import StructuredOutputsConfig
 from engine.structured_output.resolve import resolve_structured_outputs
 
@@ -16,9 +16,9 @@ def test_cli_flag_reaches_the_engine_config(tiny_model_dir):
     engine_kwargs, _ = parse_serve_args(["m", "--structured-outputs-config",
                                          '{"backend": "xgrammar", "disable_any_whitespace": true}'])
     assert engine_kwargs["structured_outputs_config"] == {"backend": "xgrammar", "disable_any_whitespace": True}
-    config = EngineConfig.create(**{**engine_kwargs, "model": str(tiny_model_dir("qwen2")), "device": "cpu"})
+    config = create_engine_config(**{**engine_kwargs, "model": str(tiny_model_dir("qwen2")), "device": "cpu"})
     assert config.structured_outputs_config == StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
-    assert EngineConfig.create(model=str(tiny_model_dir("qwen2")), device="cpu").structured_outputs_config.backend == "auto"
+    assert create_engine_config(model=str(tiny_model_dir("qwen2")), device="cpu").structured_outputs_config.backend == "auto"
 
 
 @pytest.mark.parametrize("value, message", [
