@@ -18,9 +18,9 @@ if [ -d build/sowheels ]; then   # structured outputs (llguidance, xgrammar): in
     build/sowheels/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 if [ -d build/w4wheels ]; then
-  python3 -m pip install -q --no-index --find-links build/w4wheels litestar uvicorn httpx prometheus_client \
+  python3 -m pip install -q --no-index --find-links build/w4wheels litestar uvicorn httpx prometheus_client swagger-ui-bundle \
     2>/dev/null || python3 -m pip install -q --break-system-packages --no-index --find-links build/w4wheels \
-    litestar uvicorn httpx prometheus_client
+    litestar uvicorn httpx prometheus_client swagger-ui-bundle
 fi
 export PYTHONPATH=$(pwd):${PYTHONPATH:-}
 rm -f bench/results/run_all_*.json
