@@ -32,8 +32,9 @@ class StepOutput:
         self._input_batch = input_batch
         self._req_ids = batch.req_ids if batch is not None else []
         self._sampling_req_ids = batch.sampling_req_ids if batch is not None else []
-        self._logprobs_wanted = {r: input_batch.requests[r].sampling_params.logprobs
-                                 for r in self._sampling_req_ids} if batch is not None else {}
+        # Read now: a request aborted before result() has left the InputBatch by then.
+        self._logprobs_wanted = ({r: input_batch.requests[r].sampling_params.logprobs for r in self._sampling_req_ids}
+                                 if sampler_output is not None and sampler_output.logprobs is not None else {})
         self._prompt_logprobs = prompt_logprobs
         self._failed = failed
         self._ready: ModelRunnerOutput | None = None

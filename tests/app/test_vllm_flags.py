@@ -5,9 +5,9 @@ parsed from the command line or a --config YAML file. Oracles: the HTTP exchange
 handshake against the given certificate, CORS headers as the Fetch standard defines them) and
 hand-written expectations."""
 
+import ipaddress
 import shutil
 import ssl
-import subprocess
 import threading
 import time
 
@@ -121,12 +121,33 @@ def test_chat_template_content_format(vl_frontend):
     assert render_chat(tokenizer, USER, chat_template=template).prompt == as_string  # auto: no loop over parts
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def write_self_signed_certificate(key_path, cert_path) -> None:
+    """A one-day certificate for 127.0.0.1 (the `cryptography` package, a test dependency)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
 def test_tls_and_root_path_on_a_real_server(vl_frontend, tmp_path):
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
+    write_self_signed_certificate(key, cert)
     config = server_config(ssl_keyfile=str(key), ssl_certfile=str(cert), root_path="/proxied", host="127.0.0.1",
                            port=0)
     import uvicorn
