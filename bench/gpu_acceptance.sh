@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device calls for the acceptance runs of issues 17/18/19 and the batch-invariant GEMM tile sweeps (issue 14).
 #   bash bench/gpu_acceptance.sh tune,structured,beam      (carry build/h11wheels build/sowheels build/tools)
-#   bash bench/gpu_acceptance.sh qwen3                      (carry build/h11wheels)
+#   bash bench/gpu_acceptance.sh start,beamspy,qwen3        (carry build/h11wheels build/tools)
 # Full logs go to $OUT/<part>.log; the tuned table (kernels/linear_tiles.json) is copied to $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -27,6 +27,13 @@ if [[ $parts == *,tune,* ]]; then
 fi
 [[ $parts == *,structured,* ]] && run structured 200 python3 bench/structured_outputs.py --runs 2
 [[ $parts == *,beam,* ]] && run beam 170 python3 bench/beam_search.py --runs 3
+if [[ $parts == *,start,* ]]; then   # start-up phases and Triton compiles, deterministic (py-spy) and not
+  run start_det 90 py-spy record -r 100 -f raw -o "$OUT/start_det.pyspy" -- python3 bench/start_profile.py
+  run start_nondet 60 python3 bench/start_profile.py --no-deterministic
+fi
+if [[ $parts == *,beamspy,* ]]; then   # where a width-4 beam step goes (host), 20 prompts for the throughput part
+  run beam_spy 120 py-spy record -r 200 -f raw -o "$OUT/beam.pyspy" -- python3 bench/beam_search.py --runs 2 --prompts 20
+fi
 if [[ $parts == *,qwen3,* ]]; then
   run q3_det 170 python3 bench/run_all.py --model qwen3_vl_8b --parts det --runs 3
   run q3_hf 110 python3 bench/run_all.py --model qwen3_vl_8b --parts hf
