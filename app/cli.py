@@ -67,6 +67,9 @@ def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
     _add(parser, "deterministic", action=argparse.BooleanOptionalAction, default=UNSET,
          help="batch-invariant numerics: a request's tokens do not depend on what else is in the batch "
               "(default on; --no-deterministic trades it for a few percent of throughput on the GPU)")
+    _add(parser, "mixed-graph-max-tokens", type=int, default=UNSET,
+         help="steps with prompt rows up to this many tokens replay CUDA graphs (default 1024; 0: eager; "
+              "a vlserve flag: vLLM gets the same from torch.compile's piecewise graphs)")
     _add(parser, "async-scheduling", action=argparse.BooleanOptionalAction, default=UNSET,
          help="schedule step N+1 while step N runs on the GPU (default on for one CUDA rank)")
     _add(parser, "trust-remote-code", action="store_true", default=UNSET)
@@ -266,7 +269,7 @@ ENGINE_FLAGS = ("dtype", "max_model_len", "gpu_memory_utilization", "max_num_seq
                 "tensor_parallel_size", "pipeline_parallel_size", "cpu_offload_gb", "kv_cache_dtype",
                 "device", "num_gpu_blocks_override", "load_format", "distributed_executor_backend",
                 "encoder_cache_size",
-                "deterministic", "async_scheduling", "kv_cache_memory_bytes",
+                "deterministic", "async_scheduling", "kv_cache_memory_bytes", "mixed_graph_max_tokens",
                 "mm_encoder_tp_mode",
                 "tokenizer", "revision", "tokenizer_revision", "download_dir", "max_logprobs", "enable_chunked_prefill",
                 "generation_config", "mm_processor_cache_gb")

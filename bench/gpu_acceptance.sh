@@ -5,9 +5,8 @@
 # Full logs go to $OUT/<part>.log; the tuned table (kernels/linear_tiles.json) is copied to $OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-for d in build/h11wheels build/sowheels build/tools; do
-  [ -d "$d" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$d"/*.whl
-done
+wheels=$(ls build/h11wheels/*.whl build/sowheels/*.whl build/tools/*.whl 2>/dev/null)   # one call: --target skips dirs that exist
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels
 export PYTHONPATH=$(pwd):/tmp/site PATH=/tmp/site/bin:$PATH
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

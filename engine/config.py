@@ -148,9 +148,13 @@ class DeviceConfig:
     device: str = "cpu"          # resolved: "cpu" or "cuda"
     enforce_eager: bool = False  # no CUDA graphs
     deterministic: bool = True   # batch-invariant numerics (same tokens whatever the batch)
+    # Steps with prompt rows up to this many tokens replay CUDA graphs (engine/runner/mixed_graphs.py); 0: eager.
+    mixed_graph_max_tokens: int = 1024
 
     def __post_init__(self) -> None:
         _require(self.device in ("cpu", "cuda"), "device", f"must be cpu or cuda, got {self.device!r}")
+        _require(self.mixed_graph_max_tokens >= 0, "mixed_graph_max_tokens",
+                 f"must be >= 0, got {self.mixed_graph_max_tokens}")
 
 
 # --media-io-kwargs keys per modality (vLLM's VideoMediaIO arguments that mean something here).

@@ -33,7 +33,7 @@ ENGINE_ARG_DEFAULTS: dict[str, Any] = {
     "max_num_seqs": 256, "max_num_batched_tokens": None, "enable_chunked_prefill": True,
     "tensor_parallel_size": 1, "pipeline_parallel_size": 1, "distributed_executor_backend": None,
     "mm_encoder_tp_mode": "data",
-    "enforce_eager": False, "deterministic": True, "async_scheduling": None,
+    "enforce_eager": False, "deterministic": True, "async_scheduling": None, "mixed_graph_max_tokens": 1024,
     "limit_mm_per_prompt": None, "mm_processor_kwargs": None, "encoder_cache_size": None,
     "generation_config": "auto", "override_generation_config": None,
     "download_dir": None, "max_logprobs": 20, "hf_overrides": None, "media_io_kwargs": None,
@@ -74,7 +74,8 @@ def create_engine_config(**kwargs: Any) -> EngineConfig:
         scheduler_config=_scheduler_config(args, model_config.max_model_len, device),
         parallel_config=_parallel_config(args, model_config, device),
         device_config=DeviceConfig(device=device, enforce_eager=bool(args["enforce_eager"]),
-                                   deterministic=bool(args["deterministic"])),
+                                   deterministic=bool(args["deterministic"]),
+                                   mixed_graph_max_tokens=int(args["mixed_graph_max_tokens"])),
         multimodal_config=_multimodal_config(args),
         structured_outputs_config=StructuredOutputsConfig.parse(args["structured_outputs_config"]),
     )

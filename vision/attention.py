@@ -100,22 +100,24 @@ def _aten_flash_kernel(q, k, v, cu_seqlens, max_seqlen: int, scale: float) -> to
 
 
 def _pick_cuda_backend() -> VarlenKernel | None:
-    """flash-attn > torch varlen_attn > aten flash op > None (= SDPA), by what imports here."""
+    """flash-attn > aten flash op > torch varlen_attn > None (= SDPA), by what imports here."""
     try:
         import flash_attn  # noqa: F401
 
         return _flash_attn_kernel
     except (ImportError, OSError):  # absent, or built against another torch/CUDA
         pass
+    # The aten op before torch's public varlen_attn: that one is a custom op whose first call imports
+    # torch._dynamo (~5 s of a cold engine start on the H200, measured with py-spy) and whose autograd
+    # wrapper costs Python on every call of the eager tower; both run the same flash kernel.
+    if hasattr(torch.ops.aten, "_flash_attention_forward"):
+        return _aten_flash_kernel
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
 
         return _torch_varlen_kernel
     except ImportError:
-        pass
-    if hasattr(torch.ops.aten, "_flash_attention_forward"):
-        return _aten_flash_kernel
-    return None
+        return None
 
 
 _CUDA_KERNEL: VarlenKernel | None = _pick_cuda_backend()

@@ -51,6 +51,7 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(max_batch, max_blocks, dtype=torch.int32, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}   # bucket -> hidden [b, H], written by replay
+        self.pool: object | None = None   # the graphs' shared memory pool (the mixed-step graphs join it)
 
     def _metadata(self, size: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -72,6 +73,7 @@ class DecodeGraphs:
             torch.cuda.synchronize()
             self.graphs[size], self.outputs[size] = self._capture_one(size, pool)
             pool = self.graphs[size].pool()
+        self.pool = pool
         torch.cuda.synchronize()
         logger.info("CUDA graphs: captured %d decode batch sizes (1..%d) in %.1f s",
                     len(self.buckets), self.buckets[-1], time.perf_counter() - start)

@@ -25,6 +25,7 @@ from engine.runner import memory_plan
 from engine.runner.cuda_graphs import DecodeGraphs
 from engine.runner.encoder_runner import EncoderRunner
 from engine.runner.input_batch import InputBatch, StepBatch
+from engine.runner.mixed_graphs import MixedGraphs
 from engine.runner_output import ModelRunnerOutput
 from engine.runner.step_output import StepOutput
 from engine.runner.transfer import to_device
@@ -81,6 +82,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.decode_graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
         self.input_batch = self._new_input_batch()
         # VL models: computes vision embeddings for scheduler_output.scheduled_encoder_inputs and
         # scatters them into inputs_embeds at the placeholder rows (engine/runner/encoder_runner.py).
@@ -120,17 +122,28 @@ class ModelRunner:
         return plan.num_blocks
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
-        """Allocate the cache, then capture the decode CUDA graphs over it (CUDA, not enforce_eager)."""
+        """Allocate the cache, then capture the CUDA graphs over it (CUDA, not enforce_eager)."""
         self._allocate_kv_cache(num_blocks)
-        self.decode_graphs = None
+        self.decode_graphs, self.mixed_graphs = None, None
         # Not under TP/PP yet: the graphs would have to capture the collectives and stage transfers.
         if self.device.type == "cuda" and not self.config.device_config.enforce_eager and self.parallel.world_size == 1:
-            sched = self.config.scheduler_config
-            self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, sched.max_num_seqs,
-                                              self.config.model_config.max_model_len,
-                                              self.config.cache_config.block_size, self.input_batch.uses_mrope,
-                                              self.device)
+            sched, max_model_len = self.config.scheduler_config, self.config.model_config.max_model_len
+            block_size, uses_mrope = self.config.cache_config.block_size, self.input_batch.uses_mrope
+            self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, sched.max_num_seqs, max_model_len,
+                                              block_size, uses_mrope, self.device)
             self.decode_graphs.capture()
+            max_tokens = min(self.config.device_config.mixed_graph_max_tokens, sched.max_num_batched_tokens)
+            self.mixed_graphs = MixedGraphs(self.model, self.kv_caches, sched.max_num_seqs, max_model_len, block_size,
+                                            uses_mrope, self._embed_width(), max_tokens,
+                                            self.config.model_config.dtype, self.device)
+            self.mixed_graphs.capture(self.decode_graphs.pool)
+
+    def _embed_width(self) -> int | None:
+        """Width of inputs_embeds for models with a tower (the runner merges vision rows into them)."""
+        if self.encoder_runner is None:
+            return None
+        assert isinstance(self.model, MultiModalModel)
+        return self.model.embed_input_ids(torch.zeros(1, dtype=torch.int64, device=self.device)).shape[-1]
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         """One [2, num_blocks, block_size, num_kv_heads, head_dim] tensor per layer; k/v are views."""
@@ -179,7 +192,8 @@ class ModelRunner:
 
     def _forward(self, scheduler_output: SchedulerOutput, batch: StepBatch):
         """-> (hidden [T, H], {req_id: error}). Steps that only decode output tokens (no prompt or
-        vision rows) replay a captured CUDA graph; everything else runs eagerly."""
+        vision rows) replay a captured decode graph; steps with prompt rows up to the mixed graphs'
+        largest token count replay one of those (after the tower and the embedding merge, eager)."""
         graphs = self.decode_graphs
         if (graphs is not None and not scheduler_output.scheduled_encoder_inputs
                 and batch.is_past_prompts and graphs.can_replay(batch.attn_metadata)):
@@ -187,6 +201,9 @@ class ModelRunner:
         inputs_embeds, failed = self._inputs_embeds(scheduler_output, batch)
         if self.parallel.pp_size > 1:
             return self._forward_stage(batch, inputs_embeds), failed
+        mixed = self.mixed_graphs   # steps with prompt rows (pure decode that cannot replay stays eager)
+        if mixed is not None and batch.attn_metadata.max_query_len > 1 and mixed.can_replay(batch.attn_metadata):
+            return mixed.replay(batch.input_ids, inputs_embeds, batch.positions, batch.attn_metadata), failed
         return self.model(batch.input_ids, batch.positions, batch.attn_metadata, self.kv_caches,
                           inputs_embeds=inputs_embeds), failed
 

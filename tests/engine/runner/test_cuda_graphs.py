@@ -9,6 +9,7 @@ from transformers import Qwen2ForCausalLM as HFQwen2
 
 from engine.config_loader import create_engine_config
 from engine.runner.cuda_graphs import DecodeGraphs, decode_buckets
+from engine.runner.mixed_graphs import MixedGraphs, mixed_buckets
 from engine.runner.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
@@ -97,3 +98,55 @@ def test_replayed_decode_with_padding_matches_transformers(checkpoint):
         with torch.no_grad():
             expected = hf.generate(tokens, max_new_tokens=7, do_sample=False)[0, len(prompt):].tolist()
         assert reqs[req_id]["out"] == expected, req_id
+
+
+def test_mixed_buckets():
+    assert mixed_buckets(0) == []
+    assert mixed_buckets(16) == [16]
+    assert mixed_buckets(100) == [16, 32, 64, 100]
+    assert mixed_buckets(1024)[-3:] == [768, 896, 1024] and mixed_buckets(2048)[-1] == 2048
+
+
+class _EmulatedMixedGraphs(MixedGraphs):
+    def capture(self, pool=None):
+        for size in self.buckets:
+            self._pad_for_capture(size)
+            output = self._forward(size)
+            self.graphs[size] = _EagerGraph(lambda size=size: self._forward(size), output)
+            self.outputs[size] = output
+
+
+@pytest.mark.parametrize("embed_width", [None, 32], ids=["input_ids", "inputs_embeds"])
+def test_replayed_mixed_steps_with_padding_match_transformers(checkpoint, embed_width, monkeypatch):
+    """Chunked prefills joined with decodes replay the mixed graphs (padded to 16 tokens with the
+    dummy request and 8 empty ones); the tokens equal transformers' greedy decoding. With
+    inputs_embeds the runner feeds the graph embeddings, as it does for models with a tower."""
+    path, hf = checkpoint
+    config = create_engine_config(model=path, dtype="float32", device="cpu", block_size=BLOCK_SIZE, max_num_seqs=8)
+    runner = ModelRunner(config)
+    runner.initialize_kv_cache(NUM_BLOCKS)
+    graphs = _EmulatedMixedGraphs(runner.model, runner.kv_caches, 8, config.model_config.max_model_len,
+                                  BLOCK_SIZE, False, embed_width, 16, torch.float32, runner.device)
+    graphs.capture()
+    runner.mixed_graphs = graphs
+    if embed_width is not None:   # what the encoder runner hands over for a model with a tower
+        monkeypatch.setattr(runner, "_inputs_embeds",
+                            lambda so, batch: (runner.model.model.embed_tokens(batch.input_ids), {}))
+    prompts = {"a": [5, 6, 7, 8, 9], "b": [40, 41], "c": [11, 3, 90, 17, 2, 60, 33]}
+    params = SamplingParams(temperature=0.0, max_tokens=10)
+    blocks = iter(range(NUM_BLOCKS - 1, 0, -1))
+    reqs = {r: {"prompt": p, "params": params, "computed": 0, "out": [],
+                "blocks": [next(blocks) for _ in range(5)]} for r, p in prompts.items()}
+    _step(runner, reqs, {"a": 5, "b": 2}, first=True)                         # 7 tokens
+    new_c = {"c": reqs["c"]}
+    _step(runner, new_c, {"c": 4}, first=True)                                # chunk 1 of c alone
+    _step(runner, reqs, {"a": 1, "b": 1, "c": 3}, first=False)                # decodes + last chunk
+    assert graphs.graphs[16].replays == 3
+    for _ in range(5):
+        _step(runner, reqs, {r: 1 for r in prompts}, first=False)             # pure decode: eager
+    assert graphs.graphs[16].replays == 3
+    for req_id, prompt in prompts.items():
+        tokens = torch.tensor(prompt)[None]
+        with torch.no_grad():
+            expected = hf.generate(tokens, max_new_tokens=len(reqs[req_id]["out"]), do_sample=False)
+        assert reqs[req_id]["out"] == expected[0, len(prompt):].tolist(), req_id
