@@ -115,7 +115,7 @@ def sweep_range(n: int, k: int, num_rows: int, gen) -> dict:
     calls = 20 if num_rows <= 512 else 4
     rows = []
     candidates = (itertools.product((64, 128), (64, 128), (64, 128), (4,), (3, 4)) if num_rows <= 512
-                  else itertools.product((64, 128), (128, 256), (64,), (4, 8), (3, 4)))
+                  else itertools.product((128,), (128, 256), (64, 128), (8,), (3, 4, 5)))
     for tile in [default_tile] + list(candidates):
         try:
             us = graph_us(lambda tile=tile: matmul.launch(x, w, None, tile, num_splits, split_len), calls)
