@@ -3,7 +3,8 @@
 # check on the GPU (CUDA graphs, mixed steps included), W4-VL served at 1/16/64 clients (vlserve bench serve,
 # deterministic default; py-spy of the server 10 s into the 64-client level), W2 + W1 (median of 5) +
 # determinism, then --no-deterministic: W4-VL at 64 clients and W1 (median of 3). PARTS selects
-# (default check,w4,det,nondet; also hf: the transformers baselines).
+# (default check,w4,det,nondet; also tune (large-M GEMM tiles, first), hf (transformers baselines),
+# structured, beam).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -15,6 +16,10 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; PARTS=",${PARTS:-check,w4,det,nondet},"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 start=$(date +%s)
 stamp() { echo "[$1 done at $(( $(date +%s) - start )) s]"; }
+if [[ $PARTS == *,tune,* ]]; then   # large-M tiles first: the benchmarks below read the table it writes
+  timeout 80 python3 bench/tune_linear.py --range large --write-table > "$OUT/tune_large.log" 2>&1; echo "tune rc=$?"
+  grep -E "==|invariant" "$OUT/tune_large.log" | head -16; cp kernels/linear_tiles.json "$OUT/"; stamp tune
+fi
 if [[ $PARTS == *,check,* ]]; then
   timeout 100 python3 bench/check_vl_gpu.py > "$OUT/check.log" 2>&1; echo "check rc=$?"
   grep -E "tokens|OK|FAIL|Error|error" "$OUT/check.log" | tail -8; stamp check
