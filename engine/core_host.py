@@ -181,8 +181,8 @@ class ProcessCore:
         context = multiprocessing.get_context("spawn")
         request_reader, self._request_writer = context.Pipe(duplex=False)
         self._output_reader, output_writer = context.Pipe(duplex=False)
-        self._frame_ring = FrameRingWriter.create()
-        ring_for_child = None if self._frame_ring is None else self._frame_ring.for_child()
+        self.frame_ring = FrameRingWriter.create()   # None: frames go inline (no memfd here)
+        ring_for_child = None if self.frame_ring is None else self.frame_ring.for_child()
         self._process = context.Process(target=core_process_main,
                                         args=(config, request_reader, output_writer, ring_for_child),
                                         name="vlserve-engine-core", daemon=True)
@@ -191,8 +191,8 @@ class ProcessCore:
         finally:
             request_reader.close()
             output_writer.close()
-            if self._frame_ring is not None:
-                self._frame_ring.close_descriptor()
+            if self.frame_ring is not None:
+                self.frame_ring.close_descriptor()
         self._on_outputs, self._on_dead = on_outputs, on_dead
         self._encoder = msgspec.msgpack.Encoder()
         # Encoding and writes go through a sender thread, off the event loop (a request's frames are
@@ -241,8 +241,8 @@ class ProcessCore:
                 except (EOFError, OSError):
                     data = b""
             if data[:1] == OUTPUTS:
-                if self._frame_ring is not None:
-                    self._frame_ring.acknowledge(RING_CONSUMED.unpack_from(data, 1)[0])
+                if self.frame_ring is not None:
+                    self.frame_ring.acknowledge(RING_CONSUMED.unpack_from(data, 1)[0])
                 self._on_outputs(decoder.decode(memoryview(data)[1 + RING_CONSUMED.size:]))
                 continue
             if data[:1] == FAILED:
@@ -288,7 +288,7 @@ class ProcessCore:
         self._outbox.put(message)
 
     def _encode_request(self, request: EngineRequest) -> bytes:
-        shared = None if self._frame_ring is None else self._frame_ring.share(request)
+        shared = None if self.frame_ring is None else self.frame_ring.share(request)
         return ADD + self._encoder.encode(request) if shared is None else ADD_SHARED + self._encoder.encode(shared)
 
     def _send_loop(self) -> None:
@@ -296,8 +296,8 @@ class ProcessCore:
             try:
                 data = self._encode_request(message) if isinstance(message, EngineRequest) else message
                 self._request_writer.send_bytes(data)
-                if self._frame_ring is not None:
-                    self._frame_ring.note_message_sent()
+                if self.frame_ring is not None:
+                    self.frame_ring.note_message_sent()
             except (BrokenPipeError, OSError) as exc:  # the reader thread reports the death
                 self._send_error = str(exc) or type(exc).__name__
                 return
@@ -316,5 +316,5 @@ class ProcessCore:
             self._process.kill()
             self._process.join(5)
         self._sender.join(1.0)   # the pipe is closed now: a sender still writing fails at once
-        if self._frame_ring is not None and not self._sender.is_alive():
-            self._frame_ring.close()   # the core's mapping went with its process
+        if self.frame_ring is not None and not self._sender.is_alive():
+            self.frame_ring.close()   # the core's mapping went with its process

@@ -4,29 +4,33 @@ instead of the pipe.
 Caller: engine.core_host (ProcessCore's sender thread writes, the core's CoreEndpoint reads).
 
 Why: a request's frames (one 448x448 image: 602,112 uint8 bytes) through a 64 KiB pipe cost the
-core's busy step thread about ten reads, several copies and waits on the writer (~1.3 ms of CPU
-per request, bench/transport_cost.py). Through the ring the pipe carries ~1 KB
-(`SharedFramesRequest`: the request with empty `frames`, where they start, their sizes) and the core
-copies each item's frames once, out of memory both processes have mapped since start-up.
+core's busy step thread about ten reads, four copies and waits on the writer (~440 us of CPU and
+~1 ms of wall per request, bench/transport_cost.py). Through the ring the pipe carries ~1 KB
+(`SharedFramesRequest`: the request with empty `frames`, where they start, their sizes), and the
+core's items get read-only uint8 arrays over the ring's memory: no copy at all on its side.
 
 The ring: one anonymous shared file (memfd: it has no name, so nothing can be left in /dev/shm),
-RING_BYTES long, mapped by both processes. Positions are monotonic byte counts; position p lives at
-p % size. A request's frames are contiguous, back to back; one that would cross the end starts at
-the next lap instead:
+HEADER_BYTES + RING_BYTES long, mapped (and populated) once by both processes at start-up.
+Positions are monotonic byte counts; position p lives at HEADER_BYTES + p % size. A request's
+frames are contiguous, back to back; one that would cross the end starts at the next lap instead:
 
       0                                                       size
       |..free..|== req k ==|== req k+1 ==|== req k+2 ==|..free..|
-               ^ tail (the core consumed up to here)   ^ head (the sender wrote up to here)
+               ^ tail (released up to here)            ^ head (the sender wrote up to here)
 
 - Only the sender thread writes, at head, and only while head + n - tail <= size; otherwise (the
-  core is far behind, or one request's frames exceed the ring) the request goes inline, as before.
-- The core reads in pipe order, which is ring order, and copies the frames out at once; the
-  outputs it sends next carry the position it has consumed up to, which becomes the tail.
-- Lifetime: ProcessCore creates the file; the spawned core inherits it as a descriptor (like the
-  pipes: multiprocessing's DupFd) and maps it; each side closes its descriptor after mapping. The
-  memory goes when both mappings are gone: ProcessCore.close() and the core's exit or death.
-  A request that is aborted, refused or invalid changes nothing: its frames were copied out on
-  receipt. Where memfd is unavailable (not Linux) every request goes inline.
+  core holds too much, or one request's frames exceed the ring) the request goes inline, as before.
+- The core receives in pipe order, which is ring order. A request's region is released when nothing
+  in the core can read it any more: the item arrays are numpy views of one region array, every
+  view keeps its base alive, and a weakref on that base flags the region when it dies (the request
+  finished, was aborted, refused or failed, and every step that used it is gone; an array pickled to
+  a TP worker is a copy). `consumed` advances over the released regions at the front; each outputs
+  message carries it, and it becomes the writer's tail. A long-lived request holds the tail back:
+  then the ring fills and new requests go inline until it is released.
+- Lifetime of the memory: ProcessCore creates the file; the spawned core inherits it as a
+  descriptor (multiprocessing's DupFd, as for the pipes) and maps it; each side closes its
+  descriptor after mapping. It goes when both mappings are gone: ProcessCore.close() and the core's
+  exit or death. Where memfd is unavailable (not Linux) every request goes inline.
 """
 
 from __future__ import annotations
@@ -46,11 +50,10 @@ from engine.protocol import EngineRequest
 
 logger = logging.getLogger(__name__)
 
-RING_BYTES = 64 * 1024 * 1024   # ~100 images of 448x448 in flight
-# Smaller frames go inline: the pipe moves them in one write, no worth a ring slot.
+RING_BYTES = 64 * 1024 * 1024   # ~100 images of 448x448 held; resident (shared) from start-up
+# Smaller frames go inline: the pipe moves them in one write, not worth a ring region.
 MIN_SHARED_BYTES = 64 * 1024
 MEMFD_NAME = "vlserve-frames"   # shown as /memfd:vlserve-frames in /proc/<pid>/maps
-_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)   # Linux only
 # The mapping starts with a header: [0:8) how many messages the sender has written to the request
 # pipe (u64, stored after each write). The core compares it with what it has read and skips the
 # pipe's poll() syscall on the steps when nothing new was sent. Frames start at HEADER_BYTES.
@@ -74,17 +77,20 @@ class FrameRingWriter:
         self._fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC)
         os.ftruncate(self._fd, HEADER_BYTES + size)
         # Populated: the ring's pages are allocated and mapped once, here, not faulted in per request.
-        self._map = mmap.mmap(self._fd, HEADER_BYTES + size, flags=mmap.MAP_SHARED | _MAP_POPULATE)
+        self._map = mmap.mmap(self._fd, HEADER_BYTES + size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
         self._head = 0   # written up to (sender thread)
         self._tail = 0   # consumed up to, as the core last said (reader thread)
         self._num_sent = 0   # messages written to the request pipe (sender thread)
+        self.num_shared = 0            # requests whose frames went through the ring
+        self.num_inline_ring_full = 0  # requests with frames worth sharing that went inline: no room
 
     @classmethod
-    def create(cls, size: int = RING_BYTES) -> "FrameRingWriter | None":
-        """None where shared memory cannot be had: requests then go inline."""
+    def create(cls, size: int | None = None) -> "FrameRingWriter | None":
+        """A ring of `size` bytes (RING_BYTES by default), or None where shared memory cannot be
+        had: requests then go inline."""
         try:
-            return cls(size)
-        except (AttributeError, OSError) as exc:  # AttributeError: no os.memfd_create here
+            return cls(RING_BYTES if size is None else size)
+        except (AttributeError, OSError) as exc:  # AttributeError: no memfd_create / MAP_POPULATE here
             logger.warning("media frames go through the pipe: no shared-memory ring (%s)", exc)
             return None
 
@@ -102,18 +108,23 @@ class FrameRingWriter:
         """Copies the request's frames into the ring; None to send it inline instead."""
         frames = [item.frames for item in request.mm_items]
         total = sum(len(chunk) for chunk in frames)
-        if total < MIN_SHARED_BYTES or total > self.size:
+        if total < MIN_SHARED_BYTES:
+            return None
+        if total > self.size:
+            self.num_inline_ring_full += 1
             return None
         start = self._head
         if start % self.size + total > self.size:
             start += self.size - start % self.size   # never wrap inside a request: next lap
         if start + total - self._tail > self.size:
-            return None   # the core has not consumed enough yet
+            self.num_inline_ring_full += 1   # the core still holds too much
+            return None
         offset = HEADER_BYTES + start % self.size
         for chunk in frames:
             self._map[offset:offset + len(chunk)] = chunk
             offset += len(chunk)
         self._head = start + total
+        self.num_shared += 1
         items = [msgspec.structs.replace(item, frames=b"") for item in request.mm_items]
         return SharedFramesRequest(msgspec.structs.replace(request, mm_items=items), start,
                                    [len(chunk) for chunk in frames])
@@ -124,11 +135,12 @@ class FrameRingWriter:
         _SENT_COUNT.pack_into(self._map, 0, self._num_sent)
 
     def acknowledge(self, consumed: int) -> None:
-        """The core has copied out everything before ring position `consumed`."""
+        """The core has released every region before ring position `consumed` (reader thread)."""
         self._tail = max(self._tail, consumed)
 
     @property
-    def num_bytes_in_flight(self) -> int:
+    def num_bytes_held(self) -> int:
+        """Ring bytes written and not yet released by the core (as last acknowledged)."""
         return self._head - self._tail
 
     def close(self) -> None:
@@ -161,7 +173,7 @@ class FrameRingReader:
 
     def __init__(self, fd: int, size: int) -> None:
         try:
-            self._map = mmap.mmap(fd, HEADER_BYTES + size, flags=mmap.MAP_SHARED | _MAP_POPULATE,
+            self._map = mmap.mmap(fd, HEADER_BYTES + size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
                                   prot=mmap.PROT_READ)
         finally:
             os.close(fd)
