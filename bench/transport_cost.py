@@ -1,20 +1,24 @@
 """Engine-core CPU cost of moving requests in and outputs out (issue 14), on the CPU, W4-VL shape.
 
-The real ProcessCore runs (spawned core process, its pipes, the real encode/send/receive/decode);
-only the EngineCore inside the child is a stand-in: it holds the requests and emits W4-shaped
-EngineOutputs (one new token per running request per step, at most 64 running, 128 tokens each,
-a `--step-ms` sleep standing for the GPU: this box has 2 cores, a spinning core would fight the API process). In the child, run_core_loop's `receive` and `send` are
-wrapped with thread-CPU and wall timers. Requests come from the real Frontend on the tiny qwen2_5_vl
-checkpoint: one fresh 448x448 image + about 64 text tokens each, sent closed-loop by 64 "clients"
-(a finished request is replaced by a new one), as `vlserve bench serve --max-concurrency 64` does.
+The real ProcessCore runs (spawned core process, its pipes and frame ring, the real encode / send /
+receive / decode); only the EngineCore inside the child is a stand-in: like the real one it holds
+each request (and so its frames) until it finishes, and it emits W4-shaped EngineOutputs (one new
+token per running request per step, at most 64 running, 128 tokens each; a `--step-ms` sleep
+stands for the GPU: this box has 2 cores, a spinning core would fight the API process for them).
+In the child, run_core_loop's `receive` and `send` are wrapped with thread-CPU and wall timers.
+Requests come from the real Frontend on the tiny qwen2_5_vl checkpoint: one fresh 448x448 image +
+about 64 text tokens each, sent closed-loop by 64 "clients" (a finished request is replaced by a
+new one), as `vlserve bench serve --max-concurrency 64` does.
 
-Reported (median of --runs): core-process thread CPU us per request for receive+decode, the step
-thread's wall us per request spent in non-blocking receives (a stall of the busy loop), CPU us per
-step for output encode+send, the core process' whole CPU per request, and the API-process CPU per
-request of send_request (encode + queue).
+Reported (median of --runs): core thread CPU us per request in receives that brought messages
+(receive + decode; of it, the frames from the ring), CPU us per step of receives that brought
+nothing, the step thread's wall us per request in non-blocking receives (a stall of the busy
+loop), CPU us per step of output encode + send, the core process' CPU outside the stand-in's
+step() per request (all the transport, every thread), and the API process' CPU per request in
+send_request (on the caller's thread: the event loop in a server).
 
     python bench/transport_cost.py [--requests 256] [--runs 3] [--step-ms 5]
-Caller: by hand (results in BENCHMARKS.md and the transport branch's report).
+Caller: by hand (numbers in BENCHMARKS.md).
 """
 
 from __future__ import annotations

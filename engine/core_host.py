@@ -175,13 +175,16 @@ class ProcessCore:
 
     def __init__(self, config: EngineConfig, on_outputs: Callable[[EngineOutputs], None],
                  on_dead: Callable[[str], None], ready_timeout_s: float = 600.0,
-                 iteration_timeout_s: float | None = None, is_busy: Callable[[], bool] = lambda: False):
+                 iteration_timeout_s: float | None = None, is_busy: Callable[[], bool] = lambda: False,
+                 frame_ring_bytes: int | None = None):
         """iteration_timeout_s: while is_busy() (requests in flight), a core that sends nothing for
-        this long is taken as hung (a stuck kernel, a deadlock): it is killed and reported dead."""
+        this long is taken as hung (a stuck kernel, a deadlock): it is killed and reported dead.
+        frame_ring_bytes: room for media frames in shared memory (default shared_frames.RING_BYTES;
+        0 for a text-only model: the ring then only carries the sent-messages count)."""
         context = multiprocessing.get_context("spawn")
         request_reader, self._request_writer = context.Pipe(duplex=False)
         self._output_reader, output_writer = context.Pipe(duplex=False)
-        self.frame_ring = FrameRingWriter.create()   # None: frames go inline (no memfd here)
+        self.frame_ring = FrameRingWriter.create(frame_ring_bytes)   # None: frames go inline (no memfd here)
         ring_for_child = None if self.frame_ring is None else self.frame_ring.for_child()
         self._process = context.Process(target=core_process_main,
                                         args=(config, request_reader, output_writer, ring_for_child),

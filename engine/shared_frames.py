@@ -108,7 +108,7 @@ class FrameRingWriter:
         """Copies the request's frames into the ring; None to send it inline instead."""
         frames = [item.frames for item in request.mm_items]
         total = sum(len(chunk) for chunk in frames)
-        if total < MIN_SHARED_BYTES:
+        if total < MIN_SHARED_BYTES:   # (also every request of a text-only model: a ring of size 0)
             return None
         if total > self.size:
             self.num_inline_ring_full += 1
