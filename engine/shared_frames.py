@@ -166,10 +166,11 @@ def _open_reader(inherited, size: int) -> "FrameRingReader":
 
 class FrameRingReader:
     """The core-process side: a request's frames become read-only uint8 arrays over the ring (no
-    copy). Its ring region is released when the last of them (or of any view of them) is gone:
-    numpy views keep their base alive, so a weakref on the base fires only when nothing can read
-    the region any more. Regions are released in any order; `consumed` advances over the released
-    ones at the front, in ring order."""
+    copy). Its ring region is released when nothing can read it any more: every view of the item
+    arrays has the region's array as its base (numpy collapses view chains down to the first array
+    whose base is not an ndarray: here the region, whose base is the mapping's memoryview;
+    test_shared_frames checks it), so a weakref on the region fires only after the last view died.
+    Regions are released in any order; `consumed` advances over the released ones at the front."""
 
     def __init__(self, fd: int, size: int) -> None:
         try:
