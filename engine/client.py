@@ -2,8 +2,9 @@
 
   InprocClient       EngineCore in this process, stepped by the caller (LLM, tests).
   AsyncEngineClient  for the HTTP app: the core runs in a child process (spawn; msgspec msgpack
-                     over two one-way multiprocessing Pipes) or, with in_process=True, in a
-                     background thread. generate() yields cumulative RequestOutputs.
+                     over two one-way multiprocessing Pipes, media frames through a shared-memory
+                     ring: engine/shared_frames.py) or, with in_process=True, in a background
+                     thread. generate() yields cumulative RequestOutputs.
 
     event loop ──send_request/abort──▶ [pipe] ──▶ core busy loop: apply messages, step()
     event loop ◀──call_soon_threadsafe── reader thread ◀── [pipe] ◀── EngineOutputs
@@ -109,7 +110,8 @@ class AsyncEngineClient:
             client._core = ThreadCore(config, client._outputs_from_core, client._dead_from_core)
         else:
             client._core = ProcessCore(config, client._outputs_from_core, client._dead_from_core, ready_timeout_s,
-                                       iteration_timeout_s, is_busy=lambda: bool(client._processor.states))
+                                       iteration_timeout_s, is_busy=lambda: bool(client._processor.states),
+                                       frame_ring_bytes=None if client.frontend.is_multimodal else 0)
         client.stats = client._core.initial_stats  # block counts before the first step
         return client
 

@@ -42,6 +42,8 @@ class MultiModalItem(msgspec.Struct, frozen=True, array_like=True, omit_defaults
     placeholder: PlaceholderRange
     # Resized frames, uint8, row-major [num_frames, height, width, 3] (RGB). An image is one frame
     # (Qwen repeats it to temporal_patch_size on the device); an InternVL image is its tiles.
+    # In a server's engine-core process this is a read-only 1-D uint8 numpy array over shared memory
+    # (engine.shared_frames) instead: readers use only len() and the buffer protocol.
     frames: bytes
     frames_shape: tuple[int, int, int, int]
     # Qwen2-VL family: (t, h, w) in patches before the spatial merge; InternVL: (num_tiles, 1, 1).
