@@ -128,7 +128,7 @@ def test_sampler_masks_only_the_grammar_rows():
     torch.manual_seed(0)
     logits = torch.randn(3, 70)
     bitmask = torch.randint(-2 ** 31, 2 ** 31 - 1, (2, 3), dtype=torch.int32)
-    masked = apply_grammar_bitmask(logits, torch.tensor([2, 0]), bitmask)
+    masked = apply_grammar_bitmask(logits.clone(), torch.tensor([2, 0]), bitmask)   # in place on the copy
     for row, mask_row in ((2, 0), (0, 1)):
         for token in range(70):
             allowed = int(bitmask[mask_row, token // 32]) >> (token % 32) & 1
