@@ -48,9 +48,16 @@ def wait_compiled(request) -> None:
     request.structured_output.compiled.result(timeout=60)
 
 
+def schedule(scheduler):
+    """scheduler.schedule() with the step's grammar bitmask, built as engine.core does before sampling."""
+    out = scheduler.schedule()
+    out.grammar_bitmask = scheduler.get_grammar_bitmask(out)
+    return out
+
+
 def step(scheduler, tokens: dict[str, int]):
     """schedule, then feed one sampled token per request that samples."""
-    out = scheduler.schedule()
+    out = schedule(scheduler)
     sampling = [r for r in out.num_scheduled_tokens
                 if scheduler.requests[r].num_computed_tokens + out.num_scheduled_tokens[r] >= scheduler.requests[r].num_tokens]
     runner = ModelRunnerOutput(req_ids=sampling, sampled_token_ids=[[tokens[r]] for r in sampling])
@@ -65,12 +72,12 @@ def test_a_request_waits_for_its_grammar_without_holding_up_others(tokenizer):
     slow, plain = structured("slow", choice=["ab", "cd"]), create_request("plain", [5, 6, 7])
     scheduler.add_request(slow)
     scheduler.add_request(plain)
-    out = scheduler.schedule()
+    out = schedule(scheduler)
     assert list(out.num_scheduled_tokens) == ["plain"] and out.grammar_bitmask is None
     assert list(scheduler.waiting) == [slow]
     release.set()
     wait_compiled(slow)
-    out = scheduler.schedule()
+    out = schedule(scheduler)
     assert "slow" in out.num_scheduled_tokens and out.grammar_bitmask.req_ids == ["slow"]
 
 
@@ -117,7 +124,7 @@ def test_bitmask_rows_follow_the_tokens_and_eos_only_at_the_end(tokenizer, backe
     assert allowed_ids(out.grammar_bitmask.bitmask[0]) == expected_choice_ids(tokenizer, choices, "")
     out, _ = step(scheduler, {"r": token_b})
     assert allowed_ids(out.grammar_bitmask.bitmask[0]) == expected_choice_ids(tokenizer, choices, "a")
-    out = scheduler.schedule()
+    out = schedule(scheduler)
     assert allowed_ids(out.grammar_bitmask.bitmask[0]) == {EOS}   # "ab" is complete: only EOS
     scheduler.structured_output.rollback(request.structured_output, 1)
     again = scheduler.structured_output.grammar_bitmask([request], {"r": 1})
