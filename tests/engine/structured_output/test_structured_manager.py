@@ -153,3 +153,28 @@ def test_a_token_the_grammar_refuses_fails_the_request_instead_of_failing_open(t
     assert output.finish_reason == FinishReason.ERROR and "refused a sampled token" in output.error
     assert "r" not in scheduler.requests
     assert scheduler.kv_cache_manager.get_num_free_blocks() == scheduler.kv_cache_manager.num_usable_blocks
+
+
+@pytest.mark.parametrize("backend", ["guidance", "xgrammar"])
+def test_rows_in_reused_buffers_equal_a_fresh_fill_and_terminated_rows_allow_everything(tokenizer, backend):
+    scheduler = make_scheduler(tokenizer)
+    requests = [structured(f"r{i}", choice=["ab", "cd"], backend=backend) for i in range(3)]
+    for request in requests:
+        scheduler.add_request(request)
+        wait_compiled(request)
+    token_a, token_c = tokenizer.convert_tokens_to_ids("a"), tokenizer.convert_tokens_to_ids("c")
+    step(scheduler, {"r0": token_a, "r1": token_a, "r2": token_c})
+    manager = scheduler.structured_output
+    done = requests[1].structured_output
+    assert manager.accept_tokens(done, [tokenizer.convert_tokens_to_ids("b"), EOS]) and done.matcher.is_terminated()
+    num_scheduled = {r.req_id: 1 for r in requests}
+    for _ in range(2):   # poison both buffers: every word of every row must be written
+        manager.grammar_bitmask(requests, num_scheduled).bitmask.fill_(0x5A5A5A5A)
+    built = manager.grammar_bitmask(requests, num_scheduled)
+    fresh = torch.full_like(built.bitmask, -1)
+    for row in (0, 2):
+        requests[row].structured_output.matcher.fill_bitmask(fresh, row)
+    assert built.req_ids == ["r0", "r1", "r2"] and torch.equal(built.bitmask, fresh)
+    assert allowed_ids(built.bitmask[0]) == expected_choice_ids(tokenizer, ["ab", "cd"], "a")
+    assert allowed_ids(built.bitmask[2]) == expected_choice_ids(tokenizer, ["ab", "cd"], "c")
+    assert built.compact().bitmask.untyped_storage().nbytes() == fresh.numel() * 4
