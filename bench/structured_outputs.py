@@ -168,9 +168,12 @@ def host_only(num_requests: int, model: str, backend: str) -> None:
     path = harness.model_dir(model)
     config = json.loads((Path(path) / "config.json").read_text())
     vocab = config.get("text_config", {}).get("vocab_size") or config["vocab_size"]
-    manager = StructuredOutputManager(StructuredOutputsConfig(backend=backend), lambda: AutoTokenizer.from_pretrained(path), vocab)
-    requests = [types.SimpleNamespace(req_id=f"r{i}", num_computed_tokens=10, num_tokens=11, structured_output=manager.add_request(
-        f"r{i}", StructuredOutputsParams(json=make_schema(1000 + i)))) for i in range(num_requests)]
+    manager = StructuredOutputManager(StructuredOutputsConfig(backend=backend),
+                                      lambda: AutoTokenizer.from_pretrained(path), vocab)
+    requests = [types.SimpleNamespace(req_id=f"r{i}", num_computed_tokens=10, num_tokens=11,   # each samples
+                                      structured_output=manager.add_request(
+                                          f"r{i}", StructuredOutputsParams(json=make_schema(1000 + i))))
+                for i in range(num_requests)]
     for request in requests:
         request.structured_output.compiled.result()
         manager.grammar_status(request.structured_output)
@@ -180,14 +183,16 @@ def host_only(num_requests: int, model: str, backend: str) -> None:
         bitmask = manager.grammar_bitmask(requests, {r.req_id: 1 for r in requests})
         times.append(time.perf_counter() - start)
         for row, request in enumerate(requests):   # one random allowed token each
-            allowed = [32 * w + b for w, v in enumerate(bitmask.bitmask[row, :64].tolist()) for b in range(32) if v >> b & 1]
+            words = bitmask.bitmask[row, :64].tolist()   # the tiny tokenizer's ids fit in 64 words
+            allowed = [32 * w + b for w, v in enumerate(words) for b in range(32) if v >> b & 1]
             if allowed and not request.structured_output.matcher.is_terminated():
                 manager.accept_tokens(request.structured_output, [rng.choice(allowed)])
     manager.shutdown()
     rows = [(f"bitmask build at batch {num_requests}, host (ms)", 1e3 * harness.median(times[5:])),
             (f"bitmask apply at batch {num_requests} x {vocab}, CPU torch (ms)",
              1e3 * apply_seconds(num_requests, vocab, force_reference=True, device="cpu"))]
-    harness.print_table(f"Structured outputs host-only ({backend}), {model} vocabulary, {torch.get_num_threads()} threads", rows)
+    harness.print_table(f"Structured outputs host-only ({backend}), {model} vocabulary, "
+                        f"{torch.get_num_threads()} threads", rows)
 
 
 def ttft(llm, trials: int) -> dict:
