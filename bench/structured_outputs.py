@@ -3,19 +3,25 @@
   1. W1 with every request carrying its own ~10-field JSON schema (fresh schemas every run, so
      every compile is paid) against unconstrained W1: output tokens/s (target >= 0.9x).
   2. Bitmask work at batch 256: building the rows on the CPU (matchers fill) and masking the
-     logits on the GPU, against the decode step time (target <= 5%).
+     logits on the GPU, against the decode step time (target <= 5%). The build overlaps the step's
+     forward (engine.core builds it between execute_model and sample_tokens): besides its host time
+     the table gives its EXPOSED time, the part during which the GPU had nothing left to run.
   3. TTFT of one short request: unconstrained, a new schema (target +50 ms at p50), the same
      schema again (cached: target +1 ms).
 
     python bench/structured_outputs.py [--requests 256] [--runs 2] [--backend auto]
+    python bench/structured_outputs.py --host-only    # no GPU: bitmask build and CPU apply at batch 256
 Caller: by hand, bench/run_gpu.sh.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import random
 import time
+from pathlib import Path
 
 import torch
 
@@ -63,32 +69,130 @@ def w1(llm, num_requests: int, runs: int) -> dict:
     return result
 
 
-def bitmask_share(llm, num_requests: int) -> dict:
-    """An instrumented constrained W1 run: per-step time of the bitmask build (CPU) and of core.step;
-    the GPU masking measured alone at batch num_requests over the model's vocabulary."""
-    from engine.sampler import apply_grammar_bitmask
+class BuildTimer:
+    """Wraps scheduler.get_grammar_bitmask without synchronising: host seconds of each build, and
+    CUDA events recorded just before and after it. The GPU time between the two events is the
+    exposed part: 0 while the step's forward still runs, the whole build when the GPU sat idle."""
 
+    def __init__(self, scheduler):
+        self.host_seconds, self.events = 0.0, []
+        self._scheduler, original = scheduler, scheduler.get_grammar_bitmask
+
+        def timed(scheduler_output):
+            before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start = time.perf_counter()
+            before.record()
+            bitmask = original(scheduler_output)
+            after.record()
+            self.host_seconds += time.perf_counter() - start
+            self.events.append((before, after))
+            return bitmask
+
+        scheduler.get_grammar_bitmask = timed
+
+    def exposed_seconds(self) -> float:
+        torch.cuda.synchronize()
+        return sum(before.elapsed_time(after) for before, after in self.events) / 1e3
+
+    def restore(self) -> None:
+        del self._scheduler.get_grammar_bitmask
+
+
+def bitmask_share(llm, num_requests: int) -> dict:
+    """An instrumented constrained W1 run, nothing synchronised: per step, the bitmask build's host
+    time and exposed time, and core.step's wall time; the GPU masking measured alone at batch
+    num_requests over the model's vocabulary (the Triton kernel, and the torch reference)."""
     core = llm.client.core
-    timers = harness.StageTimers()
-    timers.wrap(core.scheduler.structured_output, "grammar_bitmask", "bitmask build (CPU)")
-    timers.wrap(core, "step", "engine step")
+    build, step_seconds, original_step = BuildTimer(core.scheduler), [], core.step
+
+    def timed_step():
+        start = time.perf_counter()
+        outputs = original_step()
+        step_seconds.append(time.perf_counter() - start)
+        return outputs
+
+    core.step = timed_step
     try:
         w1_run(llm, num_requests, seed=4242, constrained=True)
     finally:
-        timers.restore()
+        del core.step
+        build.restore()
     vocab = core.scheduler.structured_output.vocab_size
-    logits = torch.randn(num_requests, vocab, device="cuda")
-    bitmask = torch.randint(-2 ** 31, 2 ** 31 - 1, (num_requests, (vocab + 31) // 32), dtype=torch.int32)
-    rows = torch.arange(num_requests, device="cuda")
-    times = []
-    for _ in range(20):
-        with harness.cuda_timer(times):
-            apply_grammar_bitmask(logits, rows, bitmask.to("cuda", non_blocking=True))
-    build = timers.seconds["bitmask build (CPU)"] / max(1, timers.calls["bitmask build (CPU)"])
-    step = timers.seconds["engine step"] / max(1, timers.calls["engine step"])
-    apply = harness.median(times[5:])
-    return {"bitmask_build_ms": 1e3 * build, "bitmask_apply_ms": 1e3 * apply, "step_ms": 1e3 * step,
-            "share": (build + apply) / step}
+    apply_ms = {name: 1e3 * apply_seconds(num_requests, vocab, force_reference=name == "torch")
+                for name in ("triton", "torch")}
+    num_steps, step = len(step_seconds), sum(step_seconds) / max(1, len(step_seconds))
+    build_s, exposed_s = build.host_seconds / max(1, num_steps), build.exposed_seconds() / max(1, num_steps)
+    return {"bitmask_build_ms": 1e3 * build_s, "bitmask_build_exposed_ms": 1e3 * exposed_s,
+            "bitmask_apply_ms": apply_ms["triton"], "bitmask_apply_torch_ms": apply_ms["torch"], "step_ms": 1e3 * step,
+            "share": (build_s + apply_ms["triton"] / 1e3) / step,
+            "share_exposed": (exposed_s + apply_ms["triton"] / 1e3) / step}
+
+
+def apply_seconds(num_rows: int, vocab: int, force_reference: bool = False, device: str = "cuda") -> float:
+    """Median seconds of masking [num_rows, vocab] float32 logits with a random bitmask, the
+    bitmask's host-to-device copy included (as in a step)."""
+    from engine.sampler import apply_grammar_bitmask
+    from kernels import grammar_mask
+
+    logits = torch.randn(num_rows, vocab, device=device)
+    bitmask = torch.randint(-2 ** 31, 2 ** 31 - 1, (num_rows, (vocab + 31) // 32), dtype=torch.int32)
+    rows = torch.arange(num_rows, device=device)
+    times: list[float] = []
+    for _ in range(20 if device == "cuda" else 6):
+        with (harness.cuda_timer(times) if device == "cuda" else _host_timer(times)):
+            if force_reference:
+                grammar_mask._reference(logits, rows, bitmask.to(device, non_blocking=True))
+            else:
+                apply_grammar_bitmask(logits, rows, bitmask.to(device, non_blocking=True))
+    return harness.median(times[len(times) // 4:])
+
+
+@contextlib.contextmanager
+def _host_timer(out: list):
+    start = time.perf_counter()
+    yield
+    out.append(time.perf_counter() - start)
+
+
+def host_only(num_requests: int, model: str, backend: str) -> None:
+    """No GPU: the bitmask build of num_requests rows (each its own schema, matchers advanced by
+    random allowed tokens) and the CPU mask (torch reference) at the model's vocabulary."""
+    import types
+
+    from transformers import AutoTokenizer
+
+    from engine import StructuredOutputsParams
+    from engine.structured_output import StructuredOutputsConfig
+    from engine.structured_output.manager import StructuredOutputManager
+
+    path = harness.model_dir(model)
+    config = json.loads((Path(path) / "config.json").read_text())
+    vocab = config.get("text_config", {}).get("vocab_size") or config["vocab_size"]
+    manager = StructuredOutputManager(StructuredOutputsConfig(backend=backend),
+                                      lambda: AutoTokenizer.from_pretrained(path), vocab)
+    requests = [types.SimpleNamespace(req_id=f"r{i}", num_computed_tokens=10, num_tokens=11,   # each samples
+                                      structured_output=manager.add_request(
+                                          f"r{i}", StructuredOutputsParams(json=make_schema(1000 + i))))
+                for i in range(num_requests)]
+    for request in requests:
+        request.structured_output.compiled.result()
+        manager.grammar_status(request.structured_output)
+    rng, times = random.Random(0), []
+    for _ in range(30):
+        start = time.perf_counter()
+        bitmask = manager.grammar_bitmask(requests, {r.req_id: 1 for r in requests})
+        times.append(time.perf_counter() - start)
+        for row, request in enumerate(requests):   # one random allowed token each
+            words = bitmask.bitmask[row, :64].tolist()   # the tiny tokenizer's ids fit in 64 words
+            allowed = [32 * w + b for w, v in enumerate(words) for b in range(32) if v >> b & 1]
+            if allowed and not request.structured_output.matcher.is_terminated():
+                manager.accept_tokens(request.structured_output, [rng.choice(allowed)])
+    manager.shutdown()
+    rows = [(f"bitmask build at batch {num_requests}, host (ms)", 1e3 * harness.median(times[5:])),
+            (f"bitmask apply at batch {num_requests} x {vocab}, CPU torch (ms)",
+             1e3 * apply_seconds(num_requests, vocab, force_reference=True, device="cpu"))]
+    harness.print_table(f"Structured outputs host-only ({backend}), {model} vocabulary, "
+                        f"{torch.get_num_threads()} threads", rows)
 
 
 def ttft(llm, trials: int) -> dict:
@@ -116,15 +220,22 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--trials", type=int, default=15)
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--host-only", action="store_true", help="no GPU: bitmask build and CPU apply only")
     args = parser.parse_args()
+    if args.host_only:
+        host_only(args.requests, args.model, "guidance" if args.backend == "auto" else args.backend)
+        return
     llm, _ = harness.make_llm(harness.model_dir(args.model), max_model_len=4096,
                               structured_outputs_config={"backend": args.backend})
     result = {"backend": args.backend, "requests": args.requests, **w1(llm, args.requests, args.runs),
               **bitmask_share(llm, args.requests), **ttft(llm, args.trials)}
     rows = [("W1 unconstrained out tok/s", result["unconstrained"]), ("W1 own JSON schema out tok/s", result["json_schema"]),
             ("ratio (target >= 0.90)", result["ratio"]), ("bitmask build per step, CPU (ms)", result["bitmask_build_ms"]),
+            ("bitmask build per step exposed, GPU idle (ms)", result["bitmask_build_exposed_ms"]),
             (f"bitmask apply at batch {args.requests}, GPU (ms)", result["bitmask_apply_ms"]),
+            (f"bitmask apply at batch {args.requests}, GPU torch reference (ms)", result["bitmask_apply_torch_ms"]),
             ("engine step, constrained run (ms)", result["step_ms"]), ("bitmask share (target <= 0.05)", result["share"]),
+            ("bitmask share exposed: (exposed build + apply) / step", result["share_exposed"]),
             ("TTFT unconstrained (ms)", result["ttft_unconstrained_ms"]),
             ("TTFT extra, new schema (target <= 50 ms)", result["ttft_new_schema_extra_ms"]),
             ("TTFT extra, cached schema (target <= 1 ms)", result["ttft_cached_schema_extra_ms"])]

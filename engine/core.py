@@ -3,6 +3,11 @@ busy loop of the core process) and tests. No I/O here: the client owns queues an
 
     step() = scheduler.schedule() -> executor.execute() -> scheduler.update_from_output()
 
+In this process the executor's step is two calls, execute_model (launch the forward) and
+sample_tokens (mask and sample): between them the core builds the step's grammar bitmask on the
+host while the device computes (structured outputs; vLLM V1's execute_model -> grammar_bitmask ->
+sample_tokens).
+
 The executor (engine.executor) runs the model: one ModelRunner in this process, or a TP/PP world
 of worker processes / Ray actors. A dead worker raises out of step(); the caller (engine.client)
 reports the engine dead.
@@ -30,7 +35,7 @@ from engine.request import Request
 from engine.runner_output import ModelRunnerOutput
 from engine.runner.memory_plan import encoder_plan
 from engine.scheduler import Scheduler
-from engine.scheduler_output import SchedulerOutput
+from engine.scheduler_output import GrammarBitmask, SchedulerOutput
 from engine.structured_output.manager import StructuredOutputManager
 from vision.inputs import MODALITIES
 
@@ -44,10 +49,13 @@ class PendingRunnerOutput(Protocol):
 
 
 @runtime_checkable
-class AsyncStepExecutor(Protocol):
-    """An executor that can launch a step and hand back its output later (one rank in process)."""
+class SplitStepExecutor(Protocol):
+    """An executor whose step is two calls (one rank in this process): execute_model launches the
+    forward, sample_tokens masks and samples and hands the output back later."""
 
-    def execute_async(self, scheduler_output: SchedulerOutput) -> PendingRunnerOutput: ...
+    def execute_model(self, scheduler_output: SchedulerOutput) -> None: ...
+
+    def sample_tokens(self, grammar_bitmask: GrammarBitmask | None) -> PendingRunnerOutput: ...
 
 
 class EngineCore:
@@ -58,9 +66,9 @@ class EngineCore:
         self._init_scheduler()
         # (SchedulerOutput, StepOutput) of the step on the device (async scheduling only).
         self._inflight: tuple[SchedulerOutput, PendingRunnerOutput] | None = None
-        self._async_executor = (self.executor if config.scheduler_config.async_scheduling
-                                and isinstance(self.executor, AsyncStepExecutor) else None)
-        self.async_scheduling = self._async_executor is not None
+        # TP/PP executors and test fakes take the whole step (grammar bitmask in the SchedulerOutput).
+        self._split_executor = self.executor if isinstance(self.executor, SplitStepExecutor) else None
+        self.async_scheduling = config.scheduler_config.async_scheduling and self._split_executor is not None
 
     def _init_runner(self, runner: Executor | None) -> None:
         # An injected runner (tests) stands in for the executor: it offers the same methods.
@@ -135,22 +143,36 @@ class EngineCore:
         self.scheduler.abort_requests(req_ids)
 
     def step(self) -> EngineOutputs:
-        if not self.async_scheduling:
-            scheduler_output = self.scheduler.schedule()
-            runner_output = self.executor.execute(scheduler_output)
-            return self.scheduler.update_from_output(scheduler_output, runner_output)
-        return self._step_ahead()
+        if self.async_scheduling:
+            return self._step_ahead()
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self._execute(scheduler_output)
+        return self.scheduler.update_from_output(scheduler_output, runner_output)
+
+    def _execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        if self._split_executor is None:
+            bitmask = self.scheduler.get_grammar_bitmask(scheduler_output)
+            scheduler_output.grammar_bitmask = bitmask.compact() if bitmask is not None else None
+            return self.executor.execute(scheduler_output)
+        self._split_executor.execute_model(scheduler_output)
+        return self._split_executor.sample_tokens(self.scheduler.get_grammar_bitmask(scheduler_output)).result()
 
     def _step_ahead(self) -> EngineOutputs:
-        """Async scheduling: schedule and launch step N+1, then wait for step N's tokens (the
-        device runs N+1 meanwhile) and turn them into outputs. Requests that need N's tokens on
-        the host first (scheduler.can_schedule_ahead) make it wait for N before scheduling."""
-        assert self._async_executor is not None
+        """Async scheduling: schedule step N+1 and launch its forward, then wait for step N's tokens
+        (the device runs N+1 meanwhile) and turn them into outputs. Requests that need N's tokens on
+        the host to prepare N+1 (scheduler.can_schedule_ahead) make it wait for N before scheduling.
+        [structured outputs] N+1's bitmask is built once the matchers have accepted N's tokens,
+        while N+1's forward runs; its sampling is queued after."""
+        assert self._split_executor is not None
         outputs = None
         if self._inflight is not None and not self.scheduler.can_schedule_ahead():
             outputs = self._finish_inflight()
         scheduler_output = self.scheduler.schedule()
-        launched = (scheduler_output, self._async_executor.execute_async(scheduler_output))
+        self._split_executor.execute_model(scheduler_output)
+        if self._inflight is not None and self.scheduler.has_structured_output_requests(scheduler_output):
+            outputs = self._finish_inflight()
+        launched = (scheduler_output,
+                    self._split_executor.sample_tokens(self.scheduler.get_grammar_bitmask(scheduler_output)))
         if self._inflight is not None:
             outputs = self._finish_inflight()
         self._inflight = launched

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import kernels
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -116,7 +118,10 @@ class Sampler(torch.nn.Module):
         raw_logits = logits
         logits = apply_penalties(logits, batch)
         logits = ban_tokens(logits, batch.banned_token_ids)
-        logits = apply_grammar_bitmask(logits, batch.grammar_rows, batch.grammar_bitmask)
+        if batch.grammar_rows is not None:
+            if logits is raw_logits and batch.max_num_logprobs is not None:
+                logits = logits.clone()   # masked in place below; logprobs read the unmasked logits
+            apply_grammar_bitmask(logits, batch.grammar_rows, batch.grammar_bitmask)
         sampled = logits.argmax(dim=-1)
         if not batch.all_greedy:
             sampled = torch.where(batch.temperature < 1e-5, sampled, self._sample(logits, batch))
@@ -172,19 +177,12 @@ def ban_tokens(logits: torch.Tensor, banned_token_ids: torch.Tensor | None) -> t
     return logits.masked_fill(banned, float("-inf"))
 
 
-def apply_grammar_bitmask(logits: torch.Tensor, rows: torch.Tensor | None,
-                          bitmask: torch.Tensor | None) -> torch.Tensor:
-    """Tokens a row's grammar forbids get -inf (EOS too, until the grammar may end). Logprobs are
-    taken before this: they describe the model's unmasked distribution (vLLM's convention)."""
-    if rows is None:
-        return logits
-    vocab_size = logits.shape[-1]
-    bits = torch.arange(32, device=logits.device, dtype=torch.int32)
-    allowed = ((bitmask[:, :, None] >> bits) & 1).bool().flatten(1)            # [C, 32 * W]
-    if allowed.shape[1] < vocab_size:   # a mask narrower than the logits allows none of the rest
-        allowed = torch.nn.functional.pad(allowed, (0, vocab_size - allowed.shape[1]))
-    masked = logits[rows].masked_fill(~allowed[:, :vocab_size], float("-inf"))   # [C, V]
-    return logits.index_copy(0, rows, masked)
+def apply_grammar_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """In place: tokens a row's grammar forbids get -inf (EOS too, until the grammar may end); one
+    pass of a Triton kernel on the GPU (kernels/grammar_mask.py). Logprobs are taken before this:
+    they describe the model's unmasked distribution (vLLM's convention)."""
+    kernels.apply_token_bitmask_inplace(logits, rows, bitmask)   # rows [C], bitmask [C, ceil(V / 32)]
+    return logits
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor | None) -> torch.Tensor:

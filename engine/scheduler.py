@@ -31,7 +31,7 @@ from engine.kv_cache.manager import KVCacheManager
 from engine.protocol import EngineOutput, EngineOutputs, FinishReason, SchedulerStats, TokenLogprobs
 from engine.request import Request, RequestStatus
 from engine.runner_output import ModelRunnerOutput
-from engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
+from engine.scheduler_output import CachedRequestData, GrammarBitmask, NewRequestData, SchedulerOutput
 from engine.structured_output.manager import COMPILING, READY, REFUSED_TOKEN_MESSAGE, StructuredOutputManager
 
 
@@ -288,6 +288,23 @@ class Scheduler:
             return False
         return not any(r.needs_host_tokens and r.num_output_placeholders for r in self.running)
 
+    def has_structured_output_requests(self, scheduler_output: SchedulerOutput) -> bool:
+        """[structured outputs] Does a request of the step have a grammar (its bitmask must follow
+        the previous step's tokens)?"""
+        requests = self.requests
+        return self.structured_output is not None and any(
+            requests[r].structured_output is not None for r in scheduler_output.num_scheduled_tokens if r in requests)
+
+    def get_grammar_bitmask(self, scheduler_output: SchedulerOutput) -> GrammarBitmask | None:
+        """[structured outputs] Bitmask rows of the step's constrained requests that sample, from the
+        matchers as they stand: engine.core asks once the previous step's tokens are accepted,
+        while this step's forward runs. A request finished since then gets no row (its token is
+        dropped)."""
+        if self.structured_output is None:
+            return None
+        requests = [self.requests[r] for r in scheduler_output.num_scheduled_tokens if r in self.requests]
+        return self.structured_output.grammar_bitmask(requests, scheduler_output.num_scheduled_tokens)
+
     def _commit(self, request: Request, num_new_tokens: int, encoder_inputs: list[int],
                 budget: _StepBudget, plan: _StepPlan) -> None:
         # In flight until update_from_output; a step that reaches the end of the request's
@@ -332,16 +349,13 @@ class Scheduler:
             new_block_ids=[plan.new_block_ids[request.req_id] for request in plan.cached_reqs],
             num_computed_tokens=[first_position(request) for request in plan.cached_reqs])
         finished_req_ids, self.finished_req_ids = self.finished_req_ids, set()
-        grammar_bitmask = (self.structured_output.grammar_bitmask(plan.new_reqs + plan.cached_reqs,
-                                                                   plan.num_scheduled_tokens)
-                           if self.structured_output is not None else None)
         forked_reqs, kv_block_copies = beam_groups.take_beam_forks(self)
         return SchedulerOutput(
             scheduled_new_reqs=new_reqs, scheduled_cached_reqs=cached_reqs,
             num_scheduled_tokens=plan.num_scheduled_tokens,
             total_num_scheduled_tokens=sum(plan.num_scheduled_tokens.values()),
             scheduled_encoder_inputs=plan.encoder_inputs, finished_req_ids=finished_req_ids,
-            free_encoder_mm_hashes=self.encoder_cache.get_freed_mm_hashes(), grammar_bitmask=grammar_bitmask,
+            free_encoder_mm_hashes=self.encoder_cache.get_freed_mm_hashes(),
             forked_reqs=forked_reqs, kv_block_copies=kv_block_copies)
 
     # ---------------------------------------------------------------- update
@@ -425,14 +439,17 @@ class Scheduler:
             return None
         request.append_output_token_id(sampled_token_ids[0])
         self._step_generation_tokens += 1
-        if check_stop(request, self.eos_token_ids, self.max_model_len):
+        if request.structured_output is not None and not self.structured_output.accept_tokens(
+                request.structured_output, sampled_token_ids[:1]):   # [structured outputs] never fail open
+            request.status, request.error = RequestStatus.FINISHED_ERROR, REFUSED_TOKEN_MESSAGE
+        if request.is_finished or check_stop(request, self.eos_token_ids, self.max_model_len):
             self.waiting.remove(request)
-            self._free_request(request, request.status)
+            self._free_request(request, request.status, request.error)
         logprobs = runner_output.logprobs.get(request.req_id)
         return EngineOutput(
             req_id=request.req_id, new_token_ids=sampled_token_ids[:1], new_logprobs=logprobs[:1] if logprobs else None,
             finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
-            num_cached_tokens=max(0, request.num_cached_tokens))
+            num_cached_tokens=max(0, request.num_cached_tokens), error=request.error)
 
     def _collect_prompt_logprobs(self, request: Request, chunk: list[TokenLogprobs | None] | None
                                  ) -> list[TokenLogprobs | None] | None:

@@ -50,6 +50,11 @@ class GrammarBitmask:
     req_ids: list[str]
     bitmask: torch.Tensor = field(repr=False)   # [len(req_ids), ceil(vocab / 32)] int32, CPU; bit set = allowed
 
+    def compact(self) -> "GrammarBitmask":
+        """A copy owning its rows: the manager's tensor is a view of a reused buffer (pickling a view
+        sends the whole buffer to a worker process, and the buffer is overwritten two steps later)."""
+        return GrammarBitmask(req_ids=self.req_ids, bitmask=self.bitmask.clone())
+
 
 @dataclass
 class ForkedRequestData:
@@ -79,7 +84,8 @@ class SchedulerOutput:
     # Encoder-cache entries the runner may drop (no scheduled request needs them any more).
     free_encoder_mm_hashes: list[str]
     # [structured outputs] Token bitmask rows of the constrained requests that sample this step;
-    # None when none does. Built from the matchers after the previous step's tokens were accepted.
+    # None when none does. Set by engine.core only for executors that take the whole step (TP/PP
+    # workers): in process the core hands it to the runner's sample_tokens instead.
     grammar_bitmask: GrammarBitmask | None = None
     # Beam search (engine.beam_search): slots re-pointed at new beams, applied after the new
     # requests and before the cached ones; then KV block copies (src, dst), made before the forward.

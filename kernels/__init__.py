@@ -1,6 +1,7 @@
 """Public kernel entry points: plain tensors in, plain tensors out.
 
-Caller: the engine's layers (attention, rotary, norm, activation) and the vision towers.
+Caller: the engine's layers (attention, rotary, norm, activation), its sampler (grammar masks) and the
+vision towers.
 Dispatch: the Triton kernel when the tensors are on CUDA; the torch `_reference` of the same
 kernel file otherwise (that reference is the CPU backend). CPU tests run the Triton kernels in
 the interpreter: TRITON_INTERPRET=1 must be set before triton is first imported (triton.jit reads it
@@ -14,6 +15,7 @@ import os
 import torch
 
 from kernels import activation as _activation
+from kernels import grammar_mask as _grammar_mask
 from kernels import matmul as _matmul
 from kernels import paged_attention as _paged_attention
 from kernels import rmsnorm as _rmsnorm
@@ -21,8 +23,8 @@ from kernels import rotary as _rotary
 from kernels import store_kv as _store_kv
 
 __all__ = [
-    "apply_rotary", "batch_invariant_linear", "fused_add_rms_norm", "paged_attention", "rms_norm",
-    "silu_and_mul", "store_kv", "uses_triton",
+    "apply_rotary", "apply_token_bitmask_inplace", "batch_invariant_linear", "fused_add_rms_norm",
+    "paged_attention", "rms_norm", "silu_and_mul", "store_kv", "uses_triton",
 ]
 
 
@@ -119,3 +121,15 @@ def batch_invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     if uses_triton(x):
         return _matmul._triton(x, weight, bias)
     return _matmul._reference(x, weight, bias)
+
+
+def apply_token_bitmask_inplace(
+    logits: torch.Tensor,   # [num_rows, vocab] float, modified in place
+    rows: torch.Tensor,     # [num_masked] int64, distinct rows of logits
+    bitmask: torch.Tensor,  # [num_masked, ceil(vocab / 32)] int32; bit set = allowed (kernels/grammar_mask.py)
+) -> None:
+    """Structured outputs: logits[rows[c], t] = -inf for every token t that bitmask[c] forbids."""
+    if uses_triton(logits):
+        _grammar_mask._triton(logits, rows, bitmask)
+    else:
+        _grammar_mask._reference(logits, rows, bitmask)

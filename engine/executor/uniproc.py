@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from engine.config import EngineConfig
 from engine.runner_output import ModelRunnerOutput
-from engine.scheduler_output import SchedulerOutput
+from engine.scheduler_output import GrammarBitmask, SchedulerOutput
 
 
 class UniprocExecutor:
@@ -26,9 +26,13 @@ class UniprocExecutor:
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(scheduler_output)
 
-    def execute_async(self, scheduler_output: SchedulerOutput):
-        """Launch the step; -> its StepOutput (engine.runner.step_output): result() later."""
-        return self.runner.execute_async(scheduler_output)
+    def execute_model(self, scheduler_output: SchedulerOutput) -> None:
+        """Launch the step's forward; sample_tokens finishes it (engine.core.SplitStepExecutor)."""
+        self.runner.execute_model(scheduler_output)
+
+    def sample_tokens(self, grammar_bitmask: GrammarBitmask | None):
+        """-> the step's StepOutput (engine.runner.step_output): result() later."""
+        return self.runner.sample_tokens(grammar_bitmask)
 
     def shutdown(self) -> None:
         pass

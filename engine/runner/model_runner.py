@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -70,6 +71,16 @@ def load_model(config: EngineConfig, parallel: ParallelContext = SINGLE_RANK) ->
     return model.eval()
 
 
+@dataclass
+class _LaunchedForward:
+    """A step between execute_model and sample_tokens."""
+
+    batch: StepBatch
+    hidden: torch.Tensor            # [T, H]
+    logits: torch.Tensor | None     # [S, vocab], None when no row samples
+    failed: dict[str, str]          # req_id -> error (media that failed)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, parallel: ParallelContext = SINGLE_RANK):
         self.config = config
@@ -84,6 +95,7 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedGraphs | None = None
         self.input_batch = self._new_input_batch()
+        self._launched: _LaunchedForward | StepOutput | None = None   # execute_model -> sample_tokens
         # VL models: computes vision embeddings for scheduler_output.scheduled_encoder_inputs and
         # scatters them into inputs_embeds at the placeholder rows (engine/runner/encoder_runner.py).
         has_tower = isinstance(self.model, MultiModalModel) and parallel.is_first_stage
@@ -168,27 +180,47 @@ class ModelRunner:
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.execute_async(scheduler_output).result()
 
+    def execute_async(self, scheduler_output: SchedulerOutput) -> StepOutput:
+        """The whole step, masked with the SchedulerOutput's grammar bitmask (TP/PP workers)."""
+        self.execute_model(scheduler_output)
+        return self.sample_tokens(scheduler_output.grammar_bitmask)
+
     @torch.inference_mode()
-    def execute_async(self, scheduler_output: SchedulerOutput) -> "StepOutput":
-        """Launch the step; its sampled tokens stay on the device (copied to pinned host memory
-        behind an event). The caller may launch the next step before StepOutput.result()."""
+    def execute_model(self, scheduler_output: SchedulerOutput) -> None:
+        """Launch the step's forward and logits; sample_tokens finishes it. In between the engine
+        core builds the grammar bitmask on the host while the device computes."""
         for new_req in self.input_batch.update(scheduler_output):
             self._init_mrope_positions(new_req)
         self._copy_kv_blocks(scheduler_output.kv_block_copies)   # beam search: copy on write
         if self.encoder_runner is not None:  # evicted by the scheduler: drop before anything else
             self.encoder_runner.free(scheduler_output.free_encoder_mm_hashes)
         if scheduler_output.is_empty:
-            return StepOutput.ready(ModelRunnerOutput(req_ids=[], sampled_token_ids=[]))
+            self._launched = StepOutput.ready(ModelRunnerOutput(req_ids=[], sampled_token_ids=[]))
+            return
         batch = self.input_batch.prepare(scheduler_output)
         hidden, failed = self._forward(scheduler_output, batch)               # [T, H]
         if hidden is None:  # an earlier pipeline stage: the last samples, record_sampled tells us
-            return StepOutput.ready(ModelRunnerOutput(
+            self._launched = StepOutput.ready(ModelRunnerOutput(
                 req_ids=batch.req_ids, sampled_token_ids=[[] for _ in batch.req_ids], failed=failed))
-        sampler_output = self._sample(hidden, batch, scheduler_output.grammar_bitmask)
+            return
+        logits = self.model.compute_logits(hidden[batch.logits_indices]) if batch.sampling_req_ids else None
+        self._launched = _LaunchedForward(batch, hidden, logits, failed)   # logits [S, vocab]
+
+    @torch.inference_mode()
+    def sample_tokens(self, grammar_bitmask: GrammarBitmask | None) -> StepOutput:
+        """Mask (structured outputs) and sample the launched step; its sampled tokens stay on the
+        device (copied to pinned host memory behind an event). The caller may launch the next
+        step before StepOutput.result()."""
+        launched, self._launched = self._launched, None
+        if not isinstance(launched, _LaunchedForward):
+            assert launched is not None, "sample_tokens without execute_model"
+            return launched
+        batch = launched.batch
+        sampler_output = self._sample(launched.logits, batch, grammar_bitmask)
         if sampler_output is not None:
             self.input_batch.mark_launched(batch.sampling_req_ids, sampler_output.sampled_token_ids)
-        prompt_logprobs = self._prompt_logprobs(hidden, batch)   # syncs; only requests that ask
-        return StepOutput(self.input_batch, batch, sampler_output, prompt_logprobs, failed)
+        prompt_logprobs = self._prompt_logprobs(launched.hidden, batch)   # syncs; only requests that ask
+        return StepOutput(self.input_batch, batch, sampler_output, prompt_logprobs, launched.failed)
 
     def _forward(self, scheduler_output: SchedulerOutput, batch: StepBatch):
         """-> (hidden [T, H], {req_id: error}). Steps that only decode output tokens (no prompt or
@@ -239,12 +271,12 @@ class ModelRunner:
         state.mrope_positions, state.mrope_delta = self.model.get_mrope_positions(
             state.prompt_token_ids, state.mm_items)
 
-    def _sample(self, hidden: torch.Tensor, batch: StepBatch,
+    def _sample(self, logits: torch.Tensor | None, batch: StepBatch,
                 grammar_bitmask: GrammarBitmask | None = None) -> SamplerOutput | None:
-        """The step's sampling rows -> SamplerOutput on the device, or None when none samples."""
-        if not batch.sampling_req_ids:
+        """logits [S, vocab] of the step's sampling rows -> SamplerOutput on the device, or None
+        when none samples."""
+        if logits is None:
             return None
-        logits = self.model.compute_logits(hidden[batch.logits_indices])   # [S, vocab]
         if grammar_bitmask is not None:   # [structured outputs] the sampler masks these rows
             assert batch.sampling is not None
             row_of = {req_id: row for row, req_id in enumerate(batch.sampling_req_ids)}

@@ -1,4 +1,4 @@
-"""StepOutput: a launched step's output on its way to the host. Caller: ModelRunner.execute_async
+"""StepOutput: a launched step's output on its way to the host. Caller: ModelRunner.sample_tokens
 (builds it right after queueing the sampler) and engine.core (result(), once the next step is
 queued behind it).
 

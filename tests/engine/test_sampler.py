@@ -118,3 +118,18 @@ def test_vectorised_seed_keys_equal_the_scalar_mix():
     seeds = [rng.randrange(-2 ** 70, 2 ** 70) for _ in range(200)] + [0, -1, 2 ** 64 - 1, 2 ** 63]
     positions = [rng.randrange(0, 10 ** 6) for _ in seeds]
     assert seed_keys(seeds, positions).tolist() == [list(seed_key(s, p)) for s, p in zip(seeds, positions)]
+
+
+def test_grammar_mask_in_place_keeps_logprobs_of_the_unmasked_logits():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [1.0, 0.0, 2.0, 0.5], [0.5, 0.0, 0.0, 4.0]])
+    original = logits.clone()
+    # row 2 may take tokens {0, 2}, row 0 only token 2; row 1 has no grammar
+    batch = batch_of(3, temperature=0.0, max_num_logprobs=2, grammar_rows=torch.tensor([2, 0]),
+                     grammar_bitmask=torch.tensor([[0b0101], [0b0100]], dtype=torch.int32))
+    out = Sampler()(logits, batch)
+    assert out.sampled_token_ids.tolist() == [2, 2, 0]
+    assert torch.equal(logits, original)   # the caller's float32 logits are not masked under logprobs
+    torch.testing.assert_close(out.logprobs[:, 1:], torch.log_softmax(original, -1).topk(2, -1).values)
+    sampled = Sampler()(logits, batch_of(3, temperature=1.0, grammar_rows=torch.tensor([2, 0]),
+                                         grammar_bitmask=torch.tensor([[0b0101], [0b0100]], dtype=torch.int32)))
+    assert sampled.sampled_token_ids[0] == 2 and sampled.sampled_token_ids[2] in (0, 2)

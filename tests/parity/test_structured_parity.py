@@ -184,20 +184,30 @@ def run_and_compare(llm: LLM, cases, reference) -> None:
     assert stats.num_free_blocks == stats.num_total_blocks > 0
 
 
-# Preemption runs on the text model; the VL model runs defaults and chunked prefill (time).
+# Preemption runs on the text model; the VL model runs defaults and chunked prefill (time). Async
+# scheduling (grammar bitmasks built after the step in flight returns, while the next forward runs):
+# with chunked prefill, and with preemption while a step is in flight.
+SETTINGS = {"defaults": {}, "chunked_prefill": {"max_num_batched_tokens": 32},
+            "preemption": {"num_gpu_blocks_override": 40, "enable_prefix_caching": False},
+            "async_chunked": {"async_scheduling": True, "max_num_batched_tokens": 32},
+            "async_preemption": {"async_scheduling": True, "num_gpu_blocks_override": 40,
+                                 "enable_prefix_caching": False}}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, setting", [("qwen2", "defaults"), ("qwen2", "chunked_prefill"), ("qwen2", "preemption"),
-                                           ("qwen2_5_vl", "defaults"), ("qwen2_5_vl", "chunked_prefill")])
+                                           ("qwen2", "async_chunked"), ("qwen2", "async_preemption"),
+                                           ("qwen2_5_vl", "defaults"), ("qwen2_5_vl", "chunked_prefill"),
+                                           ("qwen2_5_vl", "async_chunked")])
 def test_structured_outputs_match_transformers(cases_of, name, setting):
     model_dir, cases, reference = cases_of(name)
-    kwargs = {"defaults": {}, "chunked_prefill": {"max_num_batched_tokens": 32},
-              "preemption": {"num_gpu_blocks_override": 40, "enable_prefix_caching": False}}[setting]
-    llm = LLM(model_dir, dtype="float32", max_model_len=512, device="cpu", **kwargs)
+    llm = LLM(model_dir, dtype="float32", max_model_len=512, device="cpu", **SETTINGS[setting])
+    assert llm.client.core.async_scheduling == setting.startswith("async")
     if setting != "defaults":   # every third constraint (both backends) and the unconstrained requests, for time
         keep = [i for i in range(len(cases)) if (i // len(BACKENDS)) % 3 == 0 or cases[i][2].structured_outputs is None]
         cases, reference = [cases[i] for i in keep], [reference[i] for i in keep]
     run_and_compare(llm, cases, reference)
-    if setting == "preemption":
+    if setting.endswith("preemption"):
         assert llm.client.stats().num_preemptions > 0
     # Many cases end where the grammar allows EOS, the rest are cut by max_tokens: both paths are compared.
     num_stopped = sum(1 for tokens, _ in reference if tokens and tokens[-1] in load(model_dir).eos_token_ids)

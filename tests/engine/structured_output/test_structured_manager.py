@@ -48,9 +48,16 @@ def wait_compiled(request) -> None:
     request.structured_output.compiled.result(timeout=60)
 
 
+def schedule(scheduler):
+    """scheduler.schedule() with the step's grammar bitmask, built as engine.core does before sampling."""
+    out = scheduler.schedule()
+    out.grammar_bitmask = scheduler.get_grammar_bitmask(out)
+    return out
+
+
 def step(scheduler, tokens: dict[str, int]):
     """schedule, then feed one sampled token per request that samples."""
-    out = scheduler.schedule()
+    out = schedule(scheduler)
     sampling = [r for r in out.num_scheduled_tokens
                 if scheduler.requests[r].num_computed_tokens + out.num_scheduled_tokens[r] >= scheduler.requests[r].num_tokens]
     runner = ModelRunnerOutput(req_ids=sampling, sampled_token_ids=[[tokens[r]] for r in sampling])
@@ -65,12 +72,12 @@ def test_a_request_waits_for_its_grammar_without_holding_up_others(tokenizer):
     slow, plain = structured("slow", choice=["ab", "cd"]), create_request("plain", [5, 6, 7])
     scheduler.add_request(slow)
     scheduler.add_request(plain)
-    out = scheduler.schedule()
+    out = schedule(scheduler)
     assert list(out.num_scheduled_tokens) == ["plain"] and out.grammar_bitmask is None
     assert list(scheduler.waiting) == [slow]
     release.set()
     wait_compiled(slow)
-    out = scheduler.schedule()
+    out = schedule(scheduler)
     assert "slow" in out.num_scheduled_tokens and out.grammar_bitmask.req_ids == ["slow"]
 
 
@@ -117,7 +124,7 @@ def test_bitmask_rows_follow_the_tokens_and_eos_only_at_the_end(tokenizer, backe
     assert allowed_ids(out.grammar_bitmask.bitmask[0]) == expected_choice_ids(tokenizer, choices, "")
     out, _ = step(scheduler, {"r": token_b})
     assert allowed_ids(out.grammar_bitmask.bitmask[0]) == expected_choice_ids(tokenizer, choices, "a")
-    out = scheduler.schedule()
+    out = schedule(scheduler)
     assert allowed_ids(out.grammar_bitmask.bitmask[0]) == {EOS}   # "ab" is complete: only EOS
     scheduler.structured_output.rollback(request.structured_output, 1)
     again = scheduler.structured_output.grammar_bitmask([request], {"r": 1})
@@ -128,7 +135,7 @@ def test_sampler_masks_only_the_grammar_rows():
     torch.manual_seed(0)
     logits = torch.randn(3, 70)
     bitmask = torch.randint(-2 ** 31, 2 ** 31 - 1, (2, 3), dtype=torch.int32)
-    masked = apply_grammar_bitmask(logits, torch.tensor([2, 0]), bitmask)
+    masked = apply_grammar_bitmask(logits.clone(), torch.tensor([2, 0]), bitmask)   # in place on the copy
     for row, mask_row in ((2, 0), (0, 1)):
         for token in range(70):
             allowed = int(bitmask[mask_row, token // 32]) >> (token % 32) & 1
@@ -146,3 +153,28 @@ def test_a_token_the_grammar_refuses_fails_the_request_instead_of_failing_open(t
     assert output.finish_reason == FinishReason.ERROR and "refused a sampled token" in output.error
     assert "r" not in scheduler.requests
     assert scheduler.kv_cache_manager.get_num_free_blocks() == scheduler.kv_cache_manager.num_usable_blocks
+
+
+@pytest.mark.parametrize("backend", ["guidance", "xgrammar"])
+def test_rows_in_reused_buffers_equal_a_fresh_fill_and_terminated_rows_allow_everything(tokenizer, backend):
+    scheduler = make_scheduler(tokenizer)
+    requests = [structured(f"r{i}", choice=["ab", "cd"], backend=backend) for i in range(3)]
+    for request in requests:
+        scheduler.add_request(request)
+        wait_compiled(request)
+    token_a, token_c = tokenizer.convert_tokens_to_ids("a"), tokenizer.convert_tokens_to_ids("c")
+    step(scheduler, {"r0": token_a, "r1": token_a, "r2": token_c})
+    manager = scheduler.structured_output
+    done = requests[1].structured_output
+    assert manager.accept_tokens(done, [tokenizer.convert_tokens_to_ids("b"), EOS]) and done.matcher.is_terminated()
+    num_scheduled = {r.req_id: 1 for r in requests}
+    for _ in range(2):   # poison both buffers: every word of every row must be written
+        manager.grammar_bitmask(requests, num_scheduled).bitmask.fill_(0x5A5A5A5A)
+    built = manager.grammar_bitmask(requests, num_scheduled)
+    fresh = torch.full_like(built.bitmask, -1)
+    for row in (0, 2):
+        requests[row].structured_output.matcher.fill_bitmask(fresh, row)
+    assert built.req_ids == ["r0", "r1", "r2"] and torch.equal(built.bitmask, fresh)
+    assert allowed_ids(built.bitmask[0]) == expected_choice_ids(tokenizer, ["ab", "cd"], "a")
+    assert allowed_ids(built.bitmask[2]) == expected_choice_ids(tokenizer, ["ab", "cd"], "c")
+    assert built.compact().bitmask.untyped_storage().nbytes() == fresh.numel() * 4
