@@ -10,7 +10,8 @@ Qwen2.5-VL-3B shape (36 layers, 2 KV heads of 128) so that the per-layer work of
 copies is that of the real model. Beam groups step synchronously (the scheduler refuses to
 schedule ahead of them), so on the GPU every microsecond here adds to the step's wall time.
 
-Reported per decode step (median of --runs runs after a warm-up): each stage's wall time, and
+Reported per decode step (median of --runs runs after a warm-up): each stage's CPU time on the
+engine's thread (so that other processes on the box do not count), and
 the number of aten ops the step dispatches outside the forward (on the GPU each is a kernel launch
 or a transfer, about 5-10 us of host time).
 
@@ -38,10 +39,29 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO / "samples" / "models"))
 
-from host_overhead import HostTimers  # noqa: E402
+import host_overhead  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS = 64, 256
 KV_SHAPE_3B = dict(num_layers=36, num_kv_heads=2, head_dim=128)   # Qwen2.5-VL-3B's language model
+
+
+class ThreadTimers(host_overhead.HostTimers):
+    """HostTimers on this thread's CPU time (time.thread_time): other processes sharing the cores
+    do not inflate the stages (torch runs on this thread: set_num_threads(1))."""
+
+    def wrap(self, obj, method: str, stage: str) -> None:
+        original = getattr(obj, method)
+
+        def timed(*args, **kwargs):
+            start = time.thread_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[stage] += time.thread_time() - start
+
+        self.seconds[stage] += 0.0   # report in wrapping order
+        self._undo.append((obj, method, original, method in vars(obj)))
+        setattr(obj, method, timed)
 
 
 def token_keyed_forward(runner, hidden_size: int, num_rows: int = 4096):
@@ -78,12 +98,12 @@ def make_llm(num_blocks: int = 256):
     return llm
 
 
-def instrument(llm) -> HostTimers:
+def instrument(llm) -> ThreadTimers:
     import engine.beam_groups as beam_groups
     from engine.detokenizer import OutputProcessor
     from engine.runner.step_output import StepOutput
 
-    timers, core = HostTimers(), llm.client.core
+    timers, core = ThreadTimers(), llm.client.core
     runner, scheduler = core.runner, core.scheduler
     timers.wrap(core, "step", "engine step (total)")
     timers.wrap(scheduler, "schedule", "  scheduler.schedule")
