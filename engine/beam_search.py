@@ -104,20 +104,20 @@ class BeamSearchState:
 
     def _top_candidates(self, candidates: list[TokenLogprobs]) -> list[_Candidate]:
         """The num_candidates best continuations, vectorised over every beam's candidates (the
-        same float32 sums and order as scoring them one by one)."""
+        same float32 sums and order as scoring them one by one). Flat index i = parent * m + rank."""
         token_ids = np.array([entry.token_ids for entry in candidates], dtype=np.int64)    # [beams, m]
         logprobs = np.array([entry.logprobs for entry in candidates], dtype=np.float32)   # [beams, m]
-        cum_logprobs = np.array([beam.cum_logprob for beam in self.running], dtype=np.float32)
-        scores = cum_logprobs[:, None] + logprobs                                          # [beams, m]
-        parents, ranks = np.indices(token_ids.shape)                                       # [beams, m] each
+        cum_logprobs = np.array([beam.cum_logprob for beam in self.running], dtype=np.float32)   # [beams]
+        num_beams, m = token_ids.shape
+        scores = (cum_logprobs[:, None] + logprobs).ravel()                               # [beams * m]
+        flat_ids = token_ids.ravel()
+        parents = np.repeat(np.arange(num_beams), m)
+        # torch.topk over [beam * vocab + token]: highest score first; ties to the lower index
+        order = np.lexsort((flat_ids, parents, -scores))
         if self.num_generated < self.min_tokens and self.stop_token_ids:
             # min_tokens: transformers sets the stop tokens' log-prob to -inf; here they are dropped
-            allowed = ~np.isin(token_ids, list(self.stop_token_ids))
-            token_ids, scores, parents, ranks = (a[allowed] for a in (token_ids, scores, parents, ranks))
-        token_ids, scores, parents, ranks = (a.ravel() for a in (token_ids, scores, parents, ranks))
-        # torch.topk over [beam * vocab + token]: highest score first; ties to the lower index
-        best = np.lexsort((token_ids, parents, -scores))[:self.num_candidates]
-        return [_Candidate(scores[i], int(parents[i]), int(token_ids[i]), int(ranks[i])) for i in best]
+            order = order[~np.isin(flat_ids[order], list(self.stop_token_ids))]
+        return [_Candidate(scores[i], int(i) // m, int(flat_ids[i]), int(i) % m) for i in order[:self.num_candidates]]
 
     def _stops(self, token_id: int, generated_len: int) -> bool:
         return token_id in self.stop_token_ids or generated_len >= self.max_new_tokens
