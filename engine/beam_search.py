@@ -91,7 +91,7 @@ class BeamSearchState:
         plus the stop tokens while min_tokens holds them back). Extends the search by one token;
         returns for each new running beam the index of its parent (empty once is_done)."""
         generated_len = self.num_generated + 1
-        top = self._top_candidates(candidates)[:self.num_candidates]
+        top = self._top_candidates(candidates)
         hits_stop = [self._stops(c.token_id, generated_len) for c in top]
         self._add_finished(top, hits_stop, generated_len, candidates)
         continuing = [c for c, stops in zip(top, hits_stop) if not stops][:self.width]
@@ -103,15 +103,21 @@ class BeamSearchState:
         return [] if self.is_done else [c.parent for c in continuing]
 
     def _top_candidates(self, candidates: list[TokenLogprobs]) -> list[_Candidate]:
-        banned = self.stop_token_ids if self.num_generated < self.min_tokens else frozenset()
-        flat = []
-        for parent, (beam, entry) in enumerate(zip(self.running, candidates)):
-            for rank, (token_id, logprob) in enumerate(zip(entry.token_ids, entry.logprobs)):
-                if token_id not in banned:   # min_tokens: transformers sets their log-prob to -inf
-                    flat.append(_Candidate(beam.cum_logprob + np.float32(logprob), parent, token_id, rank))
+        """The num_candidates best continuations, vectorised over every beam's candidates (the
+        same float32 sums and order as scoring them one by one). Flat index i = parent * m + rank."""
+        token_ids = np.array([entry.token_ids for entry in candidates], dtype=np.int64)    # [beams, m]
+        logprobs = np.array([entry.logprobs for entry in candidates], dtype=np.float32)   # [beams, m]
+        cum_logprobs = np.array([beam.cum_logprob for beam in self.running], dtype=np.float32)   # [beams]
+        num_beams, m = token_ids.shape
+        scores = (cum_logprobs[:, None] + logprobs).ravel()                               # [beams * m]
+        flat_ids = token_ids.ravel()
+        parents = np.repeat(np.arange(num_beams), m)
         # torch.topk over [beam * vocab + token]: highest score first; ties to the lower index
-        flat.sort(key=lambda c: (-c.score, c.parent, c.token_id))
-        return flat
+        order = np.lexsort((flat_ids, parents, -scores))
+        if self.num_generated < self.min_tokens and self.stop_token_ids:
+            # min_tokens: transformers sets the stop tokens' log-prob to -inf; here they are dropped
+            order = order[~np.isin(flat_ids[order], list(self.stop_token_ids))]
+        return [_Candidate(scores[i], int(i) // m, int(flat_ids[i]), int(i) % m) for i in order[:self.num_candidates]]
 
     def _stops(self, token_id: int, generated_len: int) -> bool:
         return token_id in self.stop_token_ids or generated_len >= self.max_new_tokens

@@ -91,7 +91,8 @@ class ModelRunner:
         if self.device.type == "cuda" and config.device_config.deterministic:
             set_batch_invariant(self.model, True)   # see kernels/matmul.py
         self.sampler = Sampler()
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv_cache = torch.empty(0)   # [layers, 2, num_blocks, block_size, kv_heads, head_dim]
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []   # per layer: views of kv_cache
         self.decode_graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedGraphs | None = None
         self.input_batch = self._new_input_batch()
@@ -158,22 +159,21 @@ class ModelRunner:
         return self.model.embed_input_ids(torch.zeros(1, dtype=torch.int64, device=self.device)).shape[-1]
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
-        """One [2, num_blocks, block_size, num_kv_heads, head_dim] tensor per layer; k/v are views."""
+        """One [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim] tensor; each layer's
+        k/v are views of it, so a beam-search block copy is one indexed copy over all layers."""
         shape = self.kv_cache_shape()
-        self.kv_caches = []
-        for _ in range(shape.num_layers):
-            dims = (2, num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim)
-            kv = (memory_plan.zeroed_host_tensor(dims, shape.dtype) if self.device.type == "cpu"
-                  else torch.zeros(dims, dtype=shape.dtype, device=self.device))
-            self.kv_caches.append((kv[0], kv[1]))
+        dims = (shape.num_layers, 2, num_blocks, shape.block_size, shape.num_kv_heads, shape.head_dim)
+        self.kv_cache = (memory_plan.zeroed_host_tensor(dims, shape.dtype) if self.device.type == "cpu"
+                         else torch.zeros(dims, dtype=shape.dtype, device=self.device))
+        self.kv_caches = [(kv[0], kv[1]) for kv in self.kv_cache]
 
     def _copy_kv_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Beam search copy on write: block dst <- block src, in every layer's K and V at once
+        (one gather and one scatter on the device, whatever the number of layers and copies)."""
         if not copies:
             return
-        src, dst = (torch.tensor(ids, device=self.device) for ids in zip(*copies))
-        for k_cache, v_cache in self.kv_caches:   # each [num_blocks, block_size, kv_heads, head_dim]
-            k_cache[dst] = k_cache[src]
-            v_cache[dst] = v_cache[src]
+        src_dst = to_device(torch.tensor(list(zip(*copies)), dtype=torch.int64), self.device)   # [2, C]
+        self.kv_cache.index_copy_(2, src_dst[1], self.kv_cache.index_select(2, src_dst[0]))
 
     # --- one step ----------------------------------------------------------------------------
 
@@ -338,7 +338,7 @@ class ModelRunner:
         self._allocate_kv_cache(next_block)
         num_scheduled = {r.req_id: len(r.prompt_token_ids) for r in new_reqs}
         self.execute(SchedulerOutput(new_reqs, CachedRequestData(), num_scheduled, num_tokens, {}, set(), []))
-        self.kv_caches = []
+        self.kv_cache, self.kv_caches = torch.empty(0), []
         self.input_batch = self._new_input_batch()
         return tower_peak
 

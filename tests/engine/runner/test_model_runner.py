@@ -193,3 +193,22 @@ def test_num_blocks_for_memory_on_cpu(checkpoint):
     assert runner.num_blocks_for_memory() == 11
     runner.initialize_kv_cache(11)
     assert len(runner.kv_caches) == 2 and runner.kv_caches[0][0].shape == (11, BLOCK_SIZE, 2, 12)
+
+
+def test_kv_block_copies_reach_every_layer_and_nothing_else(runner):
+    """Beam search copy on write: each (src, dst) pair copies K and V of every layer; the other
+    blocks, sources included, keep their contents."""
+    for index, (k_cache, v_cache) in enumerate(runner.kv_caches):   # each [num_blocks, block_size, kv_heads, head_dim]
+        k_cache.copy_(torch.randn(k_cache.shape, generator=torch.Generator().manual_seed(2 * index)))
+        v_cache.copy_(torch.randn(v_cache.shape, generator=torch.Generator().manual_seed(2 * index + 1)))
+    before = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
+    copies = [(3, 10), (7, 2), (3, 40)]
+    runner._copy_kv_blocks(copies)
+    expected = [(k.clone(), v.clone()) for k, v in before]
+    for k, v in expected:
+        for src, dst in copies:
+            k[dst], v[dst] = k[src], v[src]
+    assert len(runner.kv_caches) == 2
+    for (k, v), (k_expected, v_expected) in zip(runner.kv_caches, expected):
+        assert torch.equal(k, k_expected) and torch.equal(v, v_expected)
+    assert not torch.equal(runner.kv_caches[0][0][10], before[0][0][10])   # the copy did something
