@@ -9,7 +9,13 @@ and greedy tokens still vary); the real (tiny) lm_head and sampler run on it. Pe
 measured with perf_counter wrappers (nested stages are reported inside their parent), median of
 --runs runs after a warm-up.
 
+--steady N models the serving steady state instead (W4: N concurrent clients): async scheduling, N
+requests running, a new 448x448-image request (~379 prompt tokens) arriving each time one finishes
+(arrivals staggered by a ramp of one request every 128/N steps, so one joins every few steps). The
+requests are preprocessed before the clock starts; --steady-steps steps after the ramp are timed.
+
     python bench/host_overhead.py [--runs 3] [--requests 256] [--profile out.prof]
+    python bench/host_overhead.py --steady 64 [--steady-steps 256] [--runs 3] [--profile out.prof]
 Caller: by hand (results in BENCHMARKS.md, "Host overhead per step (CPU, no GPU)").
 """
 
@@ -75,7 +81,7 @@ def stand_in_forward(runner, hidden_size: int, max_rows: int):
     runner._forward = forward
 
 
-def make_llm(max_num_batched_tokens: int):
+def make_llm(max_num_batched_tokens: int, **kwargs):
     from engine.llm import LLM
     from build_tiny import build
 
@@ -83,7 +89,7 @@ def make_llm(max_num_batched_tokens: int):
     if not (path / "config.json").exists():
         build("qwen2_5_vl", path)
     llm = LLM(model=str(path), device="cpu", dtype="float32", max_model_len=4096,
-              max_num_batched_tokens=max_num_batched_tokens, num_gpu_blocks_override=256 * 24 + 64)
+              max_num_batched_tokens=max_num_batched_tokens, num_gpu_blocks_override=256 * 24 + 64, **kwargs)
     runner = llm.client.core.runner
     stand_in_forward(runner, runner.text_config.hidden_size, max_num_batched_tokens + 256)
     return llm
@@ -138,10 +144,62 @@ def run_once(llm, num_requests: int, seed: int, profile: cProfile.Profile | None
     return {"total_s": total, "steps": steps[0], "stages_s": dict(timers.seconds)}
 
 
-def report(results: list[dict]) -> None:
+def make_requests(llm, count: int, seed: int) -> list:
+    """count EngineRequests of the W4 shape (one fresh image + ~64 text tokens, 128 output tokens)."""
+    from engine.sampling_params import SamplingParams
+
+    tokenizer = llm.get_tokenizer()
+    params = SamplingParams(temperature=0.0, max_tokens=OUTPUT_TOKENS, ignore_eos=True)
+    requests = []
+    for i, image in enumerate(harness.fresh_images(count, IMAGE_SIZE, seed)):
+        prompt = harness.IMAGE_PROMPT + harness.text_of_tokens(tokenizer, TEXT_TOKENS, seed * 100003 + i)
+        request, _ = llm._request_from_prompt({"prompt": prompt, "multi_modal_data": {"image": image}}, params)
+        requests.append(request)
+    return requests
+
+
+def run_steady(llm, concurrency: int, num_steps: int, seed: int,
+               profile: cProfile.Profile | None = None) -> dict:
+    """Serving steady state: `concurrency` in flight, a new request as soon as one finishes.
+    Only the `num_steps` steps after the ramp are timed (timers reset at the ramp's end)."""
+    from engine.detokenizer import OutputProcessor
+
+    ramp_steps = OUTPUT_TOKENS + 8
+    pending = make_requests(llm, concurrency + (ramp_steps + num_steps) * concurrency // OUTPUT_TOKENS + 16, seed)
+    processor, client = OutputProcessor(llm.frontend.tokenizer), llm.client
+    timers = instrument(llm)
+    num_done = start = 0
+
+    def admit(num_allowed: int) -> None:
+        for _ in range(min(num_allowed, concurrency - len(processor.states))):
+            request = pending.pop()
+            for child in processor.add(request, None).children:
+                client.add_request(child)
+
+    for step in range(ramp_steps + num_steps):
+        if step == ramp_steps:   # steady from here on: time only these steps
+            timers.seconds = defaultdict(float, {stage: 0.0 for stage in timers.seconds})
+            num_done, start = 0, time.perf_counter()
+            if profile is not None:
+                profile.enable()
+        admit(concurrency if step >= ramp_steps - 8 else int(step % max(1, OUTPUT_TOKENS // concurrency) == 0))
+        states, stop_string_hits = processor.process(client.step().outputs)
+        num_done += sum(1 for state in states if state.finished)
+    if profile is not None:
+        profile.disable()
+    total = time.perf_counter() - start
+    timers.restore()
+    for req_id in list(processor.states):   # leave the engine empty for the next run
+        client.abort_requests(processor.abort(req_id)[1])
+    while client.has_unfinished_requests():
+        client.step()
+    return {"total_s": total, "steps": num_steps, "stages_s": dict(timers.seconds), "num_finished": num_done}
+
+
+def report(results: list[dict], title: str = "W1 shape") -> None:
     steps = results[0]["steps"]
     median_total = statistics.median(r["total_s"] for r in results)
-    print(f"\n== Host overhead, W1 shape on the CPU (stand-in model), median of {len(results)} runs")
+    print(f"\n== Host overhead, {title} on the CPU (stand-in model), median of {len(results)} runs")
     runs = ", ".join(f"{r['total_s']:.3f}" for r in results)
     print(f"  steps per run: {steps}; wall per run: {median_total:.3f} s (runs {runs})")
     print(f"  {'stage':52s} {'s per run':>10s} {'us per step':>12s}")
@@ -160,8 +218,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--profile", help="write a cProfile of the last run here")
+    parser.add_argument("--steady", type=int, help="serving steady state with this many requests in flight")
+    parser.add_argument("--steady-steps", type=int, default=256)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.steady:
+        main_steady(args)
+        return
     llm = make_llm(args.max_num_batched_tokens)
     run_once(llm, min(args.requests, 16), seed=0)   # warm-up
     results = [run_once(llm, args.requests, seed=1 + i) for i in range(args.runs)]
@@ -170,6 +233,18 @@ def main() -> None:
         run_once(llm, args.requests, seed=100, profile=profile)
         profile.dump_stats(args.profile)
     report(results)
+
+
+def main_steady(args) -> None:
+    llm = make_llm(args.max_num_batched_tokens, async_scheduling=True)
+    run_steady(llm, args.steady, 32, seed=0)   # warm-up
+    results = [run_steady(llm, args.steady, args.steady_steps, seed=1 + i) for i in range(args.runs)]
+    if args.profile:
+        profile = cProfile.Profile()
+        run_steady(llm, args.steady, args.steady_steps, seed=100, profile=profile)
+        profile.dump_stats(args.profile)
+    finished = ", ".join(str(r["num_finished"]) for r in results)
+    report(results, f"serving steady state ({args.steady} in flight, requests finished per run: {finished})")
 
 
 if __name__ == "__main__":
