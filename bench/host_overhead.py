@@ -97,6 +97,7 @@ def make_llm(max_num_batched_tokens: int, **kwargs):
 
 def instrument(llm) -> HostTimers:
     from engine.detokenizer import OutputProcessor
+    from engine.runner.step_output import StepOutput
 
     timers, core = HostTimers(), llm.client.core
     runner = core.runner
@@ -104,12 +105,13 @@ def instrument(llm) -> HostTimers:
     timers.wrap(core, "step", "engine step (total)")
     timers.wrap(core.scheduler, "schedule", "  scheduler.schedule")
     timers.wrap(core.scheduler, "update_from_output", "  scheduler.update_from_output")
-    timers.wrap(runner, "execute", "  runner.execute")
+    timers.wrap(runner, "execute_async", "  runner.execute(_async)")
     timers.wrap(runner.input_batch, "update", "    input_batch.update")
     timers.wrap(runner, "_init_mrope_positions", "    M-RoPE positions (new requests)")
     timers.wrap(runner.input_batch, "prepare", "    input_batch.prepare (input prep)")
     timers.wrap(runner.input_batch, "sampling_batch", "      sampling_batch (sampler prep)")
     timers.wrap(runner, "_sample", "    _sample (tiny lm_head + sampler)")
+    timers.wrap(StepOutput, "result", "  step output to host (append_sampled)")
     timers.wrap(OutputProcessor, "process", "output processing (detokenize)")
     return timers
 

@@ -18,7 +18,6 @@ One step, requests in scheduling order, each computing tokens [num_computed, num
 from __future__ import annotations
 
 import dataclasses
-import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,7 +25,8 @@ import torch
 
 from engine.layers.attention import AttentionMetadata
 from engine.runner.transfer import to_device
-from engine.sampler import SamplingBatch, seed_keys
+from engine.runner.sampling_rows import SamplingRow, build_sampling_batch, make_sampling_row
+from engine.sampler import SamplingBatch
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import ForkedRequestData, NewRequestData, SchedulerOutput
 from vision.inputs import MultiModalItem
@@ -48,6 +48,8 @@ class CachedRequestState:
     # Sampled by a launched step whose output has not reached the host yet (async scheduling:
     # 0 or 1). Its value is on the device: InputBatch.last_sampled.
     num_pending: int = 0
+    # Its sampling settings as numbers (engine.runner.sampling_rows), made on its first sample.
+    sampling_row: SamplingRow | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -169,7 +171,8 @@ class InputBatch:
             self._remove(fork.req_id)
             state = self.requests[fork.req_id] = dataclasses.replace(
                 parent, req_id=fork.req_id, output_token_ids=list(fork.output_token_ids),
-                block_ids=list(fork.block_ids), num_computed_tokens=fork.num_computed_tokens)
+                block_ids=list(fork.block_ids), num_computed_tokens=fork.num_computed_tokens,
+                sampling_row=None)   # an unseeded slot's seed follows its own id
             state.row = self.block_table.add_row(state.block_ids)
 
     def _remove(self, req_id: str) -> None:
@@ -287,63 +290,12 @@ class InputBatch:
 
     def sampling_batch(self, req_ids: list[str]) -> SamplingBatch:
         states = [self.requests[r] for r in req_ids]
-        params = [s.sampling_params for s in states]
-        batch = SamplingBatch(
-            temperature=self._floats([p.temperature for p in params]),
-            seed_keys=self._to_device(seed_keys([self._seed(s) for s in states],
-                                                [s.num_output_positions for s in states]), torch.int64),
-            all_greedy=all(p.is_greedy for p in params))
-        if any(p.effective_top_k for p in params):
-            batch.top_k = self._to_device([p.effective_top_k or self.vocab_size for p in params], torch.int64)
-        if any(p.top_p < 1.0 for p in params):
-            batch.top_p = self._floats([p.top_p for p in params])
-        if any(p.min_p > 0.0 for p in params):
-            batch.min_p = self._floats([p.min_p for p in params])
-        self._add_penalties(batch, states)
-        batch.banned_token_ids = self._banned_tokens(states)
-        requested = [p.logprobs for p in params if p.logprobs is not None]
-        batch.max_num_logprobs = max(requested) if requested else None
-        return batch
+        rows = [s.sampling_row or self._new_sampling_row(s) for s in states]
+        return build_sampling_batch(states, rows, self.eos_token_ids, self.vocab_size, self._to_device)
 
-    def _seed(self, state: CachedRequestState) -> int:
-        seed = state.sampling_params.seed
-        # Unseeded (the frontend normally assigns one): derive it from the request id.
-        return seed if seed is not None else zlib.crc32(state.req_id.encode()) ^ self.default_seed
-
-    def _add_penalties(self, batch: SamplingBatch, states: list[CachedRequestState]) -> None:
-        params = [s.sampling_params for s in states]
-        if any(p.repetition_penalty != 1.0 for p in params):
-            batch.repetition_penalty = self._floats([p.repetition_penalty for p in params])
-            batch.prompt_token_ids = self._padded([s.prompt_token_ids for s in states])
-        if any(p.frequency_penalty != 0.0 for p in params):
-            batch.frequency_penalty = self._floats([p.frequency_penalty for p in params])
-        if any(p.presence_penalty != 0.0 for p in params):
-            batch.presence_penalty = self._floats([p.presence_penalty for p in params])
-        if batch.repetition_penalty is not None or batch.frequency_penalty is not None \
-                or batch.presence_penalty is not None:
-            if any(s.num_pending for s in states):   # engine.core waits for them (needs_host_tokens)
-                raise RuntimeError("penalties need every output token on the host")
-            batch.output_token_ids = self._padded([s.output_token_ids for s in states])
-
-    def _banned_tokens(self, states: list[CachedRequestState]) -> torch.Tensor | None:
-        """min_tokens: EOS (unless ignore_eos) and stop_token_ids cannot be sampled before it."""
-        if all(s.num_output_positions >= s.sampling_params.min_tokens for s in states):
-            return None
-        banned = []
-        for state in states:
-            params = state.sampling_params
-            ids = []
-            if state.num_output_positions < params.min_tokens:
-                ids = list(params.stop_token_ids or []) + ([] if params.ignore_eos else list(self.eos_token_ids))
-            banned.append([i for i in ids if 0 <= i < self.vocab_size])
-        return self._padded(banned) if any(banned) else None
-
-    def _floats(self, values: list[float]) -> torch.Tensor:
-        return self._to_device(values, torch.float32)
-
-    def _padded(self, rows: list[list[int]]) -> torch.Tensor:
-        width = max(1, max(len(r) for r in rows))
-        return self._to_device([r + [-1] * (width - len(r)) for r in rows], torch.int64)
+    def _new_sampling_row(self, state: CachedRequestState) -> SamplingRow:
+        state.sampling_row = make_sampling_row(state, self.vocab_size, self.default_seed)
+        return state.sampling_row
 
 
 @dataclass
@@ -361,24 +313,29 @@ class _Gathered:
 
 
 def _gather(states: list[CachedRequestState], counts: list[int], pending_index: dict[str, int]) -> _Gathered:
+    # Once per request per step: locals and plain lengths, no properties; a decode's one row is
+    # either its last known token or the pending one.
     step = _Gathered()
+    input_ids, ends, num_blocks, rows, samples = step.input_ids, step.ends, step.num_blocks, step.rows, step.samples
     for state, num_new in zip(states, counts):
-        start = state.num_computed_tokens
-        num_known, num_prompt = state.num_tokens, len(state.prompt_token_ids)
+        start, num_prompt = state.num_computed_tokens, len(state.prompt_token_ids)
+        num_known = num_prompt + len(state.output_token_ids)
         end, num_tokens = start + num_new, num_known + state.num_pending
         if end > num_tokens:
             raise ValueError(f"request {state.req_id}: scheduled up to token {end} but only "
                              f"{num_tokens} are sampled")
-        if state.sampling_params.prompt_logprobs is not None and start < num_prompt:
-            step.prompt_rows[state.req_id] = InputBatch._prompt_logprob_targets(
-                state, start, end, len(step.input_ids))
-        step.input_ids += state.token_ids(start, min(end, num_known))
+        if start < num_prompt:
+            step.is_past_prompts = False
+            if state.sampling_params.prompt_logprobs is not None:
+                step.prompt_rows[state.req_id] = InputBatch._prompt_logprob_targets(
+                    state, start, end, len(input_ids))
+        if start < num_known:
+            input_ids += state.token_ids(start, min(end, num_known))
         if end > num_known:   # the pending token (async scheduling): filled on the device
-            step.pending_rows.append((len(step.input_ids), pending_index[state.req_id]))
-            step.input_ids.append(0)
-        step.ends.append(end)
-        step.num_blocks.append(len(state.block_ids))
-        step.rows.append(state.row)
-        step.samples.append(end == num_tokens)
-        step.is_past_prompts = step.is_past_prompts and start >= num_prompt
+            step.pending_rows.append((len(input_ids), pending_index[state.req_id]))
+            input_ids.append(0)
+        ends.append(end)
+        num_blocks.append(len(state.block_ids))
+        rows.append(state.row)
+        samples.append(end == num_tokens)
     return step
