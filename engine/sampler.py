@@ -46,7 +46,7 @@ def seed_keys(seeds: list[int], output_positions: list[int]) -> np.ndarray:
 def seed_keys_of_mixed(mixed_seeds: np.ndarray, output_positions) -> np.ndarray:
     """mixed_seeds [R] uint64 (mix_seed of each row's seed) -> [R, 2] int64 keys, as seed_key
     (uint64 arrays wrap like the masks above)."""
-    x = mixed_seeds ^ np.asarray(output_positions, dtype=np.uint64)                   # [R]
+    x: np.ndarray = mixed_seeds ^ np.asarray(output_positions, dtype=np.uint64)       # [R] uint64
     x = x + np.uint64(0x9E3779B97F4A7C15)
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)

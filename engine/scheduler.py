@@ -282,9 +282,9 @@ class Scheduler:
         if not request.num_output_placeholders:
             return False
         max_tokens = request.sampling_params.max_tokens
-        num_outputs = request.num_output_tokens + request.num_output_placeholders
+        num_outputs = len(request.output_token_ids) + request.num_output_placeholders
         return ((max_tokens is not None and num_outputs >= max_tokens)
-                or request.num_tokens + request.num_output_placeholders >= self.max_model_len)
+                or len(request.all_token_ids) + request.num_output_placeholders >= self.max_model_len)
 
     def can_schedule_ahead(self) -> bool:
         """Async scheduling: False while a running request needs its last token on the host
