@@ -6,16 +6,16 @@ Everything is the real engine path (Frontend, Scheduler, KVCacheManager, InputBa
 OutputProcessor / detokenizer) except the model forward: `ModelRunner._forward` is replaced by a
 stand-in returning rows of a fixed random hidden-state table (so the tower and the LM cost nothing
 and greedy tokens still vary); the real (tiny) lm_head and sampler run on it. Per-stage time is
-measured with perf_counter wrappers (nested stages are reported inside their parent), median of
---runs runs after a warm-up.
+measured with perf_counter wrappers (nested stages are reported inside their parent; --cpu-time:
+process_time, steadier when other jobs share the CPU), median of --runs runs after a warm-up.
 
 --steady N models the serving steady state instead (W4: N concurrent clients): async scheduling, N
-requests running, a new 448x448-image request (~379 prompt tokens) arriving each time one finishes
+requests running, a new 448x448-image request (~64 text tokens) arriving each time one finishes
 (arrivals staggered by a ramp of one request every 128/N steps, so one joins every few steps). The
 requests are preprocessed before the clock starts; --steady-steps steps after the ramp are timed.
 
     python bench/host_overhead.py [--runs 3] [--requests 256] [--profile out.prof]
-    python bench/host_overhead.py --steady 64 [--steady-steps 256] [--runs 3] [--profile out.prof]
+    python bench/host_overhead.py --steady 64 [--steady-steps 256] [--runs 3] [--cpu-time] [--profile out.prof]
 Caller: by hand (results in BENCHMARKS.md, "Host overhead per step (CPU, no GPU)").
 """
 
@@ -43,19 +43,22 @@ TEXT_TOKENS, OUTPUT_TOKENS, IMAGE_SIZE = 64, 128, (448, 448)
 class HostTimers:
     """`wrap(obj, method, stage)`: the method's wall time is added to `stage` (no device sync)."""
 
-    def __init__(self):
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock   # time.process_time (--cpu-time): this process's CPU time, steadier on a shared box
         self.seconds: dict[str, float] = defaultdict(float)
         self._undo: list = []
 
     def wrap(self, obj, method: str, stage: str) -> None:
         original = getattr(obj, method)
 
+        clock = self.clock
+
         def timed(*args, **kwargs):
-            start = time.perf_counter()
+            start = clock()
             try:
                 return original(*args, **kwargs)
             finally:
-                self.seconds[stage] += time.perf_counter() - start
+                self.seconds[stage] += clock() - start
 
         self.seconds[stage] += 0.0   # report in wrapping order
         self._undo.append((obj, method, original, method in vars(obj)))
@@ -95,11 +98,14 @@ def make_llm(max_num_batched_tokens: int, **kwargs):
     return llm
 
 
+CLOCK = time.perf_counter   # --cpu-time: time.process_time
+
+
 def instrument(llm) -> HostTimers:
     from engine.detokenizer import OutputProcessor
     from engine.runner.step_output import StepOutput
 
-    timers, core = HostTimers(), llm.client.core
+    timers, core = HostTimers(CLOCK), llm.client.core
     runner = core.runner
     timers.wrap(llm.frontend, "make_request", "preprocess (tokenize + image processor)")
     timers.wrap(core, "step", "engine step (total)")
@@ -181,7 +187,7 @@ def run_steady(llm, concurrency: int, num_steps: int, seed: int,
     for step in range(ramp_steps + num_steps):
         if step == ramp_steps:   # steady from here on: time only these steps
             timers.seconds = defaultdict(float, {stage: 0.0 for stage in timers.seconds})
-            num_done, start = 0, time.perf_counter()
+            num_done, start = 0, CLOCK()
             if profile is not None:
                 profile.enable()
         admit(concurrency if step >= ramp_steps - 8 else int(step % max(1, OUTPUT_TOKENS // concurrency) == 0))
@@ -189,13 +195,14 @@ def run_steady(llm, concurrency: int, num_steps: int, seed: int,
         num_done += sum(1 for state in states if state.finished)
     if profile is not None:
         profile.disable()
-    total = time.perf_counter() - start
+    total = CLOCK() - start
     timers.restore()
     for req_id in list(processor.states):   # leave the engine empty for the next run
         client.abort_requests(processor.abort(req_id)[1])
     while client.has_unfinished_requests():
         client.step()
-    return {"total_s": total, "steps": num_steps, "stages_s": dict(timers.seconds), "num_finished": num_done}
+    return {"total_s": total, "steps": num_steps, "stages_s": dict(timers.seconds), "num_finished": num_done,
+            "num_prompt_tokens": len(pending[0].prompt_token_ids)}
 
 
 def report(results: list[dict], title: str = "W1 shape") -> None:
@@ -222,8 +229,12 @@ def main() -> None:
     parser.add_argument("--profile", help="write a cProfile of the last run here")
     parser.add_argument("--steady", type=int, help="serving steady state with this many requests in flight")
     parser.add_argument("--steady-steps", type=int, default=256)
+    parser.add_argument("--cpu-time", action="store_true", help="stage times in this process's CPU time")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.cpu_time:
+        global CLOCK
+        CLOCK = time.process_time
     if args.steady:
         main_steady(args)
         return
@@ -246,7 +257,8 @@ def main_steady(args) -> None:
         run_steady(llm, args.steady, args.steady_steps, seed=100, profile=profile)
         profile.dump_stats(args.profile)
     finished = ", ".join(str(r["num_finished"]) for r in results)
-    report(results, f"serving steady state ({args.steady} in flight, requests finished per run: {finished})")
+    report(results, f"serving steady state ({args.steady} in flight, {results[0]['num_prompt_tokens']} prompt "
+                    f"tokens, requests finished per run: {finished})")
 
 
 if __name__ == "__main__":

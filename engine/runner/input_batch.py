@@ -25,7 +25,7 @@ import torch
 
 from engine.layers.attention import AttentionMetadata
 from engine.runner.transfer import to_device
-from engine.runner.sampling_rows import SamplingRow, build_sampling_batch, make_sampling_row
+from engine.runner.sampling_rows import SamplingTable, build_sampling_batch
 from engine.sampler import SamplingBatch
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import ForkedRequestData, NewRequestData, SchedulerOutput
@@ -48,8 +48,6 @@ class CachedRequestState:
     # Sampled by a launched step whose output has not reached the host yet (async scheduling:
     # 0 or 1). Its value is on the device: InputBatch.last_sampled.
     num_pending: int = 0
-    # Its sampling settings as numbers (engine.runner.sampling_rows), made on its first sample.
-    sampling_row: SamplingRow | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -131,6 +129,7 @@ class InputBatch:
         self.uses_mrope = uses_mrope
         self.requests: dict[str, CachedRequestState] = {}
         self.block_table = BlockTable()
+        self.sampling_table = SamplingTable(vocab_size, default_seed)   # rows as the block table's
         # The last launched step's sampled tokens, on the device ([S] int64), and each sampling
         # request's index in it: the next step reads pending tokens from there.
         self.last_sampled: torch.Tensor | None = None
@@ -150,7 +149,7 @@ class InputBatch:
                 output_token_ids=list(new.output_token_ids), sampling_params=new.sampling_params,
                 block_ids=list(new.block_ids), num_computed_tokens=new.num_computed_tokens,
                 mm_items=list(new.mm_items))
-            state.row = self.block_table.add_row(state.block_ids)
+            self._take_row(state)
         self._apply_forks(scheduler_output.forked_reqs)
         cached = scheduler_output.scheduled_cached_reqs
         for req_id, new_block_ids, num_computed in zip(cached.req_ids, cached.new_block_ids,
@@ -171,9 +170,8 @@ class InputBatch:
             self._remove(fork.req_id)
             state = self.requests[fork.req_id] = dataclasses.replace(
                 parent, req_id=fork.req_id, output_token_ids=list(fork.output_token_ids),
-                block_ids=list(fork.block_ids), num_computed_tokens=fork.num_computed_tokens,
-                sampling_row=None)   # an unseeded slot's seed follows its own id
-            state.row = self.block_table.add_row(state.block_ids)
+                block_ids=list(fork.block_ids), num_computed_tokens=fork.num_computed_tokens)
+            self._take_row(state)
 
     def _remove(self, req_id: str) -> None:
         state = self.requests.pop(req_id, None)
@@ -291,12 +289,12 @@ class InputBatch:
 
     def sampling_batch(self, req_ids: list[str]) -> SamplingBatch:
         states = [self.requests[r] for r in req_ids]
-        rows = [s.sampling_row or self._new_sampling_row(s) for s in states]
-        return build_sampling_batch(states, rows, self.eos_token_ids, self.vocab_size, self._to_device)
+        return build_sampling_batch(states, self.sampling_table, self.eos_token_ids, self._to_device)
 
-    def _new_sampling_row(self, state: CachedRequestState) -> SamplingRow:
-        state.sampling_row = make_sampling_row(state, self.vocab_size, self.default_seed)
-        return state.sampling_row
+    def _take_row(self, state: CachedRequestState) -> None:
+        """A block-table row (and its sampling-table row) for a request entering the batch."""
+        state.row = self.block_table.add_row(state.block_ids)
+        self.sampling_table.write(state.row, state.req_id, state.sampling_params)
 
 
 @dataclass
