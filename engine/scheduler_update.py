@@ -34,13 +34,11 @@ def update_from_output(scheduler: Scheduler, scheduler_output: SchedulerOutput,
                        runner_output: ModelRunnerOutput) -> EngineOutputs:
     outputs, scheduler.pending_outputs = scheduler.pending_outputs, []
     scheduler._step_prompt_tokens = scheduler._step_generation_tokens = 0
-    sampled_by_req = dict(zip(runner_output.req_ids, runner_output.sampled_token_ids))
     requests = scheduler.requests
-    for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
+    for req_id, num_tokens, sampled_token_ids in _scheduled_with_samples(scheduler_output, runner_output):
         request = requests.get(req_id)
         if request is None:
             continue  # aborted or finished since the step was scheduled
-        sampled_token_ids = sampled_by_req.get(req_id, [])
         request.num_inflight_tokens -= num_tokens
         if sampled_token_ids and request.num_output_placeholders:
             request.num_output_placeholders -= 1
@@ -56,6 +54,16 @@ def update_from_output(scheduler: Scheduler, scheduler_output: SchedulerOutput,
     if scheduler.beam_groups:   # beam search: groups whose slots all reported pick their next beams
         outputs += beam_groups.advance_beam_groups(scheduler)
     return EngineOutputs(outputs=outputs, stats=scheduler.make_stats(), timestamp=time.time())
+
+
+def _scheduled_with_samples(scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput):
+    """(req_id, scheduled tokens, sampled token ids) of each scheduled request. The runner keeps
+    the scheduler's order (a zip then suffices); otherwise look each up ([] if it has none)."""
+    scheduled = scheduler_output.num_scheduled_tokens
+    if runner_output.req_ids == list(scheduled):
+        return zip(runner_output.req_ids, scheduled.values(), runner_output.sampled_token_ids)
+    sampled_by_req = dict(zip(runner_output.req_ids, runner_output.sampled_token_ids))
+    return ((req_id, num_tokens, sampled_by_req.get(req_id, [])) for req_id, num_tokens in scheduled.items())
 
 
 def _update_request(scheduler: Scheduler, request: Request, num_tokens: int, sampled_token_ids: list[int],

@@ -282,7 +282,8 @@ class InputBatch:
 
     def _to_device(self, values: list | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         if isinstance(values, np.ndarray):   # a fresh array of this step: no copy on the CPU
-            return to_device(torch.from_numpy(np.ascontiguousarray(values)).to(dtype), self.device)
+            tensor = torch.from_numpy(np.ascontiguousarray(values))
+            return to_device(tensor if tensor.dtype == dtype else tensor.to(dtype), self.device)
         return to_device(torch.tensor(values, dtype=dtype), self.device)
 
     # --- sampling settings -------------------------------------------------------------------
