@@ -216,7 +216,7 @@ class InputBatch:
         sampling_req_ids = [r for r, samples in zip(req_ids, step.samples) if samples]
         logits_indices = query_start_loc[1:][np.array(step.samples, dtype=bool)] - 1   # [S]
         positions = self._positions(states, token_pos, req_of_token, query_start_loc, ends, counts,
-                                    has_prompt_rows=not step.is_past_prompts)
+                                    step.prompt_reqs)
         return StepBatch(
             req_ids=req_ids, num_scheduled_tokens=counts,
             input_ids=self._input_ids(step),
@@ -233,9 +233,8 @@ class InputBatch:
         # numpy first: torch.tensor(list) costs ~20 us a call, np.array + from_numpy a few
         input_ids = self._to_device(np.array(step.input_ids, dtype=np.int64), torch.int64)
         if step.pending_rows:
-            pending = np.array(step.pending_rows, dtype=np.int64)                  # [P, 2]: row, source
-            input_ids[self._to_device(pending[:, 0], torch.int64)] = self.last_sampled[
-                self._to_device(pending[:, 1], torch.int64)]
+            input_ids[self._to_device(np.array(step.pending_rows, dtype=np.int64), torch.int64)] = self.last_sampled[
+                self._to_device(np.array(step.pending_sources, dtype=np.int64), torch.int64)]
         return input_ids
 
     def _check_blocks(self, states: list[CachedRequestState], ends: np.ndarray, num_blocks: np.ndarray) -> None:
@@ -246,19 +245,19 @@ class InputBatch:
                              f"{ends[short[0]]} tokens")
 
     def _positions(self, states, token_pos, req_of_token, query_start_loc, ends, counts,
-                   has_prompt_rows: bool) -> np.ndarray:
-        """-> [T] positions, or [3, T] for M-RoPE: prompt rows from the request's table
-        (mrope_positions), later positions p + mrope_delta on all three axes."""
+                   prompt_reqs: list[int]) -> np.ndarray:
+        """-> [T] positions, or [3, T] for M-RoPE: prompt rows (of the requests prompt_reqs
+        indexes) from the request's table (mrope_positions), later positions p + mrope_delta on
+        all three axes."""
         if not self.uses_mrope:
             return token_pos
         deltas = np.array([s.mrope_delta for s in states], dtype=np.int64)          # [R]
         positions = np.repeat((token_pos + deltas[req_of_token])[None], 3, axis=0)  # [3, T]
-        if not has_prompt_rows:
-            return positions   # decode only: output positions only
-        for i, state in enumerate(states):
+        for i in prompt_reqs:   # the others compute output positions only
+            state = states[i]
             start, table = int(ends[i]) - counts[i], state.mrope_positions
-            if table is None or start >= table.shape[1]:
-                continue   # decode: output positions only
+            if table is None:
+                continue
             stop, first = min(int(ends[i]), table.shape[1]), query_start_loc[i]
             positions[:, first:first + stop - start] = table[:, start:stop].numpy()
         return positions
@@ -307,9 +306,11 @@ class _Gathered:
     rows: list[int] = field(default_factory=list)          # [R] block-table rows
     samples: list[bool] = field(default_factory=list)      # [R] all its tokens known after the step
     prompt_rows: dict[str, tuple[int, list[int], bool]] = field(default_factory=dict)
+    prompt_reqs: list[int] = field(default_factory=list)   # indices of requests computing prompt rows
     is_past_prompts: bool = True
-    # (row of input_ids, index in InputBatch.last_sampled): tokens still on the device
-    pending_rows: list[tuple[int, int]] = field(default_factory=list)
+    # tokens still on the device: their rows of input_ids and indices in InputBatch.last_sampled
+    pending_rows: list[int] = field(default_factory=list)
+    pending_sources: list[int] = field(default_factory=list)
 
 
 def _gather(states: list[CachedRequestState], counts: list[int], pending_index: dict[str, int]) -> _Gathered:
@@ -317,7 +318,7 @@ def _gather(states: list[CachedRequestState], counts: list[int], pending_index: 
     # either its last known token or the pending one.
     step = _Gathered()
     input_ids, ends, num_blocks, rows, samples = step.input_ids, step.ends, step.num_blocks, step.rows, step.samples
-    for state, num_new in zip(states, counts):
+    for index, (state, num_new) in enumerate(zip(states, counts)):
         start, num_prompt = state.num_computed_tokens, len(state.prompt_token_ids)
         num_known = num_prompt + len(state.output_token_ids)
         end, num_tokens = start + num_new, num_known + state.num_pending
@@ -326,13 +327,15 @@ def _gather(states: list[CachedRequestState], counts: list[int], pending_index: 
                              f"{num_tokens} are sampled")
         if start < num_prompt:
             step.is_past_prompts = False
+            step.prompt_reqs.append(index)
             if state.sampling_params.prompt_logprobs is not None:
                 step.prompt_rows[state.req_id] = InputBatch._prompt_logprob_targets(
                     state, start, end, len(input_ids))
         if start < num_known:
             input_ids += state.token_ids(start, min(end, num_known))
         if end > num_known:   # the pending token (async scheduling): filled on the device
-            step.pending_rows.append((len(input_ids), pending_index[state.req_id]))
+            step.pending_rows.append(len(input_ids))
+            step.pending_sources.append(pending_index[state.req_id])
             input_ids.append(0)
         ends.append(end)
         num_blocks.append(len(state.block_ids))
