@@ -6,10 +6,16 @@ Everything is the real engine path (Frontend, Scheduler, KVCacheManager, InputBa
 OutputProcessor / detokenizer) except the model forward: `ModelRunner._forward` is replaced by a
 stand-in returning rows of a fixed random hidden-state table (so the tower and the LM cost nothing
 and greedy tokens still vary); the real (tiny) lm_head and sampler run on it. Per-stage time is
-measured with perf_counter wrappers (nested stages are reported inside their parent), median of
---runs runs after a warm-up.
+measured with perf_counter wrappers (nested stages are reported inside their parent; --cpu-time:
+process_time, steadier when other jobs share the CPU), median of --runs runs after a warm-up.
+
+--steady N models the serving steady state instead (W4: N concurrent clients): async scheduling, N
+requests running, a new 448x448-image request (~64 text tokens) arriving each time one finishes
+(arrivals staggered by a ramp of one request every 128/N steps, so one joins every few steps). The
+requests are preprocessed before the clock starts; --steady-steps steps after the ramp are timed.
 
     python bench/host_overhead.py [--runs 3] [--requests 256] [--profile out.prof]
+    python bench/host_overhead.py --steady 64 [--steady-steps 256] [--runs 3] [--cpu-time] [--profile out.prof]
 Caller: by hand (results in BENCHMARKS.md, "Host overhead per step (CPU, no GPU)").
 """
 
@@ -37,19 +43,22 @@ TEXT_TOKENS, OUTPUT_TOKENS, IMAGE_SIZE = 64, 128, (448, 448)
 class HostTimers:
     """`wrap(obj, method, stage)`: the method's wall time is added to `stage` (no device sync)."""
 
-    def __init__(self):
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock   # time.process_time (--cpu-time): this process's CPU time, steadier on a shared box
         self.seconds: dict[str, float] = defaultdict(float)
         self._undo: list = []
 
     def wrap(self, obj, method: str, stage: str) -> None:
         original = getattr(obj, method)
 
+        clock = self.clock
+
         def timed(*args, **kwargs):
-            start = time.perf_counter()
+            start = clock()
             try:
                 return original(*args, **kwargs)
             finally:
-                self.seconds[stage] += time.perf_counter() - start
+                self.seconds[stage] += clock() - start
 
         self.seconds[stage] += 0.0   # report in wrapping order
         self._undo.append((obj, method, original, method in vars(obj)))
@@ -75,7 +84,7 @@ def stand_in_forward(runner, hidden_size: int, max_rows: int):
     runner._forward = forward
 
 
-def make_llm(max_num_batched_tokens: int):
+def make_llm(max_num_batched_tokens: int, **kwargs):
     from engine.llm import LLM
     from build_tiny import build
 
@@ -83,27 +92,32 @@ def make_llm(max_num_batched_tokens: int):
     if not (path / "config.json").exists():
         build("qwen2_5_vl", path)
     llm = LLM(model=str(path), device="cpu", dtype="float32", max_model_len=4096,
-              max_num_batched_tokens=max_num_batched_tokens, num_gpu_blocks_override=256 * 24 + 64)
+              max_num_batched_tokens=max_num_batched_tokens, num_gpu_blocks_override=256 * 24 + 64, **kwargs)
     runner = llm.client.core.runner
     stand_in_forward(runner, runner.text_config.hidden_size, max_num_batched_tokens + 256)
     return llm
 
 
+CLOCK = time.perf_counter   # --cpu-time: time.process_time
+
+
 def instrument(llm) -> HostTimers:
     from engine.detokenizer import OutputProcessor
+    from engine.runner.step_output import StepOutput
 
-    timers, core = HostTimers(), llm.client.core
+    timers, core = HostTimers(CLOCK), llm.client.core
     runner = core.runner
     timers.wrap(llm.frontend, "make_request", "preprocess (tokenize + image processor)")
     timers.wrap(core, "step", "engine step (total)")
     timers.wrap(core.scheduler, "schedule", "  scheduler.schedule")
     timers.wrap(core.scheduler, "update_from_output", "  scheduler.update_from_output")
-    timers.wrap(runner, "execute", "  runner.execute")
+    timers.wrap(runner, "execute_async", "  runner.execute(_async)")
     timers.wrap(runner.input_batch, "update", "    input_batch.update")
     timers.wrap(runner, "_init_mrope_positions", "    M-RoPE positions (new requests)")
     timers.wrap(runner.input_batch, "prepare", "    input_batch.prepare (input prep)")
     timers.wrap(runner.input_batch, "sampling_batch", "      sampling_batch (sampler prep)")
     timers.wrap(runner, "_sample", "    _sample (tiny lm_head + sampler)")
+    timers.wrap(StepOutput, "result", "  step output to host (append_sampled)")
     timers.wrap(OutputProcessor, "process", "output processing (detokenize)")
     return timers
 
@@ -138,10 +152,63 @@ def run_once(llm, num_requests: int, seed: int, profile: cProfile.Profile | None
     return {"total_s": total, "steps": steps[0], "stages_s": dict(timers.seconds)}
 
 
-def report(results: list[dict]) -> None:
+def make_requests(llm, count: int, seed: int) -> list:
+    """count EngineRequests of the W4 shape (one fresh image + ~64 text tokens, 128 output tokens)."""
+    from engine.sampling_params import SamplingParams
+
+    tokenizer = llm.get_tokenizer()
+    params = SamplingParams(temperature=0.0, max_tokens=OUTPUT_TOKENS, ignore_eos=True)
+    requests = []
+    for i, image in enumerate(harness.fresh_images(count, IMAGE_SIZE, seed)):
+        prompt = harness.IMAGE_PROMPT + harness.text_of_tokens(tokenizer, TEXT_TOKENS, seed * 100003 + i)
+        request, _ = llm._request_from_prompt({"prompt": prompt, "multi_modal_data": {"image": image}}, params)
+        requests.append(request)
+    return requests
+
+
+def run_steady(llm, concurrency: int, num_steps: int, seed: int,
+               profile: cProfile.Profile | None = None) -> dict:
+    """Serving steady state: `concurrency` in flight, a new request as soon as one finishes.
+    Only the `num_steps` steps after the ramp are timed (timers reset at the ramp's end)."""
+    from engine.detokenizer import OutputProcessor
+
+    ramp_steps = OUTPUT_TOKENS + 8
+    pending = make_requests(llm, concurrency + (ramp_steps + num_steps) * concurrency // OUTPUT_TOKENS + 16, seed)
+    processor, client = OutputProcessor(llm.frontend.tokenizer), llm.client
+    timers = instrument(llm)
+    num_done = start = 0
+
+    def admit(num_allowed: int) -> None:
+        for _ in range(min(num_allowed, concurrency - len(processor.states))):
+            request = pending.pop()
+            for child in processor.add(request, None).children:
+                client.add_request(child)
+
+    for step in range(ramp_steps + num_steps):
+        if step == ramp_steps:   # steady from here on: time only these steps
+            timers.seconds = defaultdict(float, {stage: 0.0 for stage in timers.seconds})
+            num_done, start = 0, CLOCK()
+            if profile is not None:
+                profile.enable()
+        admit(concurrency if step >= ramp_steps - 8 else int(step % max(1, OUTPUT_TOKENS // concurrency) == 0))
+        states, stop_string_hits = processor.process(client.step().outputs)
+        num_done += sum(1 for state in states if state.finished)
+    if profile is not None:
+        profile.disable()
+    total = CLOCK() - start
+    timers.restore()
+    for req_id in list(processor.states):   # leave the engine empty for the next run
+        client.abort_requests(processor.abort(req_id)[1])
+    while client.has_unfinished_requests():
+        client.step()
+    return {"total_s": total, "steps": num_steps, "stages_s": dict(timers.seconds), "num_finished": num_done,
+            "num_prompt_tokens": len(pending[0].prompt_token_ids)}
+
+
+def report(results: list[dict], title: str = "W1 shape") -> None:
     steps = results[0]["steps"]
     median_total = statistics.median(r["total_s"] for r in results)
-    print(f"\n== Host overhead, W1 shape on the CPU (stand-in model), median of {len(results)} runs")
+    print(f"\n== Host overhead, {title} on the CPU (stand-in model), median of {len(results)} runs")
     runs = ", ".join(f"{r['total_s']:.3f}" for r in results)
     print(f"  steps per run: {steps}; wall per run: {median_total:.3f} s (runs {runs})")
     print(f"  {'stage':52s} {'s per run':>10s} {'us per step':>12s}")
@@ -160,8 +227,17 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--profile", help="write a cProfile of the last run here")
+    parser.add_argument("--steady", type=int, help="serving steady state with this many requests in flight")
+    parser.add_argument("--steady-steps", type=int, default=256)
+    parser.add_argument("--cpu-time", action="store_true", help="stage times in this process's CPU time")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.cpu_time:
+        global CLOCK
+        CLOCK = time.process_time
+    if args.steady:
+        main_steady(args)
+        return
     llm = make_llm(args.max_num_batched_tokens)
     run_once(llm, min(args.requests, 16), seed=0)   # warm-up
     results = [run_once(llm, args.requests, seed=1 + i) for i in range(args.runs)]
@@ -170,6 +246,19 @@ def main() -> None:
         run_once(llm, args.requests, seed=100, profile=profile)
         profile.dump_stats(args.profile)
     report(results)
+
+
+def main_steady(args) -> None:
+    llm = make_llm(args.max_num_batched_tokens, async_scheduling=True)
+    run_steady(llm, args.steady, 32, seed=0)   # warm-up
+    results = [run_steady(llm, args.steady, args.steady_steps, seed=1 + i) for i in range(args.runs)]
+    if args.profile:
+        profile = cProfile.Profile()
+        run_steady(llm, args.steady, args.steady_steps, seed=100, profile=profile)
+        profile.dump_stats(args.profile)
+    finished = ", ".join(str(r["num_finished"]) for r in results)
+    report(results, f"serving steady state ({args.steady} in flight, {results[0]['num_prompt_tokens']} prompt "
+                    f"tokens, requests finished per run: {finished})")
 
 
 if __name__ == "__main__":

@@ -187,7 +187,9 @@ class EngineCore:
         return self.scheduler.update_from_output(scheduler_output, step_output.result())
 
     def has_unfinished_requests(self) -> bool:
-        return self._inflight is not None or self.scheduler.has_unfinished_requests()
+        # An empty step in flight (async) has nothing to report: it must not keep the loop stepping.
+        return ((self._inflight is not None and not self._inflight[0].is_empty)
+                or self.scheduler.has_unfinished_requests())
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.make_stats()

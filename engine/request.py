@@ -57,6 +57,10 @@ class Request:
         self.req_id = req_id
         self.sampling_params = sampling_params
         self.mm_items = list(mm_items or [])  # sorted by placeholder.offset
+        # The position after the last placeholder (0 without media): once num_computed_tokens
+        # passes it, the scheduler skips encoder planning and freeing for this request.
+        last = self.mm_items[-1].placeholder if self.mm_items else None
+        self.media_end = last.offset + last.length if last is not None else 0
         self.arrival_time = arrival_time
         self.cache_salt = cache_salt
         self.prompt_token_ids = list(prompt_token_ids)

@@ -35,16 +35,24 @@ def seed_key(seed: int, output_position: int) -> tuple[int, int]:
     return key & 0xFFFFFFFF, key >> 32
 
 
-def seed_keys(seeds: list[int], output_positions: list[int]) -> np.ndarray:
-    """seed_key of many rows at once -> [R, 2] int64 (uint64 arrays wrap like the masks above)."""
-    def splitmix64(x: np.ndarray) -> np.ndarray:
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
+def mix_seed(seed: int) -> int:
+    """The first half of seed_key, fixed per request (the runner keeps it between steps)."""
+    return _splitmix64(seed & _MASK64)
 
-    mixed = splitmix64(np.array([seed & _MASK64 for seed in seeds], dtype=np.uint64))
-    key = splitmix64(mixed ^ np.array(output_positions, dtype=np.uint64))     # [R]
+
+def seed_keys(seeds: list[int], output_positions: list[int]) -> np.ndarray:
+    """seed_key of many rows at once -> [R, 2] int64."""
+    return seed_keys_of_mixed(np.array([mix_seed(seed) for seed in seeds], dtype=np.uint64), output_positions)
+
+
+def seed_keys_of_mixed(mixed_seeds: np.ndarray, output_positions) -> np.ndarray:
+    """mixed_seeds [R] uint64 (mix_seed of each row's seed) -> [R, 2] int64 keys, as seed_key
+    (uint64 arrays wrap like the masks above)."""
+    x: np.ndarray = mixed_seeds ^ np.asarray(output_positions, dtype=np.uint64)       # [R] uint64
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    key = x ^ (x >> np.uint64(31))
     return np.stack([key & np.uint64(0xFFFFFFFF), key >> np.uint64(32)], axis=1).astype(np.int64)
 
 

@@ -1,6 +1,7 @@
-"""Scheduler: who runs this step and how many tokens each computes; then turns the runner's
-sampled tokens into per-request outputs. Caller: engine.core.EngineCore (schedule ->
-runner.execute -> update_from_output). Touches no tensor: it hands the runner a SchedulerOutput.
+"""Scheduler: who runs this step and how many tokens each computes (admission, the queues,
+preemption); turning the runner's sampled tokens back into request state and outputs is
+engine.scheduler_update. Caller: engine.core.EngineCore (schedule -> runner.execute ->
+update_from_output). Touches no tensor: it hands the runner a SchedulerOutput.
 
 There is no prefill or decode phase (DESIGN rule 4). Every request has `num_computed_tokens`
 catching up to `num_tokens`; each step gives it up to `max_num_batched_tokens` tokens of budget.
@@ -20,19 +21,19 @@ a placeholder run: the runner slices the cached embedding.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import engine.beam_groups as beam_groups
+import engine.scheduler_update as scheduler_update
 from engine.config import SchedulerConfig
 from engine.encoder_cache import EncoderCacheManager
 from engine.kv_cache.manager import KVCacheManager
-from engine.protocol import EngineOutput, EngineOutputs, FinishReason, SchedulerStats, TokenLogprobs
+from engine.protocol import EngineOutput, EngineOutputs, FinishReason, SchedulerStats
 from engine.request import Request, RequestStatus
 from engine.runner_output import ModelRunnerOutput
 from engine.scheduler_output import CachedRequestData, GrammarBitmask, NewRequestData, SchedulerOutput
-from engine.structured_output.manager import COMPILING, READY, REFUSED_TOKEN_MESSAGE, StructuredOutputManager
+from engine.structured_output.manager import COMPILING, READY, StructuredOutputManager
 
 
 @dataclass
@@ -153,14 +154,19 @@ class Scheduler:
         return self._make_scheduler_output(plan)
 
     def _schedule_running(self, budget: _StepBudget, plan: _StepPlan) -> None:
+        # Runs for every running request every step: attributes, not properties; media and
+        # the async end-of-request check are skipped at one test each.
         index = 0
         while index < len(self.running) and budget.num_tokens > 0:
             request = self.running[index]
             start = request.num_computed_tokens + request.num_inflight_tokens
-            num_new_tokens = min(request.num_tokens + request.num_output_placeholders - start, budget.num_tokens)
-            if self._ends_with_placeholder(request):
+            num_new_tokens = min(len(request.all_token_ids) + request.num_output_placeholders - start,
+                                 budget.num_tokens)
+            if request.num_output_placeholders and self._ends_with_placeholder(request):
                 num_new_tokens = 0   # the token on the device finishes it: nothing to compute after
-            num_new_tokens, encoder_inputs = self._plan_encoder_inputs(request, start, num_new_tokens, budget)
+            encoder_inputs: list[int] = []
+            if request.media_end > start:
+                num_new_tokens, encoder_inputs = self._plan_encoder_inputs(request, start, num_new_tokens, budget)
             if num_new_tokens <= 0:
                 index += 1
                 continue
@@ -168,7 +174,7 @@ class Scheduler:
             if new_blocks is None:  # it preempted itself: everything after it is gone too
                 break
             plan.cached_reqs.append(request)
-            plan.new_block_ids[request.req_id] = [block.block_id for block in new_blocks]
+            plan.new_block_ids[request.req_id] = [block.block_id for block in new_blocks] if new_blocks else []
             self._commit(request, num_new_tokens, encoder_inputs, budget, plan)
             # a preempted beam group may have left from before this request
             index = self.running.index(request) + 1 if plan.has_preempted else index + 1
@@ -247,7 +253,7 @@ class Scheduler:
                              budget: _StepBudget) -> tuple[int, list[int]]:
         """Items to encode for tokens [num_computed_tokens, +num_new_tokens) -> (the possibly
         shortened num_new_tokens, their indices). Cached items only gain this request's ref."""
-        if _media_end(request) <= num_computed_tokens:
+        if request.media_end <= num_computed_tokens:
             return num_new_tokens, []   # no media, or all of it computed already
         end = num_computed_tokens + num_new_tokens
         input_ids: list[int] = []
@@ -276,9 +282,9 @@ class Scheduler:
         if not request.num_output_placeholders:
             return False
         max_tokens = request.sampling_params.max_tokens
-        num_outputs = request.num_output_tokens + request.num_output_placeholders
+        num_outputs = len(request.output_token_ids) + request.num_output_placeholders
         return ((max_tokens is not None and num_outputs >= max_tokens)
-                or request.num_tokens + request.num_output_placeholders >= self.max_model_len)
+                or len(request.all_token_ids) + request.num_output_placeholders >= self.max_model_len)
 
     def can_schedule_ahead(self) -> bool:
         """Async scheduling: False while a running request needs its last token on the host
@@ -362,115 +368,8 @@ class Scheduler:
 
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            runner_output: ModelRunnerOutput) -> EngineOutputs:
-        outputs, self.pending_outputs = self.pending_outputs, []
-        self._step_prompt_tokens = self._step_generation_tokens = 0
-        sampled_by_req = dict(zip(runner_output.req_ids, runner_output.sampled_token_ids))
-        for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
-            request = self.requests.get(req_id)
-            if request is None:
-                continue  # aborted or finished since the step was scheduled
-            sampled_token_ids = sampled_by_req.get(req_id, [])
-            request.num_inflight_tokens -= num_tokens
-            if sampled_token_ids and request.num_output_placeholders:
-                request.num_output_placeholders -= 1
-            if request.status == RequestStatus.PREEMPTED:
-                output = self._update_preempted(request, sampled_token_ids, runner_output)
-            elif request.status == RequestStatus.RUNNING:
-                output = self._update_request(request, num_tokens, sampled_token_ids, runner_output)
-            else:
-                continue
-            if output is not None:
-                outputs.append(output)
-        if self.beam_groups:   # beam search: groups whose slots all reported pick their next beams
-            outputs += beam_groups.advance_beam_groups(self)
-        return EngineOutputs(outputs=outputs, stats=self.make_stats(), timestamp=time.time())
-
-    def _update_request(self, request: Request, num_tokens: int, sampled_token_ids: list[int],
-                        runner_output: ModelRunnerOutput) -> EngineOutput | None:
-        req_id = request.req_id
-        if req_id in runner_output.failed:
-            message = runner_output.failed[req_id]
-            if request.beam_group is not None:   # beam search: the whole group fails
-                return beam_groups.fail_beam_group(self, request.beam_group, message)
-            self.running.remove(request)
-            self._free_request(request, RequestStatus.FINISHED_ERROR, error=message)
-            return EngineOutput(req_id=req_id, new_token_ids=[], finish_reason=FinishReason.ERROR,
-                                error=message)
-        start = request.num_computed_tokens
-        self._step_prompt_tokens += max(0, min(start + num_tokens, request.num_prompt_tokens) - start)
-        request.num_computed_tokens += num_tokens
-        prompt_logprobs = self._collect_prompt_logprobs(
-            request, runner_output.prompt_logprobs.get(req_id))
-        new_token_ids = []
-        if request.num_computed_tokens == request.num_tokens and request.beam_group is not None:
-            request.beam_group.record(req_id, runner_output.logprobs[req_id][0])  # beam search
-        elif request.num_computed_tokens == request.num_tokens:  # else a partial prefill
-            for token_id in sampled_token_ids:
-                request.append_output_token_id(token_id)
-                new_token_ids.append(token_id)
-                if request.structured_output is not None and not self.structured_output.accept_tokens(
-                        request.structured_output, [token_id]):   # [structured outputs] never fail open
-                    request.status, request.error = RequestStatus.FINISHED_ERROR, REFUSED_TOKEN_MESSAGE
-                    break
-                if check_stop(request, self.eos_token_ids, self.max_model_len):
-                    break
-        self._step_generation_tokens += len(new_token_ids)
-        if _media_end(request) > start:   # else its media were freed in an earlier step
-            self._free_computed_encoder_inputs(request)
-        if not new_token_ids and prompt_logprobs is None and not request.is_finished:
-            return None
-        logprobs = runner_output.logprobs.get(req_id)
-        output = EngineOutput(
-            req_id=req_id, new_token_ids=new_token_ids,
-            new_logprobs=logprobs[:len(new_token_ids)] if logprobs and new_token_ids else None,
-            prompt_logprobs=prompt_logprobs, finish_reason=request.status.finish_reason,
-            stop_reason=request.stop_reason, num_cached_tokens=max(0, request.num_cached_tokens),
-            error=request.error)
-        if request.is_finished:
-            self.running.remove(request)
-            self._free_request(request, request.status)
-        return output
-
-    def _update_preempted(self, request: Request, sampled_token_ids: list[int],
-                          runner_output: ModelRunnerOutput) -> EngineOutput | None:
-        """Async scheduling: preempted while its step ran. The step's KV is gone, but a token it
-        sampled was computed from the full context: keep it (the recompute includes it)."""
-        if not sampled_token_ids or request.req_id in runner_output.failed:
-            return None
-        request.append_output_token_id(sampled_token_ids[0])
-        self._step_generation_tokens += 1
-        if request.structured_output is not None and not self.structured_output.accept_tokens(
-                request.structured_output, sampled_token_ids[:1]):   # [structured outputs] never fail open
-            request.status, request.error = RequestStatus.FINISHED_ERROR, REFUSED_TOKEN_MESSAGE
-        if request.is_finished or check_stop(request, self.eos_token_ids, self.max_model_len):
-            self.waiting.remove(request)
-            self._free_request(request, request.status, request.error)
-        logprobs = runner_output.logprobs.get(request.req_id)
-        return EngineOutput(
-            req_id=request.req_id, new_token_ids=sampled_token_ids[:1], new_logprobs=logprobs[:1] if logprobs else None,
-            finish_reason=request.status.finish_reason, stop_reason=request.stop_reason,
-            num_cached_tokens=max(0, request.num_cached_tokens), error=request.error)
-
-    def _collect_prompt_logprobs(self, request: Request, chunk: list[TokenLogprobs | None] | None
-                                 ) -> list[TokenLogprobs | None] | None:
-        """Concatenate per-chunk prompt logprobs; return them once, when the prompt is done.
-        The runner may give position 0 as None or leave it out (vLLM's convention)."""
-        if not request.wants_prompt_logprobs or request.has_sent_prompt_logprobs:
-            return None
-        request.prompt_logprobs.extend(chunk or [])
-        if request.num_computed_tokens < request.num_prompt_tokens:
-            return None
-        prompt_logprobs = request.prompt_logprobs
-        if len(prompt_logprobs) == request.num_prompt_tokens - 1:
-            prompt_logprobs = [None] + prompt_logprobs
-        request.prompt_logprobs, request.has_sent_prompt_logprobs = [], True
-        return prompt_logprobs
-
-    def _free_computed_encoder_inputs(self, request: Request) -> None:
-        for input_id, item in enumerate(request.mm_items):
-            if item.placeholder.offset + item.placeholder.length > request.num_computed_tokens:
-                break
-            self.encoder_cache.free_encoder_input(request, input_id)
+        """The step's sampled tokens -> request state and outputs (engine.scheduler_update)."""
+        return scheduler_update.update_from_output(self, scheduler_output, runner_output)
 
     def _free_request(self, request: Request, status: RequestStatus, error: str | None = None) -> None:
         """Finish a request already out of the queues: release its blocks and encoder refs."""
@@ -495,31 +394,3 @@ class Scheduler:
             num_free_blocks=self.kv_cache_manager.get_num_free_blocks(),
             num_total_blocks=self.kv_cache_manager.num_usable_blocks)
 
-
-def _media_end(request: Request) -> int:
-    """The position after the request's last placeholder (items are in prompt order); 0 if none."""
-    if not request.mm_items:
-        return 0
-    last = request.mm_items[-1].placeholder
-    return last.offset + last.length
-
-
-def check_stop(request: Request, eos_token_ids: frozenset[int], max_model_len: int) -> bool:
-    """After appending a sampled token: finish the request if a stop condition holds (sets its
-    status and stop_reason). max_model_len is a hard cap; min_tokens suppresses the others."""
-    params = request.sampling_params
-    token_id = request.output_token_ids[-1]
-    if request.num_tokens >= max_model_len:
-        request.status = RequestStatus.FINISHED_LENGTH_CAPPED
-    elif request.num_output_tokens < params.min_tokens:
-        return False
-    elif not params.ignore_eos and token_id in eos_token_ids:
-        request.status = RequestStatus.FINISHED_STOPPED
-    elif params.stop_token_ids and token_id in params.stop_token_ids:
-        request.status = RequestStatus.FINISHED_STOPPED
-        request.stop_reason = token_id
-    elif params.max_tokens is not None and request.num_output_tokens >= params.max_tokens:
-        request.status = RequestStatus.FINISHED_LENGTH_CAPPED
-    else:
-        return False
-    return True

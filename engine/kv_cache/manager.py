@@ -102,7 +102,10 @@ class KVCacheManager:
         num_total_tokens = num_computed_tokens + num_new_tokens
         num_required_blocks = -(-num_total_tokens // self.block_size)
         if num_required_blocks <= len(req_blocks) and not new_computed_blocks:  # decode within its last block
-            self._cache_full_blocks(request, min(num_total_tokens, request.num_tokens))
+            num_known_tokens = min(num_total_tokens, len(request.all_token_ids))
+            num_full_blocks = num_known_tokens // self.block_size
+            if self.enable_caching and num_full_blocks > self.num_cached_blocks.get(request.req_id, 0):
+                self._cache_full_blocks(request, num_known_tokens)   # it just filled one
             return []
         num_fresh_blocks = max(0, num_required_blocks - len(req_blocks) - len(new_computed_blocks))
         # Hits sitting in the free queue stop being allocatable once touched.

@@ -10,26 +10,35 @@ the running position jumps by max(h, w) / merge.
 Example: text "ab", a 1x4x4 image (2x2 merged tokens), text "c" (start 2):
     t: 0 1 | 2 2 2 2 | 4        h: 0 1 | 2 2 3 3 | 4        w: 0 1 | 2 3 2 3 | 4
 Decode tokens continue at position index + delta, delta = max(prompt positions) + 1 - prompt_len.
+
+Built with numpy (a new request's table is on the engine's per-step path; small torch ops cost
+several times more) and handed over as a torch tensor sharing the array.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from vision.inputs import VIDEO, MultiModalItem
 
 
-def _item_positions(item: MultiModalItem, start: int, merge: int, tokens_per_second: float | None) -> torch.Tensor:
+def _item_positions(item: MultiModalItem, start: int, merge: int, tokens_per_second: float | None) -> np.ndarray:
     t, h, w = item.grid_thw
     grid_h, grid_w = h // merge, w // merge
     interval = 1.0
     if item.modality == VIDEO and tokens_per_second is not None:
         interval = tokens_per_second * item.second_per_grid_t
-    temporal = (torch.arange(t) * interval).long() + start      # [t]
-    rows = torch.arange(grid_h) + start                          # [grid_h]
-    cols = torch.arange(grid_w) + start                          # [grid_w]
-    tt, hh, ww = torch.meshgrid(temporal, rows, cols, indexing="ij")
-    return torch.stack([tt, hh, ww]).reshape(3, -1)              # [3, t*grid_h*grid_w]
+    # float32 product truncated, as transformers' torch.arange(t) * interval (default dtype) .long()
+    temporal = (np.arange(t, dtype=np.float32) * np.float32(interval)).astype(np.int64) + start   # [t]
+    rows = np.arange(grid_h, dtype=np.int64) + start                                         # [grid_h]
+    cols = np.arange(grid_w, dtype=np.int64) + start                                         # [grid_w]
+    tt, hh, ww = np.meshgrid(temporal, rows, cols, indexing="ij")
+    return np.stack([tt, hh, ww]).reshape(3, -1)              # [3, t*grid_h*grid_w]
+
+
+def _text_positions(num_tokens: int, position: int) -> np.ndarray:
+    return np.broadcast_to(np.arange(position, position + num_tokens, dtype=np.int64), (3, num_tokens))
 
 
 def mrope_positions(
@@ -43,7 +52,7 @@ def mrope_positions(
     `tokens_per_second` is None for Qwen2-VL (no temporal scaling), the vision config's value for
     Qwen2.5-VL. Items must be sorted by placeholder offset and not overlap.
     """
-    pieces: list[torch.Tensor] = []
+    pieces: list[np.ndarray] = []
     cursor = 0  # next prompt index to place
     position = 0  # running text position
     for item in mm_items:
@@ -51,7 +60,7 @@ def mrope_positions(
         if offset < cursor:
             raise ValueError("multimodal placeholders overlap or are not sorted by offset")
         text_len = offset - cursor
-        pieces.append(torch.arange(text_len).expand(3, -1) + position)
+        pieces.append(_text_positions(text_len, position))
         position += text_len
         grid = _item_positions(item, position, spatial_merge_size, tokens_per_second)
         if grid.shape[1] != length:
@@ -59,10 +68,10 @@ def mrope_positions(
         pieces.append(grid)
         position += max(item.grid_thw[1], item.grid_thw[2]) // spatial_merge_size
         cursor = offset + length
-    pieces.append(torch.arange(num_prompt_tokens - cursor).expand(3, -1) + position)
-    positions = torch.cat(pieces, dim=1)
+    pieces.append(_text_positions(num_prompt_tokens - cursor, position))
+    positions = np.concatenate(pieces, axis=1)                 # [3, num_prompt_tokens]
     delta = int(positions.max()) + 1 - num_prompt_tokens if num_prompt_tokens else 0
-    return positions, delta
+    return torch.from_numpy(positions), delta
 
 
 def qwen3_vl_mrope_positions(prompt_token_ids: list[int], mm_items: list[MultiModalItem], spatial_merge_size: int,
@@ -73,7 +82,7 @@ def qwen3_vl_mrope_positions(prompt_token_ids: list[int], mm_items: list[MultiMo
     temporal groups, is text. A video of t groups holds t runs; time is in the text, not in the t row.
 
     pad_token_ids: modality -> its pad token id. Returns (positions [3, len(prompt)], decode delta)."""
-    pieces: list[torch.Tensor] = []
+    pieces: list[np.ndarray] = []
     cursor = position = 0
     for item in mm_items:
         offset, length = item.placeholder.offset, item.placeholder.length
@@ -88,19 +97,19 @@ def qwen3_vl_mrope_positions(prompt_token_ids: list[int], mm_items: list[MultiMo
             raise ValueError(f"placeholder of {length} tokens does not match grid {item.grid_thw}")
         local = -(offset - cursor)  # span-relative index of the next token to place
         for start, end in runs:
-            pieces.append(torch.arange(start - local).expand(3, -1) + position)
+            pieces.append(_text_positions(start - local, position))
             position += start - local
             group = _item_positions(item, position, spatial_merge_size, None)[:, :end - start]
             pieces.append(group)       # [3, grid_h * grid_w]: the first frame of the grid = one group
             position += max(grid_h, grid_w)
             local = end
-        pieces.append(torch.arange(length - local).expand(3, -1) + position)
+        pieces.append(_text_positions(length - local, position))
         position += length - local
         cursor = offset + length
-    pieces.append(torch.arange(len(prompt_token_ids) - cursor).expand(3, -1) + position)
-    positions = torch.cat(pieces, dim=1)
+    pieces.append(_text_positions(len(prompt_token_ids) - cursor, position))
+    positions = np.concatenate(pieces, axis=1)                 # [3, len(prompt)]
     delta = int(positions.max()) + 1 - len(prompt_token_ids) if prompt_token_ids else 0
-    return positions, delta
+    return torch.from_numpy(positions), delta
 
 
 def _pad_runs(span: list[int], pad_token_id: int) -> list[tuple[int, int]]:

@@ -18,7 +18,6 @@ One step, requests in scheduling order, each computing tokens [num_computed, num
 from __future__ import annotations
 
 import dataclasses
-import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,7 +25,8 @@ import torch
 
 from engine.layers.attention import AttentionMetadata
 from engine.runner.transfer import to_device
-from engine.sampler import SamplingBatch, seed_keys
+from engine.runner.sampling_rows import SamplingTable, build_sampling_batch
+from engine.sampler import SamplingBatch
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import ForkedRequestData, NewRequestData, SchedulerOutput
 from vision.inputs import MultiModalItem
@@ -129,6 +129,7 @@ class InputBatch:
         self.uses_mrope = uses_mrope
         self.requests: dict[str, CachedRequestState] = {}
         self.block_table = BlockTable()
+        self.sampling_table = SamplingTable(vocab_size, default_seed)   # rows as the block table's
         # The last launched step's sampled tokens, on the device ([S] int64), and each sampling
         # request's index in it: the next step reads pending tokens from there.
         self.last_sampled: torch.Tensor | None = None
@@ -148,7 +149,7 @@ class InputBatch:
                 output_token_ids=list(new.output_token_ids), sampling_params=new.sampling_params,
                 block_ids=list(new.block_ids), num_computed_tokens=new.num_computed_tokens,
                 mm_items=list(new.mm_items))
-            state.row = self.block_table.add_row(state.block_ids)
+            self._take_row(state)
         self._apply_forks(scheduler_output.forked_reqs)
         cached = scheduler_output.scheduled_cached_reqs
         for req_id, new_block_ids, num_computed in zip(cached.req_ids, cached.new_block_ids,
@@ -170,7 +171,7 @@ class InputBatch:
             state = self.requests[fork.req_id] = dataclasses.replace(
                 parent, req_id=fork.req_id, output_token_ids=list(fork.output_token_ids),
                 block_ids=list(fork.block_ids), num_computed_tokens=fork.num_computed_tokens)
-            state.row = self.block_table.add_row(state.block_ids)
+            self._take_row(state)
 
     def _remove(self, req_id: str) -> None:
         state = self.requests.pop(req_id, None)
@@ -215,7 +216,7 @@ class InputBatch:
         sampling_req_ids = [r for r, samples in zip(req_ids, step.samples) if samples]
         logits_indices = query_start_loc[1:][np.array(step.samples, dtype=bool)] - 1   # [S]
         positions = self._positions(states, token_pos, req_of_token, query_start_loc, ends, counts,
-                                    has_prompt_rows=not step.is_past_prompts)
+                                    step.prompt_reqs)
         return StepBatch(
             req_ids=req_ids, num_scheduled_tokens=counts,
             input_ids=self._input_ids(step),
@@ -229,11 +230,11 @@ class InputBatch:
     def _input_ids(self, step: "_Gathered") -> torch.Tensor:
         """[T] int64 on the device; pending rows filled from the last step's sampled tensor
         (a device gather, queued after that step: no wait for it on the host)."""
-        input_ids = self._to_device(step.input_ids, torch.int64)
+        # numpy first: torch.tensor(list) costs ~20 us a call, np.array + from_numpy a few
+        input_ids = self._to_device(np.array(step.input_ids, dtype=np.int64), torch.int64)
         if step.pending_rows:
-            rows, sources = zip(*step.pending_rows)
-            input_ids[self._to_device(list(rows), torch.int64)] = self.last_sampled[
-                self._to_device(list(sources), torch.int64)]
+            input_ids[self._to_device(np.array(step.pending_rows, dtype=np.int64), torch.int64)] = self.last_sampled[
+                self._to_device(np.array(step.pending_sources, dtype=np.int64), torch.int64)]
         return input_ids
 
     def _check_blocks(self, states: list[CachedRequestState], ends: np.ndarray, num_blocks: np.ndarray) -> None:
@@ -244,19 +245,19 @@ class InputBatch:
                              f"{ends[short[0]]} tokens")
 
     def _positions(self, states, token_pos, req_of_token, query_start_loc, ends, counts,
-                   has_prompt_rows: bool) -> np.ndarray:
-        """-> [T] positions, or [3, T] for M-RoPE: prompt rows from the request's table
-        (mrope_positions), later positions p + mrope_delta on all three axes."""
+                   prompt_reqs: list[int]) -> np.ndarray:
+        """-> [T] positions, or [3, T] for M-RoPE: prompt rows (of the requests prompt_reqs
+        indexes) from the request's table (mrope_positions), later positions p + mrope_delta on
+        all three axes."""
         if not self.uses_mrope:
             return token_pos
         deltas = np.array([s.mrope_delta for s in states], dtype=np.int64)          # [R]
         positions = np.repeat((token_pos + deltas[req_of_token])[None], 3, axis=0)  # [3, T]
-        if not has_prompt_rows:
-            return positions   # decode only: output positions only
-        for i, state in enumerate(states):
+        for i in prompt_reqs:   # the others compute output positions only
+            state = states[i]
             start, table = int(ends[i]) - counts[i], state.mrope_positions
-            if table is None or start >= table.shape[1]:
-                continue   # decode: output positions only
+            if table is None:
+                continue
             stop, first = min(int(ends[i]), table.shape[1]), query_start_loc[i]
             positions[:, first:first + stop - start] = table[:, start:stop].numpy()
         return positions
@@ -280,70 +281,20 @@ class InputBatch:
 
     def _to_device(self, values: list | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         if isinstance(values, np.ndarray):   # a fresh array of this step: no copy on the CPU
-            return to_device(torch.from_numpy(np.ascontiguousarray(values)).to(dtype), self.device)
+            tensor = torch.from_numpy(np.ascontiguousarray(values))
+            return to_device(tensor if tensor.dtype == dtype else tensor.to(dtype), self.device)
         return to_device(torch.tensor(values, dtype=dtype), self.device)
 
     # --- sampling settings -------------------------------------------------------------------
 
     def sampling_batch(self, req_ids: list[str]) -> SamplingBatch:
         states = [self.requests[r] for r in req_ids]
-        params = [s.sampling_params for s in states]
-        batch = SamplingBatch(
-            temperature=self._floats([p.temperature for p in params]),
-            seed_keys=self._to_device(seed_keys([self._seed(s) for s in states],
-                                                [s.num_output_positions for s in states]), torch.int64),
-            all_greedy=all(p.is_greedy for p in params))
-        if any(p.effective_top_k for p in params):
-            batch.top_k = self._to_device([p.effective_top_k or self.vocab_size for p in params], torch.int64)
-        if any(p.top_p < 1.0 for p in params):
-            batch.top_p = self._floats([p.top_p for p in params])
-        if any(p.min_p > 0.0 for p in params):
-            batch.min_p = self._floats([p.min_p for p in params])
-        self._add_penalties(batch, states)
-        batch.banned_token_ids = self._banned_tokens(states)
-        requested = [p.logprobs for p in params if p.logprobs is not None]
-        batch.max_num_logprobs = max(requested) if requested else None
-        return batch
+        return build_sampling_batch(states, self.sampling_table, self.eos_token_ids, self._to_device)
 
-    def _seed(self, state: CachedRequestState) -> int:
-        seed = state.sampling_params.seed
-        # Unseeded (the frontend normally assigns one): derive it from the request id.
-        return seed if seed is not None else zlib.crc32(state.req_id.encode()) ^ self.default_seed
-
-    def _add_penalties(self, batch: SamplingBatch, states: list[CachedRequestState]) -> None:
-        params = [s.sampling_params for s in states]
-        if any(p.repetition_penalty != 1.0 for p in params):
-            batch.repetition_penalty = self._floats([p.repetition_penalty for p in params])
-            batch.prompt_token_ids = self._padded([s.prompt_token_ids for s in states])
-        if any(p.frequency_penalty != 0.0 for p in params):
-            batch.frequency_penalty = self._floats([p.frequency_penalty for p in params])
-        if any(p.presence_penalty != 0.0 for p in params):
-            batch.presence_penalty = self._floats([p.presence_penalty for p in params])
-        if batch.repetition_penalty is not None or batch.frequency_penalty is not None \
-                or batch.presence_penalty is not None:
-            if any(s.num_pending for s in states):   # engine.core waits for them (needs_host_tokens)
-                raise RuntimeError("penalties need every output token on the host")
-            batch.output_token_ids = self._padded([s.output_token_ids for s in states])
-
-    def _banned_tokens(self, states: list[CachedRequestState]) -> torch.Tensor | None:
-        """min_tokens: EOS (unless ignore_eos) and stop_token_ids cannot be sampled before it."""
-        if all(s.num_output_positions >= s.sampling_params.min_tokens for s in states):
-            return None
-        banned = []
-        for state in states:
-            params = state.sampling_params
-            ids = []
-            if state.num_output_positions < params.min_tokens:
-                ids = list(params.stop_token_ids or []) + ([] if params.ignore_eos else list(self.eos_token_ids))
-            banned.append([i for i in ids if 0 <= i < self.vocab_size])
-        return self._padded(banned) if any(banned) else None
-
-    def _floats(self, values: list[float]) -> torch.Tensor:
-        return self._to_device(values, torch.float32)
-
-    def _padded(self, rows: list[list[int]]) -> torch.Tensor:
-        width = max(1, max(len(r) for r in rows))
-        return self._to_device([r + [-1] * (width - len(r)) for r in rows], torch.int64)
+    def _take_row(self, state: CachedRequestState) -> None:
+        """A block-table row (and its sampling-table row) for a request entering the batch."""
+        state.row = self.block_table.add_row(state.block_ids)
+        self.sampling_table.write(state.row, state.req_id, state.sampling_params)
 
 
 @dataclass
@@ -355,30 +306,39 @@ class _Gathered:
     rows: list[int] = field(default_factory=list)          # [R] block-table rows
     samples: list[bool] = field(default_factory=list)      # [R] all its tokens known after the step
     prompt_rows: dict[str, tuple[int, list[int], bool]] = field(default_factory=dict)
+    prompt_reqs: list[int] = field(default_factory=list)   # indices of requests computing prompt rows
     is_past_prompts: bool = True
-    # (row of input_ids, index in InputBatch.last_sampled): tokens still on the device
-    pending_rows: list[tuple[int, int]] = field(default_factory=list)
+    # tokens still on the device: their rows of input_ids and indices in InputBatch.last_sampled
+    pending_rows: list[int] = field(default_factory=list)
+    pending_sources: list[int] = field(default_factory=list)
 
 
 def _gather(states: list[CachedRequestState], counts: list[int], pending_index: dict[str, int]) -> _Gathered:
+    # Once per request per step: locals and plain lengths, no properties; a decode's one row is
+    # either its last known token or the pending one.
     step = _Gathered()
-    for state, num_new in zip(states, counts):
-        start = state.num_computed_tokens
-        num_known, num_prompt = state.num_tokens, len(state.prompt_token_ids)
+    input_ids, ends, num_blocks, rows, samples = step.input_ids, step.ends, step.num_blocks, step.rows, step.samples
+    for index, (state, num_new) in enumerate(zip(states, counts)):
+        start, num_prompt = state.num_computed_tokens, len(state.prompt_token_ids)
+        num_known = num_prompt + len(state.output_token_ids)
         end, num_tokens = start + num_new, num_known + state.num_pending
         if end > num_tokens:
             raise ValueError(f"request {state.req_id}: scheduled up to token {end} but only "
                              f"{num_tokens} are sampled")
-        if state.sampling_params.prompt_logprobs is not None and start < num_prompt:
-            step.prompt_rows[state.req_id] = InputBatch._prompt_logprob_targets(
-                state, start, end, len(step.input_ids))
-        step.input_ids += state.token_ids(start, min(end, num_known))
+        if start < num_prompt:
+            step.is_past_prompts = False
+            step.prompt_reqs.append(index)
+            if state.sampling_params.prompt_logprobs is not None:
+                step.prompt_rows[state.req_id] = InputBatch._prompt_logprob_targets(
+                    state, start, end, len(input_ids))
+        if start < num_known:
+            input_ids += state.token_ids(start, min(end, num_known))
         if end > num_known:   # the pending token (async scheduling): filled on the device
-            step.pending_rows.append((len(step.input_ids), pending_index[state.req_id]))
-            step.input_ids.append(0)
-        step.ends.append(end)
-        step.num_blocks.append(len(state.block_ids))
-        step.rows.append(state.row)
-        step.samples.append(end == num_tokens)
-        step.is_past_prompts = step.is_past_prompts and start >= num_prompt
+            step.pending_rows.append(len(input_ids))
+            step.pending_sources.append(pending_index[state.req_id])
+            input_ids.append(0)
+        ends.append(end)
+        num_blocks.append(len(state.block_ids))
+        rows.append(state.row)
+        samples.append(end == num_tokens)
     return step

@@ -144,3 +144,19 @@ def test_core_with_the_real_runner_matches_transformers_greedy_under_preemption(
             generated = hf_model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
                                           min_new_tokens=20, pad_token_id=0)
         assert output_token_ids(outputs[req_id]) == generated[0, len(prompt):].tolist(), req_id
+
+
+def test_an_async_core_goes_idle_once_its_requests_are_done(tiny_model_dir):
+    """The busy loop (engine.core_host) steps while has_unfinished_requests(): an empty step left
+    in flight must not keep it spinning on empty steps after the last request finished."""
+    config = create_engine_config(model=str(tiny_model_dir("qwen2")), device="cpu", dtype="float32",
+                                  max_model_len=64, block_size=4, async_scheduling=True)
+    core = EngineCore(config)
+    assert core.async_scheduling
+    core.add_request(_request("r", [5, 6, 7, 8], temperature=0.0, max_tokens=3, ignore_eos=True))
+    outputs = _run(core, max_steps=10)
+    assert len(output_token_ids(outputs["r"])) == 3 and outputs["r"][-1].finish_reason == FinishReason.LENGTH
+    core.add_request(_request("empty", []))   # a pending error output still gets its step
+    assert core.has_unfinished_requests()
+    assert _run(core, max_steps=3)["empty"][0].finish_reason == FinishReason.ERROR
+    assert_all_blocks_free(core.scheduler)

@@ -1,0 +1,106 @@
+"""The sampler's per-row settings of one step (a SamplingBatch), from the runner's request states.
+Caller: engine.runner.input_batch.InputBatch (write when a request enters, build each step).
+
+A request's settings never change while it runs, so they are written once, as numbers, into a
+persistent table with one row per block-table row (SamplingTable); a step gathers the rows of
+its sampling requests into a [R, 8] array and reads every flag as a column test instead of a
+pass over SamplingParams objects. Only the output position (seed keys, min_tokens) is per step.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from engine.sampler import SamplingBatch, mix_seed, seed_keys_of_mixed
+
+# Columns of SamplingTable.numbers (float64: token counts and top-k are exact).
+_TEMPERATURE, _TOP_K, _TOP_P, _MIN_P, _HAS_TOP_K, _HAS_PENALTY, _MIN_TOKENS, _LOGPROBS = range(8)
+_NUM_COLUMNS = 8
+
+
+class SamplingTable:
+    """numbers [rows, 8] float64 (the columns above; logprobs -1 = not asked) and mixed_seeds
+    [rows] uint64 (sampler.mix_seed of the request's seed); row r belongs to the request that
+    holds block-table row r (InputBatch writes it whenever a request takes a row)."""
+
+    def __init__(self, vocab_size: int, default_seed: int) -> None:
+        self.vocab_size = vocab_size
+        self.default_seed = default_seed
+        self.numbers = np.zeros((0, _NUM_COLUMNS), dtype=np.float64)
+        self.mixed_seeds = np.zeros(0, dtype=np.uint64)
+
+    def write(self, row: int, req_id: str, params) -> None:
+        if row >= len(self.mixed_seeds):
+            num_rows = max(2 * len(self.mixed_seeds), row + 1, 8)
+            self.numbers = np.resize(self.numbers, (num_rows, _NUM_COLUMNS))
+            self.mixed_seeds = np.resize(self.mixed_seeds, num_rows)
+        seed = params.seed
+        if seed is None:   # unseeded (the frontend normally assigns one): derived from the request id
+            seed = zlib.crc32(req_id.encode()) ^ self.default_seed
+        has_penalty = (params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
+                       or params.presence_penalty != 0.0)
+        self.numbers[row] = (params.temperature, params.effective_top_k or self.vocab_size, params.top_p,
+                             params.min_p, bool(params.effective_top_k), has_penalty, params.min_tokens,
+                             -1 if params.logprobs is None else params.logprobs)
+        self.mixed_seeds[row] = mix_seed(seed)
+
+
+def build_sampling_batch(states: list, table: SamplingTable, eos_token_ids: tuple[int, ...],
+                         to_device: Callable[[np.ndarray | list, torch.dtype], torch.Tensor]) -> SamplingBatch:
+    """states: the sampling requests' CachedRequestStates, in batch order."""
+    rows = np.array([s.row for s in states], dtype=np.int64)                            # [R]
+    numbers = table.numbers[rows]                                                        # [R, 8]
+    positions = np.array([len(s.output_token_ids) + s.num_pending for s in states], dtype=np.int64)  # [R]
+    batch = SamplingBatch(
+        temperature=to_device(numbers[:, _TEMPERATURE], torch.float32),
+        seed_keys=to_device(seed_keys_of_mixed(table.mixed_seeds[rows], positions), torch.int64),
+        all_greedy=bool((numbers[:, _TEMPERATURE] < 1e-5).all()))
+    if numbers[:, _HAS_TOP_K].any():
+        batch.top_k = to_device(numbers[:, _TOP_K], torch.int64)
+    if (numbers[:, _TOP_P] < 1.0).any():
+        batch.top_p = to_device(numbers[:, _TOP_P], torch.float32)
+    if (numbers[:, _MIN_P] > 0.0).any():
+        batch.min_p = to_device(numbers[:, _MIN_P], torch.float32)
+    if numbers[:, _HAS_PENALTY].any():
+        _add_penalties(batch, states, to_device)
+    if (positions < numbers[:, _MIN_TOKENS]).any():
+        batch.banned_token_ids = _banned_tokens(states, positions, eos_token_ids, table.vocab_size, to_device)
+    max_logprobs = numbers[:, _LOGPROBS].max()
+    batch.max_num_logprobs = int(max_logprobs) if max_logprobs >= 0 else None
+    return batch
+
+
+def _add_penalties(batch: SamplingBatch, states: list, to_device) -> None:
+    params = [s.sampling_params for s in states]
+    if any(p.repetition_penalty != 1.0 for p in params):
+        batch.repetition_penalty = to_device([p.repetition_penalty for p in params], torch.float32)
+        batch.prompt_token_ids = _padded([s.prompt_token_ids for s in states], to_device)
+    if any(p.frequency_penalty != 0.0 for p in params):
+        batch.frequency_penalty = to_device([p.frequency_penalty for p in params], torch.float32)
+    if any(p.presence_penalty != 0.0 for p in params):
+        batch.presence_penalty = to_device([p.presence_penalty for p in params], torch.float32)
+    if any(s.num_pending for s in states):   # engine.core waits for them (needs_host_tokens)
+        raise RuntimeError("penalties need every output token on the host")
+    batch.output_token_ids = _padded([s.output_token_ids for s in states], to_device)
+
+
+def _banned_tokens(states: list, positions: np.ndarray, eos_token_ids: tuple[int, ...], vocab_size: int,
+                   to_device) -> torch.Tensor | None:
+    """min_tokens: EOS (unless ignore_eos) and stop_token_ids cannot be sampled before it."""
+    banned = []
+    for state, position in zip(states, positions.tolist()):
+        params = state.sampling_params
+        ids = []
+        if position < params.min_tokens:
+            ids = list(params.stop_token_ids or []) + ([] if params.ignore_eos else list(eos_token_ids))
+        banned.append([i for i in ids if 0 <= i < vocab_size])
+    return _padded(banned, to_device) if any(banned) else None
+
+
+def _padded(rows: list[list[int]], to_device) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    return to_device([r + [-1] * (width - len(r)) for r in rows], torch.int64)

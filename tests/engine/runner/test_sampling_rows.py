@@ -1,0 +1,41 @@
+"""engine.runner.sampling_rows through InputBatch: the per-step SamplingBatch read from the
+persistent SamplingTable equals what each request's SamplingParams say, also after a finished
+request's row is taken by a new one with other settings (hand-computed expectations)."""
+
+import zlib
+
+import torch
+
+from engine.runner.input_batch import InputBatch
+from engine.sampler import seed_keys
+from engine.sampling_params import SamplingParams
+from engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
+
+VOCAB, EOS = 100, 7
+
+
+def _add(batch: InputBatch, req_id: str, params: SamplingParams, finished=()) -> None:
+    new = NewRequestData(req_id, [1, 2, 3], [5, 6], [], params, [1], 0)
+    batch.update(SchedulerOutput([new], CachedRequestData(), {req_id: 5}, 5, {}, set(finished), []))
+
+
+def test_batch_follows_each_request_params_and_reused_rows():
+    batch = InputBatch(block_size=16, device=torch.device("cpu"), vocab_size=VOCAB, eos_token_ids=(EOS,),
+                       default_seed=3)
+    _add(batch, "seeded", SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=11, logprobs=2))
+    _add(batch, "greedy", SamplingParams(temperature=0.0, min_tokens=4, stop_token_ids=[9]))
+    first = batch.sampling_batch(["seeded", "greedy"])
+    assert first.temperature.tolist() == [torch.tensor(0.7).item(), 0.0] and not first.all_greedy
+    assert first.top_k.tolist() == [5, VOCAB] and first.min_p is None
+    assert first.top_p.tolist() == [torch.tensor(0.9).item(), 1.0]
+    assert first.max_num_logprobs == 2
+    assert first.banned_token_ids.tolist() == [[-1, -1], [9, EOS]]   # 2 outputs < min_tokens 4
+    unseeded = zlib.crc32(b"greedy") ^ 3
+    assert first.seed_keys.tolist() == seed_keys([11, unseeded], [2, 2]).tolist()
+    # "seeded" finishes; "late" takes its row with none of its settings
+    _add(batch, "late", SamplingParams(temperature=0.0, seed=5), finished=["seeded"])
+    assert batch.requests["late"].row == 0
+    second = batch.sampling_batch(["greedy", "late"])
+    assert second.all_greedy and second.top_k is None and second.top_p is None
+    assert second.max_num_logprobs is None
+    assert second.seed_keys.tolist() == seed_keys([unseeded, 5], [2, 2]).tolist()
