@@ -35,8 +35,10 @@ if [[ $PARTS == *,w4,* ]]; then
   grep -v -i "warn\|INFO\|it/s\]" "$OUT/w4_det.log" | tail -16
   kill $smi 2>/dev/null; cp bench/results/w4_serving.json "$OUT/w4_det.json" 2>/dev/null; stamp "W4 det"
 fi
+[[ $PARTS == *,structured,* ]] && { timeout 150 python3 bench/structured_outputs.py --runs 2 > "$OUT/structured.log" 2>&1; tail -14 "$OUT/structured.log"; stamp structured; }
+[[ $PARTS == *,beam,* ]] && { timeout 120 python3 bench/beam_search.py --runs 3 > "$OUT/beam.log" 2>&1; tail -10 "$OUT/beam.log"; stamp beam; }
 if [[ $PARTS == *,det,* ]]; then
-  timeout 150 python3 bench/run_all.py --parts det --runs 5 > "$OUT/det.log" 2>&1
+  timeout 150 python3 bench/run_all.py --parts det --runs ${DET_RUNS:-5} > "$OUT/det.log" 2>&1
   grep -v -i "warn" "$OUT/det.log" | grep -E "W1|W2|stage|determinism|start|median|runs|output tokens|graphs" | head -30
   stamp det
 fi
@@ -51,7 +53,5 @@ fi
 if [[ $PARTS == *,hf,* ]]; then
   timeout 80 python3 bench/run_all.py --parts hf > "$OUT/hf.log" 2>&1; grep -v -i warn "$OUT/hf.log" | tail -4; stamp hf
 fi
-[[ $PARTS == *,structured,* ]] && { timeout 150 python3 bench/structured_outputs.py --runs 2 > "$OUT/structured.log" 2>&1; tail -14 "$OUT/structured.log"; stamp structured; }
-[[ $PARTS == *,beam,* ]] && { timeout 120 python3 bench/beam_search.py --runs 3 > "$OUT/beam.log" 2>&1; tail -10 "$OUT/beam.log"; stamp beam; }
 cp bench/results/*.json "$OUT/" 2>/dev/null
 stamp all
