@@ -17,12 +17,15 @@ import os
 import torch
 import triton
 
-from kernels import matmul
+from kernels import matmul, matmul_tma
 
 SHAPES = {"3b": {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (22016, 2048), "down": (2048, 11008),
                  "lm_head": (151936, 2048)},
           "7b": {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944)}}
 BANDWIDTH_TB_S = 4.3
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried for the TMA kernel at large M.
+TMA_CANDIDATES = [(128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 5),
+                  (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 256, 64, 8, 4)]
 
 
 _WARM = {}
@@ -116,18 +119,22 @@ def sweep_range(n: int, k: int, num_rows: int, gen) -> dict:
     rows = []
     candidates = (itertools.product((64, 128), (64, 128), (64, 128), (4,), (3, 4)) if num_rows <= 512
                   else itertools.product((128,), (128, 256), (64, 128), (8,), (3, 4, 5)))
-    for tile in [default_tile] + list(candidates):
+    kernels = [(matmul.launch, tile, "pointer") for tile in [default_tile, *candidates]]
+    if num_rows > 512:   # the TMA / persistent kernel (kernels/matmul_tma.py) competes for large M
+        kernels += [(matmul_tma.launch, tile, "tma") for tile in TMA_CANDIDATES if split_len % tile[2] == 0]
+    for launch, tile, kind in kernels:
         try:
-            us = graph_us(lambda tile=tile: matmul.launch(x, w, None, tile, num_splits, split_len), calls)
+            us = graph_us(lambda tile=tile, launch=launch: launch(x, w, None, tile, num_splits, split_len), calls)
         except Exception as exc:
-            print("skip", tile, type(exc).__name__, flush=True)
+            print("skip", kind, tile, type(exc).__name__, flush=True)
             continue
-        rows.append({"tile": tile, "us": us, "tflops": 2 * num_rows * n * k / us / 1e6})
+        rows.append({"tile": tile, "kind": kind, "us": us, "tflops": 2 * num_rows * n * k / us / 1e6})
     default_row, ranked = rows[0], sorted(rows[1:], key=lambda r: r["us"])
     alone = torch.cat([matmul._triton(x[i:i + 1], w, None) for i in (0, num_rows // 2, num_rows - 1)])
     best = []
-    for row in ranked[:5]:
-        out = matmul.launch(x, w, None, row["tile"], num_splits, split_len)
+    for row in ranked[:6]:
+        launch = matmul_tma.launch if row["kind"] == "tma" else matmul.launch
+        out = launch(x, w, None, row["tile"], num_splits, split_len)
         row["invariant"] = bool(torch.equal(out[[0, num_rows // 2, num_rows - 1]], alone))
         best.append(row)
     cublas = graph_us(lambda: torch.nn.functional.linear(x, w), calls)
@@ -141,8 +148,15 @@ def write_range(result: dict, name_of_range: str) -> None:
     for name, entry in result.items():
         n, k = SHAPES[name.split("/")[0]][name.split("/")[1]]
         winners = [row for row in entry["best"] if row["invariant"]]
-        if winners and winners[0]["us"] < entry["default"]["us"] and f"{n},{k}" in device:
-            device[f"{n},{k}"][name_of_range] = list(winners[0]["tile"])
+        if not (winners and winners[0]["us"] < entry["default"]["us"] and f"{n},{k}" in device):
+            continue
+        shape = device[f"{n},{k}"]
+        pointer = [row for row in winners if row["kind"] == "pointer"]
+        if pointer:
+            shape[name_of_range] = list(pointer[0]["tile"])
+        shape.pop("large_tma", None)
+        if winners[0]["kind"] == "tma":   # used for 16-bit inputs; the pointer tile stays the fallback
+            shape["large_tma"] = list(winners[0]["tile"])
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     print("wrote", path, flush=True)
 
@@ -182,7 +196,7 @@ def main() -> None:
                 print(f"== {family}/{name} M={num_rows}: cuBLAS {entry['cublas_us']:.1f} us; default {d['tile']} "
                       f"{d['us']:.1f} us ({d['tflops']:.0f} TFLOP/s)", flush=True)
                 for row in entry["best"]:
-                    print(f"   tile {row['tile']}: {row['us']:.1f} us ({row['tflops']:.0f} TFLOP/s) "
+                    print(f"   {row['kind']} tile {row['tile']}: {row['us']:.1f} us ({row['tflops']:.0f} TFLOP/s) "
                           f"invariant={row['invariant']}", flush=True)
         if args.write_table:
             write_range(result, args.range)

@@ -1,0 +1,90 @@
+"""Batch-invariant linear for large M (prefill, mixed steps, vision rows) on Hopper: the same
+arithmetic as `kernels/matmul.py`'s `_linear_kernel` (fixed K ranges, one fp32 accumulator per
+range fed by tensor-core dots in K order, ranges summed in order, bias, one rounding), with the
+tiles brought in by the bulk tensor copy engine (TMA descriptors: no address math or masks per
+load, out-of-range rows and columns arrive as zeros) and a persistent grid (one program per SM
+walking output tiles, so one tile's epilogue overlaps the next tile's first loads).
+
+Caller: `kernels.matmul._triton` when the GPU's tuned table names a "large_tma" tile for the
+weight's shape (bench/tune_linear.py --range large checks every candidate bit-equal to the rows
+computed alone at M = 1 before it writes one). Only the tile schedule differs from the pointer
+kernel: which program computes an element, never how, so rows keep their bits across M.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+
+@triton.jit(do_not_specialize=["M", "NUM_SPLITS", "num_programs"])
+def _linear_tma_kernel(
+    x_desc, w_desc, bias_ptr, out_ptr, M, N, K, stride_om, SPLIT_LEN, NUM_SPLITS, num_programs,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # num_programs is a run-time value (the grid is min(tiles, SMs)): no compile per M.
+    # x_desc tiles [BLOCK_M, BLOCK_K] of x [M, K]; w_desc tiles [BLOCK_N, BLOCK_K] of weight [N, K].
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    for tile in range(tl.program_id(0), num_m * num_n, num_programs):
+        first_m = (tile // per_group) * GROUP_M
+        group_rows = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % per_group) % group_rows
+        pid_n = (tile % per_group) // group_rows
+        total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for split in range(0, NUM_SPLITS):
+            k_lo = split * SPLIT_LEN
+            k_hi = tl.minimum(k_lo + SPLIT_LEN, K)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):   # K past the end arrives as zeros, as the masked loads
+                a = x_desc.load([pid_m * BLOCK_M, k0])                               # [BLOCK_M, BLOCK_K]
+                b = w_desc.load([pid_n * BLOCK_N, k0])                               # [BLOCK_N, BLOCK_K]
+                acc = tl.dot(a, b.T, acc)
+            total += acc
+        rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        if HAS_BIAS:
+            total += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + rows[:, None] * stride_om + cols[None, :]
+        tl.store(out, total.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned bases and row strides, and 16-bit inputs here (float32 keeps the
+    pointer kernel's IEEE dots)."""
+    return (x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+            and x.stride(-1) == 1 and weight.stride(-1) == 1
+            and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+            and (x.stride(0) * x.element_size()) % 16 == 0 and (weight.stride(0) * weight.element_size()) % 16 == 0)
+
+
+def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           tile: tuple[int, int, int, int, int], num_splits: int, split_len: int) -> torch.Tensor:
+    """x [M, K], weight [N, K] -> [M, N] in x.dtype; tile = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
+    num_stages); K ranges as `kernels.matmul.k_split` gives them (split_len a multiple of BLOCK_K)."""
+    num_rows, num_cols = x.shape[0], weight.shape[0]
+    out = x.new_empty((num_rows, num_cols))
+    if num_rows == 0:
+        return out
+    block_m, block_n, block_k, num_warps, num_stages = tile
+    if split_len % block_k:
+        raise ValueError(f"split_len {split_len} is not a multiple of BLOCK_K {block_k}")
+    x_desc = TensorDescriptor.from_tensor(x, [block_m, block_k])
+    w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k])
+    num_tiles = triton.cdiv(num_rows, block_m) * triton.cdiv(num_cols, block_n)
+    num_programs = min(num_tiles, _num_sms(x.device.index or 0)) if x.is_cuda else num_tiles
+    _linear_tma_kernel[(num_programs,)](
+        x_desc, w_desc, bias if bias is not None else weight, out, num_rows, num_cols, x.shape[1],
+        out.stride(0), split_len, num_splits, num_programs, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps, num_stages=num_stages)
+    return out
