@@ -100,7 +100,10 @@ def test_load_weights_rejects_unknown_names():
     ours = Qwen2_5_VisionTransformer(config)
     gate_bias = torch.randn(8)
     assert ours.load_weights([("blocks.0.mlp.gate_proj.bias", gate_bias)]) == {"blocks.0.mlp.gate_proj.bias"}
-    assert torch.equal(ours.blocks[0].mlp.gate_proj.bias.detach(), gate_bias)
+    loaded = ours.blocks[0].mlp.gate_proj.bias.detach()   # the hidden width is zero-padded 8 -> 16
+    assert torch.equal(loaded[:8], gate_bias) and not loaded[8:].any()
+    with pytest.raises(ValueError, match="shape mismatch"):
+        ours.load_weights([("blocks.0.mlp.down_proj.weight", torch.zeros(16, 16))])   # checkpoint is [16, 8]
     with pytest.raises(ValueError, match="blocks.0.norm1.bias"):  # RMSNorm has no bias (Qwen2-VL's LayerNorm has)
         ours.load_weights([("blocks.0.norm1.bias", torch.zeros(16))])
 
