@@ -26,6 +26,8 @@ BANDWIDTH_TB_S = 4.3
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tried for the TMA kernel at large M.
 TMA_CANDIDATES = [(128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 5),
                   (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 256, 64, 8, 4)]
+TMA_MID_CANDIDATES = [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 128, 128, 4, 3), (128, 64, 64, 4, 4),
+                      (128, 128, 64, 8, 3), (64, 256, 64, 4, 3), (64, 64, 128, 4, 4)]
 
 
 _WARM = {}
@@ -120,8 +122,8 @@ def sweep_range(n: int, k: int, num_rows: int, gen) -> dict:
     candidates = (itertools.product((64, 128), (64, 128), (64, 128), (4,), (3, 4)) if num_rows <= 512
                   else itertools.product((128,), (128, 256), (64, 128), (8,), (3, 4, 5)))
     kernels = [(matmul.launch, tile, "pointer") for tile in [default_tile, *candidates]]
-    if num_rows > 512:   # the TMA / persistent kernel (kernels/matmul_tma.py) competes for large M
-        kernels += [(matmul_tma.launch, tile, "tma") for tile in TMA_CANDIDATES if split_len % tile[2] == 0]
+    tma_tiles = TMA_CANDIDATES if num_rows > 512 else TMA_MID_CANDIDATES   # kernels/matmul_tma.py competes
+    kernels += [(matmul_tma.launch, tile, "tma") for tile in tma_tiles if split_len % tile[2] == 0]
     for launch, tile, kind in kernels:
         try:
             us = graph_us(lambda tile=tile, launch=launch: launch(x, w, None, tile, num_splits, split_len), calls)
@@ -154,9 +156,9 @@ def write_range(result: dict, name_of_range: str) -> None:
         pointer = [row for row in winners if row["kind"] == "pointer"]
         if pointer:
             shape[name_of_range] = list(pointer[0]["tile"])
-        shape.pop("large_tma", None)
+        shape.pop(f"{name_of_range}_tma", None)
         if winners[0]["kind"] == "tma":   # used for 16-bit inputs; the pointer tile stays the fallback
-            shape["large_tma"] = list(winners[0]["tile"])
+            shape[f"{name_of_range}_tma"] = list(winners[0]["tile"])
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     print("wrote", path, flush=True)
 

@@ -123,7 +123,7 @@ _MID_M = 512
 # graph replays at M = 1 and 64; every entry checked bit-equal to the large-M path on that GPU):
 # {device name: {"N,K": {"tile": [BLOCK_N, BLOCK_K, num_warps, num_stages], "splits": [S, len],
 #   "mid" / "large" (optional, M <= 512 / above): [BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages],
-#   "large_tma" (optional, above 512, 16-bit inputs): the same for kernels/matmul_tma.py's TMA kernel}}}.
+#   "mid_tma" / "large_tma" (optional, 16-bit inputs): the same for kernels/matmul_tma.py's TMA kernel}}}.
 # Any BLOCK_K gives the same bits: the tensor-core dots accumulate 16-wide K slices in K order.
 _TUNED_PATH = Path(__file__).with_name("linear_tiles.json")
 
@@ -189,8 +189,8 @@ def _triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         block_n, block_k, num_warps, num_stages = entry["tile"]
         return launch(x, weight, bias, (64, block_n, block_k, num_warps, num_stages), num_splits, split_len)
     tuned_range = "mid" if num_rows <= _MID_M else "large"
-    if entry is not None and tuned_range == "large" and "large_tma" in entry and matmul_tma.supports(x, weight):
-        return matmul_tma.launch(x, weight, bias, tuple(entry["large_tma"]), num_splits, split_len)
+    if entry is not None and f"{tuned_range}_tma" in entry and matmul_tma.supports(x, weight):
+        return matmul_tma.launch(x, weight, bias, tuple(entry[f"{tuned_range}_tma"]), num_splits, split_len)
     if entry is not None and tuned_range in entry:   # [BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages]
         return launch(x, weight, bias, tuple(entry[tuned_range]), num_splits, split_len)
     block_m, block_n, num_warps, num_stages = config or tile_config(num_rows, num_cols)

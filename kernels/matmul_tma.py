@@ -1,12 +1,12 @@
-"""Batch-invariant linear for large M (prefill, mixed steps, vision rows) on Hopper: the same
+"""Batch-invariant linear for mid and large M (wide decode batches, prefill, mixed steps) on Hopper: the same
 arithmetic as `kernels/matmul.py`'s `_linear_kernel` (fixed K ranges, one fp32 accumulator per
 range fed by tensor-core dots in K order, ranges summed in order, bias, one rounding), with the
 tiles brought in by the bulk tensor copy engine (TMA descriptors: no address math or masks per
 load, out-of-range rows and columns arrive as zeros) and a persistent grid (one program per SM
 walking output tiles, so one tile's epilogue overlaps the next tile's first loads).
 
-Caller: `kernels.matmul._triton` when the GPU's tuned table names a "large_tma" tile for the
-weight's shape (bench/tune_linear.py --range large checks every candidate bit-equal to the rows
+Caller: `kernels.matmul._triton` when the GPU's tuned table names a "mid_tma" / "large_tma" tile
+for the weight's shape (bench/tune_linear.py --range mid|large checks every candidate bit-equal to the rows
 computed alone at M = 1 before it writes one). Only the tile schedule differs from the pointer
 kernel: which program computes an element, never how, so rows keep their bits across M.
 """
