@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One device call that validates kernel changes before the long benchmarks (carry build/h11wheels):
+# mid-M GEMM tiles (TMA candidates included; written to kernels/linear_tiles.json and copied to $OUT),
+# every Triton kernel against its torch reference at real sizes (bench/check_kernels.py), row
+# invariance of the linear across M (run_all --parts linear), float32 VL parity against transformers
+# on the GPU (bench/check_vl_gpu.py), then the W2 kernel profile (deterministic).
+set -uo pipefail
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site build/h11wheels/*.whl
+export PYTHONPATH=$(pwd):/tmp/site
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+start=$(date +%s)
+stamp() { echo "[$1 done at $(( $(date +%s) - start )) s]"; }
+if [[ ${TUNE_MID:-1} == 1 ]]; then
+  timeout 150 python3 bench/tune_linear.py --range mid --write-table > "$OUT/tune_mid.log" 2>&1; echo "tune rc=$?"
+  grep -E "==|invariant" "$OUT/tune_mid.log" | head -30; cp kernels/linear_tiles.json "$OUT/"; stamp tune
+fi
+timeout 120 python3 bench/check_kernels.py > "$OUT/check_kernels.log" 2>&1; echo "check_kernels rc=$?"
+grep -v -i warn "$OUT/check_kernels.log" | tail -30; stamp kernels
+timeout 90 python3 bench/run_all.py --parts linear > "$OUT/linear.log" 2>&1; echo "linear rc=$?"
+grep -v -i warn "$OUT/linear.log" | tail -8; stamp linear
+timeout 120 python3 bench/check_vl_gpu.py > "$OUT/check.log" 2>&1; echo "check_vl rc=$?"
+grep -E "tokens|OK|FAIL|Error|error" "$OUT/check.log" | tail -10; stamp check_vl
+timeout 90 python3 bench/profile_gpu.py --part w2 2>&1 | grep -v -i warn | head -16; stamp w2
