@@ -16,6 +16,11 @@ second kernel (`launch(two_launch=True)`, kept as the oracle). BLOCK_K and the i
 (tensor-core dot with >= 64 rows) are fixed; only BLOCK_N (and the grid) grow with M, which
 changes which program computes an element, not how. bench/check_determinism.py checks the
 row results bit for bit across M on the GPU.
+
+`kernels.batch_invariant_linear_silu_mul` (the MLP's gate_up + SiluAndMul in deterministic mode)
+runs the same kernel with SILU_MUL: a program computes columns n of the gate half and of the up
+half of the [2I, K] weight, each exactly as the plain product does (that weight's K split), rounds
+both, and applies kernels/activation.py's `silu_mul`: one launch instead of two, same bits.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.activation import _reference as _activation_reference
+from kernels.activation import silu_mul
+
 BLOCK_K = 64
 
 
@@ -41,17 +49,20 @@ def _reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 @triton.jit(do_not_specialize=["M", "NUM_SPLITS"])
 def _linear_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-    SPLIT_LEN, NUM_SPLITS,
+    stride_pm, SPLIT_LEN, NUM_SPLITS,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, IS_FP32: tl.constexpr, WRITE_PARTIAL: tl.constexpr, SUM_IN_KERNEL: tl.constexpr,
+    SILU_MUL: tl.constexpr,
 ):
     # Program -> (row tile, column tile), row tiles grouped by GROUP_M so weight tiles stay in L2.
     # K is cut into NUM_SPLITS ranges of SPLIT_LEN elements (fixed by the weight's shape, never by
     # M; a multiple of every BLOCK_K used). Each range gets its own fp32 accumulator from zero, fed
     # by tensor-core dots in K order, and the ranges are summed in order: ((0 + acc_0) + acc_1) + ...
-    # WRITE_PARTIAL (small M): program axis 1 is the range, its accumulator goes to partial[s, M, N]
+    # WRITE_PARTIAL (small M): program axis 1 is the range, its accumulator goes to partial[s, M, :]
     # and the tile's last program to finish (SUM_IN_KERNEL; else _sum_partials_kernel) adds them in
     # the same order; otherwise one program walks every range itself. Same arithmetic either way.
+    # SILU_MUL: the weight is [gate; up] (2N rows), out [M, N] = silu(gate cols) * (up cols): each
+    # half computed as the plain product of the [2N, K] weight computes it (partial [S, M, 2N]).
     pid = tl.program_id(0)
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n
@@ -62,20 +73,30 @@ def _linear_kernel(
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)                   # [BLOCK_M]
     cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)                   # [BLOCK_N]
     mask = (rows[:, None] < M) & (cols[None, :] < N)
+    first_split, last_split = 0, NUM_SPLITS
     if WRITE_PARTIAL:
-        total = _range_sums(x_ptr, w_ptr, rows, cols, M, N, K, stride_xm, stride_wn, tl.program_id(1),
-                            tl.program_id(1) + 1, SPLIT_LEN, BLOCK_M, BLOCK_N, BLOCK_K, IS_FP32)
-        partial = partial_ptr + (tl.program_id(1) * M + rows[:, None]) * N + cols[None, :]
+        first_split, last_split = tl.program_id(1), tl.program_id(1) + 1
+    total = _range_sums(x_ptr, w_ptr, rows, cols, M, N, K, stride_xm, stride_wn, first_split, last_split,
+                        SPLIT_LEN, BLOCK_M, BLOCK_N, BLOCK_K, IS_FP32)            # [BLOCK_M, BLOCK_N] fp32
+    total_up = total
+    if SILU_MUL:
+        total_up = _range_sums(x_ptr, w_ptr + N * stride_wn, rows, cols, M, N, K, stride_xm, stride_wn,
+                               first_split, last_split, SPLIT_LEN, BLOCK_M, BLOCK_N, BLOCK_K, IS_FP32)
+    if WRITE_PARTIAL:
+        partial = partial_ptr + (tl.program_id(1) * M + rows[:, None]) * stride_pm + cols[None, :]
         tl.store(partial, total, mask=mask)
+        if SILU_MUL:
+            tl.store(partial + N, total_up, mask=mask)
         if SUM_IN_KERNEL:
             if _last_to_finish(counter_ptr + pid, NUM_SPLITS):
-                total = _sum_partials(partial_ptr, rows, cols, mask, M, N, NUM_SPLITS, BLOCK_M, BLOCK_N)
+                total = _sum_partials(partial_ptr, rows, cols, mask, M, stride_pm, NUM_SPLITS, BLOCK_M, BLOCK_N)
+                if SILU_MUL:
+                    total_up = _sum_partials(partial_ptr + N, rows, cols, mask, M, stride_pm, NUM_SPLITS,
+                                             BLOCK_M, BLOCK_N)
                 tl.store(counter_ptr + pid, 0)        # clean for the next launch / graph replay
-                _store_rounded(total, bias_ptr, out_ptr, rows, cols, mask, N, stride_om, HAS_BIAS)
+                _epilogue(total, total_up, bias_ptr, out_ptr, rows, cols, mask, N, stride_om, HAS_BIAS, SILU_MUL)
     else:
-        total = _range_sums(x_ptr, w_ptr, rows, cols, M, N, K, stride_xm, stride_wn, 0, NUM_SPLITS,
-                            SPLIT_LEN, BLOCK_M, BLOCK_N, BLOCK_K, IS_FP32)
-        _store_rounded(total, bias_ptr, out_ptr, rows, cols, mask, N, stride_om, HAS_BIAS)
+        _epilogue(total, total_up, bias_ptr, out_ptr, rows, cols, mask, N, stride_om, HAS_BIAS, SILU_MUL)
 
 
 @triton.jit
@@ -118,24 +139,35 @@ def _last_to_finish(counter_ptr, NUM_SPLITS):
 
 
 @triton.jit
-def _sum_partials(partial_ptr, rows, cols, mask, M, N, NUM_SPLITS, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # ((0 + partial[0]) + partial[1]) + ... for one [BLOCK_M, BLOCK_N] tile of partial [S, M, N]
+def _sum_partials(partial_ptr, rows, cols, mask, M, stride_pm, NUM_SPLITS,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # ((0 + partial[0]) + partial[1]) + ... for one [BLOCK_M, BLOCK_N] tile of partial [S, M, *]
     # fp32, exactly _sum_partials_kernel's adds. ".cg": read from L2, where the other programs'
     # (other SMs') stores landed; this SM's L1 is not coherent with them.
     total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for split in range(0, NUM_SPLITS):
-        partial = partial_ptr + (split * M + rows[:, None]) * N + cols[None, :]
+        partial = partial_ptr + (split * M + rows[:, None]) * stride_pm + cols[None, :]
         total += tl.load(partial, mask=mask, other=0.0, cache_modifier=".cg")
     return total
 
 
 @triton.jit
-def _store_rounded(total, bias_ptr, out_ptr, rows, cols, mask, N, stride_om, HAS_BIAS: tl.constexpr):
-    # out[rows, cols] = round(total + bias): the one rounding to the output dtype.
+def _with_bias(total, bias_ptr, cols, N, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         total += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rows[:, None] * stride_om + cols[None, :]
-    tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
+    return total
+
+
+@triton.jit
+def _epilogue(total, total_up, bias_ptr, out_ptr, rows, cols, mask, N, stride_om,
+              HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr):
+    # out[rows, cols] = round(total + bias), the one rounding to the output dtype; SILU_MUL: both
+    # halves rounded so (the gate_up output), then kernels/activation.py's arithmetic on them.
+    value = _with_bias(total, bias_ptr, cols, N, HAS_BIAS).to(out_ptr.dtype.element_ty)
+    if SILU_MUL:
+        up = _with_bias(total_up, bias_ptr + N, cols, N, HAS_BIAS).to(out_ptr.dtype.element_ty)
+        value = silu_mul(value, up)
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], value, mask=mask)
 
 
 @triton.jit(do_not_specialize=["M", "NUM_SPLITS"])
@@ -244,6 +276,20 @@ def _triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return launch(x, weight, bias, *plan(x.shape[0], weight.shape[0], x.shape[1], x.is_cuda, config))
 
 
+def _triton_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K], weight [2I, K] = [gate; up], bias [2I] or None -> silu(x @ gate^T) * (x @ up^T): [M, I],
+    the bits of silu_and_mul(_triton(x, weight, bias)) in one launch: the [2I, K] weight's K split,
+    and its tile with half the columns per half (a program holds a gate and an up accumulator)."""
+    (block_m, block_n, block_k, num_warps, num_stages), num_splits, split_len = plan(
+        x.shape[0], weight.shape[0], x.shape[1], x.is_cuda)
+    tile = (block_m, max(16, block_n // 2), block_k, num_warps, num_stages)
+    return launch(x, weight, bias, tile, num_splits, split_len, silu_mul=True)
+
+
+def _reference_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _activation_reference(F.linear(x, weight, bias))
+
+
 # Per-device tile counters of the in-kernel split sum: int32, zero between launches (each tile's
 # last program resets its own). Launches on one device share them, so they must not overlap in
 # time: the engine runs its linears on one stream. A CUDA graph keeps the buffer's address, so a
@@ -270,29 +316,32 @@ def tile_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
 
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            tile: tuple[int, int, int, int, int], num_splits: int, split_len: int,
-           two_launch: bool = False) -> torch.Tensor:
+           two_launch: bool = False, silu_mul: bool = False) -> torch.Tensor:
     """One product with an explicit tile (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) and
-    K split; bench/tune_linear.py sweeps these. two_launch: small M sums the K ranges in a second
-    kernel (the former path, the oracle of tests and bench; same bits). -> [M, N] in x.dtype."""
+    K split; bench/tune_linear.py sweeps these. -> [M, N] in x.dtype. two_launch: small M sums the
+    K ranges in a second kernel (the former path, the oracle of tests and bench; same bits).
+    silu_mul: weight (and bias) are [gate; up] with N = 2I rows -> silu(gate) * up: [M, I]."""
     if x.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError("x and weight must be contiguous in K")
-    num_rows, num_cols = x.shape[0], weight.shape[0]
+    if silu_mul and (two_launch or weight.shape[0] % 2):
+        raise ValueError("silu_mul needs an even number of weight rows ([gate; up]) and the in-kernel sum")
+    num_rows, num_cols = x.shape[0], weight.shape[0] // (2 if silu_mul else 1)
     out = x.new_empty((num_rows, num_cols))
     if num_rows == 0:
         return out
     block_m, block_n, block_k, num_warps, num_stages = tile
-    num_stages = fit_num_stages(block_m, block_n, num_stages, x.element_size(), block_k)
+    num_stages = fit_num_stages(block_m, block_n * (2 if silu_mul else 1), num_stages, x.element_size(), block_k)
     write_partial = num_splits > 1 and num_rows <= _SMALL_M
     num_tiles = triton.cdiv(num_rows, block_m) * triton.cdiv(num_cols, block_n)
-    partial = (torch.empty((num_splits, num_rows, num_cols), dtype=torch.float32, device=x.device)
-               if write_partial else out)                                          # [S, M, N] fp32
+    partial = (torch.empty((num_splits, num_rows, weight.shape[0]), dtype=torch.float32, device=x.device)
+               if write_partial else out)                                          # [S, M, N or 2I] fp32
     counters = tile_counters(x.device, num_tiles) if write_partial and not two_launch else partial
     _linear_kernel[(num_tiles, num_splits if write_partial else 1)](
         x, weight, bias if bias is not None else weight, out, partial, counters, num_rows, num_cols, x.shape[1],
-        x.stride(0), weight.stride(0), out.stride(0), split_len, num_splits,
+        x.stride(0), weight.stride(0), out.stride(0), partial.stride(-2), split_len, num_splits,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
         IS_FP32=x.dtype == torch.float32, WRITE_PARTIAL=write_partial, SUM_IN_KERNEL=not two_launch,
-        num_warps=num_warps, num_stages=num_stages)
+        SILU_MUL=silu_mul, num_warps=num_warps, num_stages=num_stages)
     if write_partial and two_launch:
         block = 1024
         _sum_partials_kernel[(triton.cdiv(num_rows * num_cols, block),)](

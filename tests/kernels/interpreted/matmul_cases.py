@@ -95,3 +95,39 @@ def test_split_rows_equal_alone_inside_64_and_300(depth):
         alone = matmul_module._triton(x[row:row + 1], weight, bias)
         assert torch.equal(batched[64][row:row + 1], alone), row
         assert torch.equal(batched[300][row:row + 1], alone), row
+
+
+# (rows, intermediate, depth): the [2I, depth] gate_up weight gets 1, 2, 4 and 3 K ranges (k_split).
+SILU_CASES = [(1, 24, 130), (3, 24, 600), (17, 24, 1024), (64, 33, 720), (65, 20, 600), (300, 24, 720)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows,intermediate,depth", SILU_CASES)
+def test_fused_gate_up_silu_mul_equals_linear_then_activation(rows, intermediate, depth, dtype):
+    """One launch for silu(x @ gate^T) * (x @ up^T): the bits of batch_invariant_linear on the
+    [gate; up] weight followed by silu_and_mul, with and without bias, every M path."""
+    gen = torch.Generator().manual_seed(rows + depth)
+    x = torch.randn(rows, depth, generator=gen).to(dtype)
+    weight = (torch.randn(2 * intermediate, depth, generator=gen) * depth ** -0.5).to(dtype)
+    bias = torch.randn(2 * intermediate, generator=gen).to(dtype)
+    num_splits = matmul_module.k_split(2 * intermediate, depth)[0]
+    assert num_splits == {130: 1, 600: 2, 1024: 4, 720: 3}[depth], num_splits
+    for b in (None, bias):
+        fused = kernels.batch_invariant_linear_silu_mul(x, weight, b)
+        oracle = kernels.silu_and_mul(kernels.batch_invariant_linear(x, weight, b))
+        assert fused.shape == (rows, intermediate) and fused.dtype == dtype
+        assert torch.equal(fused, oracle), (b is None, (fused.float() - oracle.float()).abs().max())
+    expected = matmul_module._reference_silu_mul(x.double(), weight.double(), bias.double())
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(fused.double(), expected, **tol)
+    counters = matmul_module._COUNTERS.get(x.device)
+    assert counters is None or not counters.any()
+
+
+def test_fused_silu_mul_rows_equal_alone_inside_64_and_300():
+    gen = torch.Generator().manual_seed(3)
+    x, weight = torch.randn(300, 720, generator=gen).half(), (torch.randn(48, 720, generator=gen) * 0.04).half()
+    batched = {rows: kernels.batch_invariant_linear_silu_mul(x[:rows], weight) for rows in (64, 300)}
+    for row in (0, 7, 63):
+        alone = kernels.batch_invariant_linear_silu_mul(x[row:row + 1], weight)
+        assert torch.equal(batched[64][row:row + 1], alone) and torch.equal(batched[300][row:row + 1], alone), row
