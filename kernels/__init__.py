@@ -23,7 +23,8 @@ from kernels import rotary as _rotary
 from kernels import store_kv as _store_kv
 
 __all__ = [
-    "apply_rotary", "apply_token_bitmask_inplace", "batch_invariant_linear", "fused_add_rms_norm",
+    "apply_rotary", "apply_token_bitmask_inplace", "batch_invariant_linear", "batch_invariant_linear_silu_mul",
+    "fused_add_rms_norm",
     "paged_attention", "rms_norm", "silu_and_mul", "store_kv", "uses_triton",
 ]
 
@@ -121,6 +122,16 @@ def batch_invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     if uses_triton(x):
         return _matmul._triton(x, weight, bias)
     return _matmul._reference(x, weight, bias)
+
+
+def batch_invariant_linear_silu_mul(x: torch.Tensor, weight_gate_up: torch.Tensor,
+                                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [num_tokens, in], weight_gate_up: [2 * I, in] = [gate; up], bias: [2 * I] -> [num_tokens, I]:
+    silu_and_mul(batch_invariant_linear(x, weight_gate_up, bias)) bit for bit, in one launch (no
+    [num_tokens, 2 * I] intermediate). CPU: F.linear, then silu_and_mul's reference."""
+    if uses_triton(x):
+        return _matmul._triton_silu_mul(x, weight_gate_up, bias)
+    return _matmul._reference_silu_mul(x, weight_gate_up, bias)
 
 
 def apply_token_bitmask_inplace(

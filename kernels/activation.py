@@ -2,7 +2,7 @@
 (silu result cast to the input dtype, then the product cast again).
 
 Caller: `kernels.silu_and_mul` (dispatch in `kernels/__init__.py`), from the engine's MLP with a
-merged gate_up projection.
+merged gate_up projection; `silu_mul` also from kernels/matmul.py's fused gate_up + activation.
 """
 
 from __future__ import annotations
@@ -19,16 +19,23 @@ def _reference(x: torch.Tensor) -> torch.Tensor:   # x: [num_tokens, 2 * interme
 
 
 @triton.jit
+def silu_mul(gate, up):
+    # gate, up: same-shape tensors in the model dtype -> silu(gate) * up in that dtype, rounded as
+    # HF does. Shared with kernels/matmul.py's fused gate_up (batch_invariant_linear_silu_mul).
+    gate = gate.to(tl.float32)
+    activated = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)                   # HF rounds silu first
+    return (activated.to(tl.float32) * up.to(tl.float32)).to(up.dtype)
+
+
+@triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, intermediate, stride_x, stride_o, BLOCK: tl.constexpr):
     # Program (token, column block).
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < intermediate
-    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(x_ptr + row * stride_x + intermediate + cols, mask=mask, other=0.0).to(tl.float32)
-    activated = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty)     # HF rounds silu first
-    out = activated.to(tl.float32) * up
-    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x + intermediate + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * stride_o + cols, silu_mul(gate, up), mask=mask)
 
 
 def _triton(x: torch.Tensor) -> torch.Tensor:

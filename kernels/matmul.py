@@ -6,12 +6,21 @@ linear layers when DeviceConfig.deterministic is on (the default). cuBLAS picks 
 shape, split-K, stream-K) by M, so a request's logits change with what else is in the batch;
 here each output element is a fixed number of fp32 accumulators, one per K range (the ranges
 depend on the weight's [N, K] only), each fed by tl.dot over its range in BLOCK_K steps, summed in
-range order, then the bias is added and the sum rounded once. Small M writes the per-range sums
-and a second kernel adds them (many programs stream the weight: decode is bandwidth-bound); large
-M adds them inside one program (no extra traffic); the additions are the same. BLOCK_K and the instruction family
+range order, then the bias is added and the sum rounded once. Small M (<= 64) runs one program
+per (tile, range) (many programs stream the weight: decode is bandwidth-bound); each writes its
+range's fp32 sum to partial[S, M, N] and takes a ticket on the tile's counter (an acq_rel atomic),
+and the tile's last program re-reads the S sums in range order and finishes the tile in the same
+launch (counters: `tile_counters`, reset by that program). Large M adds the ranges inside one
+program (no extra traffic). The additions are the same either way, and the same as the former
+second kernel (`launch(two_launch=True)`, kept as the oracle). BLOCK_K and the instruction family
 (tensor-core dot with >= 64 rows) are fixed; only BLOCK_N (and the grid) grow with M, which
 changes which program computes an element, not how. bench/check_determinism.py checks the
 row results bit for bit across M on the GPU.
+
+`kernels.batch_invariant_linear_silu_mul` (the MLP's gate_up + SiluAndMul in deterministic mode)
+runs the same kernel with SILU_MUL: a program computes columns n of the gate half and of the up
+half of the [2I, K] weight, each exactly as the plain product does (that weight's K split), rounds
+both, and applies kernels/activation.py's `silu_mul`: one launch instead of two, same bits.
 """
 
 from __future__ import annotations
@@ -26,6 +35,9 @@ import triton
 import triton.language as tl
 
 from kernels import matmul_tma
+from kernels.activation import _reference as _activation_reference
+from kernels.activation import _triton as _activation_triton
+from kernels.activation import silu_mul
 
 BLOCK_K = 64
 
@@ -38,18 +50,21 @@ def _reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 # specialisation is what lets the loads be 16-byte vectors (without it they run 4x slower).
 @triton.jit(do_not_specialize=["M", "NUM_SPLITS"])
 def _linear_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr, partial_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-    SPLIT_LEN, NUM_SPLITS,
+    x_ptr, w_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+    stride_pm, SPLIT_LEN, NUM_SPLITS,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, IS_FP32: tl.constexpr, WRITE_PARTIAL: tl.constexpr,
+    GROUP_M: tl.constexpr, IS_FP32: tl.constexpr, WRITE_PARTIAL: tl.constexpr, SUM_IN_KERNEL: tl.constexpr,
+    SILU_MUL: tl.constexpr,
 ):
     # Program -> (row tile, column tile), row tiles grouped by GROUP_M so weight tiles stay in L2.
     # K is cut into NUM_SPLITS ranges of SPLIT_LEN elements (fixed by the weight's shape, never by
     # M; a multiple of every BLOCK_K used). Each range gets its own fp32 accumulator from zero, fed
     # by tensor-core dots in K order, and the ranges are summed in order: ((0 + acc_0) + acc_1) + ...
-    # WRITE_PARTIAL (small M): program axis 1 is the range, its accumulator goes to partial[s, M, N]
-    # and _sum_partials_kernel adds them in the same order; otherwise one program walks every
-    # range itself. Same arithmetic either way.
+    # WRITE_PARTIAL (small M): program axis 1 is the range, its accumulator goes to partial[s, M, :]
+    # and the tile's last program to finish (SUM_IN_KERNEL; else _sum_partials_kernel) adds them in
+    # the same order; otherwise one program walks every range itself. Same arithmetic either way.
+    # SILU_MUL: the weight is [gate; up] (2N rows), out [M, N] = silu(gate cols) * (up cols): each
+    # half computed as the plain product of the [2N, K] weight computes it (partial [S, M, 2N]).
     pid = tl.program_id(0)
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_n
@@ -59,13 +74,39 @@ def _linear_kernel(
     pid_n = (pid % per_group) // group_rows
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)                   # [BLOCK_M]
     cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)                   # [BLOCK_N]
-    ks = tl.arange(0, BLOCK_K)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    first_split, last_split = 0, NUM_SPLITS
     if WRITE_PARTIAL:
-        first_split = tl.program_id(1)
-        last_split = first_split + 1
+        first_split, last_split = tl.program_id(1), tl.program_id(1) + 1
+    total = _range_sums(x_ptr, w_ptr, rows, cols, M, N, K, stride_xm, stride_wn, first_split, last_split,
+                        SPLIT_LEN, BLOCK_M, BLOCK_N, BLOCK_K, IS_FP32)            # [BLOCK_M, BLOCK_N] fp32
+    total_up = total
+    if SILU_MUL:
+        total_up = _range_sums(x_ptr, w_ptr + N * stride_wn, rows, cols, M, N, K, stride_xm, stride_wn,
+                               first_split, last_split, SPLIT_LEN, BLOCK_M, BLOCK_N, BLOCK_K, IS_FP32)
+    if WRITE_PARTIAL:
+        partial = partial_ptr + (tl.program_id(1) * M + rows[:, None]) * stride_pm + cols[None, :]
+        tl.store(partial, total, mask=mask)
+        if SILU_MUL:
+            tl.store(partial + N, total_up, mask=mask)
+        if SUM_IN_KERNEL:
+            if _last_to_finish(counter_ptr + pid, NUM_SPLITS):
+                total = _sum_partials(partial_ptr, rows, cols, mask, M, stride_pm, NUM_SPLITS, BLOCK_M, BLOCK_N)
+                if SILU_MUL:
+                    total_up = _sum_partials(partial_ptr + N, rows, cols, mask, M, stride_pm, NUM_SPLITS,
+                                             BLOCK_M, BLOCK_N)
+                tl.store(counter_ptr + pid, 0)        # clean for the next launch / graph replay
+                _epilogue(total, total_up, bias_ptr, out_ptr, rows, cols, mask, N, stride_om, HAS_BIAS, SILU_MUL)
     else:
-        first_split = 0
-        last_split = NUM_SPLITS
+        _epilogue(total, total_up, bias_ptr, out_ptr, rows, cols, mask, N, stride_om, HAS_BIAS, SILU_MUL)
+
+
+@triton.jit
+def _range_sums(x_ptr, w_ptr, rows, cols, M, N, K, stride_xm, stride_wn, first_split, last_split, SPLIT_LEN,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_FP32: tl.constexpr):
+    # ((0 + acc_first) + ...) + acc_{last - 1}: [BLOCK_M, BLOCK_N] fp32 for x[rows] @ w[cols]^T over
+    # K ranges [first_split, last_split), each range its own accumulator fed in K order.
+    ks = tl.arange(0, BLOCK_K)
     total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for split in range(first_split, last_split):
         k_lo = tl.multiple_of(split * SPLIT_LEN, 256)
@@ -84,21 +125,58 @@ def _linear_kernel(
             x_tile += BLOCK_K
             w_tile += BLOCK_K
         total += acc
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
-    if WRITE_PARTIAL:
-        partial = partial_ptr + (tl.program_id(1) * M + rows[:, None]) * N + cols[None, :]
-        tl.store(partial, total, mask=mask)
-    else:
-        if HAS_BIAS:
-            total += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + rows[:, None] * stride_om + cols[None, :]
-        tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
+    return total
+
+
+@triton.jit
+def _last_to_finish(counter_ptr, NUM_SPLITS):
+    # Ticket on this output tile's counter (scalar int32): True for the program that stores the
+    # tile's last partial. The barrier puts every thread's partial stores before the release half
+    # of the gpu-scope atomic (the CUTLASS split-K semaphore pattern); its acquire half, seen by the
+    # whole program through the broadcast of the result, puts the other programs' stores before our
+    # loads (which bypass L1: _sum_partials).
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    return ticket == NUM_SPLITS - 1
+
+
+@triton.jit
+def _sum_partials(partial_ptr, rows, cols, mask, M, stride_pm, NUM_SPLITS,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # ((0 + partial[0]) + partial[1]) + ... for one [BLOCK_M, BLOCK_N] tile of partial [S, M, *]
+    # fp32, exactly _sum_partials_kernel's adds. ".cg": read from L2, where the other programs'
+    # (other SMs') stores landed; this SM's L1 is not coherent with them.
+    total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for split in range(0, NUM_SPLITS):
+        partial = partial_ptr + (split * M + rows[:, None]) * stride_pm + cols[None, :]
+        total += tl.load(partial, mask=mask, other=0.0, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
+def _with_bias(total, bias_ptr, cols, N, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    return total
+
+
+@triton.jit
+def _epilogue(total, total_up, bias_ptr, out_ptr, rows, cols, mask, N, stride_om,
+              HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr):
+    # out[rows, cols] = round(total + bias), the one rounding to the output dtype; SILU_MUL: both
+    # halves rounded so (the gate_up output), then kernels/activation.py's arithmetic on them.
+    value = _with_bias(total, bias_ptr, cols, N, HAS_BIAS).to(out_ptr.dtype.element_ty)
+    if SILU_MUL:
+        up = _with_bias(total_up, bias_ptr + N, cols, N, HAS_BIAS).to(out_ptr.dtype.element_ty)
+        value = silu_mul(value, up)
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], value, mask=mask)
 
 
 @triton.jit(do_not_specialize=["M", "NUM_SPLITS"])
 def _sum_partials_kernel(partial_ptr, bias_ptr, out_ptr, M, N, stride_om, NUM_SPLITS,
                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-    # out[m, n] = ((0 + partial[0, m, n]) + partial[1, m, n]) + ... (+ bias), rounded once.
+    # The former second launch, kept as the oracle of the in-kernel sum (launch(two_launch=True):
+    # tests, bench/check_determinism.py). out[m, n] = ((0 + partial[0, m, n]) + ...) (+ bias), rounded once.
     pid = tl.program_id(0)
     offsets = (pid * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)                      # [BLOCK] of M * N
     mask = offsets < M * N
@@ -179,47 +257,102 @@ def fit_num_stages(block_m: int, block_n: int, num_stages: int, element_size: in
     return max(1, min(num_stages, _SHARED_MEMORY_BUDGET // per_stage))
 
 
+def plan(num_rows: int, num_cols: int, k: int, on_cuda: bool,
+         config: tuple[int, int, int, int] | None = None) -> tuple[tuple[int, int, int, int, int], int, int]:
+    """(tile, num_splits, split_len) for x [num_rows, k] @ weight [num_cols, k]^T: the tuned entry
+    for the shape when there is one (CUDA, no explicit config), else tile_config / config."""
+    num_splits, split_len = k_split(num_cols, k)
+    entry = tuned_entry(num_cols, k) if on_cuda and config is None else None
+    if entry is not None and num_rows <= _SMALL_M:
+        block_n, block_k, num_warps, num_stages = entry["tile"]
+        return (64, block_n, block_k, num_warps, num_stages), num_splits, split_len
+    tuned_range = "mid" if num_rows <= _MID_M else "large"
+    if entry is not None and tuned_range in entry:   # [BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages]
+        return tuple(entry[tuned_range]), num_splits, split_len
+    block_m, block_n, num_warps, num_stages = config or tile_config(num_rows, num_cols)
+    return (block_m, block_n, BLOCK_K, num_warps, num_stages), num_splits, split_len
+
+
 def _triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """x [M, K], weight [N, K], bias [N] or None -> [M, N] in x.dtype."""
-    num_rows, num_cols = x.shape[0], weight.shape[0]
-    num_splits, split_len = k_split(num_cols, x.shape[1])
-    entry = tuned_entry(num_cols, x.shape[1]) if x.is_cuda and config is None else None
-    if entry is not None and num_rows <= _SMALL_M:
-        block_n, block_k, num_warps, num_stages = entry["tile"]
-        return launch(x, weight, bias, (64, block_n, block_k, num_warps, num_stages), num_splits, split_len)
-    tuned_range = "mid" if num_rows <= _MID_M else "large"
-    if entry is not None and f"{tuned_range}_tma" in entry and matmul_tma.supports(x, weight):
-        return matmul_tma.launch(x, weight, bias, tuple(entry[f"{tuned_range}_tma"]), num_splits, split_len)
-    if entry is not None and tuned_range in entry:   # [BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages]
-        return launch(x, weight, bias, tuple(entry[tuned_range]), num_splits, split_len)
-    block_m, block_n, num_warps, num_stages = config or tile_config(num_rows, num_cols)
-    return launch(x, weight, bias, (block_m, block_n, BLOCK_K, num_warps, num_stages), num_splits, split_len)
+    entry = tuned_entry(weight.shape[0], x.shape[1]) if x.is_cuda and config is None else None
+    tma_range = None if x.shape[0] <= _SMALL_M else ("mid_tma" if x.shape[0] <= _MID_M else "large_tma")
+    if entry is not None and tma_range in entry and matmul_tma.supports(x, weight):
+        num_splits, split_len = k_split(weight.shape[0], x.shape[1])
+        return matmul_tma.launch(x, weight, bias, tuple(entry[tma_range]), num_splits, split_len)
+    return launch(x, weight, bias, *plan(x.shape[0], weight.shape[0], x.shape[1], x.is_cuda, config))
+
+
+def _triton_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K], weight [2I, K] = [gate; up], bias [2I] or None -> silu(x @ gate^T) * (x @ up^T): [M, I],
+    the bits of silu_and_mul(_triton(x, weight, bias)) in one launch: the [2I, K] weight's K split,
+    and its tile with half the columns per half (a program holds a gate and an up accumulator)."""
+    if x.shape[0] > _SMALL_M:   # the TMA product (when tuned) then the activation: same bits, faster
+        return _activation_triton(_triton(x, weight, bias))
+    (block_m, block_n, block_k, num_warps, num_stages), num_splits, split_len = plan(
+        x.shape[0], weight.shape[0], x.shape[1], x.is_cuda)
+    tile = (block_m, max(16, block_n // 2), block_k, num_warps, num_stages)
+    return launch(x, weight, bias, tile, num_splits, split_len, silu_mul=True)
+
+
+def _reference_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _activation_reference(F.linear(x, weight, bias))
+
+
+# Per-device tile counters of the in-kernel split sum: int32, zero between launches (each tile's
+# last program resets its own). Launches on one device share them, so they must not overlap in
+# time: the engine runs its linears on one stream. A CUDA graph keeps the buffer's address, so a
+# grown buffer never frees the old one (_RETIRED) and growing is refused while capturing.
+_MIN_COUNTERS = 1 << 16            # 256 KiB; small M has <= 4 row tiles x N / 16 column tiles
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []
+
+
+def tile_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
+    """[>= num_tiles] int32 zeros on `device`, allocated once (grown eagerly, never in a capture)."""
+    counters = _COUNTERS.get(device)
+    if counters is not None and counters.numel() >= num_tiles:
+        return counters
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"batch-invariant linear needs {num_tiles} tile counters on {device} while a CUDA "
+                           "graph is being captured; run the same shapes eagerly once before capturing")
+    if counters is not None:
+        _RETIRED.append(counters)
+    counters = torch.zeros(max(_MIN_COUNTERS, triton.next_power_of_2(num_tiles)), dtype=torch.int32, device=device)
+    _COUNTERS[device] = counters
+    return counters
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           tile: tuple[int, int, int, int, int], num_splits: int, split_len: int) -> torch.Tensor:
+           tile: tuple[int, int, int, int, int], num_splits: int, split_len: int,
+           two_launch: bool = False, silu_mul: bool = False) -> torch.Tensor:
     """One product with an explicit tile (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) and
-    K split; bench/tune_linear.py sweeps these. -> [M, N] in x.dtype."""
+    K split; bench/tune_linear.py sweeps these. -> [M, N] in x.dtype. two_launch: small M sums the
+    K ranges in a second kernel (the former path, the oracle of tests and bench; same bits).
+    silu_mul: weight (and bias) are [gate; up] with N = 2I rows -> silu(gate) * up: [M, I]."""
     if x.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError("x and weight must be contiguous in K")
-    num_rows, num_cols = x.shape[0], weight.shape[0]
+    if silu_mul and (two_launch or weight.shape[0] % 2):
+        raise ValueError("silu_mul needs an even number of weight rows ([gate; up]) and the in-kernel sum")
+    num_rows, num_cols = x.shape[0], weight.shape[0] // (2 if silu_mul else 1)
     out = x.new_empty((num_rows, num_cols))
     if num_rows == 0:
         return out
     block_m, block_n, block_k, num_warps, num_stages = tile
-    num_stages = fit_num_stages(block_m, block_n, num_stages, x.element_size(), block_k)
+    num_stages = fit_num_stages(block_m, block_n * (2 if silu_mul else 1), num_stages, x.element_size(), block_k)
     write_partial = num_splits > 1 and num_rows <= _SMALL_M
-    partial = (torch.empty((num_splits, num_rows, num_cols), dtype=torch.float32, device=x.device)
-               if write_partial else out)                                          # [S, M, N] fp32
-    grid = (triton.cdiv(num_rows, block_m) * triton.cdiv(num_cols, block_n), num_splits if write_partial else 1)
-    _linear_kernel[grid](
-        x, weight, bias if bias is not None else weight, out, partial, num_rows, num_cols, x.shape[1],
-        x.stride(0), weight.stride(0), out.stride(0), split_len, num_splits,
+    num_tiles = triton.cdiv(num_rows, block_m) * triton.cdiv(num_cols, block_n)
+    partial = (torch.empty((num_splits, num_rows, weight.shape[0]), dtype=torch.float32, device=x.device)
+               if write_partial else out)                                          # [S, M, N or 2I] fp32
+    counters = tile_counters(x.device, num_tiles) if write_partial and not two_launch else partial
+    _linear_kernel[(num_tiles, num_splits if write_partial else 1)](
+        x, weight, bias if bias is not None else weight, out, partial, counters, num_rows, num_cols, x.shape[1],
+        x.stride(0), weight.stride(0), out.stride(0), partial.stride(-2), split_len, num_splits,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-        IS_FP32=x.dtype == torch.float32, WRITE_PARTIAL=write_partial, num_warps=num_warps,
-        num_stages=num_stages)
-    if write_partial:
+        IS_FP32=x.dtype == torch.float32, WRITE_PARTIAL=write_partial, SUM_IN_KERNEL=not two_launch,
+        SILU_MUL=silu_mul, num_warps=num_warps, num_stages=num_stages)
+    if write_partial and two_launch:
         block = 1024
         _sum_partials_kernel[(triton.cdiv(num_rows * num_cols, block),)](
             partial, bias if bias is not None else weight, out, num_rows, num_cols, out.stride(0), num_splits,

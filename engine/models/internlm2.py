@@ -92,7 +92,7 @@ class InternLM2MLP(nn.Module):
         self.w2 = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
-        return self.w2(self.act_fn(self.w13(hidden)))
+        return self.w2(self.act_fn.of_projection(self.w13, hidden))
 
 
 class InternLM2DecoderLayer(nn.Module):

@@ -68,7 +68,7 @@ class Qwen2MLP(nn.Module):
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=False, parallel=parallel)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
-        return self.down_proj(self.act_fn(self.gate_up_proj(hidden)))
+        return self.down_proj(self.act_fn.of_projection(self.gate_up_proj, hidden))
 
 
 class Qwen2DecoderLayer(nn.Module):

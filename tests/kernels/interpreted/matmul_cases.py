@@ -51,3 +51,83 @@ def test_split_k_rows_do_not_depend_on_batch():
         assert torch.equal(got[3:4], alone), rows
     torch.testing.assert_close(matmul_module._triton(x, weight, None).double(), x.double() @ weight.double().T,
                                rtol=1e-5, atol=1e-4)
+
+
+# (rows, cols, depth, num_splits, split_len): K ranges 1, 2, 4 and 3 (the last one short, K not a
+# multiple of BLOCK_K); rows across the small-M (partials) and large-M (one program) paths.
+SPLIT_CASES = [(1, 40, 130, 1, 256), (3, 48, 600, 2, 512), (17, 48, 1024, 4, 256), (64, 33, 720, 3, 256),
+               (65, 48, 600, 2, 512), (300, 40, 720, 3, 256)]
+
+
+# bfloat16 is left out: the interpreter's tl.dot does not compute bf16 products (garbage values).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows,cols,depth,num_splits,split_len", SPLIT_CASES)
+def test_in_kernel_split_sum_equals_the_two_launch_sum(rows, cols, depth, num_splits, split_len, dtype):
+    """The tile's last program sums the K ranges inside the GEMM launch: the same bits as the
+    former second kernel (_sum_partials_kernel), with and without bias, and the tile counters are
+    all back to zero afterwards (a CUDA graph replays the launch on the same counters)."""
+    gen = torch.Generator().manual_seed(rows * depth + num_splits)
+    x, weight = torch.randn(rows, depth, generator=gen).to(dtype), torch.randn(cols, depth, generator=gen).to(dtype)
+    bias = torch.randn(cols, generator=gen).to(dtype)
+    tile = (64, 32 if rows <= 64 else 64, 64, 4, 2)
+    for b in (None, bias):
+        fused = matmul_module.launch(x, weight, b, tile, num_splits, split_len)
+        oracle = matmul_module.launch(x, weight, b, tile, num_splits, split_len, two_launch=True)
+        assert torch.equal(fused, oracle), (b is None, (fused.float() - oracle.float()).abs().max())
+        assert torch.equal(matmul_module.launch(x, weight, b, tile, num_splits, split_len), fused)   # clean counters
+    counters = matmul_module._COUNTERS.get(x.device)        # None until a launch has split partials
+    assert counters is None or not counters.any()
+    expected = x.double() @ weight.double().T + bias.double()
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(fused.double(), expected, **tol)
+
+
+@pytest.mark.parametrize("depth", [600, 1024, 720])
+def test_split_rows_equal_alone_inside_64_and_300(depth):
+    """Rows computed alone (M = 1: in-kernel split sum) equal the same rows inside M = 64 (in-kernel
+    split sum, other tiles) and M = 300 (one program walks every range)."""
+    gen = torch.Generator().manual_seed(depth)
+    x, weight = torch.randn(300, depth, generator=gen).half(), torch.randn(40, depth, generator=gen).half()
+    bias = torch.randn(40, generator=gen).half()
+    assert matmul_module.k_split(40, depth)[0] > 1
+    batched = {rows: matmul_module._triton(x[:rows], weight, bias) for rows in (64, 300)}
+    for row in (0, 5, 63):
+        alone = matmul_module._triton(x[row:row + 1], weight, bias)
+        assert torch.equal(batched[64][row:row + 1], alone), row
+        assert torch.equal(batched[300][row:row + 1], alone), row
+
+
+# (rows, intermediate, depth): the [2I, depth] gate_up weight gets 1, 2, 4 and 3 K ranges (k_split).
+SILU_CASES = [(1, 24, 130), (3, 24, 600), (17, 24, 1024), (64, 33, 720), (65, 20, 600), (300, 24, 720)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows,intermediate,depth", SILU_CASES)
+def test_fused_gate_up_silu_mul_equals_linear_then_activation(rows, intermediate, depth, dtype):
+    """One launch for silu(x @ gate^T) * (x @ up^T): the bits of batch_invariant_linear on the
+    [gate; up] weight followed by silu_and_mul, with and without bias, every M path."""
+    gen = torch.Generator().manual_seed(rows + depth)
+    x = torch.randn(rows, depth, generator=gen).to(dtype)
+    weight = (torch.randn(2 * intermediate, depth, generator=gen) * depth ** -0.5).to(dtype)
+    bias = torch.randn(2 * intermediate, generator=gen).to(dtype)
+    num_splits = matmul_module.k_split(2 * intermediate, depth)[0]
+    assert num_splits == {130: 1, 600: 2, 1024: 4, 720: 3}[depth], num_splits
+    for b in (None, bias):
+        fused = kernels.batch_invariant_linear_silu_mul(x, weight, b)
+        oracle = kernels.silu_and_mul(kernels.batch_invariant_linear(x, weight, b))
+        assert fused.shape == (rows, intermediate) and fused.dtype == dtype
+        assert torch.equal(fused, oracle), (b is None, (fused.float() - oracle.float()).abs().max())
+    expected = matmul_module._reference_silu_mul(x.double(), weight.double(), bias.double())
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(fused.double(), expected, **tol)
+    counters = matmul_module._COUNTERS.get(x.device)
+    assert counters is None or not counters.any()
+
+
+def test_fused_silu_mul_rows_equal_alone_inside_64_and_300():
+    gen = torch.Generator().manual_seed(3)
+    x, weight = torch.randn(300, 720, generator=gen).half(), (torch.randn(48, 720, generator=gen) * 0.04).half()
+    batched = {rows: kernels.batch_invariant_linear_silu_mul(x[:rows], weight) for rows in (64, 300)}
+    for row in (0, 7, 63):
+        alone = kernels.batch_invariant_linear_silu_mul(x[row:row + 1], weight)
+        assert torch.equal(batched[64][row:row + 1], alone) and torch.equal(batched[300][row:row + 1], alone), row
