@@ -100,8 +100,16 @@ def _attend_one_request(
     return out.reshape(num_q_heads, q_len, head_dim).permute(1, 0, 2)
 
 
-# Tokens per KV segment: fixed, so a row's reduction order depends only on its own sequence.
-KV_SPLIT_TOKENS = 512
+# Tokens per KV segment: fixed, so a row's reduction order depends only on its own sequence; the
+# split (decode) and looped (prefill / mixed) paths must walk the same segments to agree bit for bit.
+# Why 256 (4 BLOCK_N steps of 64 on the GPU): smaller segments buy decode parallelism (batch 1,
+# 900-token context, 2 KV heads: 4 working programs at 512, 8 at 256, 16 at 128), but each segment
+# costs the looped path one more merge (about 3 passes over its [BLOCK_M, head_dim] accumulator) and
+# at 128 leaves the inner key loop only 2 steps, too short to software-pipeline (num_stages 3). The
+# split path's partials grow as max_seq_len / KV_SPLIT_TOKENS: decode graphs are captured at
+# max_seq_len 8192, i.e. 32 segments x num_q_heads x (head_dim + 2) floats per token
+# (Qwen2.5-VL-3B: 260 KiB per token, 65 MiB for a 256-sequence bucket; twice that at 128).
+KV_SPLIT_TOKENS = 256
 _NO_SCORE = tl.constexpr(-1.0e30)   # finite "minus infinity" for running maxima: keeps exp(m_old - m_new) NaN-free
 _IS_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"   # what triton.jit saw at import
 
