@@ -131,7 +131,8 @@ def _find_request(query_start_loc_ptr, num_reqs, tile, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _merge_segment(run_max, run_sum, run_acc, seg_max, seg_sum, seg_acc):
-    """Fold one segment's (max, sum, acc) into the running result; both kernels use this, in order."""
+    """Fold one segment's (max, sum, acc) into the running result; the looped path and the split
+    path's last program both use this, in segment order."""
     new_max = tl.maximum(run_max, seg_max)
     old_weight = tl.exp(run_max - new_max)
     seg_weight = tl.exp(seg_max - new_max)
@@ -196,16 +197,17 @@ def _merge_across_programs(run_max, run_sum, run_acc, seg, num_segments, ticket_
     tl.debug_barrier()
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
     if ticket == num_segments - 1:
-        run_max = tl.full([BLOCK_M], _NO_SCORE, tl.float32)
-        run_sum = tl.zeros([BLOCK_M], tl.float32)
-        run_acc = tl.zeros([BLOCK_M, DIM_PADDED], tl.float32)
+        merged_max = tl.full([BLOCK_M], _NO_SCORE, tl.float32)
+        merged_sum = tl.zeros([BLOCK_M], tl.float32)
+        merged_acc = tl.zeros([BLOCK_M, DIM_PADDED], tl.float32)
         for s in range(0, num_segments):
             # .cg: read L2; this SM's L1 is not coherent and may hold stale lines of these buffers.
             seg_max = tl.load(partial_max_ptrs + s, mask=row_valid, other=_NO_SCORE, cache_modifier=".cg")
             seg_sum = tl.load(partial_sum_ptrs + s, mask=row_valid, other=1.0, cache_modifier=".cg")
             seg_acc = tl.load(partial_acc_ptrs + s * DIM_PADDED, mask=row_mask, other=0.0, cache_modifier=".cg")
-            run_max, run_sum, run_acc = _merge_segment(run_max, run_sum, run_acc, seg_max, seg_sum, seg_acc)
-        _store_rows(out_ptrs, run_sum, run_acc, row_mask)
+            merged_max, merged_sum, merged_acc = _merge_segment(merged_max, merged_sum, merged_acc,
+                                                                seg_max, seg_sum, seg_acc)
+        _store_rows(out_ptrs, merged_sum, merged_acc, row_mask)
         tl.store(ticket_ptr, 0)   # every ticket of the row is drawn: zero for the next launch / replay
 
 
@@ -328,6 +330,7 @@ def _triton(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, sc
     partial_acc = query.new_empty((*partial_rows, dim_padded), dtype=torch.float32)
     partial_max = query.new_empty(partial_rows, dtype=torch.float32)
     partial_sum = torch.empty_like(partial_max)
+    # Counters [num_tokens x num_kv_heads] for split launches; other launches never touch the pointer.
     tickets = _ticket_counters(query.device, num_tokens * num_kv_heads) if is_split else partial_max
     _paged_attention_kernel[(num_tokens // block_q + num_reqs, num_kv_heads, num_segments)](
         query, k_cache, v_cache, out, partial_acc, partial_max, partial_sum, tickets,
