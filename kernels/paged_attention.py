@@ -190,7 +190,8 @@ def _merge_across_programs(run_max, run_sum, run_acc, seg, num_segments, ticket_
     at segment 0; segments are contiguous (acc: DIM_PADDED floats apart)."""
     tl.store(partial_max_ptrs + seg, run_max, mask=row_valid)
     tl.store(partial_sum_ptrs + seg, run_sum, mask=row_valid)
-    tl.store(partial_acc_ptrs + seg * DIM_PADDED, run_acc, mask=row_mask)
+    # The acc partials span all DIM_PADDED columns: a row-only mask keeps their accesses vectorized.
+    tl.store(partial_acc_ptrs + seg * DIM_PADDED, run_acc, mask=row_valid[:, None])
     # The ticket is one thread's atomic: the barrier orders every thread's partial stores before it
     # (as CUTLASS's semaphore release does); acq_rel at GPU scope publishes them to the last program
     # and, in the last program, acquires the others' (Triton broadcasts the result through a barrier).
@@ -204,7 +205,8 @@ def _merge_across_programs(run_max, run_sum, run_acc, seg, num_segments, ticket_
             # .cg: read L2; this SM's L1 is not coherent and may hold stale lines of these buffers.
             seg_max = tl.load(partial_max_ptrs + s, mask=row_valid, other=_NO_SCORE, cache_modifier=".cg")
             seg_sum = tl.load(partial_sum_ptrs + s, mask=row_valid, other=1.0, cache_modifier=".cg")
-            seg_acc = tl.load(partial_acc_ptrs + s * DIM_PADDED, mask=row_mask, other=0.0, cache_modifier=".cg")
+            seg_acc = tl.load(partial_acc_ptrs + s * DIM_PADDED, mask=row_valid[:, None], other=0.0,
+                              cache_modifier=".cg")
             merged_max, merged_sum, merged_acc = _merge_segment(merged_max, merged_sum, merged_acc,
                                                                 seg_max, seg_sum, seg_acc)
         _store_rows(out_ptrs, merged_sum, merged_acc, row_mask)
