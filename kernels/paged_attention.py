@@ -18,9 +18,11 @@ The torch `_reference` is the CPU backend: float32 math, matmul + softmax like H
 Triton path, batch invariance: every query row walks its keys in fixed segments of
 KV_SPLIT_TOKENS absolute positions (online softmax inside a segment, then an ordered merge of
 segment results). Pure-decode batches with long sequences run the segments in parallel
-(flash-decoding: one program per segment, partials merged in order by a second kernel); other
-batches run them in a loop. Both perform the same arithmetic in the same order, and a row never
-depends on which other requests share the launch or its tile.
+(flash-decoding: one program per segment); each program stores its partial and takes a ticket on
+its (token, kv head) counter, and the one drawing the row's last ticket merges all partials in
+segment order and resets the counter (one launch, no separate merge kernel). Other batches run the
+segments in a loop. Both perform the same arithmetic in the same order, and a row never depends on
+which other requests share the launch or its tile.
 """
 
 from __future__ import annotations
@@ -98,8 +100,16 @@ def _attend_one_request(
     return out.reshape(num_q_heads, q_len, head_dim).permute(1, 0, 2)
 
 
-# Tokens per KV segment: fixed, so a row's reduction order depends only on its own sequence.
-KV_SPLIT_TOKENS = 512
+# Tokens per KV segment: fixed, so a row's reduction order depends only on its own sequence; the
+# split (decode) and looped (prefill / mixed) paths must walk the same segments to agree bit for bit.
+# Why 256 (4 BLOCK_N steps of 64 on the GPU): smaller segments buy decode parallelism (batch 1,
+# 900-token context, 2 KV heads: 4 working programs at 512, 8 at 256, 16 at 128), but each segment
+# costs the looped path one more merge (about 3 passes over its [BLOCK_M, head_dim] accumulator) and
+# at 128 leaves the inner key loop only 2 steps, too short to software-pipeline (num_stages 3). The
+# split path's partials grow as max_seq_len / KV_SPLIT_TOKENS: decode graphs are captured at
+# max_seq_len 8192, i.e. 32 segments x num_q_heads x (head_dim + 2) floats per token
+# (Qwen2.5-VL-3B: 260 KiB per token, 65 MiB for a 256-sequence bucket; twice that at 128).
+KV_SPLIT_TOKENS = 256
 _NO_SCORE = tl.constexpr(-1.0e30)   # finite "minus infinity" for running maxima: keeps exp(m_old - m_new) NaN-free
 _IS_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"   # what triton.jit saw at import
 
@@ -121,7 +131,8 @@ def _find_request(query_start_loc_ptr, num_reqs, tile, BLOCK_Q: tl.constexpr):
 
 @triton.jit
 def _merge_segment(run_max, run_sum, run_acc, seg_max, seg_sum, seg_acc):
-    """Fold one segment's (max, sum, acc) into the running result; both kernels use this, in order."""
+    """Fold one segment's (max, sum, acc) into the running result; the looped path and the split
+    path's last program both use this, in segment order."""
     new_max = tl.maximum(run_max, seg_max)
     old_weight = tl.exp(run_max - new_max)
     seg_weight = tl.exp(seg_max - new_max)
@@ -163,8 +174,48 @@ def _attend_segment(q, row_pos, k_cache_ptr, v_cache_ptr, block_table, kv_head, 
 
 
 @triton.jit
+def _store_rows(out_ptrs, run_sum, run_acc, row_mask):
+    """out_ptrs [BLOCK_M, DIM_PADDED] <- acc / sum, the softmax-weighted values of each row."""
+    tl.store(out_ptrs, (run_acc / run_sum[:, None]).to(out_ptrs.dtype.element_ty), mask=row_mask)
+
+
+@triton.jit
+def _merge_across_programs(run_max, run_sum, run_acc, seg, num_segments, ticket_ptr, out_ptrs,
+                           partial_max_ptrs, partial_sum_ptrs, partial_acc_ptrs, row_valid, row_mask,
+                           BLOCK_M: tl.constexpr, DIM_PADDED: tl.constexpr):
+    """Split mode: store segment `seg`'s partial of the tile's rows, take a ticket on the
+    (token, kv head) counter; the program drawing ticket num_segments - 1 (the last of the row's
+    active segments) merges segments 0..num_segments-1 in order, writes out, resets the counter.
+    partial_max_ptrs / partial_sum_ptrs [BLOCK_M] and partial_acc_ptrs [BLOCK_M, DIM_PADDED] point
+    at segment 0; segments are contiguous (acc: DIM_PADDED floats apart)."""
+    tl.store(partial_max_ptrs + seg, run_max, mask=row_valid)
+    tl.store(partial_sum_ptrs + seg, run_sum, mask=row_valid)
+    # The acc partials span all DIM_PADDED columns: a row-only mask keeps their accesses vectorized.
+    tl.store(partial_acc_ptrs + seg * DIM_PADDED, run_acc, mask=row_valid[:, None])
+    # The ticket is one thread's atomic: the barrier orders every thread's partial stores before it
+    # (as CUTLASS's semaphore release does); acq_rel at GPU scope publishes them to the last program
+    # and, in the last program, acquires the others' (Triton broadcasts the result through a barrier).
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+    if ticket == num_segments - 1:
+        merged_max = tl.full([BLOCK_M], _NO_SCORE, tl.float32)
+        merged_sum = tl.zeros([BLOCK_M], tl.float32)
+        merged_acc = tl.zeros([BLOCK_M, DIM_PADDED], tl.float32)
+        for s in range(0, num_segments):
+            # .cg: read L2; this SM's L1 is not coherent and may hold stale lines of these buffers.
+            seg_max = tl.load(partial_max_ptrs + s, mask=row_valid, other=_NO_SCORE, cache_modifier=".cg")
+            seg_sum = tl.load(partial_sum_ptrs + s, mask=row_valid, other=1.0, cache_modifier=".cg")
+            seg_acc = tl.load(partial_acc_ptrs + s * DIM_PADDED, mask=row_valid[:, None], other=0.0,
+                              cache_modifier=".cg")
+            merged_max, merged_sum, merged_acc = _merge_segment(merged_max, merged_sum, merged_acc,
+                                                                seg_max, seg_sum, seg_acc)
+        _store_rows(out_ptrs, merged_sum, merged_acc, row_mask)
+        tl.store(ticket_ptr, 0)   # every ticket of the row is drawn: zero for the next launch / replay
+
+
+@triton.jit
 def _paged_attention_kernel(
-    query_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr,
+    query_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, tickets_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, scale, num_reqs, head_dim,
     stride_q_t, stride_q_h, stride_o_t, stride_o_h,
     stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h,
@@ -183,6 +234,15 @@ def _paged_attention_kernel(
     if tile_local * BLOCK_Q >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + req)
+    kv_end = tl.minimum(seq_len, seq_len - q_len + (tile_local + 1) * BLOCK_Q)
+    num_segments = (kv_end + SPLIT_TOKENS - 1) // SPLIT_TOKENS
+    seg_first = 0
+    seg_last = num_segments
+    if IS_SPLIT:   # programs of segments past the sequence exit before any other load, ticketless
+        seg_first = tl.program_id(2)
+        seg_last = seg_first + 1
+        if seg_first >= num_segments:
+            return
     # Row m = query token tile_local * BLOCK_Q + m // GROUP of the request, query head kv_head * GROUP + m % GROUP.
     rows = tl.arange(0, BLOCK_M)
     row_tok = tile_local * BLOCK_Q + rows // GROUP                                   # [BLOCK_M]
@@ -195,14 +255,6 @@ def _paged_attention_kernel(
     row_mask = row_valid[:, None] & dim_valid[None, :]
     q = tl.load(query_ptr + row_t64[:, None] * stride_q_t + row_head[:, None] * stride_q_h + dims[None, :],
                 mask=row_mask, other=0.0)                                            # [BLOCK_M, DIM_PADDED]
-    kv_end = tl.minimum(seq_len, seq_len - q_len + (tile_local + 1) * BLOCK_Q)
-    seg_first = 0
-    seg_last = (kv_end + SPLIT_TOKENS - 1) // SPLIT_TOKENS
-    if IS_SPLIT:
-        seg_first = tl.program_id(2)
-        seg_last = seg_first + 1
-        if seg_first * SPLIT_TOKENS >= kv_end:
-            return
     run_max = tl.full([BLOCK_M], _NO_SCORE, tl.float32)
     run_sum = tl.zeros([BLOCK_M], tl.float32)
     run_acc = tl.zeros([BLOCK_M, DIM_PADDED], tl.float32)
@@ -214,42 +266,21 @@ def _paged_attention_kernel(
             stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h,
             BLOCK_M, BLOCK_N, DIM_PADDED, BLOCK_SIZE, DOT_PRECISION)
         run_max, run_sum, run_acc = _merge_segment(run_max, run_sum, run_acc, seg_max, seg_sum, seg_acc)
+    out_ptrs = out_ptr + row_t64[:, None] * stride_o_t + row_head[:, None] * stride_o_h + dims[None, :]
+    # A one-segment row needs no merge: folding its single partial into the empty state is exact.
     if IS_SPLIT:
-        partial = row_t64 * stride_pm_t + row_head * stride_pm_h + seg_first
-        tl.store(partial_max_ptr + partial, run_max, mask=row_valid)
-        tl.store(partial_sum_ptr + partial, run_sum, mask=row_valid)
-        partial_acc = row_t64[:, None] * stride_pa_t + row_head[:, None] * stride_pa_h + seg_first * DIM_PADDED
-        tl.store(partial_acc_ptr + partial_acc + dims[None, :], run_acc, mask=row_mask)
+        if num_segments > 1:   # split mode: one token per tile, so its counter is (token q_start, kv_head)
+            _merge_across_programs(
+                run_max, run_sum, run_acc, seg_first, num_segments,
+                tickets_ptr + q_start * tl.num_programs(1) + kv_head, out_ptrs,
+                partial_max_ptr + row_t64 * stride_pm_t + row_head * stride_pm_h,
+                partial_sum_ptr + row_t64 * stride_pm_t + row_head * stride_pm_h,
+                partial_acc_ptr + row_t64[:, None] * stride_pa_t + row_head[:, None] * stride_pa_h + dims[None, :],
+                row_valid, row_mask, BLOCK_M, DIM_PADDED)
+        else:
+            _store_rows(out_ptrs, run_sum, run_acc, row_mask)
     else:
-        out = run_acc / run_sum[:, None]
-        tl.store(out_ptr + row_t64[:, None] * stride_o_t + row_head[:, None] * stride_o_h + dims[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_mask)
-
-
-@triton.jit
-def _merge_kernel(
-    out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, seq_lens_ptr, head_dim,
-    stride_o_t, stride_o_h, stride_pa_t, stride_pa_h, stride_pm_t, stride_pm_h,
-    DIM_PADDED: tl.constexpr, SPLIT_TOKENS: tl.constexpr,
-):
-    # Program (decode token = request, query head): its segments merged in order, as the looped path does.
-    token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    num_segments = (tl.load(seq_lens_ptr + token) + SPLIT_TOKENS - 1) // SPLIT_TOKENS
-    dims = tl.arange(0, DIM_PADDED)[None, :]                                         # [1, DIM_PADDED]
-    run_max = tl.full([1], _NO_SCORE, tl.float32)
-    run_sum = tl.zeros([1], tl.float32)
-    run_acc = tl.zeros([1, DIM_PADDED], tl.float32)
-    partial = token * stride_pm_t + head * stride_pm_h
-    partial_acc = partial_acc_ptr + token * stride_pa_t + head * stride_pa_h + dims
-    for seg in range(0, num_segments):
-        seg_max = tl.load(partial_max_ptr + partial + seg + tl.zeros([1], tl.int32))
-        seg_sum = tl.load(partial_sum_ptr + partial + seg + tl.zeros([1], tl.int32))
-        seg_acc = tl.load(partial_acc + seg * DIM_PADDED)
-        run_max, run_sum, run_acc = _merge_segment(run_max, run_sum, run_acc, seg_max, seg_sum, seg_acc)
-    out = run_acc / run_sum[:, None]
-    tl.store(out_ptr + token * stride_o_t + head * stride_o_h + dims, out.to(out_ptr.dtype.element_ty),
-             mask=dims < head_dim)
+        _store_rows(out_ptrs, run_sum, run_acc, row_mask)
 
 
 def _tile_shape(group: int) -> tuple[int, int, int]:
@@ -258,6 +289,28 @@ def _tile_shape(group: int) -> tuple[int, int, int]:
     target_rows, block_n = (16, 16) if _IS_INTERPRETING else (64, 64)
     block_q = max(1, target_rows // group)
     return block_q, max(16, triton.next_power_of_2(block_q * group)), block_n
+
+
+# Split-mode ticket counters, int32 [>= tokens x num_kv_heads] per device, all zero between launches
+# (the row's last program resets its counter). Grown only on eager calls; a grown-out buffer is kept
+# alive in _RETIRED_TICKETS because CUDA graphs captured before the growth still point at it.
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+_RETIRED_TICKETS: list[torch.Tensor] = []
+
+
+def _ticket_counters(device: torch.device, num_counters: int) -> torch.Tensor:
+    tickets = _TICKETS.get(device)
+    if tickets is not None and tickets.numel() >= num_counters:
+        return tickets
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"paged attention needs {num_counters} split-KV ticket counters on {device} but has "
+            f"{0 if tickets is None else tickets.numel()}; run this batch shape eagerly before capturing it")
+    if tickets is not None:
+        _RETIRED_TICKETS.append(tickets)
+    _TICKETS[device] = torch.zeros(max(1024, triton.next_power_of_2(num_counters)), dtype=torch.int32,
+                                   device=device)
+    return _TICKETS[device]
 
 
 def _triton(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
@@ -272,15 +325,17 @@ def _triton(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, sc
     if kv_split_tokens % block_n:
         raise ValueError(f"kv_split_tokens {kv_split_tokens} must be a multiple of {block_n}")
     dim_padded = max(16, triton.next_power_of_2(head_dim))
-    # Pure-decode batches with long sequences: one program per segment (flash-decoding), then merge.
+    # Pure-decode batches with long sequences: one program per segment (flash-decoding), merged in-kernel.
     is_split = max_query_len == 1 and max_seq_len > kv_split_tokens
     num_segments = triton.cdiv(max_seq_len, kv_split_tokens) if is_split else 1
     partial_rows = (num_tokens, num_q_heads, num_segments) if is_split else (1, 1, 1)
     partial_acc = query.new_empty((*partial_rows, dim_padded), dtype=torch.float32)
     partial_max = query.new_empty(partial_rows, dtype=torch.float32)
     partial_sum = torch.empty_like(partial_max)
+    # Counters [num_tokens x num_kv_heads] for split launches; other launches never touch the pointer.
+    tickets = _ticket_counters(query.device, num_tokens * num_kv_heads) if is_split else partial_max
     _paged_attention_kernel[(num_tokens // block_q + num_reqs, num_kv_heads, num_segments)](
-        query, k_cache, v_cache, out, partial_acc, partial_max, partial_sum,
+        query, k_cache, v_cache, out, partial_acc, partial_max, partial_sum, tickets,
         query_start_loc, seq_lens, block_tables, scale, num_reqs, head_dim,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -290,11 +345,6 @@ def _triton(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, sc
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, DIM_PADDED=dim_padded,
         BLOCK_SIZE=k_cache.shape[1], SPLIT_TOKENS=kv_split_tokens, IS_SPLIT=is_split,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32")
-    if is_split:   # token i is request i in a pure-decode batch
-        _merge_kernel[(num_reqs, num_q_heads)](
-            out, partial_acc, partial_max, partial_sum, seq_lens, head_dim,
-            out.stride(0), out.stride(1), partial_acc.stride(0), partial_acc.stride(1),
-            partial_max.stride(0), partial_max.stride(1), DIM_PADDED=dim_padded, SPLIT_TOKENS=kv_split_tokens)
     return out
 
 

@@ -63,3 +63,22 @@ def dense_causal_attention(batch) -> torch.Tensor:
                 scores = keys[: position + 1, h // group] @ query[starts[r] + i, h] * batch["scale"]
                 expected[starts[r] + i, h] = torch.softmax(scores, 0) @ values[: position + 1, h // group]
     return expected
+
+
+def decode_batch(batch, requests, num_padding_requests=0, max_seq_len=None):
+    """Pure-decode batch of `batch`'s single-token requests `requests` (in that order, same caches),
+    then num_padding_requests padding requests as the decode graphs make them (seq_len 1 over block 0,
+    zero query). max_seq_len: the launch's bound (graphs pass one larger than any sequence)."""
+    starts = batch["query_start_loc"].tolist()
+    if any(starts[r + 1] - starts[r] != 1 for r in requests):
+        raise ValueError(f"requests {requests} are not all single-token decodes")
+    num_reqs = len(requests) + num_padding_requests
+    query = batch["query"].new_zeros(num_reqs, *batch["query"].shape[1:])
+    query[: len(requests)] = batch["query"][[starts[r] for r in requests]]
+    seq_lens = torch.ones(num_reqs, dtype=torch.int32)
+    seq_lens[: len(requests)] = batch["seq_lens"][requests]
+    block_tables = batch["block_tables"].new_zeros(num_reqs, batch["block_tables"].shape[1])
+    block_tables[: len(requests)] = batch["block_tables"][requests]
+    return dict(batch, query=query, query_start_loc=torch.arange(num_reqs + 1, dtype=torch.int32),
+                seq_lens=seq_lens, block_tables=block_tables, max_query_len=1,
+                max_seq_len=max_seq_len or int(seq_lens.max()))

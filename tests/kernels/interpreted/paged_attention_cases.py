@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kernels
-from paged_batch import ATTENTION_ARGS, MIXED, make_batch
+from paged_batch import ATTENTION_ARGS, MIXED, decode_batch, make_batch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run via tests/kernels/test_paged_attention.py"
 paged_attention_module = importlib.import_module("kernels.paged_attention")
@@ -49,14 +49,101 @@ def test_half_precision(dtype):
     torch.testing.assert_close(_triton(batch).float(), _reference(batch).float(), rtol=2e-2, atol=2e-2)
 
 
-def test_split_kv_matches_reference_and_looped_segments():
-    """Decode-only batch over several 16-token segments: the split (flash-decoding) launch equals
-    the reference, and equals the looped-segment launch of the same rows bit for bit."""
-    batch = make_batch([1, 1, 1], [50, 16, 33], 4, 2, 16, 8)
-    split_out = _triton(batch, kv_split_tokens=16)
-    torch.testing.assert_close(split_out, _reference(batch), rtol=1e-5, atol=1e-5)
-    looped_out = _triton(dict(batch, max_query_len=2), kv_split_tokens=16)  # max_query_len > 1: looped path
-    assert torch.equal(split_out, looped_out)
+# Split-KV cases: 16-token segments (the interpreter's BLOCK_N is 16). STRADDLE's decodes sit on
+# both sides of segment boundaries (1, 2, 3 and 4 segments, 1 token past a boundary, exactly on one);
+# its 4-token prefill chunk sends the whole batch down the looped path.
+SPLIT = 16
+STRADDLE = ([1, 1, 1, 4, 1, 1, 1, 1, 1], [15, 16, 17, 20, 32, 33, 50, 1, 64])
+STRADDLE_DECODES = [r for r, q_len in enumerate(STRADDLE[0]) if q_len == 1]
+
+
+def _token_rows(batch, requests):
+    return [batch["query_start_loc"].tolist()[r] for r in requests]
+
+
+def _assert_tickets_clean():
+    assert torch.all(paged_attention_module._TICKETS[torch.device("cpu")] == 0)
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,dtype", [
+    (2, 2, 64, torch.float32), (4, 2, 128, torch.float32), (8, 1, 80, torch.float32),
+    (12, 2, 32, torch.float32), (16, 2, 64, torch.float16)])
+def test_split_rows_match_reference_and_looped_path(num_q_heads, num_kv_heads, head_dim, dtype):
+    """GQA groups 1, 2, 8, 6 (a non-power-of-2 group), 8 in half precision: the split launch of the
+    decodes equals the reference, and bit for bit the same rows inside the mixed (looped) launch."""
+    mixed = make_batch(*STRADDLE, num_q_heads, num_kv_heads, head_dim, 8, dtype=dtype)
+    looped = _triton(mixed, kv_split_tokens=SPLIT)
+    decodes = decode_batch(mixed, STRADDLE_DECODES)
+    split = _triton(decodes, kv_split_tokens=SPLIT)
+    _assert_tickets_clean()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(split.float(), _reference(decodes).float(), rtol=tolerance, atol=tolerance)
+    assert torch.equal(split, looped[_token_rows(mixed, STRADDLE_DECODES)])
+
+
+@pytest.mark.parametrize("requests,num_padding_requests", [
+    ([6], 0), ([6], 3), ([8, 2], 0), ([1, 0, 5], 1), (list(reversed(STRADDLE_DECODES)), 4)])
+def test_split_rows_do_not_depend_on_the_batch(requests, num_padding_requests):
+    """Any subset, order and graph-style padding of the decodes, with the grid sized for longer
+    sequences (as a graph captured at a larger max_seq_len), gives the same bits per row."""
+    mixed = make_batch(*STRADDLE, 8, 2, 64, 16)
+    full = _triton(decode_batch(mixed, STRADDLE_DECODES), kv_split_tokens=SPLIT)
+    part = _triton(decode_batch(mixed, requests, num_padding_requests, max_seq_len=100), kv_split_tokens=SPLIT)
+    _assert_tickets_clean()
+    assert torch.equal(part[: len(requests)], full[[STRADDLE_DECODES.index(r) for r in requests]])
+
+
+def test_split_replays_give_identical_bits():
+    """Graph-replay-like reuse: the same out buffer and counters, launch after launch (another batch
+    in between), give the same bits and leave every counter at zero."""
+    mixed = make_batch(*STRADDLE, 4, 2, 32, 8)
+    decodes, other = decode_batch(mixed, STRADDLE_DECODES), decode_batch(mixed, [8, 6], 2)
+    out = torch.full_like(decodes["query"], float("nan"))
+    call = [decodes[k] for k in ATTENTION_ARGS]
+    first = paged_attention_module._triton(*call, out=out, query_lens_cpu=None, kv_split_tokens=SPLIT).clone()
+    for _ in range(3):
+        _triton(other, kv_split_tokens=SPLIT)
+        out.fill_(float("nan"))
+        paged_attention_module._triton(*call, out=out, query_lens_cpu=None, kv_split_tokens=SPLIT)
+        _assert_tickets_clean()
+        assert torch.equal(out, first)
+
+
+def test_each_active_segment_takes_one_ticket_on_its_own_counter():
+    """White box (the interpreter runs programs one by one, so a shared counter would go unseen):
+    (decode token t, kv head h) counts on tickets[t * num_kv_heads + h]. Offset one counter so its row
+    never draws the last ticket: exactly that row's query heads stay unwritten, the counter advances
+    by the row's active segments (4 for 50 tokens, not the grid's 7), and every other row is intact."""
+    decodes = decode_batch(make_batch(*STRADDLE, 4, 2, 32, 8), STRADDLE_DECODES, max_seq_len=100)
+    expected = _triton(decodes, kv_split_tokens=SPLIT)
+    token, kv_head, group, offset = STRADDLE_DECODES.index(6), 1, 2, -100
+    counter = token * 2 + kv_head
+    tickets = paged_attention_module._TICKETS[torch.device("cpu")]
+    tickets[counter] = offset
+    try:
+        out = torch.full_like(expected, float("nan"))   # host lengths given: only rows past the batch cleared
+        paged_attention_module._triton(*(decodes[k] for k in ATTENTION_ARGS), out=out,
+                                       query_lens_cpu=[1] * len(STRADDLE_DECODES), kv_split_tokens=SPLIT)
+        assert tickets[counter] == offset + 4
+    finally:
+        tickets[counter] = 0
+    heads = slice(kv_head * group, (kv_head + 1) * group)
+    assert torch.all(out[token, heads].isnan())
+    out[token, heads] = expected[token, heads]
+    assert torch.equal(out, expected)
+    _assert_tickets_clean()
+
+
+def test_ticket_counters_grow_and_keep_captured_buffers(monkeypatch):
+    monkeypatch.setattr(paged_attention_module, "_TICKETS", {})
+    monkeypatch.setattr(paged_attention_module, "_RETIRED_TICKETS", [])
+    cpu = torch.device("cpu")
+    small = paged_attention_module._ticket_counters(cpu, 10)
+    assert small.dtype == torch.int32 and small.numel() >= 10 and torch.all(small == 0)
+    assert paged_attention_module._ticket_counters(cpu, small.numel()) is small
+    large = paged_attention_module._ticket_counters(cpu, small.numel() + 1)
+    assert large.numel() > small.numel() and torch.all(large == 0)
+    assert paged_attention_module._RETIRED_TICKETS == [small]
 
 
 def test_long_decode_uses_default_split():
