@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import store_kv as _store_kv
+from kernels.store_kv import _reference as _store_kv_reference
 
 
 def _section_of(mrope_section, half: int, interleaved: bool, device) -> torch.Tensor:
@@ -162,7 +162,7 @@ def _rotary_store_kv_reference(query, key, value, positions, cos_sin_cache, k_ca
                                mrope_section, interleaved: bool = False) -> torch.Tensor:
     """apply_rotary's reference, then store_kv's: the CPU backend and the fused kernel's oracle."""
     query_out, key_out = _reference(query, key, positions, cos_sin_cache, mrope_section, interleaved)
-    _store_kv._reference(key_out, value, k_cache, v_cache, slot_mapping)
+    _store_kv_reference(key_out, value, k_cache, v_cache, slot_mapping)
     return query_out
 
 
