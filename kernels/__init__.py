@@ -24,8 +24,8 @@ from kernels import store_kv as _store_kv
 
 __all__ = [
     "apply_rotary", "apply_token_bitmask_inplace", "batch_invariant_linear", "batch_invariant_linear_silu_mul",
-    "fused_add_rms_norm",
-    "paged_attention", "rms_norm", "silu_and_mul", "store_kv", "uses_triton",
+    "fused_add_rms_norm", "paged_attention", "rms_norm", "rotary_store_kv", "silu_and_mul", "store_kv",
+    "uses_triton",
 ]
 
 
@@ -107,6 +107,27 @@ def apply_rotary(
     if uses_triton(query):
         return _rotary._triton(query, key, positions, cos_sin_cache, mrope_section, mrope_interleaved)
     return _rotary._reference(query, key, positions, cos_sin_cache, mrope_section, mrope_interleaved)
+
+
+def rotary_store_kv(
+    query: torch.Tensor,          # [num_tokens, num_q_heads, head_dim], unrotated
+    key: torch.Tensor,            # [num_tokens, num_kv_heads, head_dim], unrotated
+    value: torch.Tensor,          # [num_tokens, num_kv_heads, head_dim]
+    positions: torch.Tensor,      # [num_tokens] or [3, num_tokens] int64
+    cos_sin_cache: torch.Tensor,  # [max_position, head_dim]: cos | sin of the head_dim/2 frequencies
+    k_cache: torch.Tensor,        # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,        # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,   # [num_tokens] int64; -1 = padding, skipped
+    mrope_section: list[int] | None = None,
+    mrope_interleaved: bool = False,
+) -> torch.Tensor:                # [num_tokens, num_q_heads, head_dim], the rotated query (new tensor)
+    """apply_rotary then store_kv of the rotated key and value, in one launch (the cache gets the
+    same bits as the two calls); the rotated key is not returned (attention reads it from the cache)."""
+    if (positions.dim() == 2) != (mrope_section is not None):
+        raise ValueError("positions must be [3, num_tokens] exactly when mrope_section is given")
+    impl = _rotary._rotary_store_kv_triton if uses_triton(query) else _rotary._rotary_store_kv_reference
+    return impl(query, key, value, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                mrope_section, mrope_interleaved)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

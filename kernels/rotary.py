@@ -1,8 +1,9 @@
 """Rotary position embedding (neox / rotate_half layout) applied to query and key, with 1-D
 positions or Qwen2-VL M-RoPE (three position rows: temporal, height, width).
 
-Caller: `kernels.apply_rotary` (dispatch in `kernels/__init__.py`), from the engine's attention
-blocks before `store_kv`.
+Callers (dispatch in `kernels/__init__.py`): `kernels.apply_rotary` (the vision towers, tests) and
+`kernels.rotary_store_kv`, the engine's attention layers: the same rotation fused with store_kv
+(kernels/store_kv.py), rotated k and v written straight into the paged cache, one launch per layer.
 
 cos_sin_cache: [max_position, head_dim]; row p holds cos(p * inv_freq) in [:D/2] and
 sin(p * inv_freq) in [D/2:] for the D/2 frequencies. HF expands both to D as cat(f, f), so for
@@ -21,6 +22,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kernels.store_kv import _reference as _store_kv_reference
 
 
 def _section_of(mrope_section, half: int, interleaved: bool, device) -> torch.Tensor:
@@ -74,22 +77,20 @@ def _rotate_heads(x_ptr, out_ptr, token, num_heads, half, stride_t, stride_h, st
     first = x_ptr + token * stride_t + heads * stride_h + freqs
     x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)              # [HEADS_PADDED, HALF_PADDED]
     x2 = tl.load(first + half, mask=mask, other=0.0).to(tl.float32)
+    # Round to x's dtype first (apply_rotary's output), then to out's (a KV cache of another dtype):
+    # the fused rotary + store_kv then writes what apply_rotary + store_kv would.
+    dtype, out_dtype = x_ptr.dtype.element_ty, out_ptr.dtype.element_ty
     out = out_ptr + token * stride_ot + heads * stride_oh + freqs
-    tl.store(out, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out + half, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out, (x1 * cos - x2 * sin).to(dtype).to(out_dtype), mask=mask)
+    tl.store(out + half, (x2 * cos + x1 * sin).to(dtype).to(out_dtype), mask=mask)
 
 
 @triton.jit
-def _rotary_kernel(
-    query_ptr, key_ptr, query_out_ptr, key_out_ptr, positions_ptr, cos_sin_ptr,
-    num_q_heads, num_kv_heads, half, section_0, section_1, section_2,
-    stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_qo_t, stride_qo_h, stride_ko_t, stride_ko_h,
-    stride_pos_row, stride_cache,
-    IS_MROPE: tl.constexpr, IS_INTERLEAVED: tl.constexpr, Q_HEADS_PADDED: tl.constexpr, K_HEADS_PADDED: tl.constexpr,
-    HALF_PADDED: tl.constexpr,
-):
-    # One program per token; frequency j takes its position from row 0/1/2 by M-RoPE section.
-    token = tl.program_id(0).to(tl.int64)
+def _token_cos_sin(positions_ptr, cos_sin_ptr, token, half, section_0, section_1, section_2,
+                   stride_pos_row, stride_cache,
+                   IS_MROPE: tl.constexpr, IS_INTERLEAVED: tl.constexpr, HALF_PADDED: tl.constexpr):
+    # -> cos, sin [1, HALF_PADDED] float32 of `token`; frequency j takes its position from row
+    # 0/1/2 by M-RoPE section (module docstring).
     freqs = tl.arange(0, HALF_PADDED)
     freq_valid = freqs < half
     if IS_MROPE:
@@ -105,30 +106,121 @@ def _rotary_kernel(
     row = cos_sin_ptr + position.to(tl.int64) * stride_cache + freqs
     cos = tl.load(row, mask=freq_valid, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(row + half, mask=freq_valid, other=0.0).to(tl.float32)[None, :]
+    return cos, sin
+
+
+@triton.jit
+def _rotary_kernel(
+    query_ptr, key_ptr, query_out_ptr, key_out_ptr, positions_ptr, cos_sin_ptr,
+    num_q_heads, num_kv_heads, half, section_0, section_1, section_2,
+    stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_qo_t, stride_qo_h, stride_ko_t, stride_ko_h,
+    stride_pos_row, stride_cache,
+    IS_MROPE: tl.constexpr, IS_INTERLEAVED: tl.constexpr, Q_HEADS_PADDED: tl.constexpr, K_HEADS_PADDED: tl.constexpr,
+    HALF_PADDED: tl.constexpr,
+):
+    # One program per token.
+    token = tl.program_id(0).to(tl.int64)
+    cos, sin = _token_cos_sin(positions_ptr, cos_sin_ptr, token, half, section_0, section_1, section_2,
+                              stride_pos_row, stride_cache, IS_MROPE, IS_INTERLEAVED, HALF_PADDED)
     _rotate_heads(query_ptr, query_out_ptr, token, num_q_heads, half, stride_q_t, stride_q_h,
                   stride_qo_t, stride_qo_h, cos, sin, Q_HEADS_PADDED, HALF_PADDED)
     _rotate_heads(key_ptr, key_out_ptr, token, num_kv_heads, half, stride_k_t, stride_k_h,
                   stride_ko_t, stride_ko_h, cos, sin, K_HEADS_PADDED, HALF_PADDED)
 
 
-def _triton(query, key, positions, cos_sin_cache, mrope_section, interleaved: bool = False):
-    num_tokens, num_q_heads, head_dim = query.shape
-    half = head_dim // 2
+def _sections(query, key, positions, cos_sin_cache, mrope_section) -> list[int]:
+    """Checks the launch inputs; -> the three section sizes the kernels take ([half, 0, 0] for 1-D)."""
+    half = query.shape[-1] // 2
     if mrope_section is not None and sum(mrope_section) != half:
         raise ValueError(f"mrope_section {mrope_section} must sum to head_dim / 2 = {half}")
     if any(t.stride(-1) != 1 for t in (query, key, cos_sin_cache)) or positions.stride(-1) != 1:
         raise ValueError("query, key, positions and cos_sin_cache must be contiguous in the last dimension")
+    return list(mrope_section) if mrope_section is not None else [half, 0, 0]
+
+
+def _triton(query, key, positions, cos_sin_cache, mrope_section, interleaved: bool = False):
+    num_tokens, num_q_heads, head_dim = query.shape
+    sections = _sections(query, key, positions, cos_sin_cache, mrope_section)
     query_out, key_out = torch.empty_like(query), torch.empty_like(key)
-    sections = mrope_section if mrope_section is not None else [half, 0, 0]
     if num_tokens:
         _rotary_kernel[(num_tokens,)](
             query, key, query_out, key_out, positions, cos_sin_cache,
-            num_q_heads, key.shape[1], half, sections[0], sections[1], sections[2],
+            num_q_heads, key.shape[1], head_dim // 2, sections[0], sections[1], sections[2],
             query.stride(0), query.stride(1), key.stride(0), key.stride(1),
             query_out.stride(0), query_out.stride(1), key_out.stride(0), key_out.stride(1),
             positions.stride(0) if positions.dim() == 2 else 0, cos_sin_cache.stride(0),
             IS_MROPE=mrope_section is not None, IS_INTERLEAVED=interleaved,
             Q_HEADS_PADDED=triton.next_power_of_2(num_q_heads),
             K_HEADS_PADDED=triton.next_power_of_2(key.shape[1]),
-            HALF_PADDED=triton.next_power_of_2(half))
+            HALF_PADDED=triton.next_power_of_2(head_dim // 2))
     return query_out, key_out
+
+
+# ---- Fused rotary + store_kv: the same rotation, with k going straight into the paged cache. ----
+
+def _rotary_store_kv_reference(query, key, value, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                               mrope_section, interleaved: bool = False) -> torch.Tensor:
+    """apply_rotary's reference, then store_kv's: the CPU backend and the fused kernel's oracle."""
+    query_out, key_out = _reference(query, key, positions, cos_sin_cache, mrope_section, interleaved)
+    _store_kv_reference(key_out, value, k_cache, v_cache, slot_mapping)
+    return query_out
+
+
+@triton.jit
+def _copy_heads(x_ptr, out_ptr, num_heads, head_dim, stride_h, stride_oh,
+                HEADS_PADDED: tl.constexpr, DIM_PADDED: tl.constexpr):
+    # x_ptr / out_ptr point at one token's [num_heads, head_dim] rows (store_kv's value copy).
+    heads = tl.arange(0, HEADS_PADDED)[:, None]
+    dims = tl.arange(0, DIM_PADDED)[None, :]
+    mask = (heads < num_heads) & (dims < head_dim)
+    x = tl.load(x_ptr + heads * stride_h + dims, mask=mask)
+    tl.store(out_ptr + heads * stride_oh + dims, x.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_store_kv_kernel(
+    query_ptr, key_ptr, value_ptr, query_out_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    positions_ptr, cos_sin_ptr, num_q_heads, num_kv_heads, half, section_0, section_1, section_2,
+    stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_v_t, stride_v_h, stride_qo_t, stride_qo_h,
+    stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h, stride_pos_row, stride_cache,
+    BLOCK_SIZE: tl.constexpr, IS_MROPE: tl.constexpr, IS_INTERLEAVED: tl.constexpr,
+    Q_HEADS_PADDED: tl.constexpr, K_HEADS_PADDED: tl.constexpr, HALF_PADDED: tl.constexpr,
+):
+    # One program per token: q -> query_out always; rotated k and v -> cache slot unless slot < 0.
+    token = tl.program_id(0).to(tl.int64)
+    cos, sin = _token_cos_sin(positions_ptr, cos_sin_ptr, token, half, section_0, section_1, section_2,
+                              stride_pos_row, stride_cache, IS_MROPE, IS_INTERLEAVED, HALF_PADDED)
+    _rotate_heads(query_ptr, query_out_ptr, token, num_q_heads, half, stride_q_t, stride_q_h,
+                  stride_qo_t, stride_qo_h, cos, sin, Q_HEADS_PADDED, HALF_PADDED)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot >= 0:
+        block_id, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+        k_dst = k_cache_ptr + block_id * stride_kc_b + offset * stride_kc_s   # this slot's [Hkv, D]
+        v_dst = v_cache_ptr + block_id * stride_vc_b + offset * stride_vc_s
+        # stride_ot 0: the destination is already this token's slot.
+        _rotate_heads(key_ptr, k_dst, token, num_kv_heads, half, stride_k_t, stride_k_h,
+                      0, stride_kc_h, cos, sin, K_HEADS_PADDED, HALF_PADDED)
+        _copy_heads(value_ptr + token * stride_v_t, v_dst, num_kv_heads, 2 * half, stride_v_h, stride_vc_h,
+                    K_HEADS_PADDED, 2 * HALF_PADDED)
+
+
+def _rotary_store_kv_triton(query, key, value, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                            mrope_section, interleaved: bool = False) -> torch.Tensor:
+    num_tokens, num_q_heads, head_dim = query.shape
+    sections = _sections(query, key, positions, cos_sin_cache, mrope_section)
+    if any(t.stride(-1) != 1 for t in (value, k_cache, v_cache)):
+        raise ValueError("value, k_cache and v_cache must be contiguous in head_dim")
+    query_out = torch.empty_like(query)
+    if num_tokens:
+        _rotary_store_kv_kernel[(num_tokens,)](
+            query, key, value, query_out, k_cache, v_cache, slot_mapping, positions, cos_sin_cache,
+            num_q_heads, key.shape[1], head_dim // 2, sections[0], sections[1], sections[2],
+            query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+            query_out.stride(0), query_out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            positions.stride(0) if positions.dim() == 2 else 0, cos_sin_cache.stride(0),
+            BLOCK_SIZE=k_cache.shape[1], IS_MROPE=mrope_section is not None, IS_INTERLEAVED=interleaved,
+            Q_HEADS_PADDED=triton.next_power_of_2(num_q_heads),
+            K_HEADS_PADDED=triton.next_power_of_2(key.shape[1]),
+            HALF_PADDED=triton.next_power_of_2(head_dim // 2))
+    return query_out

@@ -1,6 +1,7 @@
 """Attention over the paged KV cache, and the batch metadata every attention layer receives.
 
-Caller: the model's attention blocks (`forward(..., attn_metadata)`); the metadata is built once
+Caller: the model's attention blocks (`forward(..., attn_metadata)`), which hand their rotary to
+`Attention` so that it is fused with the K/V-cache write; the metadata is built once
 per step by `engine.runner.input_batch` and passed down as an argument (no globals).
 
 KV cache layout (one pair of tensors per layer):
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 import kernels
+from engine.layers.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -47,9 +49,26 @@ class AttentionBackend:
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], attn_metadata: AttentionMetadata,
                 scale: float) -> torch.Tensor:
-        """query [T, Hq, D], key/value [T, Hkv, D] -> [T, Hq, D]."""
+        """query [T, Hq, D], key/value [T, Hkv, D] (already rotated, if at all) -> [T, Hq, D]."""
         k_cache, v_cache = kv_cache  # each [num_blocks, block_size, Hkv, D]
         kernels.store_kv(key, value, k_cache, v_cache, attn_metadata.slot_mapping)
+        return self._attend(query, kv_cache, attn_metadata, scale)
+
+    def forward_rotary(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       positions: torch.Tensor, rotary_emb: RotaryEmbedding,
+                       kv_cache: tuple[torch.Tensor, torch.Tensor], attn_metadata: AttentionMetadata,
+                       scale: float) -> torch.Tensor:
+        """Unrotated query [T, Hq, D], key/value [T, Hkv, D], positions [T] or [3, T] -> [T, Hq, D].
+        The rotary and the K/V write are one launch (kernels.rotary_store_kv) instead of two, and
+        the rotated key never leaves that kernel except into the cache."""
+        k_cache, v_cache = kv_cache  # each [num_blocks, block_size, Hkv, D]
+        query = rotary_emb.rotate_and_store(positions, query, key, value, k_cache, v_cache,
+                                            attn_metadata.slot_mapping)
+        return self._attend(query, kv_cache, attn_metadata, scale)
+
+    def _attend(self, query: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                attn_metadata: AttentionMetadata, scale: float) -> torch.Tensor:
+        k_cache, v_cache = kv_cache
         return kernels.paged_attention(
             query, k_cache, v_cache, attn_metadata.query_start_loc, attn_metadata.seq_lens,
             attn_metadata.block_tables, scale, attn_metadata.max_query_len, attn_metadata.max_seq_len,
@@ -60,26 +79,39 @@ DEFAULT_BACKEND = AttentionBackend()
 
 
 class Attention(torch.nn.Module):
-    """Causal self-attention of one layer over the paged cache; holds no weights."""
+    """Causal self-attention of one layer over the paged cache; holds no weights. Given a
+    `rotary_emb`, it takes query and key unrotated plus `positions` and applies the rotary itself,
+    fused with the K/V-cache write (AttentionBackend.forward_rotary); without one, query and key
+    come as they are to be cached."""
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float | None = None,
-                 backend: AttentionBackend | None = None):
+                 backend: AttentionBackend | None = None, rotary_emb: RotaryEmbedding | None = None):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads {num_heads} must be a multiple of num_kv_heads {num_kv_heads}")
+        if rotary_emb is not None and rotary_emb.head_dim != head_dim:
+            raise ValueError(f"rotary head_dim {rotary_emb.head_dim} != attention head_dim {head_dim}")
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads
         self.scale = head_dim ** -0.5 if scale is None else scale
         self.backend = backend or DEFAULT_BACKEND
+        self.rotary_emb = rotary_emb
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attn_metadata: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """query [T, Hq*D], key/value [T, Hkv*D] -> [T, Hq*D]."""
+                attn_metadata: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """query [T, Hq*D], key/value [T, Hkv*D]; positions [T] or [3, T], exactly when this layer
+        has a rotary_emb -> [T, Hq*D]."""
+        if (positions is None) != (self.rotary_emb is None):
+            raise ValueError("Attention takes positions exactly when it was built with a rotary_emb")
         num_tokens = query.shape[0]
-        out = self.backend.forward(
-            query.view(num_tokens, self.num_heads, self.head_dim),
-            key.view(num_tokens, self.num_kv_heads, self.head_dim),
-            value.view(num_tokens, self.num_kv_heads, self.head_dim),
-            kv_cache, attn_metadata, self.scale)
+        query = query.view(num_tokens, self.num_heads, self.head_dim)
+        key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
+        value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.rotary_emb is None or positions is None:
+            out = self.backend.forward(query, key, value, kv_cache, attn_metadata, self.scale)
+        else:
+            out = self.backend.forward_rotary(query, key, value, positions, self.rotary_emb, kv_cache,
+                                              attn_metadata, self.scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)

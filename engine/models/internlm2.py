@@ -70,15 +70,12 @@ class InternLM2Attention(nn.Module):
         bias = bool(getattr(config, "bias", False))
         self.wqkv = PackedQKVLinear(config.hidden_size, self.head_dim, num_heads, num_kv_heads, bias)
         self.wo = Linear(num_heads * self.head_dim, config.hidden_size, bias=bias)
-        self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, rope_theta_of(config))
-        self.attn = Attention(num_heads, self.head_dim, num_kv_heads)
+        rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, rope_theta_of(config))
+        self.attn = Attention(num_heads, self.head_dim, num_kv_heads, rotary_emb=rotary_emb)  # rotary fused inside
 
     def forward(self, positions, hidden, attn_metadata: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        q, k, v = self.wqkv.split(self.wqkv(hidden))                   # [T, Hq*D], [T, Hkv*D] x2
-        q, k = self.rotary_emb(positions, q.view(num_tokens, -1, self.head_dim),
-                               k.view(num_tokens, -1, self.head_dim))
-        out = self.attn(q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v, attn_metadata, kv_cache)
+        q, k, v = self.wqkv.split(self.wqkv(hidden))                   # [T, Hq*D], [T, Hkv*D] x2, unrotated
+        out = self.attn(q, k, v, attn_metadata, kv_cache, positions)   # [T, Hq*D]
         return self.wo(out)                                           # [T, H]
 
 

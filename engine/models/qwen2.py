@@ -44,16 +44,15 @@ class Qwen2Attention(nn.Module):
         self.qkv_proj = QKVLinear(config.hidden_size, self.head_dim, num_heads, num_kv_heads, bias=True,
                                   parallel=parallel)
         self.o_proj = RowParallelLinear(num_heads * self.head_dim, config.hidden_size, bias=False, parallel=parallel)
-        self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, mrope_section)
-        self.attn = Attention(self.qkv_proj.num_heads, self.head_dim, self.qkv_proj.num_kv_heads)  # this rank's heads
+        rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, mrope_section)
+        # This rank's heads; the rotary runs inside, fused with the K/V-cache write.
+        self.attn = Attention(self.qkv_proj.num_heads, self.head_dim, self.qkv_proj.num_kv_heads,
+                              rotary_emb=rotary_emb)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, attn_metadata: AttentionMetadata,
                 kv_cache: KVCache) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))           # [T, Hq*D], [T, Hkv*D] x2
-        q, k = self.rotary_emb(positions, q.view(num_tokens, -1, self.head_dim),
-                               k.view(num_tokens, -1, self.head_dim))  # [T, Hq, D], [T, Hkv, D]
-        out = self.attn(q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v, attn_metadata, kv_cache)
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))           # [T, Hq*D], [T, Hkv*D] x2, unrotated
+        out = self.attn(q, k, v, attn_metadata, kv_cache, positions)   # [T, Hq*D]
         return self.o_proj(out)                                        # [T, H]
 
 

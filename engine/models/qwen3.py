@@ -41,18 +41,19 @@ class Qwen3Attention(nn.Module):
                                         bias=bool(getattr(config, "attention_bias", False)), parallel=parallel)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, mrope_section,
-                                          mrope_interleaved=mrope_section is not None)
-        self.attn = Attention(self.qkv_proj.num_heads, self.head_dim, self.qkv_proj.num_kv_heads)
+        rotary_emb = RotaryEmbedding(self.head_dim, config.max_position_embeddings, theta, mrope_section,
+                                     mrope_interleaved=mrope_section is not None)
+        self.attn = Attention(self.qkv_proj.num_heads, self.head_dim, self.qkv_proj.num_kv_heads,
+                              rotary_emb=rotary_emb)  # rotary fused with the K/V-cache write
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, attn_metadata: AttentionMetadata,
                 kv_cache: KVCache) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))                   # [T, Hq*D], [T, Hkv*D] x2
-        q = self.q_norm(q.reshape(-1, self.head_dim)).view(num_tokens, -1, self.head_dim)  # [T, Hq, D]
-        k = self.k_norm(k.reshape(-1, self.head_dim)).view(num_tokens, -1, self.head_dim)  # [T, Hkv, D]
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.attn(q.reshape(num_tokens, -1), k.reshape(num_tokens, -1), v, attn_metadata, kv_cache)
+        # QK-norm per head here, then the rotary inside attn (fused with the K/V-cache write): HF's order.
+        q = self.q_norm(q.reshape(-1, self.head_dim)).view(num_tokens, -1)     # [T, Hq*D]
+        k = self.k_norm(k.reshape(-1, self.head_dim)).view(num_tokens, -1)     # [T, Hkv*D]
+        out = self.attn(q, k, v, attn_metadata, kv_cache, positions)           # [T, Hq*D]
         return self.o_proj(out)                                                # [T, H]
 
 
