@@ -12,7 +12,7 @@ The graphs' attention grid is fixed by padding the request list, not the rows' a
     seq_len B - T over the null block 0 (its block-table row is zeroed), output dropped;
   * requests (R, max_num_seqs] after it are empty (query_start_loc = B), so their programs exit.
 The paged-attention kernel never splits KV in these graphs (max_query_len > 1); it walks the same
-fixed 512-token segments in order that its split mode merges, so every row equals the eager
+fixed 256-token segments in order that its split mode merges, so every row equals the eager
 step's. Linear layers are batch-invariant (deterministic mode) whatever the padded M; without
 determinism cuBLAS may pick another algorithm for B rows than for T, as it may between any batches.
 The input is inputs_embeds [B, E] for models with a vision tower (the runner embeds and merges
