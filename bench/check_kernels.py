@@ -138,6 +138,30 @@ def check_rotary(mrope_section, num_tokens=2048, interleaved=False):
     return f"apply_rotary {kind} T={num_tokens}", error, triton.testing.do_bench(run), float("nan")
 
 
+def check_rotary_store_kv(mrope_section, num_tokens=2048, interleaved=False):
+    """The fused rotary + KV write against apply_rotary then store_kv: error inf unless bit-equal."""
+    query = torch.randn(num_tokens, NUM_Q_HEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
+    key, value = (torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16) for _ in "kv")
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, HEAD_DIM, 2, device=DEVICE).float() / HEAD_DIM))
+    freqs = torch.arange(32768, device=DEVICE).float()[:, None] * inv_freq[None]
+    cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+    positions = torch.randint(0, 32768, (3, num_tokens) if mrope_section else (num_tokens,), device=DEVICE)
+    num_blocks = 2 * num_tokens // BLOCK_SIZE
+    slots = torch.randperm(num_blocks * BLOCK_SIZE, device=DEVICE)[:num_tokens]
+    slots[::7] = -1
+    caches = [torch.zeros(num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
+              for _ in range(4)]
+    run = lambda: kernels.rotary_store_kv(query, key, value, positions, cache, caches[0], caches[1], slots,
+                                          mrope_section, interleaved)
+    q_fused = run()
+    q_ref, k_ref = kernels.apply_rotary(query, key, positions, cache, mrope_section, interleaved)
+    kernels.store_kv(k_ref, value, caches[2], caches[3], slots)
+    same = all(torch.equal(a, b) for a, b in ((q_fused, q_ref), (caches[0], caches[2]), (caches[1], caches[3])))
+    kind = ("mrope interleaved" if interleaved else "mrope") if mrope_section else "1d"
+    return (f"rotary_store_kv {kind} = unfused bits T={num_tokens}", 0.0 if same else math.inf,
+            triton.testing.do_bench(run), float("nan"))
+
+
 def check_silu_and_mul(num_tokens=2048):
     x = torch.randn(num_tokens, 2 * INTERMEDIATE, device=DEVICE, dtype=torch.bfloat16)
     run = lambda: kernels.silu_and_mul(x)
@@ -161,6 +185,9 @@ def all_checks():
     yield check_rotary(None)
     yield check_rotary(MROPE_SECTION)
     yield check_rotary([24, 20, 20], interleaved=True)   # Qwen3-VL
+    yield check_rotary_store_kv(None)
+    yield check_rotary_store_kv(MROPE_SECTION)
+    yield check_rotary_store_kv([24, 20, 20], interleaved=True)
     yield check_silu_and_mul()
 
 
