@@ -79,10 +79,9 @@ def _rotate_heads(x_ptr, out_ptr, token, num_heads, half, stride_t, stride_h, st
     x2 = tl.load(first + half, mask=mask, other=0.0).to(tl.float32)
     # Round to x's dtype first (apply_rotary's output), then to out's (a KV cache of another dtype):
     # the fused rotary + store_kv then writes what apply_rotary + store_kv would.
-    dtype, out_dtype = x_ptr.dtype.element_ty, out_ptr.dtype.element_ty
     out = out_ptr + token * stride_ot + heads * stride_oh + freqs
-    tl.store(out, (x1 * cos - x2 * sin).to(dtype).to(out_dtype), mask=mask)
-    tl.store(out + half, (x2 * cos + x1 * sin).to(dtype).to(out_dtype), mask=mask)
+    tl.store(out, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + half, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
