@@ -119,6 +119,24 @@ class StructuredOutputManager:
             state.num_accepted_tokens += 1
         return True
 
+    def accept_batch(self, states: list[StructuredOutputRequest], token_ids: list[int]) -> list[bool]:
+        """accept_tokens(state, [token_id]) for each pair (one step's token per request), in one
+        library call per backend: llguidance spreads it over its threads without the GIL."""
+        results = [True] * len(states)   # a terminated matcher takes anything (see accept_tokens)
+        by_backend: dict[str, list[int]] = {}
+        for i, state in enumerate(states):
+            if not state.matcher.is_terminated():
+                by_backend.setdefault(state.backend, []).append(i)
+        for name, indices in by_backend.items():
+            accepted = self._backends[name].accept_batch([(states[i].matcher, token_ids[i]) for i in indices])
+            for i, ok in zip(indices, accepted):
+                if ok:
+                    states[i].num_accepted_tokens += 1
+                else:
+                    results[i] = False
+                    logger.warning("structured outputs: the grammar refused token %d", token_ids[i])
+        return results
+
     def rollback(self, state: StructuredOutputRequest, num_tokens: int) -> None:
         """Undo the last num_tokens accepted tokens (rejected speculative tokens)."""
         num_tokens = min(num_tokens, state.num_accepted_tokens)
