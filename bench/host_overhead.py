@@ -131,6 +131,7 @@ def instrument(llm) -> HostTimers:
         timers.wrap(manager, "grammar_status", "  grammar_status (in schedule: compiled yet?)")
         timers.wrap(manager, "grammar_bitmask", "  grammar bitmask build (between forward and sampling)")
         timers.wrap(manager, "accept_tokens", "  matcher accept (in update_from_output)")
+        timers.wrap(manager, "accept_batch", "  matcher accept (in update_from_output)")
     return timers
 
 

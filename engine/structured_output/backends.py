@@ -11,6 +11,7 @@ w set <=> token 32 * w + j is allowed.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from typing import Any, Protocol
@@ -114,6 +115,9 @@ class GuidanceMatcher:
         return self._is_terminated
 
 
+PARALLEL_ACCEPT_MIN_CPUS = 8   # measured slower with 2 (busy) CPUs: bench/structured_outputs.py --host-only
+
+
 class GuidanceBackend:
     name = "guidance"
 
@@ -121,7 +125,10 @@ class GuidanceBackend:
         import llguidance.hf
 
         self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
-        self._executor = llguidance.LLExecutor()
+        self._executor = llguidance.LLExecutor()   # threads: 80% of the CPUs, up to 32
+        # A step's consume_token calls go to the executor's threads on a machine with cores to
+        # spare; on a small one waking them costs more than the ~5 us per call they would share.
+        self.parallel_accept = (os.cpu_count() or 1) >= PARALLEL_ACCEPT_MIN_CPUS
 
     def compile(self, spec: GrammarSpec):
         from llguidance import LLMatcher
@@ -140,9 +147,12 @@ class GuidanceBackend:
                                                bitmask.shape[1] * 4, bitmask.shape[0])
 
     def accept_batch(self, pairs: list[tuple[GuidanceMatcher, int]]) -> list[bool]:
-        # One call for the step's matchers, spread over the executor's threads without the GIL:
-        # consume_token costs ~5-10 us in Rust (lexer + Earley step), x 256 requests a step.
-        accepted = self._executor.consume_token_par([(m._matcher, token_id) for m, token_id in pairs])
+        # consume_token costs ~3-10 us in Rust (lexer + Earley step), x 256 requests a step: one
+        # call spreads them over the executor's threads (without the GIL).
+        if self.parallel_accept:
+            accepted = self._executor.consume_token_par([(m._matcher, token_id) for m, token_id in pairs])
+        else:
+            accepted = [m._matcher.consume_token(token_id) for m, token_id in pairs]
         eos = self._tokenizer.eos_token
         for (matcher, token_id), ok in zip(pairs, accepted):
             matcher._is_terminated = ok and token_id == eos

@@ -13,6 +13,7 @@ at once; a new one waits in the queue without holding up the others.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -52,10 +53,17 @@ class StructuredOutputManager:
         self._tokenizer = None
         self._backends: dict[str, GrammarBackend] = {}
         self._lock = threading.Lock()           # guards _tokenizer and _backends
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
+        # llguidance compiles without the GIL: a burst of new schemas (W1: 256 at once) compiles on
+        # half the cores, the other half left to the core's thread and the libraries' mask threads.
+        self.num_compile_threads = max(2, min(8, (os.cpu_count() or 2) // 2))
+        self._pool = ThreadPoolExecutor(max_workers=self.num_compile_threads, thread_name_prefix="grammar")
         self._cache: OrderedDict[tuple[str, GrammarSpec], Future] = OrderedDict()
-        # Two host buffers [rows, ceil(vocab / 32)] int32, used in turn (see _next_bitmask_buffer).
-        self._bitmask_buffers: list[torch.Tensor] = [torch.empty(0, (vocab_size + 31) // 32, dtype=torch.int32)] * 2
+        # Two host buffers [rows, ceil(vocab / 32)] int32, used in turn (see _next_bitmask_buffer);
+        # page-locked where a GPU may take them: the runner's to_device then copies them to the
+        # device asynchronously instead of first copying 4.9 MB (256 rows x 152k vocab) into a
+        # page-locked staging buffer on the core's thread.
+        self._pin_bitmasks = torch.cuda.is_available()
+        self._bitmask_buffers: list[torch.Tensor] = [self._new_bitmask_buffer(0)] * 2
         self._num_bitmasks = 0
 
     def add_request(self, req_id: str, params: StructuredOutputsParams) -> StructuredOutputRequest:
@@ -173,8 +181,14 @@ class StructuredOutputManager:
         self._num_bitmasks += 1
         buffer = self._bitmask_buffers[index]
         if buffer.shape[0] < num_rows:
-            buffer = self._bitmask_buffers[index] = torch.empty(num_rows, buffer.shape[1], dtype=torch.int32)
+            buffer = self._bitmask_buffers[index] = self._new_bitmask_buffer(num_rows)
         return buffer[:num_rows]
+
+    def _new_bitmask_buffer(self, num_rows: int) -> torch.Tensor:
+        """[num_rows, ceil(vocab / 32)] int32. A page-locked one is safe to reuse two builds later:
+        its device copy was queued before that step's sampling, whose tokens the core has read
+        before the next-but-one build (engine.core: the previous step's result, then the bitmask)."""
+        return torch.empty(num_rows, (self.vocab_size + 31) // 32, dtype=torch.int32, pin_memory=self._pin_bitmasks)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
