@@ -46,7 +46,8 @@ class StructuredOutputRequest:
 
 
 class StructuredOutputManager:
-    def __init__(self, config: StructuredOutputsConfig, load_tokenizer, vocab_size: int) -> None:
+    def __init__(self, config: StructuredOutputsConfig, load_tokenizer, vocab_size: int,
+                 pin_bitmasks: bool = False) -> None:
         self.config = config
         self.vocab_size = vocab_size            # the model's logits width (may exceed the tokenizer's)
         self._load_tokenizer = load_tokenizer   # () -> HF tokenizer, called once, in a pool thread
@@ -59,10 +60,11 @@ class StructuredOutputManager:
         self._pool = ThreadPoolExecutor(max_workers=self.num_compile_threads, thread_name_prefix="grammar")
         self._cache: OrderedDict[tuple[str, GrammarSpec], Future] = OrderedDict()
         # Two host buffers [rows, ceil(vocab / 32)] int32, used in turn (see _next_bitmask_buffer);
-        # page-locked where a GPU may take them: the runner's to_device then copies them to the
-        # device asynchronously instead of first copying 4.9 MB (256 rows x 152k vocab) into a
-        # page-locked staging buffer on the core's thread.
-        self._pin_bitmasks = torch.cuda.is_available()
+        # page-locked (pin_bitmasks: a runner in this process on a GPU) so that the runner's
+        # to_device copies them to the device asynchronously instead of first copying 4.9 MB
+        # (256 rows x 152k vocab) into a page-locked staging buffer on the core's thread. Not for
+        # TP/PP: the core process would then create a CUDA context of its own.
+        self._pin_bitmasks = pin_bitmasks
         self._bitmask_buffers: list[torch.Tensor] = [self._new_bitmask_buffer(0)] * 2
         self._num_bitmasks = 0
 
