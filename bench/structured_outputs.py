@@ -157,8 +157,9 @@ def _host_timer(out: list):
 
 def host_only(num_requests: int, model: str, backend: str) -> None:
     """No GPU, the grammar work of one step at batch num_requests (each request its own schema) with
-    the model's tokenizer: compile of all the schemas submitted at once, the bitmask build, and the
-    matchers' accept of the step's tokens, per request (accept_tokens) and batched (accept_batch: the
+    the model's tokenizer: the frontend's check of each new schema (serial: LLM.generate makes every
+    request before the first step), compile of all the schemas submitted at once, the bitmask build,
+    and the matchers' accept of the step's tokens, per request (accept_tokens) and batched (accept_batch: the
     scheduler's path); the CPU mask (torch reference) at the model's vocabulary."""
     import types
 
@@ -167,10 +168,16 @@ def host_only(num_requests: int, model: str, backend: str) -> None:
     from engine import StructuredOutputsParams
     from engine.structured_output import StructuredOutputsConfig
     from engine.structured_output.manager import StructuredOutputManager
+    from engine.structured_output.resolve import resolve_structured_outputs
 
     path = harness.model_dir(model)
     config = json.loads((Path(path) / "config.json").read_text())
     vocab = config.get("text_config", {}).get("vocab_size") or config["vocab_size"]
+    start = time.perf_counter()   # the frontend's check of each new schema, before it is queued
+    for _ in range(num_requests):
+        resolve_structured_outputs(StructuredOutputsParams(json=make_schema(random.getrandbits(40))),
+                                   StructuredOutputsConfig(backend=backend))
+    check_s = time.perf_counter() - start
     manager = StructuredOutputManager(StructuredOutputsConfig(backend=backend),
                                       lambda: AutoTokenizer.from_pretrained(path), vocab)
     manager.add_request("warm", StructuredOutputsParams(json=make_schema(0))).compiled.result()   # tokenizer
@@ -191,7 +198,8 @@ def host_only(num_requests: int, model: str, backend: str) -> None:
         assert manager.grammar_status(request.structured_output) == "ready"
     build, batched, per_request = step_times(manager, requests, twins)
     manager.shutdown()
-    rows = [(f"compile {num_requests} schemas submitted at once, until all ready (ms)", 1e3 * compile_s),
+    rows = [(f"request check of {num_requests} new schemas, frontend, one thread (ms)", 1e3 * check_s),
+            (f"compile {num_requests} schemas submitted at once, until all ready (ms)", 1e3 * compile_s),
             ("  compile pool threads / CPUs", f"{manager.num_compile_threads} / {os.cpu_count()}"),
             (f"bitmask build at batch {num_requests}, host (ms)", 1e3 * build),
             (f"matcher accept at batch {num_requests}, per request, accept_tokens (ms)", 1e3 * per_request),
