@@ -3,8 +3,9 @@ off the step loop, keeps one matcher per request, builds each step's token bitma
 the matchers with the tokens the scheduler accepts.
 
 Caller: engine.scheduler only (add_request -> grammar_status while waiting -> grammar_bitmask
-each step it samples -> accept_tokens per emitted token -> nothing on finish: state dies with the
-Request). Runs in the core's thread; compilation runs in a small thread pool.
+each step it samples -> accept_batch with the step's one token per running request, accept_tokens
+otherwise -> nothing on finish: state dies with the Request). Runs in the core's thread;
+compilation runs in a thread pool.
 
 Compiled grammars are cached by (backend, spec): a request whose schema was seen before starts
 at once; a new one waits in the queue without holding up the others.
