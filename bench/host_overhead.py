@@ -16,6 +16,12 @@ requests are preprocessed before the clock starts; --steady-steps steps after th
 
     python bench/host_overhead.py [--runs 3] [--requests 256] [--profile out.prof]
     python bench/host_overhead.py --steady 64 [--steady-steps 256] [--runs 3] [--cpu-time] [--profile out.prof]
+    python bench/host_overhead.py --async-scheduling [--json-schema] [--runs 3]
+
+--json-schema (issue 17): every request carries its own ~10-field JSON schema (bench/structured_outputs.py's
+make_schema, fresh per run, so every compile is paid) and stops where the grammar ends (no ignore_eos); the
+grammar stages (compile wait, bitmask build, matcher accept) are reported. Compare with the same command
+without it; --async-scheduling runs the split step as on CUDA (bitmask built between forward and sampling).
 Caller: by hand (results in BENCHMARKS.md, "Host overhead per step (CPU, no GPU)").
 """
 
@@ -38,6 +44,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import harness  # noqa: E402
 
 TEXT_TOKENS, OUTPUT_TOKENS, IMAGE_SIZE = 64, 128, (448, 448)
+JSON_SCHEMA = False   # --json-schema: each request its own schema (see the docstring)
 
 
 class HostTimers:
@@ -119,17 +126,33 @@ def instrument(llm) -> HostTimers:
     timers.wrap(runner, "_sample", "    _sample (tiny lm_head + sampler)")
     timers.wrap(StepOutput, "result", "  step output to host (append_sampled)")
     timers.wrap(OutputProcessor, "process", "output processing (detokenize)")
+    if JSON_SCHEMA:   # [structured outputs] the manager's calls, inside the stages above
+        manager = core.scheduler.structured_output
+        timers.wrap(manager, "grammar_status", "  grammar_status (in schedule: compiled yet?)")
+        timers.wrap(manager, "grammar_bitmask", "  grammar bitmask build (between forward and sampling)")
+        timers.wrap(manager, "accept_tokens", "  matcher accept (in update_from_output)")
+        timers.wrap(manager, "accept_batch", "  matcher accept (in update_from_output)")
     return timers
 
 
-def run_once(llm, num_requests: int, seed: int, profile: cProfile.Profile | None = None) -> dict:
+def sampling_params(seed: int):
+    """One SamplingParams per request: plain W1 (ignore_eos), or (--json-schema) its own schema each."""
     from engine.sampling_params import SamplingParams
+    from engine.structured_output import StructuredOutputsParams
+    from structured_outputs import make_schema
 
+    if not JSON_SCHEMA:
+        return SamplingParams(temperature=0.0, max_tokens=OUTPUT_TOKENS, ignore_eos=True)
+    return SamplingParams(temperature=0.0, max_tokens=OUTPUT_TOKENS,
+                          structured_outputs=StructuredOutputsParams(json=make_schema(seed)))
+
+
+def run_once(llm, num_requests: int, seed: int, profile: cProfile.Profile | None = None) -> dict:
     tokenizer = llm.get_tokenizer()
     images = harness.fresh_images(num_requests, IMAGE_SIZE, seed)
     prompts = [{"prompt": harness.IMAGE_PROMPT + harness.text_of_tokens(tokenizer, TEXT_TOKENS, seed * 100003 + i),
                 "multi_modal_data": {"image": image}} for i, image in enumerate(images)]
-    params = SamplingParams(temperature=0.0, max_tokens=OUTPUT_TOKENS, ignore_eos=True)
+    params = [sampling_params(seed * 100003 + i) for i in range(num_requests)]
     timers = instrument(llm)
     steps = [0]
     step = llm.client.step
@@ -148,20 +171,19 @@ def run_once(llm, num_requests: int, seed: int, profile: cProfile.Profile | None
     total = time.perf_counter() - start
     timers.restore()
     llm.client.__dict__.pop("step")
-    assert all(len(o.outputs[0].token_ids) == OUTPUT_TOKENS for o in outputs)
-    return {"total_s": total, "steps": steps[0], "stages_s": dict(timers.seconds)}
+    assert all(len(o.outputs[0].token_ids) == OUTPUT_TOKENS or o.outputs[0].finish_reason == "stop" for o in outputs)
+    return {"total_s": total, "steps": steps[0], "stages_s": dict(timers.seconds),
+            "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs)}
 
 
 def make_requests(llm, count: int, seed: int) -> list:
     """count EngineRequests of the W4 shape (one fresh image + ~64 text tokens, 128 output tokens)."""
-    from engine.sampling_params import SamplingParams
-
     tokenizer = llm.get_tokenizer()
-    params = SamplingParams(temperature=0.0, max_tokens=OUTPUT_TOKENS, ignore_eos=True)
     requests = []
     for i, image in enumerate(harness.fresh_images(count, IMAGE_SIZE, seed)):
         prompt = harness.IMAGE_PROMPT + harness.text_of_tokens(tokenizer, TEXT_TOKENS, seed * 100003 + i)
-        request, _ = llm._request_from_prompt({"prompt": prompt, "multi_modal_data": {"image": image}}, params)
+        request, _ = llm._request_from_prompt({"prompt": prompt, "multi_modal_data": {"image": image}},
+                                              sampling_params(seed * 100003 + i))
         requests.append(request)
     return requests
 
@@ -211,6 +233,8 @@ def report(results: list[dict], title: str = "W1 shape") -> None:
     print(f"\n== Host overhead, {title} on the CPU (stand-in model), median of {len(results)} runs")
     runs = ", ".join(f"{r['total_s']:.3f}" for r in results)
     print(f"  steps per run: {steps}; wall per run: {median_total:.3f} s (runs {runs})")
+    if "output_tokens" in results[0]:
+        print(f"  output tokens per run: {statistics.median(r['output_tokens'] for r in results):.0f}")
     print(f"  {'stage':52s} {'s per run':>10s} {'us per step':>12s}")
     for stage in results[0]["stages_s"]:
         seconds = statistics.median(r["stages_s"].get(stage, 0.0) for r in results)
@@ -230,15 +254,19 @@ def main() -> None:
     parser.add_argument("--steady", type=int, help="serving steady state with this many requests in flight")
     parser.add_argument("--steady-steps", type=int, default=256)
     parser.add_argument("--cpu-time", action="store_true", help="stage times in this process's CPU time")
+    parser.add_argument("--json-schema", action="store_true", help="every request its own ~10-field JSON schema")
+    parser.add_argument("--async-scheduling", action="store_true", help="W1: the split step of CUDA runs")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    global JSON_SCHEMA
+    JSON_SCHEMA = args.json_schema
     if args.cpu_time:
         global CLOCK
         CLOCK = time.process_time
     if args.steady:
         main_steady(args)
         return
-    llm = make_llm(args.max_num_batched_tokens)
+    llm = make_llm(args.max_num_batched_tokens, async_scheduling=args.async_scheduling)
     run_once(llm, min(args.requests, 16), seed=0)   # warm-up
     results = [run_once(llm, args.requests, seed=1 + i) for i in range(args.runs)]
     if args.profile:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -155,8 +156,11 @@ def _host_timer(out: list):
 
 
 def host_only(num_requests: int, model: str, backend: str) -> None:
-    """No GPU: the bitmask build of num_requests rows (each its own schema, matchers advanced by
-    random allowed tokens) and the CPU mask (torch reference) at the model's vocabulary."""
+    """No GPU, the grammar work of one step at batch num_requests (each request its own schema) with
+    the model's tokenizer: the frontend's check of each new schema (serial: LLM.generate makes every
+    request before the first step), compile of all the schemas submitted at once, the bitmask build,
+    and the matchers' accept of the step's tokens, per request (accept_tokens) and batched (accept_batch: the
+    scheduler's path); the CPU mask (torch reference) at the model's vocabulary."""
     import types
 
     from transformers import AutoTokenizer
@@ -164,35 +168,81 @@ def host_only(num_requests: int, model: str, backend: str) -> None:
     from engine import StructuredOutputsParams
     from engine.structured_output import StructuredOutputsConfig
     from engine.structured_output.manager import StructuredOutputManager
+    from engine.structured_output.resolve import resolve_structured_outputs
 
     path = harness.model_dir(model)
     config = json.loads((Path(path) / "config.json").read_text())
     vocab = config.get("text_config", {}).get("vocab_size") or config["vocab_size"]
+    start = time.perf_counter()   # the frontend's check of each new schema, before it is queued
+    for _ in range(num_requests):
+        resolve_structured_outputs(StructuredOutputsParams(json=make_schema(random.getrandbits(40))),
+                                   StructuredOutputsConfig(backend=backend))
+    check_s = time.perf_counter() - start
     manager = StructuredOutputManager(StructuredOutputsConfig(backend=backend),
                                       lambda: AutoTokenizer.from_pretrained(path), vocab)
-    requests = [types.SimpleNamespace(req_id=f"r{i}", num_computed_tokens=10, num_tokens=11,   # each samples
+    manager.add_request("warm", StructuredOutputsParams(json=make_schema(0))).compiled.result()   # tokenizer
+    start = time.perf_counter()
+
+    def requests_for(prefix: str) -> list:   # a second set shares the first's (cached) compiles
+        return [types.SimpleNamespace(req_id=f"{prefix}{i}", num_computed_tokens=10, num_tokens=11,   # each samples
                                       structured_output=manager.add_request(
-                                          f"r{i}", StructuredOutputsParams(json=make_schema(1000 + i))))
+                                          f"{prefix}{i}", StructuredOutputsParams(json=make_schema(1000 + i))))
                 for i in range(num_requests)]
+
+    requests = requests_for("r")
     for request in requests:
         request.structured_output.compiled.result()
-        manager.grammar_status(request.structured_output)
-    rng, times = random.Random(0), []
-    for _ in range(30):
-        start = time.perf_counter()
-        bitmask = manager.grammar_bitmask(requests, {r.req_id: 1 for r in requests})
-        times.append(time.perf_counter() - start)
-        for row, request in enumerate(requests):   # one random allowed token each
-            words = bitmask.bitmask[row, :64].tolist()   # the tiny tokenizer's ids fit in 64 words
-            allowed = [32 * w + b for w, v in enumerate(words) for b in range(32) if v >> b & 1]
-            if allowed and not request.structured_output.matcher.is_terminated():
-                manager.accept_tokens(request.structured_output, [rng.choice(allowed)])
+    compile_s = time.perf_counter() - start
+    twins = requests_for("t")   # advanced per request, as before accept_batch
+    for request in requests + twins:
+        assert manager.grammar_status(request.structured_output) == "ready"
+    build, batched, per_request = step_times(manager, requests, twins)
     manager.shutdown()
-    rows = [(f"bitmask build at batch {num_requests}, host (ms)", 1e3 * harness.median(times[5:])),
+    rows = [(f"request check of {num_requests} new schemas, frontend, one thread (ms)", 1e3 * check_s),
+            (f"compile {num_requests} schemas submitted at once, until all ready (ms)", 1e3 * compile_s),
+            ("  compile pool threads / CPUs", f"{manager.num_compile_threads} / {os.cpu_count()}"),
+            (f"bitmask build at batch {num_requests}, host (ms)", 1e3 * build),
+            (f"matcher accept at batch {num_requests}, per request, accept_tokens (ms)", 1e3 * per_request),
+            (f"matcher accept at batch {num_requests}, batched, accept_batch (ms)", 1e3 * batched),
             (f"bitmask apply at batch {num_requests} x {vocab}, CPU torch (ms)",
              1e3 * apply_seconds(num_requests, vocab, force_reference=True, device="cpu"))]
     harness.print_table(f"Structured outputs host-only ({backend}), {model} vocabulary, "
-                        f"{torch.get_num_threads()} threads", rows)
+                        f"{torch.get_num_threads()} torch threads", rows)
+
+
+def first_allowed(row: torch.Tensor) -> int:
+    """The lowest token id a bitmask row [ceil(vocab / 32)] int32 allows (EOS at a grammar's end)."""
+    word = int(row.ne(0).nonzero()[0])
+    value = int(row[word]) & 0xFFFFFFFF
+    return 32 * word + (value & -value).bit_length() - 1
+
+
+def step_times(manager, requests: list, twins: list, num_steps: int = 40) -> tuple[float, float, float]:
+    """Median seconds per step of (bitmask build, accept_batch, accept_tokens per request): each
+    step every request takes one random allowed token; `twins` (same grammars) take the same tokens
+    one request at a time and must agree. Both accepts start with cold caches, as in the engine."""
+    rng, build, batched, per_request = random.Random(0), [], [], []
+    flush = torch.empty(16 << 20, dtype=torch.int32)   # 64 MB: more than the CPU caches
+    for _ in range(num_steps):
+        start = time.perf_counter()
+        bitmask = manager.grammar_bitmask(requests, {r.req_id: 1 for r in requests})
+        build.append(time.perf_counter() - start)
+        words = bitmask.bitmask[:, :64].tolist()   # ids < 2048: ASCII-ish tokens of both tokenizers
+        tokens = [rng.choice([32 * w + b for w, v in enumerate(row) for b in range(32) if v >> b & 1]
+                             or [first_allowed(bitmask.bitmask[i])]) for i, row in enumerate(words)]
+        manager.grammar_bitmask(twins, {r.req_id: 1 for r in twins})   # as every step's matchers
+        verdicts: list[bool] = []
+        for batch in ((True, False) if len(build) % 2 else (False, True)):   # either first, in turn
+            flush.fill_(len(build))   # a step's other work lies between a build and the next accept
+            start = time.perf_counter()
+            if batch:
+                verdicts = manager.accept_batch([r.structured_output for r in requests], tokens)
+            else:
+                twin_verdicts = [manager.accept_tokens(r.structured_output, [token]) for r, token in zip(twins, tokens)]
+            (batched if batch else per_request).append(time.perf_counter() - start)
+        assert verdicts == twin_verdicts
+    skip = num_steps // 8
+    return harness.median(build[skip:]), harness.median(batched[skip:]), harness.median(per_request[skip:])
 
 
 def ttft(llm, trials: int) -> dict:

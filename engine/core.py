@@ -113,7 +113,9 @@ class EngineCore:
             max_model_len=config.model_config.max_model_len, encoder_compute_budget=encoder_budget,
             structured_output_manager=StructuredOutputManager(
                 config.structured_outputs_config, lambda: load_tokenizer(config.model_config),
-                _vocab_size(config.model_config.hf_config)))
+                _vocab_size(config.model_config.hf_config),
+                # [structured outputs] the runner in this process copies the bitmask to a GPU
+                pin_bitmasks=config.device_config.device == "cuda" and isinstance(self.executor, SplitStepExecutor)))
 
     def _encoder_budget(self) -> int:
         """Embedding rows the encoder may compute per step and the encoder cache holds: for VL

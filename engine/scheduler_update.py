@@ -35,6 +35,7 @@ def update_from_output(scheduler: Scheduler, scheduler_output: SchedulerOutput,
     outputs, scheduler.pending_outputs = scheduler.pending_outputs, []
     scheduler._step_prompt_tokens = scheduler._step_generation_tokens = 0
     requests = scheduler.requests
+    grammar_steps: list[tuple[Request, int, list[int]]] = []   # [structured outputs] updated after the loop
     for req_id, num_tokens, sampled_token_ids in _scheduled_with_samples(scheduler_output, runner_output):
         request = requests.get(req_id)
         if request is None:
@@ -44,6 +45,9 @@ def update_from_output(scheduler: Scheduler, scheduler_output: SchedulerOutput,
             request.num_output_placeholders -= 1
         status = request.status
         if status == _RUNNING:
+            if request.structured_output is not None and len(sampled_token_ids) == 1:
+                grammar_steps.append((request, num_tokens, sampled_token_ids))
+                continue
             output = _update_request(scheduler, request, num_tokens, sampled_token_ids, runner_output)
         elif status == _PREEMPTED:
             output = _update_preempted(scheduler, request, sampled_token_ids, runner_output)
@@ -51,6 +55,8 @@ def update_from_output(scheduler: Scheduler, scheduler_output: SchedulerOutput,
             continue
         if output is not None:
             outputs.append(output)
+    if grammar_steps:
+        _update_grammar_requests(scheduler, grammar_steps, runner_output, outputs)
     if scheduler.beam_groups:   # beam search: groups whose slots all reported pick their next beams
         outputs += beam_groups.advance_beam_groups(scheduler)
     return EngineOutputs(outputs=outputs, stats=scheduler.make_stats(), timestamp=time.time())
@@ -66,8 +72,26 @@ def _scheduled_with_samples(scheduler_output: SchedulerOutput, runner_output: Mo
     return ((req_id, num_tokens, sampled_by_req.get(req_id, [])) for req_id, num_tokens in scheduled.items())
 
 
+def _update_grammar_requests(scheduler: Scheduler, steps: list[tuple[Request, int, list[int]]],
+                             runner_output: ModelRunnerOutput, outputs: list[EngineOutput]) -> None:
+    """[structured outputs] The running grammar requests that sampled one token: the tokens that
+    _append_sampled would append (not failed, not a partial prefill, not beam search) go to the
+    matchers in one batched call, then each request is updated as the others are."""
+    failed = runner_output.failed
+    appending = [(request, sampled[0]) for request, num_tokens, sampled in steps
+                 if request.num_computed_tokens + num_tokens == len(request.all_token_ids)
+                 and request.beam_group is None and not (failed and request.req_id in failed)]
+    accepted = dict(zip((request.req_id for request, _ in appending), scheduler.structured_output.accept_batch(
+        [request.structured_output for request, _ in appending], [token_id for _, token_id in appending])))
+    for request, num_tokens, sampled_token_ids in steps:
+        output = _update_request(scheduler, request, num_tokens, sampled_token_ids, runner_output,
+                                 accepted.get(request.req_id))
+        if output is not None:
+            outputs.append(output)
+
+
 def _update_request(scheduler: Scheduler, request: Request, num_tokens: int, sampled_token_ids: list[int],
-                    runner_output: ModelRunnerOutput) -> EngineOutput | None:
+                    runner_output: ModelRunnerOutput, accepted: bool | None = None) -> EngineOutput | None:
     req_id = request.req_id
     if runner_output.failed and req_id in runner_output.failed:
         return _fail_request(scheduler, request, runner_output.failed[req_id])
@@ -85,7 +109,7 @@ def _update_request(scheduler: Scheduler, request: Request, num_tokens: int, sam
     elif request.beam_group is not None:   # beam search
         request.beam_group.record(req_id, runner_output.logprobs[req_id][0])
     else:
-        new_token_ids = _append_sampled(scheduler, request, sampled_token_ids)
+        new_token_ids = _append_sampled(scheduler, request, sampled_token_ids, accepted)
     scheduler._step_generation_tokens += len(new_token_ids)
     if request.media_end > start:   # else its media were freed in an earlier step
         _free_computed_encoder_inputs(scheduler, request)
@@ -105,14 +129,19 @@ def _update_request(scheduler: Scheduler, request: Request, num_tokens: int, sam
     return output
 
 
-def _append_sampled(scheduler: Scheduler, request: Request, sampled_token_ids: list[int]) -> list[int]:
-    """Append the step's tokens until a stop condition (or a refused grammar token) finishes it."""
+def _append_sampled(scheduler: Scheduler, request: Request, sampled_token_ids: list[int],
+                    accepted: bool | None = None) -> list[int]:
+    """Append the step's tokens until a stop condition (or a refused grammar token) finishes it.
+    accepted: the grammar's verdict on the one sampled token, already given (_update_grammar_requests)."""
     new_token_ids = []
     for token_id in sampled_token_ids:
         request.append_output_token_id(token_id)
         new_token_ids.append(token_id)
-        if request.structured_output is not None and not scheduler.structured_output.accept_tokens(
-                request.structured_output, [token_id]):   # [structured outputs] never fail open
+        if accepted is None and request.structured_output is not None:
+            ok = scheduler.structured_output.accept_tokens(request.structured_output, [token_id])
+        else:   # no grammar (True), or the one token's verdict given
+            ok = accepted is not False
+        if not ok:   # [structured outputs] never fail open
             request.status, request.error = RequestStatus.FINISHED_ERROR, REFUSED_TOKEN_MESSAGE
             break
         if check_stop(request, scheduler.eos_token_ids, scheduler.max_model_len):

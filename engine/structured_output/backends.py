@@ -11,6 +11,7 @@ w set <=> token 32 * w + j is allowed.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from typing import Any, Protocol
@@ -38,6 +39,8 @@ class GrammarBackend(Protocol):
     def new_matcher(self, compiled: Any) -> GrammarMatcher: ...
     # Fill bitmask[row] for each (matcher, row) at once (the libraries spread it over threads).
     def fill_bitmasks(self, rows: list[tuple[GrammarMatcher, int]], bitmask: torch.Tensor) -> None: ...
+    # accept_token of each (matcher, token) pair -> whether each was accepted (in order).
+    def accept_batch(self, pairs: list[tuple[GrammarMatcher, int]]) -> list[bool]: ...
 
 
 def check_spec(backend: str, spec: GrammarSpec) -> str | None:
@@ -112,6 +115,9 @@ class GuidanceMatcher:
         return self._is_terminated
 
 
+PARALLEL_ACCEPT_MIN_CPUS = 8   # measured slower with 2 (busy) CPUs: bench/structured_outputs.py --host-only
+
+
 class GuidanceBackend:
     name = "guidance"
 
@@ -119,7 +125,10 @@ class GuidanceBackend:
         import llguidance.hf
 
         self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
-        self._executor = llguidance.LLExecutor()
+        self._executor = llguidance.LLExecutor()   # threads: 80% of the CPUs, up to 32
+        # A step's consume_token calls go to the executor's threads on a machine with cores to
+        # spare; on a small one waking them costs more than the ~5 us per call they would share.
+        self.parallel_accept = (os.cpu_count() or 1) >= PARALLEL_ACCEPT_MIN_CPUS
 
     def compile(self, spec: GrammarSpec):
         from llguidance import LLMatcher
@@ -136,6 +145,18 @@ class GuidanceBackend:
         assert bitmask.dtype == torch.int32 and bitmask.is_contiguous() and bitmask.device.type == "cpu"
         self._executor.unsafe_compute_mask_ptr([(m._matcher, row) for m, row in rows], bitmask.data_ptr(),
                                                bitmask.shape[1] * 4, bitmask.shape[0])
+
+    def accept_batch(self, pairs: list[tuple[GuidanceMatcher, int]]) -> list[bool]:
+        # consume_token costs ~3-10 us in Rust (lexer + Earley step), x 256 requests a step: one
+        # call spreads them over the executor's threads (without the GIL).
+        if self.parallel_accept:
+            accepted = self._executor.consume_token_par([(m._matcher, token_id) for m, token_id in pairs])
+        else:
+            accepted = [m._matcher.consume_token(token_id) for m, token_id in pairs]
+        eos = self._tokenizer.eos_token
+        for (matcher, token_id), ok in zip(pairs, accepted):
+            matcher._is_terminated = ok and token_id == eos
+        return accepted
 
 
 # ---------------------------------------------------------------- xgrammar
@@ -201,6 +222,9 @@ class XgrammarBackend:
     def fill_bitmasks(self, rows: list[tuple[XgrammarMatcher, int]], bitmask: torch.Tensor) -> None:
         self._batch.batch_fill_next_token_bitmask([m._matcher for m, _ in rows], bitmask,
                                                   indices=[row for _, row in rows])
+
+    def accept_batch(self, pairs: list[tuple[XgrammarMatcher, int]]) -> list[bool]:
+        return [matcher.accept_token(token_id) for matcher, token_id in pairs]
 
 
 def _structural_tag(text: str) -> dict:

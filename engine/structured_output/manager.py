@@ -3,8 +3,9 @@ off the step loop, keeps one matcher per request, builds each step's token bitma
 the matchers with the tokens the scheduler accepts.
 
 Caller: engine.scheduler only (add_request -> grammar_status while waiting -> grammar_bitmask
-each step it samples -> accept_tokens per emitted token -> nothing on finish: state dies with the
-Request). Runs in the core's thread; compilation runs in a small thread pool.
+each step it samples -> accept_batch with the step's one token per running request, accept_tokens
+otherwise -> nothing on finish: state dies with the Request). Runs in the core's thread;
+compilation runs in a thread pool.
 
 Compiled grammars are cached by (backend, spec): a request whose schema was seen before starts
 at once; a new one waits in the queue without holding up the others.
@@ -13,6 +14,7 @@ at once; a new one waits in the queue without holding up the others.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -45,17 +47,26 @@ class StructuredOutputRequest:
 
 
 class StructuredOutputManager:
-    def __init__(self, config: StructuredOutputsConfig, load_tokenizer, vocab_size: int) -> None:
+    def __init__(self, config: StructuredOutputsConfig, load_tokenizer, vocab_size: int,
+                 pin_bitmasks: bool = False) -> None:
         self.config = config
         self.vocab_size = vocab_size            # the model's logits width (may exceed the tokenizer's)
         self._load_tokenizer = load_tokenizer   # () -> HF tokenizer, called once, in a pool thread
         self._tokenizer = None
         self._backends: dict[str, GrammarBackend] = {}
         self._lock = threading.Lock()           # guards _tokenizer and _backends
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar")
+        # llguidance compiles without the GIL: a burst of new schemas (W1: 256 at once) compiles on
+        # half the cores, the other half left to the core's thread and the libraries' mask threads.
+        self.num_compile_threads = max(2, min(8, (os.cpu_count() or 2) // 2))
+        self._pool = ThreadPoolExecutor(max_workers=self.num_compile_threads, thread_name_prefix="grammar")
         self._cache: OrderedDict[tuple[str, GrammarSpec], Future] = OrderedDict()
-        # Two host buffers [rows, ceil(vocab / 32)] int32, used in turn (see _next_bitmask_buffer).
-        self._bitmask_buffers: list[torch.Tensor] = [torch.empty(0, (vocab_size + 31) // 32, dtype=torch.int32)] * 2
+        # Two host buffers [rows, ceil(vocab / 32)] int32, used in turn (see _next_bitmask_buffer);
+        # page-locked (pin_bitmasks: a runner in this process on a GPU) so that the runner's
+        # to_device copies them to the device asynchronously instead of first copying 4.9 MB
+        # (256 rows x 152k vocab) into a page-locked staging buffer on the core's thread. Not for
+        # TP/PP: the core process would then create a CUDA context of its own.
+        self._pin_bitmasks = pin_bitmasks
+        self._bitmask_buffers: list[torch.Tensor] = [self._new_bitmask_buffer(0)] * 2
         self._num_bitmasks = 0
 
     def add_request(self, req_id: str, params: StructuredOutputsParams) -> StructuredOutputRequest:
@@ -119,6 +130,24 @@ class StructuredOutputManager:
             state.num_accepted_tokens += 1
         return True
 
+    def accept_batch(self, states: list[StructuredOutputRequest], token_ids: list[int]) -> list[bool]:
+        """accept_tokens(state, [token_id]) for each pair (one step's token per request), in one
+        library call per backend: llguidance spreads it over its threads without the GIL."""
+        results = [True] * len(states)   # a terminated matcher takes anything (see accept_tokens)
+        by_backend: dict[str, list[int]] = {}
+        for i, state in enumerate(states):
+            if not state.matcher.is_terminated():
+                by_backend.setdefault(state.backend, []).append(i)
+        for name, indices in by_backend.items():
+            accepted = self._backends[name].accept_batch([(states[i].matcher, token_ids[i]) for i in indices])
+            for i, ok in zip(indices, accepted):
+                if ok:
+                    states[i].num_accepted_tokens += 1
+                else:
+                    results[i] = False
+                    logger.warning("structured outputs: the grammar refused token %d", token_ids[i])
+        return results
+
     def rollback(self, state: StructuredOutputRequest, num_tokens: int) -> None:
         """Undo the last num_tokens accepted tokens (rejected speculative tokens)."""
         num_tokens = min(num_tokens, state.num_accepted_tokens)
@@ -155,8 +184,14 @@ class StructuredOutputManager:
         self._num_bitmasks += 1
         buffer = self._bitmask_buffers[index]
         if buffer.shape[0] < num_rows:
-            buffer = self._bitmask_buffers[index] = torch.empty(num_rows, buffer.shape[1], dtype=torch.int32)
+            buffer = self._bitmask_buffers[index] = self._new_bitmask_buffer(num_rows)
         return buffer[:num_rows]
+
+    def _new_bitmask_buffer(self, num_rows: int) -> torch.Tensor:
+        """[num_rows, ceil(vocab / 32)] int32. A page-locked one is safe to reuse two builds later:
+        its device copy was queued before that step's sampling, whose tokens the core has read
+        before the next-but-one build (engine.core: the previous step's result, then the bitmask)."""
+        return torch.empty(num_rows, (self.vocab_size + 31) // 32, dtype=torch.int32, pin_memory=self._pin_bitmasks)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -178,3 +178,66 @@ def test_rows_in_reused_buffers_equal_a_fresh_fill_and_terminated_rows_allow_eve
     assert allowed_ids(built.bitmask[0]) == expected_choice_ids(tokenizer, ["ab", "cd"], "a")
     assert allowed_ids(built.bitmask[2]) == expected_choice_ids(tokenizer, ["ab", "cd"], "c")
     assert built.compact().bitmask.untyped_storage().nbytes() == fresh.numel() * 4
+
+
+@pytest.mark.parametrize("backend,parallel", [("guidance", False), ("guidance", True), ("xgrammar", False)])
+def test_accept_batch_gives_accept_tokens_verdicts_and_states(tokenizer, backend, parallel):
+    """One step's tokens in one call (the scheduler's path) = each request's accept_tokens: the
+    verdicts, the matchers' next rows, the rollback counts; a terminated matcher takes anything."""
+    manager = make_scheduler(tokenizer).structured_output
+    params = StructuredOutputsParams(choice=["ab", "cd"], backend=backend)
+    batch, alone = ([manager.add_request(f"{name}{i}", params) for i in range(4)] for name in "ba")
+    for state in batch + alone:
+        state.compiled.result(timeout=60)
+        assert manager.grammar_status(state) == "ready"
+    if backend == "guidance":
+        manager._backends["guidance"].parallel_accept = parallel
+    a, b, c, d = (tokenizer.convert_tokens_to_ids(t) for t in "abcd")
+    for states in (batch, alone):   # request 3 is past its grammar's end (ignore_eos)
+        assert manager.accept_tokens(states[3], [c, d, EOS]) and states[3].matcher.is_terminated()
+    verdicts = []   # refused: b first (request 2), a after c (request 1); request 0 ends with EOS
+    for tokens in ([a, c, b, 7], [b, a, EOS, 9], [EOS, d, a, 5]):
+        verdicts.append(manager.accept_batch(batch, tokens))
+        assert verdicts[-1] == [manager.accept_tokens(state, [token]) for state, token in zip(alone, tokens)]
+    # (requests 1 and 2 after their refusal are left to the library: they have failed in the engine)
+    assert [[step[i] for i in (0, 1, 3)] for step in verdicts[:2]] == [[True, True, True], [True, False, True]]
+    assert verdicts[2][0] and verdicts[2][3]
+    assert [s.num_accepted_tokens for s in batch] == [s.num_accepted_tokens for s in alone]
+    assert [batch[i].num_accepted_tokens for i in (0, 3)] == [3, 3]
+    assert [s.matcher.is_terminated() for s in batch] == [s.matcher.is_terminated() for s in alone]
+    assert batch[0].matcher.is_terminated() and not batch[1].matcher.is_terminated()
+    row = manager.grammar_bitmask([_Req(batch[0])], {"x": 1}).bitmask
+    assert bool((row == -1).all())   # a terminated matcher's row allows everything
+
+
+class _Req:
+    """What grammar_bitmask reads of an engine.request.Request (one that samples this step)."""
+
+    def __init__(self, state) -> None:
+        self.req_id, self.structured_output, self.num_computed_tokens, self.num_tokens = "x", state, 1, 1
+
+
+def test_one_refused_token_in_a_batched_step_fails_only_its_request(tokenizer):
+    scheduler = make_scheduler(tokenizer)
+    requests = [structured(f"r{i}", choice=["ab"]) for i in range(3)]
+    for request in requests:
+        scheduler.add_request(request)
+        wait_compiled(request)
+    a, c = tokenizer.convert_tokens_to_ids("a"), tokenizer.convert_tokens_to_ids("c")
+    _, outputs = step(scheduler, {"r0": a, "r1": c, "r2": a})
+    by_id = {output.req_id: output for output in outputs.outputs}
+    assert by_id["r1"].finish_reason == FinishReason.ERROR and "refused a sampled token" in by_id["r1"].error
+    assert by_id["r0"].finish_reason is None and by_id["r2"].finish_reason is None
+    assert sorted(scheduler.requests) == ["r0", "r2"]
+    assert [r.structured_output.num_accepted_tokens for r in (requests[0], requests[2])] == [1, 1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
+def test_pinned_bitmask_buffers_go_to_the_device_without_a_staging_copy(tokenizer):
+    manager = StructuredOutputManager(StructuredOutputsConfig(), lambda: tokenizer, 1088, pin_bitmasks=True)
+    state = manager.add_request("r", StructuredOutputsParams(choice=["ab", "cd"]))
+    state.compiled.result(timeout=60)
+    assert manager.grammar_status(state) == "ready"
+    bitmask = manager.grammar_bitmask([_Req(state)], {"x": 1}).bitmask
+    assert bitmask.is_pinned() and bitmask.pin_memory().data_ptr() == bitmask.data_ptr()   # to_device's pin: a no-op
+    assert allowed_ids(bitmask.to("cuda", non_blocking=True).cpu()[0]) == allowed_ids(bitmask[0])
