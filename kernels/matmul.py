@@ -201,7 +201,10 @@ _MID_M = 512
 # graph replays at M = 1 and 64; every entry checked bit-equal to the large-M path on that GPU):
 # {device name: {"N,K": {"tile": [BLOCK_N, BLOCK_K, num_warps, num_stages], "splits": [S, len],
 #   "mid" / "large" (optional, M <= 512 / above): [BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages],
-#   "mid_tma" / "large_tma" (optional, 16-bit inputs): the same for kernels/matmul_tma.py's TMA kernel}}}.
+#   "mid_tma" / "large_tma" (optional, 16-bit inputs): the same for kernels/matmul_tma.py's TMA kernel,
+#   "split_sum": "two_launch" (optional: small M adds its K ranges in a second launch),
+#   "silu_tile": [BLOCK_N, BLOCK_K, num_warps, num_stages] or "unfused" (the fused gate_up + SiLU's
+#   small-M tile, or the product then the activation)}}}.
 # Any BLOCK_K gives the same bits: the tensor-core dots accumulate 16-wide K slices in K order.
 _TUNED_PATH = Path(__file__).with_name("linear_tiles.json")
 
@@ -281,18 +284,26 @@ def _triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if entry is not None and tma_range in entry and matmul_tma.supports(x, weight):
         num_splits, split_len = k_split(weight.shape[0], x.shape[1])
         return matmul_tma.launch(x, weight, bias, tuple(entry[tma_range]), num_splits, split_len)
-    return launch(x, weight, bias, *plan(x.shape[0], weight.shape[0], x.shape[1], x.is_cuda, config))
+    # Where the GPU's table says so (bench/fusion_ab.py timed both), small M sums its K ranges in a
+    # second launch instead of inside the GEMM: the same additions in the same order.
+    two_launch = entry is not None and x.shape[0] <= _SMALL_M and entry.get("split_sum") == "two_launch"
+    return launch(x, weight, bias, *plan(x.shape[0], weight.shape[0], x.shape[1], x.is_cuda, config),
+                  two_launch=two_launch)
 
 
 def _triton_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K], weight [2I, K] = [gate; up], bias [2I] or None -> silu(x @ gate^T) * (x @ up^T): [M, I],
     the bits of silu_and_mul(_triton(x, weight, bias)) in one launch: the [2I, K] weight's K split,
     and its tile with half the columns per half (a program holds a gate and an up accumulator)."""
-    if x.shape[0] > _SMALL_M:   # the TMA product (when tuned) then the activation: same bits, faster
+    entry = tuned_entry(weight.shape[0], x.shape[1]) if x.is_cuda else None
+    silu_tile = entry.get("silu_tile") if entry is not None else None   # bench/fusion_ab.py's choice
+    if x.shape[0] > _SMALL_M or silu_tile == "unfused":   # the product then the activation: same bits
         return _activation_triton(_triton(x, weight, bias))
     (block_m, block_n, block_k, num_warps, num_stages), num_splits, split_len = plan(
         x.shape[0], weight.shape[0], x.shape[1], x.is_cuda)
     tile = (block_m, max(16, block_n // 2), block_k, num_warps, num_stages)
+    if isinstance(silu_tile, list):   # [BLOCK_N per half, BLOCK_K, num_warps, num_stages]
+        tile = (64, *silu_tile)
     return launch(x, weight, bias, tile, num_splits, split_len, silu_mul=True)
 
 
