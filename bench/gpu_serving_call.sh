@@ -3,8 +3,8 @@
 # check on the GPU (CUDA graphs, mixed steps included), W4-VL served at 1/16/64 clients (vlserve bench serve,
 # deterministic default; py-spy of the server 10 s into the 64-client level), W2 + W1 (median of 5) +
 # determinism, then --no-deterministic: W4-VL at 64 clients and W1 (median of 3). PARTS selects
-# (default check,w4,det,nondet; also tune (large-M GEMM tiles, first), hf (transformers baselines),
-# structured, beam).
+# (default check,w4,det,nondet; also tune (large-M GEMM tiles, first), ab (small-M fusion choices,
+# bench/fusion_ab.py), hf (transformers baselines), structured, beam).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -19,6 +19,10 @@ stamp() { echo "[$1 done at $(( $(date +%s) - start )) s]"; }
 if [[ $PARTS == *,tune,* ]]; then   # large-M tiles first: the benchmarks below read the table it writes
   timeout 80 python3 bench/tune_linear.py --range large --write-table > "$OUT/tune_large.log" 2>&1; echo "tune rc=$?"
   grep -E "==|invariant" "$OUT/tune_large.log" | head -16; cp kernels/linear_tiles.json "$OUT/"; stamp tune
+fi
+if [[ $PARTS == *,ab,* ]]; then   # small-M fusion choices (bench/fusion_ab.py) before anything is timed
+  PYTHONPATH=$PYTHONPATH:$(pwd)/bench timeout 150 python3 bench/fusion_ab.py --write-table > "$OUT/fusion_ab.log" 2>&1
+  echo "ab rc=$?"; grep -E "==|wrote" "$OUT/fusion_ab.log"; cp kernels/linear_tiles.json "$OUT/"; stamp ab
 fi
 if [[ $PARTS == *,check,* ]]; then
   timeout 100 python3 bench/check_vl_gpu.py > "$OUT/check.log" 2>&1; echo "check rc=$?"
@@ -35,7 +39,7 @@ if [[ $PARTS == *,w4,* ]]; then
   grep -v -i "warn\|INFO\|it/s\]" "$OUT/w4_det.log" | tail -16
   kill $smi 2>/dev/null; cp bench/results/w4_serving.json "$OUT/w4_det.json" 2>/dev/null; stamp "W4 det"
 fi
-[[ $PARTS == *,structured,* ]] && { timeout 150 python3 bench/structured_outputs.py --runs 2 > "$OUT/structured.log" 2>&1; tail -14 "$OUT/structured.log"; stamp structured; }
+[[ $PARTS == *,structured,* ]] && { timeout 150 python3 bench/structured_outputs.py --runs ${STRUCT_RUNS:-2} > "$OUT/structured.log" 2>&1; tail -14 "$OUT/structured.log"; stamp structured; }
 [[ $PARTS == *,beam,* ]] && { timeout 120 python3 bench/beam_search.py --runs 3 > "$OUT/beam.log" 2>&1; tail -10 "$OUT/beam.log"; stamp beam; }
 if [[ $PARTS == *,det,* ]]; then
   timeout 150 python3 bench/run_all.py --parts det --runs ${DET_RUNS:-5} > "$OUT/det.log" 2>&1
