@@ -39,7 +39,6 @@ if [[ $PARTS == *,w4,* ]]; then
   grep -v -i "warn\|INFO\|it/s\]" "$OUT/w4_det.log" | tail -16
   kill $smi 2>/dev/null; cp bench/results/w4_serving.json "$OUT/w4_det.json" 2>/dev/null; stamp "W4 det"
 fi
-[[ $PARTS == *,structured,* ]] && { timeout 150 python3 bench/structured_outputs.py --runs ${STRUCT_RUNS:-2} > "$OUT/structured.log" 2>&1; tail -14 "$OUT/structured.log"; stamp structured; }
 [[ $PARTS == *,beam,* ]] && { timeout 120 python3 bench/beam_search.py --runs 3 > "$OUT/beam.log" 2>&1; tail -10 "$OUT/beam.log"; stamp beam; }
 if [[ $PARTS == *,det,* ]]; then
   timeout 150 python3 bench/run_all.py --parts det --runs ${DET_RUNS:-5} > "$OUT/det.log" 2>&1
@@ -54,6 +53,7 @@ if [[ $PARTS == *,nondet,* ]]; then
   timeout 70 python3 bench/run_all.py --parts nondet --runs 3 > "$OUT/nondet.log" 2>&1
   grep -E "W1 out|median|runs \(s\)|start" "$OUT/nondet.log" | head -6; stamp nondet
 fi
+[[ $PARTS == *,structured,* ]] && { timeout 150 python3 bench/structured_outputs.py --runs ${STRUCT_RUNS:-2} > "$OUT/structured.log" 2>&1; tail -14 "$OUT/structured.log"; stamp structured; }
 if [[ $PARTS == *,hf,* ]]; then
   timeout 80 python3 bench/run_all.py --parts hf > "$OUT/hf.log" 2>&1; grep -v -i warn "$OUT/hf.log" | tail -4; stamp hf
 fi
