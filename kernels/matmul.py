@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import matmul_tma
+import kernels.matmul_tma as matmul_tma
 from kernels.activation import _reference as _activation_reference
 from kernels.activation import _triton as _activation_triton
 from kernels.activation import silu_mul
