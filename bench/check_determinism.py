@@ -68,7 +68,7 @@ def split_sum_oracle(replays: int = 200) -> dict:
             for _ in range(replays // 4):
                 graph.replay()
                 bad += sum(not torch.equal(out, oracle) for out in outs)
-            counters = matmul._COUNTERS.get(x.device)
+            counters = matmul.TILE_COUNTERS.buffers.get(x.device)
             result[f"{name} M={m}"] = {"splits": num_splits, "eager_equal": torch.equal(eager, oracle),
                                        "bad_replays": bad, "counters_clean": counters is None or not counters.any().item()}
     return result

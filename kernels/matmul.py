@@ -10,7 +10,7 @@ range order, then the bias is added and the sum rounded once. Small M (<= 64) ru
 per (tile, range) (many programs stream the weight: decode is bandwidth-bound); each writes its
 range's fp32 sum to partial[S, M, N] and takes a ticket on the tile's counter (an acq_rel atomic),
 and the tile's last program re-reads the S sums in range order and finishes the tile in the same
-launch (counters: `tile_counters`, reset by that program). Large M adds the ranges inside one
+launch (counters: `TILE_COUNTERS`, reset by that program). Large M adds the ranges inside one
 program (no extra traffic). The additions are the same either way, and the same as the former
 second kernel (`launch(two_launch=True)`, kept as the oracle). BLOCK_K and the instruction family
 (tensor-core dot with >= 64 rows) are fixed; only BLOCK_N (and the grid) grow with M, which
@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 import kernels.matmul_tma as matmul_tma
+from kernels.ticket_counters import TicketCounters
 from kernels.activation import _reference as _activation_reference
 from kernels.activation import _triton as _activation_triton
 from kernels.activation import silu_mul
@@ -311,28 +312,9 @@ def _reference_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return _activation_reference(F.linear(x, weight, bias))
 
 
-# Per-device tile counters of the in-kernel split sum: int32, zero between launches (each tile's
-# last program resets its own). Launches on one device share them, so they must not overlap in
-# time: the engine runs its linears on one stream. A CUDA graph keeps the buffer's address, so a
-# grown buffer never frees the old one (_RETIRED) and growing is refused while capturing.
-_MIN_COUNTERS = 1 << 16            # 256 KiB; small M has <= 4 row tiles x N / 16 column tiles
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []
-
-
-def tile_counters(device: torch.device, num_tiles: int) -> torch.Tensor:
-    """[>= num_tiles] int32 zeros on `device`, allocated once (grown eagerly, never in a capture)."""
-    counters = _COUNTERS.get(device)
-    if counters is not None and counters.numel() >= num_tiles:
-        return counters
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(f"batch-invariant linear needs {num_tiles} tile counters on {device} while a CUDA "
-                           "graph is being captured; run the same shapes eagerly once before capturing")
-    if counters is not None:
-        _RETIRED.append(counters)
-    counters = torch.zeros(max(_MIN_COUNTERS, triton.next_power_of_2(num_tiles)), dtype=torch.int32, device=device)
-    _COUNTERS[device] = counters
-    return counters
+# Tile counters of the in-kernel split sum (kernels/ticket_counters.py); small M has <= 4 row tiles
+# x N / 16 column tiles, so 65,536 (256 KiB) covers every LM shape without growing.
+TILE_COUNTERS = TicketCounters("batch-invariant linear (split-K sums)", 1 << 16)
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -356,7 +338,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     num_tiles = triton.cdiv(num_rows, block_m) * triton.cdiv(num_cols, block_n)
     partial = (torch.empty((num_splits, num_rows, weight.shape[0]), dtype=torch.float32, device=x.device)
                if write_partial else out)                                          # [S, M, N or 2I] fp32
-    counters = tile_counters(x.device, num_tiles) if write_partial and not two_launch else partial
+    counters = TILE_COUNTERS.get(x.device, num_tiles) if write_partial and not two_launch else partial
     _linear_kernel[(num_tiles, num_splits if write_partial else 1)](
         x, weight, bias if bias is not None else weight, out, partial, counters, num_rows, num_cols, x.shape[1],
         x.stride(0), weight.stride(0), out.stride(0), partial.stride(-2), split_len, num_splits,

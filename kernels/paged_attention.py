@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.ticket_counters import TicketCounters
+
 # Query rows per matmul in the reference: bounds its score matrix to
 # num_q_heads * _REFERENCE_QUERY_CHUNK * seq_len floats.
 _REFERENCE_QUERY_CHUNK = 1024
@@ -291,26 +293,8 @@ def _tile_shape(group: int) -> tuple[int, int, int]:
     return block_q, max(16, triton.next_power_of_2(block_q * group)), block_n
 
 
-# Split-mode ticket counters, int32 [>= tokens x num_kv_heads] per device, all zero between launches
-# (the row's last program resets its counter). Grown only on eager calls; a grown-out buffer is kept
-# alive in _RETIRED_TICKETS because CUDA graphs captured before the growth still point at it.
-_TICKETS: dict[torch.device, torch.Tensor] = {}
-_RETIRED_TICKETS: list[torch.Tensor] = []
-
-
-def _ticket_counters(device: torch.device, num_counters: int) -> torch.Tensor:
-    tickets = _TICKETS.get(device)
-    if tickets is not None and tickets.numel() >= num_counters:
-        return tickets
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            f"paged attention needs {num_counters} split-KV ticket counters on {device} but has "
-            f"{0 if tickets is None else tickets.numel()}; run this batch shape eagerly before capturing it")
-    if tickets is not None:
-        _RETIRED_TICKETS.append(tickets)
-    _TICKETS[device] = torch.zeros(max(1024, triton.next_power_of_2(num_counters)), dtype=torch.int32,
-                                   device=device)
-    return _TICKETS[device]
+# Split-mode ticket counters, one per (token, KV head) of a launch (kernels/ticket_counters.py).
+TICKETS = TicketCounters("paged attention (split-KV merge)", 1024)
 
 
 def _triton(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
@@ -333,7 +317,7 @@ def _triton(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, sc
     partial_max = query.new_empty(partial_rows, dtype=torch.float32)
     partial_sum = torch.empty_like(partial_max)
     # Counters [num_tokens x num_kv_heads] for split launches; other launches never touch the pointer.
-    tickets = _ticket_counters(query.device, num_tokens * num_kv_heads) if is_split else partial_max
+    tickets = TICKETS.get(query.device, num_tokens * num_kv_heads) if is_split else partial_max
     _paged_attention_kernel[(num_tokens // block_q + num_reqs, num_kv_heads, num_segments)](
         query, k_cache, v_cache, out, partial_acc, partial_max, partial_sum, tickets,
         query_start_loc, seq_lens, block_tables, scale, num_reqs, head_dim,

@@ -230,14 +230,3 @@ def test_one_refused_token_in_a_batched_step_fails_only_its_request(tokenizer):
     assert by_id["r0"].finish_reason is None and by_id["r2"].finish_reason is None
     assert sorted(scheduler.requests) == ["r0", "r2"]
     assert [r.structured_output.num_accepted_tokens for r in (requests[0], requests[2])] == [1, 1]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
-def test_pinned_bitmask_buffers_go_to_the_device_without_a_staging_copy(tokenizer):
-    manager = StructuredOutputManager(StructuredOutputsConfig(), lambda: tokenizer, 1088, pin_bitmasks=True)
-    state = manager.add_request("r", StructuredOutputsParams(choice=["ab", "cd"]))
-    state.compiled.result(timeout=60)
-    assert manager.grammar_status(state) == "ready"
-    bitmask = manager.grammar_bitmask([_Req(state)], {"x": 1}).bitmask
-    assert bitmask.is_pinned() and bitmask.pin_memory().data_ptr() == bitmask.data_ptr()   # to_device's pin: a no-op
-    assert allowed_ids(bitmask.to("cuda", non_blocking=True).cpu()[0]) == allowed_ids(bitmask[0])

@@ -75,7 +75,7 @@ def test_in_kernel_split_sum_equals_the_two_launch_sum(rows, cols, depth, num_sp
         oracle = matmul_module.launch(x, weight, b, tile, num_splits, split_len, two_launch=True)
         assert torch.equal(fused, oracle), (b is None, (fused.float() - oracle.float()).abs().max())
         assert torch.equal(matmul_module.launch(x, weight, b, tile, num_splits, split_len), fused)   # clean counters
-    counters = matmul_module._COUNTERS.get(x.device)        # None until a launch has split partials
+    counters = matmul_module.TILE_COUNTERS.buffers.get(x.device)        # None until a launch has split partials
     assert counters is None or not counters.any()
     expected = x.double() @ weight.double().T + bias.double()
     tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
@@ -120,7 +120,7 @@ def test_fused_gate_up_silu_mul_equals_linear_then_activation(rows, intermediate
     expected = matmul_module._reference_silu_mul(x.double(), weight.double(), bias.double())
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(fused.double(), expected, **tol)
-    counters = matmul_module._COUNTERS.get(x.device)
+    counters = matmul_module.TILE_COUNTERS.buffers.get(x.device)
     assert counters is None or not counters.any()
 
 

