@@ -170,6 +170,70 @@ def check_silu_and_mul(num_tokens=2048):
     return f"silu_and_mul T={num_tokens}", error, ms, 3 * x.numel() // 2 * 2 / ms / 1e6
 
 
+def _decode_layers(x, layers, batch, cos_sin, positions, slots):
+    """A batch-1 decode through len(layers) Qwen2-shaped layers, every kernel of a real decode step."""
+    residual = x
+    hidden = kernels.rms_norm(x, layers[0]["norm"], 1e-6)
+    for layer in layers:
+        qkv = kernels.batch_invariant_linear(hidden, layer["qkv"])
+        q, k, v = qkv.split([NUM_Q_HEADS * HEAD_DIM, NUM_KV_HEADS * HEAD_DIM, NUM_KV_HEADS * HEAD_DIM], dim=-1)
+        q = kernels.rotary_store_kv(q.reshape(1, NUM_Q_HEADS, HEAD_DIM), k.reshape(1, NUM_KV_HEADS, HEAD_DIM),
+                                    v.reshape(1, NUM_KV_HEADS, HEAD_DIM), positions, cos_sin,
+                                    batch["k_cache"], batch["v_cache"], slots)
+        attn = kernels.paged_attention(q, batch["k_cache"], batch["v_cache"], batch["query_start_loc"],
+                                       batch["seq_lens"], batch["block_tables"], batch["scale"], 1,
+                                       batch["max_seq_len"])
+        out = kernels.batch_invariant_linear(attn.reshape(1, -1), layer["o"])
+        hidden, residual = kernels.fused_add_rms_norm(out, residual, layer["norm"], 1e-6)
+        up = kernels.silu_and_mul(kernels.batch_invariant_linear(hidden, layer["gate_up"]))
+        hidden, residual = kernels.fused_add_rms_norm(kernels.batch_invariant_linear(up, layer["down"]), residual,
+                                                      layer["norm"], 1e-6)
+    return hidden
+
+
+def check_dependent_launch(num_layers=8, replays=50):
+    """Programmatic dependent launch (kernels/dependent_launch.py): the decode chain captured in a
+    CUDA graph with PDL gives the bits of the chain without it on every replay; prints the time per
+    layer of both graphs."""
+    from kernels import dependent_launch
+
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    def weight(rows, cols):
+        return (torch.randn(rows, cols, device=DEVICE, generator=gen) / cols ** 0.5).to(torch.bfloat16)
+    layers = [dict(qkv=weight((NUM_Q_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM, HIDDEN), o=weight(HIDDEN, HIDDEN),
+                   gate_up=weight(2 * INTERMEDIATE, HIDDEN), down=weight(HIDDEN, INTERMEDIATE),
+                   norm=1 + 0.1 * torch.randn(HIDDEN, device=DEVICE, generator=gen).to(torch.bfloat16))
+              for _ in range(num_layers)]
+    batch = make_attention_batch([1], [600], seed=3)
+    cos_sin = torch.randn(8192, HEAD_DIM, device=DEVICE, generator=gen)
+    positions = torch.tensor([599], device=DEVICE)
+    slot = batch["block_tables"][0, 599 // BLOCK_SIZE].long() * BLOCK_SIZE + 599 % BLOCK_SIZE
+    x = torch.randn(1, HIDDEN, device=DEVICE, generator=gen).to(torch.bfloat16)
+    results, times = {}, {}
+    saved = dependent_launch._ALLOWED
+    try:
+        for pdl in (False, True):
+            dependent_launch._ALLOWED = pdl
+            run = lambda: _decode_layers(x, layers, batch, cos_sin, positions, slot.reshape(1))
+            run()
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = run()
+            outs = []
+            for _ in range(replays):
+                graph.replay()
+                outs.append(out.clone())
+            results[pdl] = outs
+            times[pdl] = triton.testing.do_bench(graph.replay) * 1e3 / num_layers
+    finally:
+        dependent_launch._ALLOWED = saved
+    same = all(torch.equal(a, results[False][0]) for a in results[False] + results[True])
+    print(f"  decode chain in a graph: {times[False]:.2f} us per layer without PDL, {times[True]:.2f} with")
+    return (f"PDL decode chain = plain bits x{replays} ({times[True]:.1f} vs {times[False]:.1f} us/layer)",
+            0.0 if same else math.inf, times[True] * num_layers / 1e3, float("nan"))
+
+
 def all_checks():
     rng = random.Random(0)
     yield check_store_kv()
@@ -189,6 +253,7 @@ def all_checks():
     yield check_rotary_store_kv(MROPE_SECTION)
     yield check_rotary_store_kv([24, 20, 20], interleaved=True)
     yield check_silu_and_mul()
+    yield check_dependent_launch()
 
 
 def main() -> int:

@@ -12,6 +12,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import dependent_launch
+from kernels.dependent_launch import wait_previous_kernel
+
 
 def _reference(x: torch.Tensor) -> torch.Tensor:   # x: [num_tokens, 2 * intermediate]
     gate, up = x.chunk(2, dim=-1)
@@ -28,8 +31,10 @@ def silu_mul(gate, up):
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, intermediate, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, intermediate, stride_x, stride_o, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
     # Program (token, column block).
+    wait_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < intermediate
@@ -47,5 +52,6 @@ def _triton(x: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(intermediate))
     if num_tokens:
         _silu_and_mul_kernel[(num_tokens, triton.cdiv(intermediate, block))](
-            x, out, intermediate, x.stride(0), out.stride(0), BLOCK=block)
+            x, out, intermediate, x.stride(0), out.stride(0), BLOCK=block,
+            PDL=(pdl := dependent_launch.enabled(x)), launch_pdl=pdl)
     return out

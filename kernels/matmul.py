@@ -35,10 +35,12 @@ import triton
 import triton.language as tl
 
 import kernels.matmul_tma as matmul_tma
-from kernels.ticket_counters import TicketCounters
+from kernels import dependent_launch
 from kernels.activation import _reference as _activation_reference
 from kernels.activation import _triton as _activation_triton
 from kernels.activation import silu_mul
+from kernels.dependent_launch import wait_previous_kernel
+from kernels.ticket_counters import TicketCounters
 
 BLOCK_K = 64
 
@@ -55,7 +57,7 @@ def _linear_kernel(
     stride_pm, SPLIT_LEN, NUM_SPLITS,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, IS_FP32: tl.constexpr, WRITE_PARTIAL: tl.constexpr, SUM_IN_KERNEL: tl.constexpr,
-    SILU_MUL: tl.constexpr,
+    SILU_MUL: tl.constexpr, PDL: tl.constexpr,
 ):
     # Program -> (row tile, column tile), row tiles grouped by GROUP_M so weight tiles stay in L2.
     # K is cut into NUM_SPLITS ranges of SPLIT_LEN elements (fixed by the weight's shape, never by
@@ -79,6 +81,7 @@ def _linear_kernel(
     first_split, last_split = 0, NUM_SPLITS
     if WRITE_PARTIAL:
         first_split, last_split = tl.program_id(1), tl.program_id(1) + 1
+    wait_previous_kernel(PDL)
     total = _range_sums(x_ptr, w_ptr, rows, cols, M, N, K, stride_xm, stride_wn, first_split, last_split,
                         SPLIT_LEN, BLOCK_M, BLOCK_N, BLOCK_K, IS_FP32)            # [BLOCK_M, BLOCK_N] fp32
     total_up = total
@@ -175,9 +178,10 @@ def _epilogue(total, total_up, bias_ptr, out_ptr, rows, cols, mask, N, stride_om
 
 @triton.jit(do_not_specialize=["M", "NUM_SPLITS"])
 def _sum_partials_kernel(partial_ptr, bias_ptr, out_ptr, M, N, stride_om, NUM_SPLITS,
-                         HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     # The former second launch, kept as the oracle of the in-kernel sum (launch(two_launch=True):
     # tests, bench/check_determinism.py). out[m, n] = ((0 + partial[0, m, n]) + ...) (+ bias), rounded once.
+    wait_previous_kernel(PDL)
     pid = tl.program_id(0)
     offsets = (pid * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)                      # [BLOCK] of M * N
     mask = offsets < M * N
@@ -339,15 +343,17 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     partial = (torch.empty((num_splits, num_rows, weight.shape[0]), dtype=torch.float32, device=x.device)
                if write_partial else out)                                          # [S, M, N or 2I] fp32
     counters = TILE_COUNTERS.get(x.device, num_tiles) if write_partial and not two_launch else partial
+    pdl = dependent_launch.enabled(x)
     _linear_kernel[(num_tiles, num_splits if write_partial else 1)](
         x, weight, bias if bias is not None else weight, out, partial, counters, num_rows, num_cols, x.shape[1],
         x.stride(0), weight.stride(0), out.stride(0), partial.stride(-2), split_len, num_splits,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
         IS_FP32=x.dtype == torch.float32, WRITE_PARTIAL=write_partial, SUM_IN_KERNEL=not two_launch,
-        SILU_MUL=silu_mul, num_warps=num_warps, num_stages=num_stages)
+        SILU_MUL=silu_mul, PDL=pdl, num_warps=num_warps, num_stages=num_stages,
+        launch_pdl=pdl)
     if write_partial and two_launch:
         block = 1024
         _sum_partials_kernel[(triton.cdiv(num_rows * num_cols, block),)](
             partial, bias if bias is not None else weight, out, num_rows, num_cols, out.stride(0), num_splits,
-            HAS_BIAS=bias is not None, BLOCK=block)
+            HAS_BIAS=bias is not None, BLOCK=block, PDL=pdl, launch_pdl=pdl)
     return out

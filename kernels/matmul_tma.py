@@ -18,6 +18,9 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
+from kernels import dependent_launch
+from kernels.dependent_launch import wait_previous_kernel
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 
@@ -25,8 +28,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 def _linear_tma_kernel(
     x_desc, w_desc, bias_ptr, out_ptr, M, N, K, stride_om, SPLIT_LEN, NUM_SPLITS, num_programs,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_previous_kernel(PDL)
     # num_programs is a run-time value (the grid is min(tiles, SMs)): no compile per M.
     # x_desc tiles [BLOCK_M, BLOCK_K] of x [M, K]; w_desc tiles [BLOCK_N, BLOCK_K] of weight [N, K].
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -86,5 +90,6 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     _linear_tma_kernel[(num_programs,)](
         x_desc, w_desc, bias if bias is not None else weight, out, num_rows, num_cols, x.shape[1],
         out.stride(0), split_len, num_splits, num_programs, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, GROUP_M=8, num_warps=num_warps, num_stages=num_stages)
+        BLOCK_K=block_k, GROUP_M=8, PDL=(pdl := dependent_launch.enabled(x)), num_warps=num_warps,
+        num_stages=num_stages, launch_pdl=pdl)
     return out

@@ -33,6 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import dependent_launch
+from kernels.dependent_launch import wait_previous_kernel
+
 from kernels.ticket_counters import TicketCounters
 
 # Query rows per matmul in the reference: bounds its score matrix to
@@ -224,9 +227,10 @@ def _paged_attention_kernel(
     stride_bt_r, stride_pa_t, stride_pa_h, stride_pm_t, stride_pm_h,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DIM_PADDED: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLIT_TOKENS: tl.constexpr,
-    IS_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IS_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     # Program (query tile, kv head[, segment when IS_SPLIT]).
+    wait_previous_kernel(PDL)
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     req = _find_request(query_start_loc_ptr, num_reqs, tile, BLOCK_Q)
@@ -328,7 +332,8 @@ def _triton(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, sc
         partial_max.stride(0), partial_max.stride(1),
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, DIM_PADDED=dim_padded,
         BLOCK_SIZE=k_cache.shape[1], SPLIT_TOKENS=kv_split_tokens, IS_SPLIT=is_split,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32")
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        PDL=(pdl := dependent_launch.enabled(query)), launch_pdl=pdl)
     return out
 
 

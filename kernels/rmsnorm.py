@@ -12,6 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import dependent_launch
+from kernels.dependent_launch import wait_previous_kernel
+
 
 def _reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()                                               # [num_tokens, hidden]
@@ -28,9 +31,10 @@ def _fused_add_reference(x, residual, weight, eps):
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, hidden, eps,
     stride_x, stride_r, stride_o, stride_ro,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program per token row.
+    wait_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -58,7 +62,8 @@ def _launch(x, residual, weight, eps):
         _rms_norm_kernel[(num_tokens,)](
             x, residual_in, weight, out, residual_out, hidden, eps,
             x.stride(0), residual_in.stride(0), out.stride(0), residual_out.stride(0),
-            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden))
+            HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden),
+            PDL=(pdl := dependent_launch.enabled(x)), launch_pdl=pdl)
     return out, residual_out
 
 

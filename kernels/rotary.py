@@ -23,6 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import dependent_launch
+from kernels.dependent_launch import wait_previous_kernel
+
 from kernels.store_kv import _reference as _store_kv_reference
 
 
@@ -115,9 +118,10 @@ def _rotary_kernel(
     stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_qo_t, stride_qo_h, stride_ko_t, stride_ko_h,
     stride_pos_row, stride_cache,
     IS_MROPE: tl.constexpr, IS_INTERLEAVED: tl.constexpr, Q_HEADS_PADDED: tl.constexpr, K_HEADS_PADDED: tl.constexpr,
-    HALF_PADDED: tl.constexpr,
+    HALF_PADDED: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program per token.
+    wait_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
     cos, sin = _token_cos_sin(positions_ptr, cos_sin_ptr, token, half, section_0, section_1, section_2,
                               stride_pos_row, stride_cache, IS_MROPE, IS_INTERLEAVED, HALF_PADDED)
@@ -151,7 +155,8 @@ def _triton(query, key, positions, cos_sin_cache, mrope_section, interleaved: bo
             IS_MROPE=mrope_section is not None, IS_INTERLEAVED=interleaved,
             Q_HEADS_PADDED=triton.next_power_of_2(num_q_heads),
             K_HEADS_PADDED=triton.next_power_of_2(key.shape[1]),
-            HALF_PADDED=triton.next_power_of_2(head_dim // 2))
+            HALF_PADDED=triton.next_power_of_2(head_dim // 2),
+            PDL=(pdl := dependent_launch.enabled(query)), launch_pdl=pdl)
     return query_out, key_out
 
 
@@ -183,9 +188,10 @@ def _rotary_store_kv_kernel(
     stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_v_t, stride_v_h, stride_qo_t, stride_qo_h,
     stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h, stride_pos_row, stride_cache,
     BLOCK_SIZE: tl.constexpr, IS_MROPE: tl.constexpr, IS_INTERLEAVED: tl.constexpr,
-    Q_HEADS_PADDED: tl.constexpr, K_HEADS_PADDED: tl.constexpr, HALF_PADDED: tl.constexpr,
+    Q_HEADS_PADDED: tl.constexpr, K_HEADS_PADDED: tl.constexpr, HALF_PADDED: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program per token: q -> query_out always; rotated k and v -> cache slot unless slot < 0.
+    wait_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
     cos, sin = _token_cos_sin(positions_ptr, cos_sin_ptr, token, half, section_0, section_1, section_2,
                               stride_pos_row, stride_cache, IS_MROPE, IS_INTERLEAVED, HALF_PADDED)
@@ -221,5 +227,6 @@ def _rotary_store_kv_triton(query, key, value, positions, cos_sin_cache, k_cache
             BLOCK_SIZE=k_cache.shape[1], IS_MROPE=mrope_section is not None, IS_INTERLEAVED=interleaved,
             Q_HEADS_PADDED=triton.next_power_of_2(num_q_heads),
             K_HEADS_PADDED=triton.next_power_of_2(key.shape[1]),
-            HALF_PADDED=triton.next_power_of_2(head_dim // 2))
+            HALF_PADDED=triton.next_power_of_2(head_dim // 2),
+            PDL=(pdl := dependent_launch.enabled(query)), launch_pdl=pdl)
     return query_out

@@ -10,6 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import dependent_launch
+from kernels.dependent_launch import wait_previous_kernel
+
 
 def _reference(
     key: torch.Tensor,           # [num_tokens, num_kv_heads, head_dim]
@@ -34,8 +37,9 @@ def _store_kv_kernel(
     stride_key_t, stride_key_h, stride_value_t, stride_value_h,
     stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h,
     num_kv_heads, head_dim,
-    BLOCK_SIZE: tl.constexpr, HEADS_PADDED: tl.constexpr, DIM_PADDED: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HEADS_PADDED: tl.constexpr, DIM_PADDED: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_previous_kernel(PDL)
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:
@@ -70,4 +74,5 @@ def _triton(key, value, k_cache, v_cache, slot_mapping) -> None:
         BLOCK_SIZE=k_cache.shape[1],
         HEADS_PADDED=triton.next_power_of_2(num_kv_heads),
         DIM_PADDED=triton.next_power_of_2(head_dim),
+        PDL=(pdl := dependent_launch.enabled(key)), launch_pdl=pdl,
     )

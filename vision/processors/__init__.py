@@ -10,6 +10,7 @@ family's dependencies cost nothing to the others.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any, Protocol
 
@@ -18,6 +19,15 @@ import torch
 from PIL import Image
 
 from vision.inputs import MultiModalItem, PlaceholderRange, ProcessedMedia
+
+
+@functools.lru_cache(maxsize=64)
+def channel_constants(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """[C] float32 on `device` (a mean or std per channel), made once per device: building it per item
+    is a pageable host-to-device copy, which blocks the host until the device has run everything
+    queued before it (W1 on the H200: 13% of the engine's host time, and the GPU queue drained at
+    every image)."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 class MediaProcessor(Protocol):

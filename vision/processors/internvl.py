@@ -39,6 +39,7 @@ from PIL import Image
 from vision.hashing import mm_hash
 from vision.inputs import IMAGE, VIDEO, MultiModalItem, PlaceholderRange, ProcessedMedia
 from vision.video import video_sampling_kwargs
+from vision.processors import channel_constants
 from vision.processors.qwen2_vl import resize_frames
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -371,8 +372,8 @@ class InternVLProcessor:
             raise ValueError(f"InternVL tiles must be [{item.grid_thw[0]}, {size}, {size}, 3], "
                              f"got {list(frames.shape)}")
         video = item.modality == VIDEO
-        mean = torch.tensor(self.config.video_mean if video else self.config.image_mean, device=frames.device)
-        std = torch.tensor(self.config.video_std if video else self.config.image_std, device=frames.device)
+        mean = channel_constants(tuple(self.config.video_mean if video else self.config.image_mean), frames.device)
+        std = channel_constants(tuple(self.config.video_std if video else self.config.image_std), frames.device)
         pixels = frames.permute(0, 3, 1, 2).to(torch.float32)  # [n, 3, S, S]
         if self.config.hf_native:
             scale = 1.0 / self.config.rescale_factor  # transformers' fused rescale + normalize

@@ -31,6 +31,7 @@ from PIL import Image
 
 from vision.hashing import mm_hash
 from vision.inputs import IMAGE, VIDEO, MediaError, MultiModalItem, PlaceholderRange, ProcessedMedia
+from vision.processors import channel_constants
 from vision.video import VideoFrames, video_sampling_kwargs
 
 # OpenAI `detail: "low"`: at most 448x448 pixels, i.e. at most 256 tokens with 28-pixel merged patches.
@@ -120,8 +121,8 @@ class ModalitySettings:
         pixels = frames.to(torch.float32)
         if self.do_normalize:
             scale = 1.0 / self.rescale_factor if self.do_rescale else 1.0
-            mean = torch.tensor(self.image_mean, device=frames.device) * scale
-            std = torch.tensor(self.image_std, device=frames.device) * scale
+            mean = channel_constants(self.image_mean, frames.device) * scale
+            std = channel_constants(self.image_std, frames.device) * scale
             return pixels.sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
         return pixels * self.rescale_factor if self.do_rescale else pixels
 
