@@ -3,7 +3,7 @@
 # check on the GPU (CUDA graphs, mixed steps included), W4-VL served at 1/16/64 clients (vlserve bench serve,
 # deterministic default; py-spy of the server 10 s into the 64-client level), W2 + W1 (median of 5) +
 # determinism, then --no-deterministic: W4-VL at 64 clients and W1 (median of 3). PARTS selects
-# (default check,w4,det,nondet; also tune (large-M GEMM tiles, first), ab (small-M fusion choices,
+# (default check,w4,det,nondet; NONDET_W4=0 skips the served half of nondet; also tune (large-M GEMM tiles, first), ab (small-M fusion choices,
 # bench/fusion_ab.py), hf (transformers baselines), structured, beam).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -28,6 +28,7 @@ if [[ $PARTS == *,check,* ]]; then
   timeout 100 python3 bench/check_vl_gpu.py > "$OUT/check.log" 2>&1; echo "check rc=$?"
   grep -E "tokens|OK|FAIL|Error|error" "$OUT/check.log" | tail -8; stamp check
 fi
+[[ $PARTS == *,structured,* ]] && { timeout 150 python3 bench/structured_outputs.py --runs ${STRUCT_RUNS:-2} > "$OUT/structured.log" 2>&1; tail -14 "$OUT/structured.log"; stamp structured; }
 if [[ $PARTS == *,w4,* ]]; then
   nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 250 > "$OUT/gpu_util_w4.txt" &
   smi=$!
@@ -45,15 +46,16 @@ if [[ $PARTS == *,det,* ]]; then
   grep -v -i "warn" "$OUT/det.log" | grep -E "W1|W2|stage|determinism|start|median|runs|output tokens|graphs" | head -30
   stamp det
 fi
-if [[ $PARTS == *,nondet,* ]]; then
+if [[ $PARTS == *,nondet,* && ${NONDET_W4:-1} == 1 ]]; then
   timeout 90 python3 bench/w4_serving.py --levels 64 --min-prompts 32 \
     --server-args "--load-format dummy --max-model-len 8000 --gpu-memory-utilization 0.9 --no-deterministic" \
     > "$OUT/w4_nondet.log" 2>&1
   grep -v -i "warn\|INFO\|it/s\]" "$OUT/w4_nondet.log" | tail -6; stamp "W4 nondet"
+fi
+if [[ $PARTS == *,nondet,* ]]; then
   timeout 70 python3 bench/run_all.py --parts nondet --runs 3 > "$OUT/nondet.log" 2>&1
   grep -E "W1 out|median|runs \(s\)|start" "$OUT/nondet.log" | head -6; stamp nondet
 fi
-[[ $PARTS == *,structured,* ]] && { timeout 150 python3 bench/structured_outputs.py --runs ${STRUCT_RUNS:-2} > "$OUT/structured.log" 2>&1; tail -14 "$OUT/structured.log"; stamp structured; }
 if [[ $PARTS == *,hf,* ]]; then
   timeout 80 python3 bench/run_all.py --parts hf > "$OUT/hf.log" 2>&1; grep -v -i warn "$OUT/hf.log" | tail -4; stamp hf
 fi
