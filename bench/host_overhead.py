@@ -132,6 +132,7 @@ def instrument(llm) -> HostTimers:
         manager = core.scheduler.structured_output
         timers.wrap(manager, "grammar_status", "  grammar_status (in schedule: compiled yet?)")
         timers.wrap(manager, "grammar_bitmask", "  grammar bitmask build (between forward and sampling)")
+        timers.wrap(manager, "start_bitmask", "  grammar bitmask start (in update: rows, hand-off)")
         timers.wrap(manager, "take_bitmask", "  grammar bitmask join (waits for the fill thread)")
         timers.wrap(manager, "_fill_matchers", "  bitmask fill (inline, or in the fill thread: overlapped)")
         timers.wrap(manager, "accept_tokens", "  matcher accept (in update_from_output)")
