@@ -73,7 +73,9 @@ def w1(llm, num_requests: int, runs: int) -> dict:
 class BuildTimer:
     """Wraps scheduler.get_grammar_bitmask without synchronising: host seconds of each build, and
     CUDA events recorded just before and after it. The GPU time between the two events is the
-    exposed part: 0 while the step's forward still runs, the whole build when the GPU sat idle."""
+    exposed part: 0 while the step's forward still runs, the whole build when the GPU sat idle.
+    Under async scheduling the build runs in the manager's fill thread and this is the core
+    thread's join wait (the build's start, in the update, is not in it)."""
 
     def __init__(self, scheduler):
         self.host_seconds, self.events = 0.0, []
