@@ -21,7 +21,9 @@ requests are preprocessed before the clock starts; --steady-steps steps after th
 --json-schema (issue 17): every request carries its own ~10-field JSON schema (bench/structured_outputs.py's
 make_schema, fresh per run, so every compile is paid) and stops where the grammar ends (no ignore_eos); the
 grammar stages (compile wait, bitmask build, matcher accept) are reported. Compare with the same command
-without it; --async-scheduling runs the split step as on CUDA (bitmask built between forward and sampling).
+without it; --async-scheduling runs the split step as on CUDA (bitmask built in the manager's fill thread
+from the matchers' accept to the next step's sampling: "join" is the core thread's wait for it, "fill"
+the thread's time, overlapped).
 Caller: by hand (results in BENCHMARKS.md, "Host overhead per step (CPU, no GPU)").
 """
 
@@ -130,6 +132,9 @@ def instrument(llm) -> HostTimers:
         manager = core.scheduler.structured_output
         timers.wrap(manager, "grammar_status", "  grammar_status (in schedule: compiled yet?)")
         timers.wrap(manager, "grammar_bitmask", "  grammar bitmask build (between forward and sampling)")
+        timers.wrap(manager, "start_bitmask", "  grammar bitmask start (in update: rows, hand-off)")
+        timers.wrap(manager, "take_bitmask", "  grammar bitmask join (waits for the fill thread)")
+        timers.wrap(manager, "_fill_matchers", "  bitmask fill (inline, or in the fill thread: overlapped)")
         timers.wrap(manager, "accept_tokens", "  matcher accept (in update_from_output)")
         timers.wrap(manager, "accept_batch", "  matcher accept (in update_from_output)")
     return timers

@@ -73,7 +73,9 @@ def w1(llm, num_requests: int, runs: int) -> dict:
 class BuildTimer:
     """Wraps scheduler.get_grammar_bitmask without synchronising: host seconds of each build, and
     CUDA events recorded just before and after it. The GPU time between the two events is the
-    exposed part: 0 while the step's forward still runs, the whole build when the GPU sat idle."""
+    exposed part: 0 while the step's forward still runs, the whole build when the GPU sat idle.
+    Under async scheduling the build runs in the manager's fill thread and this is the core
+    thread's join wait (the build's start, in the update, is not in it)."""
 
     def __init__(self, scheduler):
         self.host_seconds, self.events = 0.0, []
@@ -197,17 +199,42 @@ def host_only(num_requests: int, model: str, backend: str) -> None:
     for request in requests + twins:
         assert manager.grammar_status(request.structured_output) == "ready"
     build, batched, per_request = step_times(manager, requests, twins)
+    waits, inline = zip(*(threaded_build_wait(manager, requests) for _ in range(15)))
     manager.shutdown()
     rows = [(f"request check of {num_requests} new schemas, frontend, one thread (ms)", 1e3 * check_s),
             (f"compile {num_requests} schemas submitted at once, until all ready (ms)", 1e3 * compile_s),
             ("  compile pool threads / CPUs", f"{manager.num_compile_threads} / {os.cpu_count()}"),
             (f"bitmask build at batch {num_requests}, host (ms)", 1e3 * build),
+            ("  the same matchers' build again, inline (ms)", 1e3 * harness.median(inline[3:])),
+            (f"  the same in the fill thread: the core's wait after {1e3 * OTHER_WORK_S:g} ms of Python (ms)",
+             1e3 * harness.median(waits[3:])),
             (f"matcher accept at batch {num_requests}, per request, accept_tokens (ms)", 1e3 * per_request),
             (f"matcher accept at batch {num_requests}, batched, accept_batch (ms)", 1e3 * batched),
             (f"bitmask apply at batch {num_requests} x {vocab}, CPU torch (ms)",
              1e3 * apply_seconds(num_requests, vocab, force_reference=True, device="cpu"))]
     harness.print_table(f"Structured outputs host-only ({backend}), {model} vocabulary, "
                         f"{torch.get_num_threads()} torch threads", rows)
+
+
+OTHER_WORK_S = 3e-3   # the rest of a W1 step's update, the output processing and the next schedule, here
+
+
+def threaded_build_wait(manager, requests: list) -> float:
+    """-> (seconds the core's thread waits in take_bitmask for a build started OTHER_WORK_S of pure
+    Python earlier (async scheduling: the build overlaps the rest of the step), seconds of the same
+    build inline right after); the masks must be equal. The matchers stay put: warmer than a step's."""
+    manager.start_bitmask(requests)
+    deadline = time.perf_counter() + OTHER_WORK_S
+    while time.perf_counter() < deadline:
+        sum(range(100))   # holds the GIL as the scheduler's Python does
+    start = time.perf_counter()
+    threaded = manager.take_bitmask()
+    wait = time.perf_counter() - start
+    start = time.perf_counter()
+    inline = manager.grammar_bitmask(requests, {r.req_id: 1 for r in requests})
+    inline_s = time.perf_counter() - start
+    assert threaded.req_ids == inline.req_ids and torch.equal(threaded.bitmask, inline.bitmask)
+    return wait, inline_s
 
 
 def first_allowed(row: torch.Tensor) -> int:

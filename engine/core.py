@@ -64,8 +64,9 @@ class EngineCore:
         self._init_runner(runner)
         self._init_kv_cache()
         self._init_scheduler()
-        # (SchedulerOutput, StepOutput) of the step on the device (async scheduling only).
-        self._inflight: tuple[SchedulerOutput, PendingRunnerOutput] | None = None
+        # (SchedulerOutput, StepOutput) of the step on the device (async scheduling only); StepOutput
+        # None: its forward is launched, its sampling waits for its grammar bitmask (_step_ahead).
+        self._inflight: tuple[SchedulerOutput, PendingRunnerOutput | None] | None = None
         # TP/PP executors and test fakes take the whole step (grammar bitmask in the SchedulerOutput).
         self._split_executor = self.executor if isinstance(self.executor, SplitStepExecutor) else None
         self.async_scheduling = config.scheduler_config.async_scheduling and self._split_executor is not None
@@ -163,30 +164,46 @@ class EngineCore:
         """Async scheduling: schedule step N+1 and launch its forward, then wait for step N's tokens
         (the device runs N+1 meanwhile) and turn them into outputs. Requests that need N's tokens on
         the host to prepare N+1 (scheduler.can_schedule_ahead) make it wait for N before scheduling.
-        [structured outputs] N+1's bitmask is built once the matchers have accepted N's tokens,
-        while N+1's forward runs; its sampling is queued after."""
+        [structured outputs] N+1's bitmask needs N's tokens accepted by the matchers: N's update
+        starts building it in a thread right after the accept, and N+1's sampling is launched by
+        the next call, after it scheduled N+2 (so the build overlaps the rest of the update, the
+        output processing and that schedule), before N+2's forward."""
         assert self._split_executor is not None
         outputs = None
         if self._inflight is not None and not self.scheduler.can_schedule_ahead():
             outputs = self._finish_inflight()
         scheduler_output = self.scheduler.schedule()
+        self._launch_deferred_sampling()
         self._split_executor.execute_model(scheduler_output)
         if self._inflight is not None and self.scheduler.has_structured_output_requests(scheduler_output):
-            outputs = self._finish_inflight()
-        launched = (scheduler_output,
-                    self._split_executor.sample_tokens(self.scheduler.get_grammar_bitmask(scheduler_output)))
-        if self._inflight is not None:
-            outputs = self._finish_inflight()
-        self._inflight = launched
+            outputs = self._finish_inflight(next_step=scheduler_output)
+            self._inflight = (scheduler_output, None)   # sampled by the next call
+        else:
+            launched = (scheduler_output,
+                        self._split_executor.sample_tokens(self.scheduler.get_grammar_bitmask(scheduler_output)))
+            if self._inflight is not None:
+                outputs = self._finish_inflight()
+            self._inflight = launched
         if outputs is None:   # the first step after idle: nothing has come back yet
             outputs = EngineOutputs(stats=self.scheduler.make_stats(), timestamp=time.time())
         return outputs
 
-    def _finish_inflight(self) -> EngineOutputs:
-        assert self._inflight is not None
+    def _launch_deferred_sampling(self) -> None:
+        """[structured outputs] Sample the step in flight if its sampling waited for its bitmask
+        (joins the build); it goes to the device before anything launched after it."""
+        if self._inflight is not None and self._inflight[1] is None:
+            assert self._split_executor is not None
+            scheduler_output = self._inflight[0]
+            self._inflight = (scheduler_output, self._split_executor.sample_tokens(
+                self.scheduler.get_grammar_bitmask(scheduler_output)))
+
+    def _finish_inflight(self, next_step: SchedulerOutput | None = None) -> EngineOutputs:
+        """Step N's tokens -> outputs; next_step (N+1, scheduled): its bitmask build starts in N's update."""
+        self._launch_deferred_sampling()
+        assert self._inflight is not None and self._inflight[1] is not None
         scheduler_output, step_output = self._inflight
         self._inflight = None
-        return self.scheduler.update_from_output(scheduler_output, step_output.result())
+        return self.scheduler.update_from_output(scheduler_output, step_output.result(), next_step)
 
     def has_unfinished_requests(self) -> bool:
         # An empty step in flight (async) has nothing to report: it must not keep the loop stepping.

@@ -82,6 +82,8 @@ class Scheduler:
         self.pending_outputs: list[EngineOutput] = []
         self.beam_groups: dict[str, beam_groups.BeamGroup] = {}   # beam search: by user request id
         self.num_preemptions = 0
+        # [structured outputs] The step whose bitmask the manager's fill thread builds (async scheduling).
+        self._grammar_bitmask_step: SchedulerOutput | None = None
         self._step_prompt_tokens = 0
         self._step_generation_tokens = 0
 
@@ -305,11 +307,29 @@ class Scheduler:
         """[structured outputs] Bitmask rows of the step's constrained requests that sample, from the
         matchers as they stand: engine.core asks once the previous step's tokens are accepted,
         while this step's forward runs. A request finished since then gets no row (its token is
-        dropped)."""
+        dropped). The one start_grammar_bitmask started is joined instead (its rows were fixed
+        then: a request finished since keeps its row, its token is dropped all the same)."""
         if self.structured_output is None:
             return None
+        if self._grammar_bitmask_step is scheduler_output:
+            self._grammar_bitmask_step = None
+            return self.structured_output.take_bitmask()
         requests = [self.requests[r] for r in scheduler_output.num_scheduled_tokens if r in self.requests]
         return self.structured_output.grammar_bitmask(requests, scheduler_output.num_scheduled_tokens)
+
+    def start_grammar_bitmask(self, scheduler_output: SchedulerOutput) -> None:
+        """[structured outputs] Async scheduling: start building the bitmask of the step after the
+        one being updated (its constrained requests that sample, in a thread; get_grammar_bitmask
+        joins it). Called by engine.scheduler_update once the matchers accepted the update's tokens.
+        A request of the step samples iff it has an output placeholder: its step reaches the end
+        of its tokens (an earlier step in flight that samples would have left it nothing to do)."""
+        requests = self.requests
+        rows = [requests[r] for r in scheduler_output.num_scheduled_tokens
+                if r in requests and requests[r].structured_output is not None
+                and requests[r].num_output_placeholders]
+        if rows:
+            self.structured_output.start_bitmask(rows)
+            self._grammar_bitmask_step = scheduler_output
 
     def _commit(self, request: Request, num_new_tokens: int, encoder_inputs: list[int],
                 budget: _StepBudget, plan: _StepPlan) -> None:
@@ -366,10 +386,12 @@ class Scheduler:
 
     # ---------------------------------------------------------------- update
 
-    def update_from_output(self, scheduler_output: SchedulerOutput,
-                           runner_output: ModelRunnerOutput) -> EngineOutputs:
-        """The step's sampled tokens -> request state and outputs (engine.scheduler_update)."""
-        return scheduler_update.update_from_output(self, scheduler_output, runner_output)
+    def update_from_output(self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput,
+                           next_step: SchedulerOutput | None = None) -> EngineOutputs:
+        """The step's sampled tokens -> request state and outputs (engine.scheduler_update).
+        next_step: the step scheduled after it (async scheduling) whose grammar bitmask the update
+        starts building as soon as the matchers have accepted the tokens (start_grammar_bitmask)."""
+        return scheduler_update.update_from_output(self, scheduler_output, runner_output, next_step)
 
     def _free_request(self, request: Request, status: RequestStatus, error: str | None = None) -> None:
         """Finish a request already out of the queues: release its blocks and encoder refs."""

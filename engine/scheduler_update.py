@@ -31,7 +31,7 @@ _RUNNING, _PREEMPTED = RequestStatus.RUNNING, RequestStatus.PREEMPTED
 
 
 def update_from_output(scheduler: Scheduler, scheduler_output: SchedulerOutput,
-                       runner_output: ModelRunnerOutput) -> EngineOutputs:
+                       runner_output: ModelRunnerOutput, next_step: SchedulerOutput | None = None) -> EngineOutputs:
     outputs, scheduler.pending_outputs = scheduler.pending_outputs, []
     scheduler._step_prompt_tokens = scheduler._step_generation_tokens = 0
     requests = scheduler.requests
@@ -56,7 +56,9 @@ def update_from_output(scheduler: Scheduler, scheduler_output: SchedulerOutput,
         if output is not None:
             outputs.append(output)
     if grammar_steps:
-        _update_grammar_requests(scheduler, grammar_steps, runner_output, outputs)
+        _update_grammar_requests(scheduler, grammar_steps, runner_output, outputs, next_step)
+    elif next_step is not None:   # [structured outputs] no matcher moved in this update
+        scheduler.start_grammar_bitmask(next_step)
     if scheduler.beam_groups:   # beam search: groups whose slots all reported pick their next beams
         outputs += beam_groups.advance_beam_groups(scheduler)
     return EngineOutputs(outputs=outputs, stats=scheduler.make_stats(), timestamp=time.time())
@@ -73,16 +75,21 @@ def _scheduled_with_samples(scheduler_output: SchedulerOutput, runner_output: Mo
 
 
 def _update_grammar_requests(scheduler: Scheduler, steps: list[tuple[Request, int, list[int]]],
-                             runner_output: ModelRunnerOutput, outputs: list[EngineOutput]) -> None:
+                             runner_output: ModelRunnerOutput, outputs: list[EngineOutput],
+                             next_step: SchedulerOutput | None) -> None:
     """[structured outputs] The running grammar requests that sampled one token: the tokens that
     _append_sampled would append (not failed, not a partial prefill, not beam search) go to the
-    matchers in one batched call, then each request is updated as the others are."""
+    matchers in one batched call, then each request is updated as the others are. The last
+    matcher has moved there (the loop above moved those of preempted requests and of multi-token
+    steps): next_step's bitmask build starts in the manager's thread and overlaps the rest."""
     failed = runner_output.failed
     appending = [(request, sampled[0]) for request, num_tokens, sampled in steps
                  if request.num_computed_tokens + num_tokens == len(request.all_token_ids)
                  and request.beam_group is None and not (failed and request.req_id in failed)]
     accepted = dict(zip((request.req_id for request, _ in appending), scheduler.structured_output.accept_batch(
         [request.structured_output for request, _ in appending], [token_id for _, token_id in appending])))
+    if next_step is not None:
+        scheduler.start_grammar_bitmask(next_step)
     for request, num_tokens, sampled_token_ids in steps:
         output = _update_request(scheduler, request, num_tokens, sampled_token_ids, runner_output,
                                  accepted.get(request.req_id))

@@ -7,6 +7,12 @@ each step it samples -> accept_batch with the step's one token per running reque
 otherwise -> nothing on finish: state dies with the Request). Runs in the core's thread;
 compilation runs in a thread pool.
 
+Async scheduling builds the next step's bitmask in a fill thread instead (start_bitmask, right
+after the matchers accepted the previous step's tokens; take_bitmask joins it where the sampler
+needs it), so that the build overlaps the rest of the update, the output processing and the next
+schedule: both libraries fill without the GIL. No matcher moves while a fill runs: accept_tokens,
+accept_batch and rollback wait for it first (and mark it stale: take_bitmask then builds again).
+
 Compiled grammars are cached by (backend, spec): a request whose schema was seen before starts
 at once; a new one waits in the queue without holding up the others.
 """
@@ -33,6 +39,16 @@ logger = logging.getLogger(__name__)
 READY, COMPILING = "ready", "compiling"
 REFUSED_TOKEN_MESSAGE = ("structured outputs: the grammar refused a sampled token (nothing was allowed: min_tokens "
                          "banning the end the grammar requires, or a grammar beyond the library's limits)")
+
+
+@dataclass
+class _BitmaskBuild:
+    """A bitmask being built in the fill thread (start_bitmask) for these requests' rows."""
+
+    requests: list                          # engine.request.Request, in row order
+    bitmask: GrammarBitmask                 # their rows, complete once `filled` is done
+    filled: Future                          # -> None
+    stale: bool = False                     # a matcher moved after the start: build again
 
 
 @dataclass
@@ -68,6 +84,9 @@ class StructuredOutputManager:
         self._pin_bitmasks = pin_bitmasks
         self._bitmask_buffers: list[torch.Tensor] = [self._new_bitmask_buffer(0)] * 2
         self._num_bitmasks = 0
+        # One thread: one build at a time, each in the buffer its start picked.
+        self._fill_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-bitmask")
+        self._build: _BitmaskBuild | None = None   # started, not taken yet
 
     def add_request(self, req_id: str, params: StructuredOutputsParams) -> StructuredOutputRequest:
         """Start compiling (or reuse the cached compile of) the request's grammar."""
@@ -121,6 +140,7 @@ class StructuredOutputManager:
 
     def accept_tokens(self, state: StructuredOutputRequest, token_ids: list[int]) -> bool:
         """Advance the matcher; False if the grammar refuses a token (it then stays put)."""
+        self._stop_build()
         for token_id in token_ids:
             if state.matcher.is_terminated():
                 return True   # EOS accepted already: later tokens (ignore_eos) are unconstrained
@@ -133,6 +153,7 @@ class StructuredOutputManager:
     def accept_batch(self, states: list[StructuredOutputRequest], token_ids: list[int]) -> list[bool]:
         """accept_tokens(state, [token_id]) for each pair (one step's token per request), in one
         library call per backend: llguidance spreads it over its threads without the GIL."""
+        self._stop_build()
         results = [True] * len(states)   # a terminated matcher takes anything (see accept_tokens)
         by_backend: dict[str, list[int]] = {}
         for i, state in enumerate(states):
@@ -150,6 +171,7 @@ class StructuredOutputManager:
 
     def rollback(self, state: StructuredOutputRequest, num_tokens: int) -> None:
         """Undo the last num_tokens accepted tokens (rejected speculative tokens)."""
+        self._stop_build()
         num_tokens = min(num_tokens, state.num_accepted_tokens)
         if num_tokens:
             state.matcher.rollback(num_tokens)
@@ -164,7 +186,50 @@ class StructuredOutputManager:
                 and request.num_computed_tokens + num_scheduled_tokens[request.req_id] >= request.num_tokens]
         if not rows:
             return None
+        return self._fill(rows, self._next_bitmask_buffer(len(rows)))
+
+    def start_bitmask(self, rows: list) -> None:
+        """Start building the bitmask of `rows` (engine.request.Request with a grammar, that sample
+        next, in row order) in the fill thread; take_bitmask returns it. The matchers must not move
+        until then (those that do make the build stale). The Python part (row split, buffer turn)
+        runs here; the thread only makes the libraries' calls, which drop the GIL."""
+        self._stop_build()   # a build never taken (its step's sampling never came): dropped
         bitmask = self._next_bitmask_buffer(len(rows))
+        by_backend = self._fill_terminated_rows(rows, bitmask)
+        # Wait until the thread runs: a thread woken while this one runs Python would only get the
+        # GIL at the next switch interval (5 ms), after most of the work it should overlap.
+        started = threading.Event()
+        filled = self._fill_thread.submit(self._fill_matchers, by_backend, bitmask, started)
+        started.wait()
+        self._build = _BitmaskBuild(list(rows), GrammarBitmask([request.req_id for request in rows], bitmask), filled)
+
+    def take_bitmask(self) -> GrammarBitmask | None:
+        """The bitmask start_bitmask started (waits for the fill thread), None if none was."""
+        build, self._build = self._build, None
+        if build is None:
+            return None
+        build.filled.result()
+        if build.stale:   # same rows, the matchers as they stand now, in the build's buffer
+            logger.debug("structured outputs: a matcher moved during a bitmask build; built again")
+            return self._fill(build.requests, build.bitmask.bitmask)
+        return build.bitmask
+
+    def _stop_build(self) -> None:
+        """Before a matcher moves: wait for the fill in flight; its rows are stale from now on."""
+        build = self._build
+        if build is not None and not build.stale:
+            build.filled.exception()   # waits; an error comes out of take_bitmask
+            build.stale = True
+
+    def _fill(self, rows: list, bitmask: torch.Tensor) -> GrammarBitmask:
+        """bitmask [len(rows), W] int32 <- the rows' next allowed tokens, in the core's thread."""
+        self._fill_matchers(self._fill_terminated_rows(rows, bitmask), bitmask)
+        return GrammarBitmask(req_ids=[request.req_id for request in rows], bitmask=bitmask)
+
+    @staticmethod
+    def _fill_terminated_rows(rows: list, bitmask: torch.Tensor) -> dict[str, list[tuple[GrammarMatcher, int]]]:
+        """Rows of terminated matchers allow everything (only ignore_eos runs past the end of a
+        grammar); -> the other rows' (matcher, row) by backend."""
         by_backend: dict[str, list[tuple[GrammarMatcher, int]]] = {}
         for row, request in enumerate(rows):
             state = request.structured_output
@@ -172,9 +237,15 @@ class StructuredOutputManager:
                 bitmask[row].fill_(-1)
             else:   # both libraries write every word of the row
                 by_backend.setdefault(state.backend, []).append((state.matcher, row))
+        return by_backend
+
+    def _fill_matchers(self, by_backend: dict[str, list[tuple[GrammarMatcher, int]]], bitmask: torch.Tensor,
+                       started: threading.Event | None = None) -> None:
+        """The libraries' fills (in the core's thread or the fill thread): reads the matchers, moves none."""
+        if started is not None:
+            started.set()
         for name, matchers in by_backend.items():
             self._backends[name].fill_bitmasks(matchers, bitmask)
-        return GrammarBitmask(req_ids=[request.req_id for request in rows], bitmask=bitmask)
 
     def _next_bitmask_buffer(self, num_rows: int) -> torch.Tensor:
         """[num_rows, ceil(vocab / 32)] int32, uninitialised, in one of two host buffers used in
@@ -194,4 +265,7 @@ class StructuredOutputManager:
         return torch.empty(num_rows, (self.vocab_size + 31) // 32, dtype=torch.int32, pin_memory=self._pin_bitmasks)
 
     def shutdown(self) -> None:
+        """The fill thread is joined (a fill in flight finishes first: it writes into our buffer)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._build = None
+        self._fill_thread.shutdown(wait=True)

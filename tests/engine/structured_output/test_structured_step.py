@@ -84,13 +84,13 @@ def tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(str(tiny_model_dir("qwen2")))
 
 
-def make_core(tokenizer, async_scheduling: bool) -> tuple[EngineCore, SplitFakeRunner]:
+def make_core(tokenizer, async_scheduling: bool, num_blocks: int = 64) -> tuple[EngineCore, SplitFakeRunner]:
     model = ModelConfig(model="fake", path="/nonexistent", architecture="Fake", hf_config={"vocab_size": VOCAB},
                         dtype=torch.float32, max_model_len=64, tokenizer="fake", eos_token_ids=(EOS,))
-    config = EngineConfig(model, CacheConfig(block_size=4, num_gpu_blocks_override=64),
+    config = EngineConfig(model, CacheConfig(block_size=4, num_gpu_blocks_override=num_blocks),
                           SchedulerConfig(max_model_len=64, max_num_batched_tokens=16, async_scheduling=async_scheduling),
                           ParallelConfig(), DeviceConfig(), MultiModalConfig())
-    runner = SplitFakeRunner(64, 4)
+    runner = SplitFakeRunner(num_blocks, 4)
     core = EngineCore(config, runner=runner)
     core.scheduler.structured_output = StructuredOutputManager(StructuredOutputsConfig(), lambda: tokenizer, VOCAB)
     return core, runner
