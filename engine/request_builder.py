@@ -3,12 +3,13 @@ EngineRequests on a few worker threads and handed back in input order as each be
 the engine starts stepping on the first ones while the rest are still being built (tokenize,
 resize, hash). Caller: engine.llm only.
 
-Threads, not processes, and few of them, by measurement on the H200 host (16 cores, 256 W1
-requests of a 448x448 image + 64 tokens; BENCHMARKS.md, "Building W1's requests"): 0.31 s serially,
-0.26 s on 2 threads, 0.29 s on 4, 0.31 s on 8; 0.66-0.74 s on 2-8 processes, which pickle every
-image out and its frames back. The hash (sha256) scales with threads, but the 602 KB of fresh pages
-each request keeps do not: their page faults serialise. What the threads buy is the overlap with
-the engine, whose thread mostly waits on the device with the GIL released.
+Threads, not processes, and two of them, by measurement on the H200 host (16 cores, 256 W1
+requests of a 448x448 image + 64 tokens; BENCHMARKS.md, "Building W1's requests (CPU)"): 0.31 s
+serially, 0.38 s on 1 thread, 0.26 s on 2, 0.29 s on 4, 0.31 s on 8; 0.66-0.74 s on 2-8
+processes, which pickle every image out and its frames back. The hash (sha256) scales with
+threads, but the 602 KB of fresh pages each request keeps do not (their page faults serialise),
+and every thread more takes GIL time from the engine's. What the threads buy is the overlap with
+the engine: it steps on the first requests instead of waiting for all of them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
-MAX_BUILD_WORKERS = 4   # past 2-4 threads the build gets no faster (module docstring)
+MAX_BUILD_WORKERS = 2   # the fastest measured on the H200 host (module docstring)
 
 
 def num_build_workers(num_prompts: int) -> int:
