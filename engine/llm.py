@@ -31,7 +31,7 @@ from engine.sampling_params import SamplingParams
 from vision.inputs import IMAGE, VIDEO
 from vision.video import VideoFrames
 
-_Build = Callable[[], tuple[EngineRequest, "str | None"]]   # one prompt -> (request, its text), on a build thread
+_Build = Callable[[], tuple[EngineRequest, str | None]]   # one prompt -> (request, its text), on a build thread
 
 
 class LLM:
