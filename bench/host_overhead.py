@@ -112,11 +112,13 @@ CLOCK = time.perf_counter   # --cpu-time: time.process_time
 
 def instrument(llm) -> HostTimers:
     from engine.detokenizer import OutputProcessor
+    from engine.request_builder import RequestBuilder
     from engine.runner.step_output import StepOutput
 
     timers, core = HostTimers(CLOCK), llm.client.core
     runner = core.runner
-    timers.wrap(llm.frontend, "make_request", "preprocess (tokenize + image processor)")
+    # Requests are built on worker threads (engine.request_builder), overlapped with the steps.
+    timers.wrap(RequestBuilder, "take_ready", "preprocess (waiting for built requests)")
     timers.wrap(core, "step", "engine step (total)")
     timers.wrap(core.scheduler, "schedule", "  scheduler.schedule")
     timers.wrap(core.scheduler, "update_from_output", "  scheduler.update_from_output")
@@ -188,7 +190,7 @@ def make_requests(llm, count: int, seed: int) -> list:
     for i, image in enumerate(harness.fresh_images(count, IMAGE_SIZE, seed)):
         prompt = harness.IMAGE_PROMPT + harness.text_of_tokens(tokenizer, TEXT_TOKENS, seed * 100003 + i)
         request, _ = llm._request_from_prompt({"prompt": prompt, "multi_modal_data": {"image": image}},
-                                              sampling_params(seed * 100003 + i))
+                                              sampling_params(seed * 100003 + i), f"steady-{seed}-{i}")
         requests.append(request)
     return requests
 

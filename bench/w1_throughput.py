@@ -47,9 +47,13 @@ def run_once(llm, num_requests: int, seed: int) -> dict:
 
 def stage_times(llm, num_requests: int, seed: int) -> dict:
     """One instrumented run: every stage synchronises, so the sum exceeds the timed runs."""
+    from engine.request_builder import RequestBuilder
+
     timers = harness.StageTimers()
     runner = llm.client.core.runner if hasattr(llm.client, "core") else None
-    timers.wrap(llm.frontend, "make_request", "preprocess (tokenize + image processor)")
+    # Requests are built on worker threads (engine.request_builder), overlapped with the steps: the
+    # stage is the engine thread's wait for them, not the (parallel) build time.
+    timers.wrap(RequestBuilder, "take_ready", "preprocess (engine thread waiting for built requests)")
     if runner is not None:
         if runner.encoder_runner is not None:
             timers.wrap(runner.encoder_runner, "_encode", "vision tower")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pathlib
 import random
+import threading
 import time
 from dataclasses import dataclass
 
@@ -66,6 +67,7 @@ class Frontend:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model_config)
         self.chat_template = self._init_chat_template()
         self._processor = None  # built on the first request with media
+        self._processor_lock = threading.Lock()   # requests are built on several threads (engine.llm)
         hf_config = config.model_config.hf_config
         self.vocab_size = int(getattr(text_config(hf_config), "vocab_size", 0) or len(self.tokenizer))
         self.is_multimodal = getattr(hf_config, "vision_config", None) is not None
@@ -81,11 +83,13 @@ class Frontend:
     @property
     def processor(self):
         if self._processor is None:
-            from vision.processors import get_processor
+            with self._processor_lock:
+                if self._processor is None:
+                    from vision.processors import get_processor
 
-            model_config = self.config.model_config
-            self._processor = get_processor(model_config.path, model_config.hf_config,
-                                            self.config.multimodal_config.mm_processor_kwargs or None)
+                    model_config = self.config.model_config
+                    self._processor = get_processor(model_config.path, model_config.hf_config,
+                                                    self.config.multimodal_config.mm_processor_kwargs or None)
         return self._processor
 
     def render_chat(self, messages: list[dict], *, tools=None, chat_template: str | None = None,
@@ -113,13 +117,23 @@ class Frontend:
         media_io = self.config.multimodal_config.media_io_kwargs.get(VIDEO, {})
         return self.processor.video_sampling_kwargs({**media_io, **(mm_processor_kwargs or {})} or None)
 
+    def draw_seed(self, sampling_params: SamplingParams) -> int | None:
+        """The seed make_request gives a request whose params (with the generation-config defaults)
+        set none, drawn now from the frontend's seeded RNG; None when they set one. Callers that
+        build requests on several threads draw in input order and pass it to make_request, so the
+        seeds do not depend on which thread runs first."""
+        if sampling_params.with_defaults(self.config.model_config.default_sampling_params).seed is not None:
+            return None
+        return self._seed_rng.getrandbits(63)
+
     def make_request(self, request_id: str, prompt: str | list[int], media: list[MediaInput],
                      sampling_params: SamplingParams, mm_processor_kwargs: dict | None = None, *,
                      add_special_tokens: bool = True, cache_salt: str | None = None,
-                     arrival_time: float | None = None) -> EngineRequest:
+                     arrival_time: float | None = None, seed: int | None = None) -> EngineRequest:
         """ValueError (user-facing message) on any invalid input. `add_special_tokens`: False for a
         prompt rendered from a chat template (the template wrote them already). Sampling fields the
-        request left unset take the model's generation-config defaults (--generation-config)."""
+        request left unset take the model's generation-config defaults (--generation-config).
+        `seed`: the one for params that set none (from draw_seed); None draws it here."""
         defaults = self.config.model_config.default_sampling_params
         sampling_params = sampling_params.with_defaults(defaults).validate()
         self._check_num_logprobs(sampling_params)
@@ -128,7 +142,7 @@ class Frontend:
         mm_items = []
         if media:
             token_ids, mm_items = self._expand_media(token_ids, media, mm_processor_kwargs)
-        params = self._complete_sampling_params(sampling_params, len(token_ids))
+        params = self._complete_sampling_params(sampling_params, len(token_ids), seed)
         return EngineRequest(req_id=request_id, prompt_token_ids=token_ids, sampling_params=params,
                              mm_items=mm_items, arrival_time=time.time() if arrival_time is None else arrival_time,
                              cache_salt=cache_salt)
@@ -200,7 +214,8 @@ class Frontend:
             return video, video
         return video_from_frames(data), None  # type: ignore[arg-type]  # checked by video_from_frames
 
-    def _complete_sampling_params(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
+    def _complete_sampling_params(self, params: SamplingParams, prompt_len: int,
+                                  seed: int | None) -> SamplingParams:
         """vLLM's length rules; max_tokens None -> what is left of max_model_len; a seed for every
         request (n>1 children use seed+i, so they differ)."""
         max_model_len = self.config.model_config.max_model_len
@@ -217,7 +232,10 @@ class Frontend:
                              f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the messages, "
                              f"{max_tokens} in the completion). Please reduce the length of the messages or "
                              f"completion.")
-        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+        if params.seed is not None:
+            seed = params.seed
+        elif seed is None:
+            seed = self._seed_rng.getrandbits(63)
         structured = params.structured_outputs
         if structured is not None:
             structured = resolve_structured_outputs(structured, self.config.structured_outputs_config)

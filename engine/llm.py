@@ -5,13 +5,16 @@
                            SamplingParams(max_tokens=64))
 
 LLM *has* a Frontend (prompts -> EngineRequests) and an InprocClient (the core, stepped here);
-engine.detokenizer turns the core's outputs into RequestOutputs, returned in input order.
+engine.detokenizer turns the core's outputs into RequestOutputs, returned in input order. The
+prompts are built on worker threads (engine.request_builder) while the core steps on those built.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -23,9 +26,12 @@ from engine.detokenizer import OutputProcessor
 from engine.frontend import Frontend, MediaInput, is_video_with_metadata
 from engine.outputs import RequestOutput
 from engine.protocol import EngineRequest
+from engine.request_builder import RequestBuilder, num_build_workers
 from engine.sampling_params import SamplingParams
 from vision.inputs import IMAGE, VIDEO
 from vision.video import VideoFrames
+
+_Build = Callable[[], tuple[EngineRequest, str | None]]   # one prompt -> (request, its text), on a build thread
 
 
 class LLM:
@@ -48,6 +54,7 @@ class LLM:
         self.client = InprocClient(self.config)
         self._request_counter = itertools.count()
         self._media_fetcher: Any = None   # vision.fetch.MediaFetcher, made on the first URL
+        self._media_fetcher_lock = threading.Lock()   # the first URLs may come on several build threads
 
     def get_tokenizer(self):
         return self.frontend.tokenizer
@@ -63,8 +70,7 @@ class LLM:
         [PIL], "video": frames | [frames]}, "mm_processor_kwargs": {...}}, or a list of these."""
         prompt_list = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         params_list = self._params_per_prompt(sampling_params, len(prompt_list))
-        requests = [self._request_from_prompt(prompt, params) for prompt, params in zip(prompt_list, params_list)]
-        return self._run(requests, use_tqdm)
+        return self._run(self._prompt_builds(prompt_list, params_list), use_tqdm)
 
     def chat(self, messages, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None, add_generation_prompt: bool = True,
@@ -74,18 +80,14 @@ class LLM:
         """messages: one OpenAI-format conversation (list of dicts) or a list of conversations."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         params_list = self._params_per_prompt(sampling_params, len(conversations))
-        requests = []
-        for conversation, params in zip(conversations, params_list):
-            rendered = self.frontend.render_chat(
-                conversation, tools=tools, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, chat_template_kwargs=chat_template_kwargs,
-                content_format=chat_template_content_format)
-            self.frontend.check_media_counts(rendered.media)  # before fetching anything
-            media = [self._media_input(ref) for ref in rendered.media]
-            request = self.frontend.make_request(self._next_id(), rendered.prompt, media, params,
-                                                 mm_processor_kwargs, add_special_tokens=False)
-            requests.append((request, rendered.prompt))
-        return self._run(requests, use_tqdm)
+        render = functools.partial(
+            self.frontend.render_chat, tools=tools, chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+            chat_template_kwargs=chat_template_kwargs, content_format=chat_template_content_format)
+        builds = [functools.partial(self._request_from_chat, render, conversation, params, self._next_id(),
+                                    self.frontend.draw_seed(params), mm_processor_kwargs)
+                  for conversation, params in zip(conversations, params_list)]
+        return self._run(builds, use_tqdm)
 
     def beam_search(self, prompts, params: BeamSearchParams, lora_request=None, use_tqdm: bool = False,
                     concurrency_limit: int | None = None) -> list[BeamSearchOutput]:
@@ -100,7 +102,7 @@ class LLM:
         outputs = []
         for start in range(0, len(prompt_list), step):
             chunk = prompt_list[start:start + step]
-            results = self._run([self._request_from_prompt(p, sampling_params) for p in chunk], use_tqdm)
+            results = self._run(self._prompt_builds(chunk, [sampling_params] * len(chunk)), use_tqdm)
             outputs += [self._beam_search_output(result) for result in results]
         return outputs
 
@@ -130,9 +132,28 @@ class LLM:
 
     # ---------------------------------------------------------------- prompts -> requests
 
-    def _request_from_prompt(self, prompt, params: SamplingParams) -> tuple[EngineRequest, str | None]:
+    def _prompt_builds(self, prompts: list, params_list: list[SamplingParams]) -> list[_Build]:
+        """One build per prompt, for the worker threads. Request ids and fallback seeds are drawn
+        here, in input order, so neither depends on which thread finishes first."""
+        return [functools.partial(self._request_from_prompt, prompt, params, self._next_id(),
+                                  self.frontend.draw_seed(params))
+                for prompt, params in zip(prompts, params_list)]
+
+    def _request_from_chat(self, render: Callable[[list[dict]], Any], conversation: list[dict],
+                           params: SamplingParams, request_id: str, seed: int | None,
+                           mm_processor_kwargs: dict | None) -> tuple[EngineRequest, str | None]:
+        rendered = render(conversation)
+        self.frontend.check_media_counts(rendered.media)  # before fetching anything
+        media = [self._media_input(ref) for ref in rendered.media]
+        request = self.frontend.make_request(request_id, rendered.prompt, media, params, mm_processor_kwargs,
+                                             add_special_tokens=False, seed=seed)
+        return request, rendered.prompt
+
+    def _request_from_prompt(self, prompt, params: SamplingParams, request_id: str,
+                             seed: int | None = None) -> tuple[EngineRequest, str | None]:
+        """seed: for params that set none (Frontend.draw_seed); None draws one now."""
         if isinstance(prompt, str):
-            return self.frontend.make_request(self._next_id(), prompt, [], params), prompt
+            return self.frontend.make_request(request_id, prompt, [], params, seed=seed), prompt
         if not isinstance(prompt, dict):
             raise ValueError(f"a prompt must be a str or a dict, got {type(prompt).__name__}")
         unknown = sorted(set(prompt) - {"prompt", "prompt_token_ids", "multi_modal_data", "mm_processor_kwargs"})
@@ -149,8 +170,8 @@ class LLM:
             if isinstance(text_or_ids, str):
                 text_or_ids = self.frontend.tokenizer.encode(text_or_ids)
             media = self._in_prompt_order(text_or_ids, media)
-        request = self.frontend.make_request(self._next_id(), text_or_ids, media, params,
-                                             prompt.get("mm_processor_kwargs"))
+        request = self.frontend.make_request(request_id, text_or_ids, media, params,
+                                             prompt.get("mm_processor_kwargs"), seed=seed)
         return request, prompt.get("prompt")
 
     @staticmethod
@@ -192,8 +213,9 @@ class LLM:
         from vision.image import decode_image
         from vision.video import decode_video
 
-        if self._media_fetcher is None:
-            self._media_fetcher = MediaFetcher(FetchConfig(allowed_local_media_path=self._allowed_local_media_path))
+        with self._media_fetcher_lock:
+            if self._media_fetcher is None:
+                self._media_fetcher = MediaFetcher(FetchConfig(allowed_local_media_path=self._allowed_local_media_path))
         data = self._media_fetcher.fetch_sync(url)
         if modality == IMAGE:
             return decode_image(data)
@@ -201,18 +223,19 @@ class LLM:
 
     # ---------------------------------------------------------------- the engine loop
 
-    def _run(self, requests: list[tuple[EngineRequest, str | None]], use_tqdm: bool) -> list[RequestOutput]:
-        """Submits all requests, steps the core until each is finished; results in input order.
-        A request that failed in the engine raises ValueError after the others completed."""
+    def _run(self, builds: Sequence[_Build], use_tqdm: bool) -> list[RequestOutput]:
+        """Builds the requests on worker threads and steps the core on those built (added in input
+        order) until each is finished; results in input order. A prompt that cannot be built
+        raises its ValueError, after the requests already added are aborted. A request that failed
+        in the engine raises ValueError after the others completed."""
         processor = OutputProcessor(self.frontend.tokenizer)
-        position = {request.req_id: i for i, (request, _) in enumerate(requests)}
-        for request, prompt in requests:
-            for child in processor.add(request, prompt).children:
-                self.client.add_request(child)
-        results: list[RequestOutput | None] = [None] * len(requests)
-        with tqdm(total=len(requests), desc="Processed prompts", disable=not use_tqdm) as progress:
+        results: list[RequestOutput | None] = [None] * len(builds)
+        position: dict[str, int] = {}
+        with (RequestBuilder(builds, num_build_workers(len(builds))) as builder,
+              tqdm(total=len(builds), desc="Processed prompts", disable=not use_tqdm) as progress):
             try:
-                while processor.states:
+                while builder.num_pending or processor.states:
+                    self._add_built(builder, processor, position, wait=not processor.states)
                     if not self.client.has_unfinished_requests():
                         raise RuntimeError(f"the engine finished without completing {list(processor.states)}")
                     states, stop_string_hits = processor.process(self.client.step().outputs)
@@ -221,12 +244,28 @@ class LLM:
                         results[position[state.request.req_id]] = state.make_output()
                         progress.update(1)
             finally:
-                for req_id in list(processor.states):  # interrupted: free what is still running
+                for req_id in list(processor.states):  # interrupted or a bad prompt: free what was added
                     self.client.abort_requests(processor.abort(req_id)[1])
         failed = [(i, out.error) for i, out in enumerate(results) if out.error]
         if failed:
             raise ValueError(f"prompt {failed[0][0]}: {failed[0][1]}")
         return results
+
+    def _add_built(self, builder: RequestBuilder, processor: OutputProcessor, position: dict[str, int],
+                   wait: bool) -> None:
+        """Adds the requests built so far to the core, in input order. wait (the core is idle):
+        first waits until they fill one step's token budget or every prompt is built, so an idle
+        core's next step is as full as if all had been built before it."""
+        budget = self.config.scheduler_config.max_num_batched_tokens
+        num_tokens = 0
+        while True:
+            for index, (request, prompt) in builder.take_ready(wait=wait):
+                position[request.req_id] = index
+                for child in processor.add(request, prompt).children:
+                    self.client.add_request(child)
+                num_tokens += len(request.prompt_token_ids)
+            if not wait or not builder.num_pending or num_tokens >= budget:
+                return
 
 
 def _is_video(item) -> bool:

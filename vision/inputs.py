@@ -85,8 +85,22 @@ class ProcessedMedia:
         frames = np.ascontiguousarray(self.frames, dtype=np.uint8)
         return MultiModalItem(
             modality=self.modality, mm_hash=self.mm_hash, placeholder=placeholder,
-            frames=frames.tobytes(), frames_shape=_four(frames.shape),
+            frames=frames_bytes(frames), frames_shape=_four(frames.shape),
             grid_thw=_three(self.grid_thw), second_per_grid_t=float(self.second_per_grid_t))
+
+
+def frames_bytes(frames: np.ndarray) -> bytes:
+    """The raw bytes of C-contiguous uint8 frames [F, H, W, 3]. An image the processor did not
+    resize is a read-only view of the `bytes` PIL made for `np.asarray(image)`: that very object is
+    returned, not a copy. Why: a 448x448 image is 602 KB of freshly faulted pages per copy, and
+    page faults serialise across threads (measured in BENCHMARKS.md, "Building W1's requests")."""
+    base = frames.base
+    while isinstance(base, np.ndarray):  # np.asarray(image)[None]: a view of the view of the bytes
+        base = base.base
+    # C-contiguous and as long as the bytes: the view starts at byte 0 and covers them in order.
+    if isinstance(base, bytes) and len(base) == frames.nbytes and frames.flags.c_contiguous:
+        return base
+    return frames.tobytes()
 
 
 def _four(shape) -> tuple[int, int, int, int]:

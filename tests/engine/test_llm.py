@@ -1,6 +1,9 @@
 """engine.LLM (vLLM's offline API) on the tiny Qwen2 checkpoint, float32 CPU. Oracle: transformers'
 Qwen2ForCausalLM greedy decoding and the HF tokenizer / chat template."""
 
+import random
+import threading
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -113,3 +116,115 @@ def test_bad_input_raises_and_the_engine_keeps_serving(llm, hf_model):
     ids = [5, 6, 7]
     assert llm.generate({"prompt_token_ids": ids}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids == \
         hf_greedy(hf_model, ids, MAX_TOKENS)
+
+
+# ---- requests built on worker threads while the engine steps (engine.request_builder)
+
+PROMPTS = ["a b c", "The quick brown fox jumps", "x", "Once upon a time there was", "1 2 3 4 5 6 7 8 9",
+           "hello world", "z y", "one more prompt here"]
+
+
+def build_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("vlserve-build")]
+
+
+def assert_engine_empty(llm) -> None:
+    stats = llm.client.stats()
+    assert not llm.client.has_unfinished_requests()
+    assert stats.num_free_blocks == stats.num_total_blocks
+    assert build_threads() == []
+
+
+@pytest.fixture
+def small_steps_llm(model_dir, monkeypatch):
+    """3 build threads whatever the CPU count, and an 8-token step budget: the engine steps on the
+    first prompt built while the others are still building."""
+    monkeypatch.setattr("engine.llm.num_build_workers", lambda num_prompts: min(num_prompts, 3))
+    return LLM(model_dir, dtype="float32", max_model_len=256, num_gpu_blocks_override=64, max_num_seqs=8,
+               max_num_batched_tokens=8)
+
+
+def recorded_adds(llm, monkeypatch) -> list:
+    added, add = [], llm.client.add_request
+    monkeypatch.setattr(llm.client, "add_request", lambda request: (added.append(request), add(request)))
+    return added
+
+
+def test_threaded_build_keeps_input_order_ids_and_the_serial_seeds(small_steps_llm, hf_model, monkeypatch):
+    llm, tokenizer = small_steps_llm, small_steps_llm.get_tokenizer()
+    added = recorded_adds(llm, monkeypatch)
+    serial_rng = random.Random()
+    serial_rng.setstate(llm.frontend._seed_rng.getstate())   # the seeds a serial build draws, in order
+    outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    for prompt, output in zip(PROMPTS, outputs, strict=True):
+        assert output.prompt == prompt and output.prompt_token_ids == tokenizer.encode(prompt)
+        assert output.outputs[0].token_ids == hf_greedy(hf_model, output.prompt_token_ids, MAX_TOKENS)
+    assert [r.req_id for r in added] == [o.request_id for o in outputs]   # added in input order
+    assert [int(r.req_id) for r in added] == sorted(int(r.req_id) for r in added)
+    assert [r.sampling_params.seed for r in added] == [serial_rng.getrandbits(63) for _ in PROMPTS]
+    assert_engine_empty(llm)
+
+
+def test_a_bad_prompt_after_others_started_raises_its_error_and_frees_everything(small_steps_llm, hf_model,
+                                                                                 monkeypatch):
+    llm = small_steps_llm
+    bad = {"prompt": "x", "images": []}
+    with pytest.raises(ValueError) as alone:   # the oracle: the error it raises built alone, inline
+        llm.generate(bad, GREEDY, use_tqdm=False)
+    added = recorded_adds(llm, monkeypatch)
+    stepped, step, build = threading.Event(), llm.client.step, llm._request_from_prompt
+
+    def step_and_signal():
+        outputs = step()
+        stepped.set()
+        return outputs
+
+    def build_bad_after_a_step(prompt, *args):
+        if prompt is bad:
+            assert stepped.wait(timeout=30)
+        return build(prompt, *args)
+
+    monkeypatch.setattr(llm.client, "step", step_and_signal)
+    monkeypatch.setattr(llm, "_request_from_prompt", build_bad_after_a_step)
+    with pytest.raises(ValueError) as threaded:
+        llm.generate(PROMPTS[:3] + [bad] + PROMPTS[3:], GREEDY, use_tqdm=False)
+    assert type(threaded.value) is type(alone.value) and str(threaded.value) == str(alone.value)
+    assert len(added) >= 1   # the engine had started on the earlier prompts
+    assert_engine_empty(llm)
+    ids = [5, 6, 7]   # and it keeps serving
+    assert llm.generate({"prompt_token_ids": ids}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids == \
+        hf_greedy(hf_model, ids, MAX_TOKENS)
+
+
+def test_an_interrupt_in_the_step_loop_aborts_all_and_joins_the_build_threads(small_steps_llm, monkeypatch):
+    llm = small_steps_llm
+    calls, step = [], llm.client.step
+
+    def interrupted_step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step()
+
+    monkeypatch.setattr(llm.client, "step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(PROMPTS * 4, GREEDY, use_tqdm=False)
+    assert_engine_empty(llm)
+
+
+def test_chat_builds_on_threads_in_input_order_and_a_bad_conversation_frees_everything(small_steps_llm,
+                                                                                        hf_model):
+    llm, tokenizer = small_steps_llm, small_steps_llm.get_tokenizer()
+    conversations = [[{"role": "user", "content": text}] for text in PROMPTS[:5]]
+    outputs = llm.chat(conversations, GREEDY, use_tqdm=False)
+    for conversation, output in zip(conversations, outputs, strict=True):
+        expected = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        assert output.prompt == expected
+        assert output.outputs[0].token_ids == hf_greedy(hf_model, output.prompt_token_ids, MAX_TOKENS)
+    bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]
+    with pytest.raises(ValueError) as alone:
+        llm.chat(bad, GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError) as threaded:
+        llm.chat(conversations[:3] + [bad] + conversations[3:], GREEDY, use_tqdm=False)
+    assert str(threaded.value) == str(alone.value) and "text-only" in str(alone.value)
+    assert_engine_empty(llm)

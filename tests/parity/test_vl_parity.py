@@ -194,6 +194,29 @@ def test_one_image_in_eight_requests_is_encoded_once(model_dir, cases, reference
     assert encoder_counts(llm) == (1, 1)
 
 
+def test_image_prompts_built_on_threads_while_the_engine_steps(model_dir, cases, reference, monkeypatch):
+    """Three build threads and a 64-token step budget: the engine steps on the first prompts while
+    the rest are resized and hashed; results come back in input order, each equal to transformers'.
+    Then a prompt whose placeholders do not match its images, in the middle, raises the ValueError
+    it raises alone and leaves no request and no KV block behind."""
+    monkeypatch.setattr("engine.llm.num_build_workers", lambda num_prompts: min(num_prompts, 3))
+    llm = make_llm(model_dir, max_num_batched_tokens=64)
+    names = list(reversed(cases)) + list(cases)
+    outputs = llm.generate([engine_prompt(cases[name]) for name in names], GREEDY, use_tqdm=False)
+    for output, name in zip(outputs, names, strict=True):
+        assert_matches(output, reference[name])
+    text, images, _ = cases["one_image"]
+    bad = {"prompt": text.replace(IMG, IMG + IMG), "multi_modal_data": {"image": images}}
+    with pytest.raises(ValueError) as alone:
+        llm.generate(bad, GREEDY, use_tqdm=False)
+    prompts = [engine_prompt(cases[name]) for name in names]
+    with pytest.raises(ValueError) as threaded:
+        llm.generate(prompts[:5] + [bad] + prompts[5:], GREEDY, use_tqdm=False)
+    assert str(threaded.value) == str(alone.value) and "placeholders" in str(alone.value)
+    stats = llm.client.stats()
+    assert not llm.client.has_unfinished_requests() and stats.num_free_blocks == stats.num_total_blocks
+
+
 def test_same_text_with_another_image_shares_no_blocks(model_dir, cases, reference):
     llm = make_llm(model_dir, enable_prefix_caching=True)
     text, images, _ = cases["long_text_after_image"]

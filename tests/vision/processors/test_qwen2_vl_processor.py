@@ -222,3 +222,18 @@ def test_item_round_trip_keeps_frames(ours):
     assert np.frombuffer(item.frames, np.uint8).reshape(item.frames_shape).tolist() == media.frames.tolist()
     with pytest.raises(ValueError):
         media.to_item(PlaceholderRange(3, media.num_tokens + 1))
+
+
+def test_unresized_image_hands_on_pils_bytes_and_matches_transformers(model_dir, ours):
+    """448x448 (W1's size) needs no resize: the item's frames are the bytes np.asarray(image)
+    made, not a copy, and the engine's pixel values from them equal transformers'."""
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (448, 448, 3), dtype=np.uint8))
+    media = ours.process_image(image)
+    item = media.to_item(PlaceholderRange(0, media.num_tokens))
+    assert np.shares_memory(np.frombuffer(item.frames, np.uint8), media.frames)
+    frames = torch.frombuffer(bytearray(item.frames), dtype=torch.uint8).view(item.frames_shape)
+    expected = AutoImageProcessor.from_pretrained(model_dir)(images=[image], return_tensors="pt")
+    torch.testing.assert_close(ours.pixel_values_from_frames(frames, item, torch.float32),
+                               expected["pixel_values"], rtol=0, atol=1e-6)
+    resized = ours.process_image(image.resize((300, 200)))   # resized frames: their own bytes
+    assert resized.to_item(PlaceholderRange(0, resized.num_tokens)).frames == resized.frames.tobytes()
