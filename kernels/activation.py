@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import dependent_launch
+import kernels.dependent_launch as dependent_launch
 from kernels.dependent_launch import wait_previous_kernel
 
 

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 import kernels.matmul_tma as matmul_tma
-from kernels import dependent_launch
+import kernels.dependent_launch as dependent_launch
 from kernels.activation import _reference as _activation_reference
 from kernels.activation import _triton as _activation_triton
 from kernels.activation import silu_mul

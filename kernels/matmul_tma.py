@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import dependent_launch
+import kernels.dependent_launch as dependent_launch
 from kernels.dependent_launch import wait_previous_kernel
 from triton.tools.tensor_descriptor import TensorDescriptor
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import dependent_launch
+import kernels.dependent_launch as dependent_launch
 from kernels.dependent_launch import wait_previous_kernel
 
 from kernels.store_kv import _reference as _store_kv_reference
