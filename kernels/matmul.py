@@ -57,7 +57,7 @@ def _linear_kernel(
     stride_pm, SPLIT_LEN, NUM_SPLITS,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, IS_FP32: tl.constexpr, WRITE_PARTIAL: tl.constexpr, SUM_IN_KERNEL: tl.constexpr,
-    SILU_MUL: tl.constexpr, PDL: tl.constexpr,
+    SILU_MUL: tl.constexpr, SWAP_AB: tl.constexpr, PDL: tl.constexpr,
 ):
     # Program -> (row tile, column tile), row tiles grouped by GROUP_M so weight tiles stay in L2.
     # K is cut into NUM_SPLITS ranges of SPLIT_LEN elements (fixed by the weight's shape, never by
@@ -83,11 +83,11 @@ def _linear_kernel(
         first_split, last_split = tl.program_id(1), tl.program_id(1) + 1
     wait_previous_kernel(PDL)
     total = _range_sums(x_ptr, w_ptr, rows, cols, M, N, K, stride_xm, stride_wn, first_split, last_split,
-                        SPLIT_LEN, BLOCK_M, BLOCK_N, BLOCK_K, IS_FP32)            # [BLOCK_M, BLOCK_N] fp32
+                        SPLIT_LEN, BLOCK_M, BLOCK_N, BLOCK_K, IS_FP32, SWAP_AB)   # [BLOCK_M, BLOCK_N] fp32
     total_up = total
     if SILU_MUL:
         total_up = _range_sums(x_ptr, w_ptr + N * stride_wn, rows, cols, M, N, K, stride_xm, stride_wn,
-                               first_split, last_split, SPLIT_LEN, BLOCK_M, BLOCK_N, BLOCK_K, IS_FP32)
+                               first_split, last_split, SPLIT_LEN, BLOCK_M, BLOCK_N, BLOCK_K, IS_FP32, SWAP_AB)
     if WRITE_PARTIAL:
         partial = partial_ptr + (tl.program_id(1) * M + rows[:, None]) * stride_pm + cols[None, :]
         tl.store(partial, total, mask=mask)
@@ -107,28 +107,54 @@ def _linear_kernel(
 
 @triton.jit
 def _range_sums(x_ptr, w_ptr, rows, cols, M, N, K, stride_xm, stride_wn, first_split, last_split, SPLIT_LEN,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_FP32: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IS_FP32: tl.constexpr,
+                SWAP_AB: tl.constexpr):
     # ((0 + acc_first) + ...) + acc_{last - 1}: [BLOCK_M, BLOCK_N] fp32 for x[rows] @ w[cols]^T over
     # K ranges [first_split, last_split), each range its own accumulator fed in K order.
+    # SWAP_AB (small M): the same products as w[cols] @ x[rows]^T, [BLOCK_N, BLOCK_M], transposed at
+    # the end: the weight is the tensor core's 64-row operand and x's few rows its narrow one (N >= 16),
+    # so the shared memory of a stage holds weight, not 64 rows of mostly-masked x. Each element is
+    # the same k-ordered sum of the same products (bench/tune_decode.py checks the bits on the GPU).
     ks = tl.arange(0, BLOCK_K)
-    total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWAP_AB:
+        total_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for split in range(first_split, last_split):
         k_lo = tl.multiple_of(split * SPLIT_LEN, 256)
         k_hi = tl.minimum(k_lo + SPLIT_LEN, K)
-        x_tile = x_ptr + rows[:, None] * stride_xm + (k_lo + ks)[None, :]           # [BLOCK_M, BLOCK_K]
-        w_tile = w_ptr + cols[None, :] * stride_wn + (k_lo + ks)[:, None]           # [BLOCK_K, BLOCK_N]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            k_left = k_hi - k0
-            a = tl.load(x_tile, mask=(rows[:, None] < M) & (ks[None, :] < k_left), other=0.0)
-            b = tl.load(w_tile, mask=(cols[None, :] < N) & (ks[:, None] < k_left), other=0.0)
-            if IS_FP32:  # float32 means float32 (Triton's default would round the inputs to tf32)
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, b, acc)
-            x_tile += BLOCK_K
-            w_tile += BLOCK_K
-        total += acc
+        if SWAP_AB:
+            w_tile = w_ptr + cols[:, None] * stride_wn + (k_lo + ks)[None, :]       # [BLOCK_N, BLOCK_K]
+            x_tile = x_ptr + rows[None, :] * stride_xm + (k_lo + ks)[:, None]       # [BLOCK_K, BLOCK_M]
+            acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                k_left = k_hi - k0
+                b = tl.load(w_tile, mask=(cols[:, None] < N) & (ks[None, :] < k_left), other=0.0)
+                a = tl.load(x_tile, mask=(rows[None, :] < M) & (ks[:, None] < k_left), other=0.0)
+                if IS_FP32:
+                    acc_t = tl.dot(b, a, acc_t, input_precision="ieee")
+                else:
+                    acc_t = tl.dot(b, a, acc_t)
+                x_tile += BLOCK_K
+                w_tile += BLOCK_K
+            total_t += acc_t
+        else:
+            x_tile = x_ptr + rows[:, None] * stride_xm + (k_lo + ks)[None, :]       # [BLOCK_M, BLOCK_K]
+            w_tile = w_ptr + cols[None, :] * stride_wn + (k_lo + ks)[:, None]       # [BLOCK_K, BLOCK_N]
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                k_left = k_hi - k0
+                a = tl.load(x_tile, mask=(rows[:, None] < M) & (ks[None, :] < k_left), other=0.0)
+                b = tl.load(w_tile, mask=(cols[None, :] < N) & (ks[:, None] < k_left), other=0.0)
+                if IS_FP32:  # float32 means float32 (Triton's default would round the inputs to tf32)
+                    acc = tl.dot(a, b, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, b, acc)
+                x_tile += BLOCK_K
+                w_tile += BLOCK_K
+            total += acc
+    if SWAP_AB:
+        total = tl.trans(total_t)
     return total
 
 
@@ -265,6 +291,11 @@ def fit_num_stages(block_m: int, block_n: int, num_stages: int, element_size: in
     return max(1, min(num_stages, _SHARED_MEMORY_BUDGET // per_stage))
 
 
+def swap_rows(num_rows: int) -> int:
+    """BLOCK_M of the swapped small-M product: x's rows are the dot's narrow side (16, 32 or 64)."""
+    return max(16, triton.next_power_of_2(num_rows))
+
+
 def plan(num_rows: int, num_cols: int, k: int, on_cuda: bool,
          config: tuple[int, int, int, int] | None = None) -> tuple[tuple[int, int, int, int, int], int, int]:
     """(tile, num_splits, split_len) for x [num_rows, k] @ weight [num_cols, k]^T: the tuned entry
@@ -273,7 +304,8 @@ def plan(num_rows: int, num_cols: int, k: int, on_cuda: bool,
     entry = tuned_entry(num_cols, k) if on_cuda and config is None else None
     if entry is not None and num_rows <= _SMALL_M:
         block_n, block_k, num_warps, num_stages = entry["tile"]
-        return (64, block_n, block_k, num_warps, num_stages), num_splits, split_len
+        return (swap_rows(num_rows) if entry.get("swap_ab") else 64, block_n, block_k, num_warps, num_stages), \
+            num_splits, split_len
     tuned_range = "mid" if num_rows <= _MID_M else "large"
     if entry is not None and tuned_range in entry:   # [BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages]
         return tuple(entry[tuned_range]), num_splits, split_len
@@ -291,9 +323,10 @@ def _triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         return matmul_tma.launch(x, weight, bias, tuple(entry[tma_range]), num_splits, split_len)
     # Where the GPU's table says so (bench/fusion_ab.py timed both), small M sums its K ranges in a
     # second launch instead of inside the GEMM: the same additions in the same order.
-    two_launch = entry is not None and x.shape[0] <= _SMALL_M and entry.get("split_sum") == "two_launch"
+    small = entry is not None and x.shape[0] <= _SMALL_M
+    two_launch = small and entry.get("split_sum") == "two_launch"
     return launch(x, weight, bias, *plan(x.shape[0], weight.shape[0], x.shape[1], x.is_cuda, config),
-                  two_launch=two_launch)
+                  two_launch=two_launch, swap_ab=small and bool(entry.get("swap_ab")))
 
 
 def _triton_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -309,7 +342,8 @@ def _triton_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     tile = (block_m, max(16, block_n // 2), block_k, num_warps, num_stages)
     if isinstance(silu_tile, list):   # [BLOCK_N per half, BLOCK_K, num_warps, num_stages]
         tile = (64, *silu_tile)
-    return launch(x, weight, bias, tile, num_splits, split_len, silu_mul=True)
+    return launch(x, weight, bias, tile, num_splits, split_len, silu_mul=True,
+                  swap_ab=entry is not None and bool(entry.get("swap_ab")))
 
 
 def _reference_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -323,11 +357,12 @@ TILE_COUNTERS = TicketCounters("batch-invariant linear (split-K sums)", 1 << 16)
 
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            tile: tuple[int, int, int, int, int], num_splits: int, split_len: int,
-           two_launch: bool = False, silu_mul: bool = False) -> torch.Tensor:
+           two_launch: bool = False, silu_mul: bool = False, swap_ab: bool = False) -> torch.Tensor:
     """One product with an explicit tile (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) and
     K split; bench/tune_linear.py sweeps these. -> [M, N] in x.dtype. two_launch: small M sums the
     K ranges in a second kernel (the former path, the oracle of tests and bench; same bits).
-    silu_mul: weight (and bias) are [gate; up] with N = 2I rows -> silu(gate) * up: [M, I]."""
+    silu_mul: weight (and bias) are [gate; up] with N = 2I rows -> silu(gate) * up: [M, I].
+    swap_ab: the weight tile is the dot's wide operand (small M; see _range_sums), same bits."""
     if x.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError("x and weight must be contiguous in K")
     if silu_mul and (two_launch or weight.shape[0] % 2):
@@ -349,7 +384,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         x.stride(0), weight.stride(0), out.stride(0), partial.stride(-2), split_len, num_splits,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
         IS_FP32=x.dtype == torch.float32, WRITE_PARTIAL=write_partial, SUM_IN_KERNEL=not two_launch,
-        SILU_MUL=silu_mul, PDL=pdl, num_warps=num_warps, num_stages=num_stages,
+        SILU_MUL=silu_mul, SWAP_AB=swap_ab, PDL=pdl, num_warps=num_warps, num_stages=num_stages,
         launch_pdl=pdl)
     if write_partial and two_launch:
         block = 1024

@@ -28,6 +28,7 @@ which other requests share the launch or its tile.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -289,10 +290,25 @@ def _paged_attention_kernel(
         _store_rows(out_ptrs, run_sum, run_acc, row_mask)
 
 
-def _tile_shape(group: int) -> tuple[int, int, int]:
+@dataclass(frozen=True)
+class AttentionLaunch:
+    """How the kernel is launched. block_n and num_warps change a row's arithmetic (the online-softmax
+    step and the layout of its row sums), so the split and looped paths share them; the pipeline
+    depths do not (they only overlap loads with math). bench/tune_decode.py sweeps these."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    split_stages: int = 3   # flash-decoding programs (pure decode, long sequences)
+    loop_stages: int = 3    # every other launch (prefill chunks, mixed steps, short decodes)
+
+
+DEFAULT_LAUNCH = AttentionLaunch()
+
+
+def _tile_shape(group: int, block_n: int) -> tuple[int, int, int]:
     """(BLOCK_Q query tokens, BLOCK_M rows = BLOCK_Q * group padded, BLOCK_N keys) per program.
     Fixed per (group, mode), never per batch, so tiling never changes a row's arithmetic."""
-    target_rows, block_n = (16, 16) if _IS_INTERPRETING else (64, 64)
+    target_rows, block_n = (16, 16) if _IS_INTERPRETING else (64, block_n)
     block_q = max(1, target_rows // group)
     return block_q, max(16, triton.next_power_of_2(block_q * group)), block_n
 
@@ -302,14 +318,15 @@ TICKETS = TicketCounters("paged attention (split-KV merge)", 1024)
 
 
 def _triton(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
-            max_query_len, max_seq_len, out, query_lens_cpu, kv_split_tokens=KV_SPLIT_TOKENS):
+            max_query_len, max_seq_len, out, query_lens_cpu, kv_split_tokens=KV_SPLIT_TOKENS,
+            launch: AttentionLaunch = DEFAULT_LAUNCH):
     num_tokens, num_q_heads, head_dim = query.shape
     num_kv_heads, num_reqs = k_cache.shape[2], query_start_loc.shape[0] - 1
     _zero_padding_rows(out, query_lens_cpu)
     if num_tokens == 0 or num_reqs == 0:
         return out
     group = num_q_heads // num_kv_heads
-    block_q, block_m, block_n = _tile_shape(group)
+    block_q, block_m, block_n = _tile_shape(group, launch.block_n)
     if kv_split_tokens % block_n:
         raise ValueError(f"kv_split_tokens {kv_split_tokens} must be a multiple of {block_n}")
     dim_padded = max(16, triton.next_power_of_2(head_dim))
@@ -333,7 +350,8 @@ def _triton(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, sc
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, DIM_PADDED=dim_padded,
         BLOCK_SIZE=k_cache.shape[1], SPLIT_TOKENS=kv_split_tokens, IS_SPLIT=is_split,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        PDL=(pdl := dependent_launch.enabled(query)), launch_pdl=pdl)
+        PDL=(pdl := dependent_launch.enabled(query)), launch_pdl=pdl, num_warps=launch.num_warps,
+        num_stages=launch.split_stages if is_split else launch.loop_stages)
     return out
 
 

@@ -131,3 +131,36 @@ def test_fused_silu_mul_rows_equal_alone_inside_64_and_300():
     for row in (0, 7, 63):
         alone = kernels.batch_invariant_linear_silu_mul(x[row:row + 1], weight)
         assert torch.equal(batched[64][row:row + 1], alone) and torch.equal(batched[300][row:row + 1], alone), row
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows,cols,depth,num_splits,split_len", SPLIT_CASES[:4] + [(33, 40, 600, 2, 512)])
+def test_swapped_small_m_product_equals_the_plain_one(rows, cols, depth, num_splits, split_len, dtype):
+    """swap_ab computes w @ x^T with x's rows as the dot's narrow side (BLOCK_M 16 / 32 / 64 by M)
+    and transposes: the same K ranges, the same products in the same order as the plain tile, with
+    and without bias, the in-kernel and two-launch sums, and the fused SiLU (bench/tune_decode.py
+    checks the bits on the GPU, where the tensor cores compute them)."""
+    gen = torch.Generator().manual_seed(rows * depth + cols)
+    x, weight = torch.randn(rows, depth, generator=gen).to(dtype), torch.randn(cols, depth, generator=gen).to(dtype)
+    bias = torch.randn(cols, generator=gen).to(dtype)
+    plain_tile, swapped_tile = (64, 32, 64, 4, 2), (matmul_module.swap_rows(rows), 32, 64, 4, 2)
+    for b in (None, bias):
+        plain = matmul_module.launch(x, weight, b, plain_tile, num_splits, split_len)
+        for two_launch in (False, True):
+            got = matmul_module.launch(x, weight, b, swapped_tile, num_splits, split_len, two_launch=two_launch,
+                                       swap_ab=True)
+            assert got.shape == plain.shape
+            torch.testing.assert_close(got, plain, rtol=1e-6, atol=1e-6)
+    expected = x.double() @ weight.double().T + bias.double()
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(got.double(), expected, **tol)
+    if cols % 2 == 0:   # a [gate; up] weight
+        silu = matmul_module.launch(x, weight, bias, swapped_tile, num_splits, split_len, silu_mul=True,
+                                    swap_ab=True)
+        torch.testing.assert_close(silu, kernels.silu_and_mul(plain), rtol=1e-6, atol=1e-6)
+    counters = matmul_module.TILE_COUNTERS.buffers.get(x.device)
+    assert counters is None or not counters.any()
+
+
+def test_swap_rows_is_the_narrow_side_of_the_dot():
+    assert [matmul_module.swap_rows(m) for m in (1, 16, 17, 32, 33, 64)] == [16, 16, 32, 32, 64, 64]
