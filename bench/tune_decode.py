@@ -5,6 +5,7 @@ their weights / KV come from HBM, not from L2 as in a loop over one weight (benc
              K split, the in-kernel or two-launch split sum, and the swapped product (weight as the
              tensor core's 64-row operand); every winner checked bit for bit against the large-M
              kernel (pointer and TMA) with the same K split. Each call reads its own weight copy.
+  silu       gate_up + SiLU in one launch (plain and swapped tiles) against the product then the activation
   attention  paged attention's launch (kernels/paged_attention.AttentionLaunch) and KV segment:
              decode at batch 1 (W2), 64 and 256 (W1), and a prefill chunk (looped path); split and
              looped paths checked bit-equal for every (segment, BLOCK_N, num_warps).
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+import kernels
 from kernels import matmul, matmul_tma
 from tune_linear import BANDWIDTH_TB_S, SHAPES, graph_us, splits_for
 
@@ -95,7 +97,7 @@ def invariant(config: LinearConfig, n: int, k: int, x: torch.Tensor, w: torch.Te
     """Rows at M = 1 and 64 equal the same rows of the large-M pointer kernel and, where the shape's
     TMA tile divides the split, of the TMA kernel at M = 256 (the mid path), same K split."""
     big = matmul.launch(x, w, None, (128, 256, 64, 8, 3), config.num_splits, config.split_len)
-    same = torch.equal(config.run(x[:64], w), big[:64]) and torch.equal(config.run(x[:1], w), big[:1])
+    same = all(torch.equal(config.run(x[:m], w), big[:m]) for m in (1, 20, 64))
     entry = matmul.tuned_entry(n, k) or {}
     tma = entry.get("mid_tma")
     if tma and config.split_len % tma[2] == 0 and matmul_tma.supports(x, w):
@@ -180,34 +182,74 @@ def attention_batch(batch: int, seq_len: int, q_len: int, seed: int) -> dict:
             "max_seq_len": seq_len, "query_lens_cpu": [q_len] * batch}
 
 
-def run_attention(batch: dict, launch: attention.AttentionLaunch, kv_split: int, force_loop: bool = False):
+def run_attention(batch: dict, launch, force_loop: bool = False):
     out = torch.empty_like(batch["query"])
     return attention._triton(batch["query"], batch["k_cache"], batch["v_cache"], batch["query_start_loc"],
                              batch["seq_lens"], batch["block_tables"], HEAD_DIM ** -0.5,
                              2 if force_loop else batch["max_query_len"], batch["max_seq_len"], out,
-                             batch["query_lens_cpu"], kv_split_tokens=kv_split, launch=launch)
+                             batch["query_lens_cpu"], launch=launch)
 
 
-def attention_configs() -> list[tuple[int, attention.AttentionLaunch]]:
+def attention_configs() -> list:
     configs = []
-    for kv_split, block_n, warps, stages in itertools.product((128, 256), (32, 64, 128), (4, 8), (2, 3, 4)):
+    for kv_split, block_n, warps, stages in itertools.product((128, 256), (32, 64), (4,), (2, 3)):
         if kv_split % block_n == 0:
-            configs.append((kv_split, attention.AttentionLaunch(block_n, warps, stages, stages)))
+            configs.append(attention.AttentionLaunch(kv_split, block_n, warps, stages, stages))
     return configs
 
 
 def tune_attention() -> dict:
+    """Each config: the split path (decodes) and the looped path (every case) timed; split == loop."""
     batches = {name: attention_batch(*shape, seed=i) for i, (name, shape) in enumerate(CASES.items())}
     rows = []
-    for kv_split, launch in attention_configs():
-        us = {name: graph_us(lambda b=b: run_attention(b, launch, kv_split), 10) for name, b in batches.items()}
-        same = all(torch.equal(run_attention(batches[n], launch, kv_split),
-                               run_attention(batches[n], launch, kv_split, force_loop=True))
+    for launch in attention_configs():
+        us = {name: graph_us(lambda b=b: run_attention(b, launch), 10) for name, b in batches.items()}
+        loop_us = {name: graph_us(lambda b=b: run_attention(b, launch, force_loop=True), 10)
+                   for name, b in batches.items() if name.startswith("decode")}
+        same = all(torch.equal(run_attention(batches[n], launch), run_attention(batches[n], launch, force_loop=True))
                    for n in ("decode b64 s450", "decode b1 s530"))
-        rows.append({"kv_split": kv_split, "launch": launch.__dict__, "us": us, "split_equals_loop": same})
-        print(f"   split {kv_split} {launch}: " + ", ".join(f"{n} {v:.1f}" for n, v in us.items())
+        rows.append({"launch": launch.__dict__, "us": us, "loop_us": loop_us, "split_equals_loop": same})
+        print(f"   {launch}: " + ", ".join(f"{n} {v:.1f}" for n, v in us.items())
+              + "; looped: " + ", ".join(f"{n} {v:.1f}" for n, v in loop_us.items())
               + f" us; split == loop: {same}", flush=True)
     return {"rows": rows}
+
+
+def tune_silu() -> dict:
+    """gate_up + SiLU-and-mul at M = 1 / 64, cold: the product then the activation (today's path)
+    against one launch (kernels.matmul's SILU_MUL), plain and swapped tiles; bits checked."""
+    n, k = SHAPES["3b"]["gate_up"]
+    x, weights = linear_inputs(n, k, seed=5)
+    unfused = {m: cold_us(lambda w, m=m: kernels.batch_invariant_linear_silu_mul(x[:m], w), weights) for m in (1, 64)}
+    rows = [{"config": "today", "us_1": unfused[1], "us_64": unfused[64], "same": True}]
+    for config in silu_configs(k):
+        def run(w, m, config=config):
+            tile = (matmul.swap_rows(m) if config.swap_ab else 64, *config.tile(m)[1:])
+            return matmul.launch(x[:m], w, None, tile, config.num_splits, config.split_len, silu_mul=True,
+                                 swap_ab=config.swap_ab)
+        try:
+            us = {m: cold_us(lambda w, m=m: run(w, m), weights) for m in (1, 64)}
+        except Exception as exc:
+            print("skip", config, type(exc).__name__, flush=True)
+            continue
+        want = kernels.silu_and_mul(matmul.launch(x[:64], weights[0], None, (64, 64, 64, 4, 4), config.num_splits,
+                                                  config.split_len))
+        same = torch.equal(run(weights[0], 64), want)
+        rows.append({"config": config.__dict__, "us_1": us[1], "us_64": us[64], "same": same})
+    rows.sort(key=lambda r: r["us_1"])
+    for row in rows[:8]:
+        print(f"   silu {row['config']}: {row['us_1']:.1f} / {row['us_64']:.1f} us, same bits: {row['same']}", flush=True)
+    return {"rows": rows}
+
+
+def silu_configs(k: int) -> list[LinearConfig]:
+    configs = []
+    for swap, block_n, block_k, stages, wanted in itertools.product((False, True), (32, 64), (64, 128), (3, 4, 6), (1, 2)):
+        if swap != (block_n == 64):
+            continue
+        num_splits, split_len = splits_for(k, wanted)
+        configs.append(LinearConfig(block_n, block_k, stages, num_splits, split_len, swap))
+    return configs
 
 
 # --- compile in parallel --------------------------------------------------------------------------
@@ -218,7 +260,10 @@ def compile_jobs(parts: list[str]) -> list[tuple]:
         for name, (n, k) in SHAPES["3b"].items():
             jobs += [("linear", n, k, config) for config in linear_configs(n, k)]
     if "attention" in parts:
-        jobs += [("attention", kv_split, launch) for kv_split, launch in attention_configs()]
+        jobs += [("attention", launch) for launch in attention_configs()]
+    if "silu" in parts:
+        n, k = SHAPES["3b"]["gate_up"]
+        jobs += [("silu", n, k, config) for config in silu_configs(k)]
     return jobs
 
 
@@ -237,10 +282,17 @@ def compile_share(parts: list[str], worker: int, workers: int) -> None:
                 x, w = small[(n, k)]
                 config.run(x[:1], w)
                 config.run(x, w)
+            elif job[0] == "silu":
+                _, n, k, config = job
+                x, w = torch.randn(64, k, device="cuda").to(torch.bfloat16), torch.randn(n, k, device="cuda").to(torch.bfloat16)
+                for m in (1, 64):
+                    tile = (matmul.swap_rows(m) if config.swap_ab else 64, *config.tile(m)[1:])
+                    matmul.launch(x[:m], w, None, tile, config.num_splits, config.split_len, silu_mul=True,
+                                  swap_ab=config.swap_ab)
             else:
-                _, kv_split, launch = job
+                _, launch = job
                 for shape in ((1, 530, 1), (2, 100, 100)):
-                    run_attention(attention_batch(*shape, seed=0), launch, kv_split)
+                    run_attention(attention_batch(*shape, seed=0), launch)
         except Exception as exc:
             print("compile skip", job[:1], type(exc).__name__, flush=True)
     torch.cuda.synchronize()
@@ -273,6 +325,8 @@ def main() -> None:
             write_linear_table(result["linear"])
     if "attention" in parts:
         result["attention"] = tune_attention()
+    if "silu" in parts:
+        result["silu"] = tune_silu()
     out = os.environ.get("OUT", "bench/results")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "tune_decode.json"), "w") as f:

@@ -27,8 +27,11 @@ which other requests share the launch or its tile.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import triton
@@ -292,17 +295,32 @@ def _paged_attention_kernel(
 
 @dataclass(frozen=True)
 class AttentionLaunch:
-    """How the kernel is launched. block_n and num_warps change a row's arithmetic (the online-softmax
-    step and the layout of its row sums), so the split and looped paths share them; the pipeline
-    depths do not (they only overlap loads with math). bench/tune_decode.py sweeps these."""
+    """How the kernel is launched. kv_split (the segment, see KV_SPLIT_TOKENS), block_n and num_warps
+    change a row's arithmetic (segment bounds, the online-softmax step, the layout of its row sums),
+    so the split and looped paths share them; the rest only picks between two equal computations
+    (split_below: pure-decode launches with fewer than this many (request, KV head) pairs run the
+    segments in parallel; larger batches fill the GPU with the looped path) or overlaps loads with
+    math (pipeline depths). bench/tune_decode.py sweeps these; kernels/attention_launch.json holds
+    each GPU model's choice."""
 
+    kv_split: int = KV_SPLIT_TOKENS
     block_n: int = 64
     num_warps: int = 4
     split_stages: int = 3   # flash-decoding programs (pure decode, long sequences)
     loop_stages: int = 3    # every other launch (prefill chunks, mixed steps, short decodes)
+    split_below: int = 1 << 30
 
 
 DEFAULT_LAUNCH = AttentionLaunch()
+_TUNED_PATH = Path(__file__).with_name("attention_launch.json")
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_launch(device_name: str) -> AttentionLaunch:
+    """The GPU model's launch from kernels/attention_launch.json, else DEFAULT_LAUNCH."""
+    table = json.loads(_TUNED_PATH.read_text()) if _TUNED_PATH.exists() else {}
+    entry = table.get(device_name)
+    return AttentionLaunch(**entry) if entry else DEFAULT_LAUNCH
 
 
 def _tile_shape(group: int, block_n: int) -> tuple[int, int, int]:
@@ -318,20 +336,23 @@ TICKETS = TicketCounters("paged attention (split-KV merge)", 1024)
 
 
 def _triton(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
-            max_query_len, max_seq_len, out, query_lens_cpu, kv_split_tokens=KV_SPLIT_TOKENS,
-            launch: AttentionLaunch = DEFAULT_LAUNCH):
+            max_query_len, max_seq_len, out, query_lens_cpu, kv_split_tokens: int | None = None,
+            launch: AttentionLaunch | None = None):
     num_tokens, num_q_heads, head_dim = query.shape
     num_kv_heads, num_reqs = k_cache.shape[2], query_start_loc.shape[0] - 1
     _zero_padding_rows(out, query_lens_cpu)
     if num_tokens == 0 or num_reqs == 0:
         return out
     group = num_q_heads // num_kv_heads
+    if launch is None:
+        launch = tuned_launch(torch.cuda.get_device_name(query.device)) if query.is_cuda else DEFAULT_LAUNCH
+    kv_split_tokens = kv_split_tokens or launch.kv_split
     block_q, block_m, block_n = _tile_shape(group, launch.block_n)
     if kv_split_tokens % block_n:
         raise ValueError(f"kv_split_tokens {kv_split_tokens} must be a multiple of {block_n}")
     dim_padded = max(16, triton.next_power_of_2(head_dim))
     # Pure-decode batches with long sequences: one program per segment (flash-decoding), merged in-kernel.
-    is_split = max_query_len == 1 and max_seq_len > kv_split_tokens
+    is_split = max_query_len == 1 and max_seq_len > kv_split_tokens and num_reqs * num_kv_heads < launch.split_below
     num_segments = triton.cdiv(max_seq_len, kv_split_tokens) if is_split else 1
     partial_rows = (num_tokens, num_q_heads, num_segments) if is_split else (1, 1, 1)
     partial_acc = query.new_empty((*partial_rows, dim_padded), dtype=torch.float32)
