@@ -55,3 +55,17 @@ def test_rejects_head_counts_that_do_not_group():
 
 def test_triton_kernel_in_interpreter(run_interpreted_cases):
     run_interpreted_cases("paged_attention_cases.py")
+
+
+def test_tuned_launch_reads_the_gpu_models_entry(tmp_path, monkeypatch):
+    table = tmp_path / "attention_launch.json"
+    table.write_text('{"GPU A": {"kv_split": 128, "split_stages": 2, "split_below": 64}}')
+    monkeypatch.setattr(paged_attention_module, "_TUNED_PATH", table)
+    paged_attention_module.tuned_launch.cache_clear()
+    try:
+        launch = paged_attention_module.tuned_launch("GPU A")
+        assert (launch.kv_split, launch.split_stages, launch.split_below) == (128, 2, 64)
+        assert launch.block_n == paged_attention_module.DEFAULT_LAUNCH.block_n
+        assert paged_attention_module.tuned_launch("GPU B") == paged_attention_module.DEFAULT_LAUNCH
+    finally:
+        paged_attention_module.tuned_launch.cache_clear()

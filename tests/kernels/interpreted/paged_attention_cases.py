@@ -137,3 +137,25 @@ def test_each_active_segment_takes_one_ticket_on_its_own_counter():
 def test_long_decode_uses_default_split():
     batch = make_batch([1], [paged_attention_module.KV_SPLIT_TOKENS + 37], 2, 1, 16, 16)
     torch.testing.assert_close(_triton(batch), _reference(batch), rtol=1e-5, atol=1e-5)
+
+
+def test_split_below_sends_large_decode_batches_down_the_looped_path():
+    """AttentionLaunch.split_below: a pure-decode launch with at least that many (request, KV head)
+    pairs runs the looped path (no ticket drawn: an offset counter stays as it is) with the same bits
+    as the split path; below it the split path runs (the counter advances)."""
+    decodes = decode_batch(make_batch(*STRADDLE, 4, 2, 32, 8), STRADDLE_DECODES)
+    pairs = len(STRADDLE_DECODES) * 2
+    expected = _triton(decodes, kv_split_tokens=SPLIT)
+    counter = STRADDLE_DECODES.index(6) * 2 + 1            # token of 50 keys: 4 segments, kv head 1
+    tickets = paged_attention_module.TICKETS.buffers[torch.device("cpu")]
+    for split_below, advance in ((pairs, 0), (pairs + 1, 4)):
+        launch = paged_attention_module.AttentionLaunch(kv_split=SPLIT, split_below=split_below)
+        tickets[counter] = -100
+        try:
+            got = _triton(decodes, launch=launch)
+            assert tickets[counter] == -100 + advance, split_below
+        finally:
+            tickets[counter] = 0
+        if advance == 0:
+            assert torch.equal(got, expected)
+    _assert_tickets_clean()
