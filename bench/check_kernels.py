@@ -122,6 +122,20 @@ def check_rms_norm(num_tokens=2048):
     return f"rms_norm + fused_add T={num_tokens}", error, ms, float("nan")
 
 
+def check_linear_add_norm():
+    """o_proj + residual add + RMSNorm (kernels/linear_norm.py) at the 3B shape: the fused small-M
+    launch equals the product then the norm kernel bit for bit, rows equal alone and at M = 300."""
+    x = torch.randn(300, HIDDEN, device=DEVICE, dtype=torch.bfloat16)
+    weight = torch.randn(HIDDEN, HIDDEN, device=DEVICE, dtype=torch.bfloat16) * HIDDEN ** -0.5
+    residual = torch.randn(300, HIDDEN, device=DEVICE, dtype=torch.bfloat16)
+    norm_weight = torch.randn(HIDDEN, device=DEVICE, dtype=torch.bfloat16) + 1
+    fused = lambda m: kernels.batch_invariant_linear_add_rms_norm(x[:m], weight, None, residual[:m], norm_weight, 1e-6)
+    want = kernels.fused_add_rms_norm(kernels.batch_invariant_linear(x, weight), residual, norm_weight, 1e-6)
+    same = all(torch.equal(fused(m)[i], want[i][:m]) for m in (1, 5, 20, 64, 300) for i in (0, 1))
+    ms = triton.testing.do_bench(lambda: fused(1))
+    return "linear + add + rms_norm fused, bitwise", 0.0 if same else math.inf, ms, float("nan")
+
+
 def check_rotary(mrope_section, num_tokens=2048, interleaved=False):
     query = torch.randn(num_tokens, NUM_Q_HEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
     key = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
@@ -246,6 +260,7 @@ def all_checks():
     yield check_attention("mixed: 1024 chunk + 63 decodes", [1024] + [1] * 63, [1500] + [rng.randint(16, 4096) for _ in range(63)])
     yield check_batch_invariance()
     yield check_rms_norm()
+    yield check_linear_add_norm()
     yield check_rotary(None)
     yield check_rotary(MROPE_SECTION)
     yield check_rotary([24, 20, 20], interleaved=True)   # Qwen3-VL

@@ -16,6 +16,7 @@ import torch
 
 from kernels import activation as _activation
 from kernels import grammar_mask as _grammar_mask
+from kernels import linear_norm as _linear_norm
 from kernels import matmul as _matmul
 from kernels import paged_attention as _paged_attention
 from kernels import rmsnorm as _rmsnorm
@@ -23,7 +24,8 @@ from kernels import rotary as _rotary
 from kernels import store_kv as _store_kv
 
 __all__ = [
-    "apply_rotary", "apply_token_bitmask_inplace", "batch_invariant_linear", "batch_invariant_linear_silu_mul",
+    "apply_rotary", "apply_token_bitmask_inplace", "batch_invariant_linear", "batch_invariant_linear_add_rms_norm",
+    "batch_invariant_linear_silu_mul",
     "fused_add_rms_norm", "paged_attention", "rms_norm", "rotary_store_kv", "silu_and_mul", "store_kv",
     "uses_triton",
 ]
@@ -153,6 +155,18 @@ def batch_invariant_linear_silu_mul(x: torch.Tensor, weight_gate_up: torch.Tenso
     if uses_triton(x):
         return _matmul._triton_silu_mul(x, weight_gate_up, bias)
     return _matmul._reference_silu_mul(x, weight_gate_up, bias)
+
+
+def batch_invariant_linear_add_rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
+    norm_weight: torch.Tensor, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: [num_tokens, in], weight: [out, in], residual: [num_tokens, out] -> fused_add_rms_norm(
+    batch_invariant_linear(x, weight, bias), residual, norm_weight, eps) bit for bit: (normed,
+    new residual), in fewer launches at small M (kernels/linear_norm.py). CPU: the references."""
+    if uses_triton(x):
+        return _linear_norm._triton(x, weight, bias, residual, norm_weight, eps)
+    return _linear_norm._reference(x, weight, bias, residual, norm_weight, eps)
 
 
 def apply_token_bitmask_inplace(

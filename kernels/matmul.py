@@ -363,32 +363,47 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     K ranges in a second kernel (the former path, the oracle of tests and bench; same bits).
     silu_mul: weight (and bias) are [gate; up] with N = 2I rows -> silu(gate) * up: [M, I].
     swap_ab: the weight tile is the dot's wide operand (small M; see _range_sums), same bits."""
-    if x.stride(-1) != 1 or weight.stride(-1) != 1:
-        raise ValueError("x and weight must be contiguous in K")
     if silu_mul and (two_launch or weight.shape[0] % 2):
         raise ValueError("silu_mul needs an even number of weight rows ([gate; up]) and the in-kernel sum")
+    out, partial = _launch_product(x, weight, bias, tile, num_splits, split_len, not two_launch, silu_mul, swap_ab)
+    if partial is not None:
+        num_rows, num_cols = out.shape
+        block = 1024
+        _sum_partials_kernel[(triton.cdiv(num_rows * num_cols, block),)](
+            partial, bias if bias is not None else weight, out, num_rows, num_cols, out.stride(0), num_splits,
+            HAS_BIAS=bias is not None, BLOCK=block, PDL=(pdl := dependent_launch.enabled(x)), launch_pdl=pdl)
+    return out
+
+
+def launch_unsummed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    tile: tuple[int, int, int, int, int], num_splits: int, split_len: int,
+                    swap_ab: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """launch's product with its K ranges left unsummed where small M has several: -> (out [M, N]
+    unwritten, partial [S, M, N] fp32), for a second launch that adds them as _sum_partials_kernel
+    does (kernels/linear_norm.py); otherwise (out [M, N] = the product, None)."""
+    return _launch_product(x, weight, bias, tile, num_splits, split_len, False, False, swap_ab)
+
+
+def _launch_product(x, weight, bias, tile, num_splits, split_len, sum_in_kernel, silu_mul, swap_ab):
+    if x.stride(-1) != 1 or weight.stride(-1) != 1:
+        raise ValueError("x and weight must be contiguous in K")
     num_rows, num_cols = x.shape[0], weight.shape[0] // (2 if silu_mul else 1)
     out = x.new_empty((num_rows, num_cols))
+    write_partial = num_splits > 1 and num_rows <= _SMALL_M
     if num_rows == 0:
-        return out
+        return out, None
     block_m, block_n, block_k, num_warps, num_stages = tile
     num_stages = fit_num_stages(block_m, block_n * (2 if silu_mul else 1), num_stages, x.element_size(), block_k)
-    write_partial = num_splits > 1 and num_rows <= _SMALL_M
     num_tiles = triton.cdiv(num_rows, block_m) * triton.cdiv(num_cols, block_n)
     partial = (torch.empty((num_splits, num_rows, weight.shape[0]), dtype=torch.float32, device=x.device)
                if write_partial else out)                                          # [S, M, N or 2I] fp32
-    counters = TILE_COUNTERS.get(x.device, num_tiles) if write_partial and not two_launch else partial
+    counters = TILE_COUNTERS.get(x.device, num_tiles) if write_partial and sum_in_kernel else partial
     pdl = dependent_launch.enabled(x)
     _linear_kernel[(num_tiles, num_splits if write_partial else 1)](
         x, weight, bias if bias is not None else weight, out, partial, counters, num_rows, num_cols, x.shape[1],
         x.stride(0), weight.stride(0), out.stride(0), partial.stride(-2), split_len, num_splits,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-        IS_FP32=x.dtype == torch.float32, WRITE_PARTIAL=write_partial, SUM_IN_KERNEL=not two_launch,
+        IS_FP32=x.dtype == torch.float32, WRITE_PARTIAL=write_partial, SUM_IN_KERNEL=sum_in_kernel,
         SILU_MUL=silu_mul, SWAP_AB=swap_ab, PDL=pdl, num_warps=num_warps, num_stages=num_stages,
         launch_pdl=pdl)
-    if write_partial and two_launch:
-        block = 1024
-        _sum_partials_kernel[(triton.cdiv(num_rows * num_cols, block),)](
-            partial, bias if bias is not None else weight, out, num_rows, num_cols, out.stride(0), num_splits,
-            HAS_BIAS=bias is not None, BLOCK=block, PDL=pdl, launch_pdl=pdl)
-    return out
+    return out, (partial if write_partial and not sum_in_kernel else None)

@@ -36,19 +36,32 @@ def _rms_norm_kernel(
     # One program per token row.
     wait_previous_kernel(PDL)
     row = tl.program_id(0).to(tl.int64)
+    norm_row(x_ptr + row * stride_x, residual_ptr + row * stride_r, weight_ptr, out_ptr + row * stride_o,
+             residual_out_ptr + row * stride_ro, hidden, eps, HAS_RESIDUAL, BLOCK)
+
+
+@triton.jit
+def norm_row(x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr, hidden, eps,
+             HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    """One row (pointers at its first element): the add, the norm and their roundings. Shared with
+    kernels/linear_norm.py, whose fused launch must give these bits (same code, same [BLOCK] layout:
+    it too loads the row from memory in the input dtype, with num_warps 4)."""
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    x = tl.load(x_ptr + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
-        residual = tl.load(residual_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        residual = tl.load(residual_ptr + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + residual.to(tl.float32)).to(x_ptr.dtype.element_ty)   # add in input dtype
-        tl.store(residual_out_ptr + row * stride_ro + cols, x, mask=mask)
+        tl.store(residual_out_ptr + cols, x, mask=mask)
     x32 = x.to(tl.float32)
     variance = tl.sum(x32 * x32, axis=0) / hidden
     normed = (x32 * (1.0 / tl.sqrt(variance + eps))).to(x_ptr.dtype.element_ty)
     weight = tl.load(weight_ptr + cols, mask=mask, other=0.0)
     out = normed.to(tl.float32) * weight.to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+NUM_WARPS = 4   # fixed: the row sum's layout (its order of additions) follows it
 
 
 def _launch(x, residual, weight, eps):
@@ -63,7 +76,7 @@ def _launch(x, residual, weight, eps):
             x, residual_in, weight, out, residual_out, hidden, eps,
             x.stride(0), residual_in.stride(0), out.stride(0), residual_out.stride(0),
             HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden),
-            PDL=(pdl := dependent_launch.enabled(x)), launch_pdl=pdl)
+            PDL=(pdl := dependent_launch.enabled(x)), launch_pdl=pdl, num_warps=NUM_WARPS)
     return out, residual_out
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import kernels
-from engine.layers.linear import default_weight_loader
+from engine.layers.linear import RowParallelLinear, default_weight_loader
 
 
 class RMSNorm(nn.Module):
@@ -22,3 +22,12 @@ class RMSNorm(nn.Module):
         if residual is None:
             return kernels.rms_norm(x, self.weight, self.eps)
         return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+    def of_projection(self, projection: RowParallelLinear, x: torch.Tensor, residual: torch.Tensor):
+        """self(projection(x), residual): x [T, in] -> (normed [T, H], new residual [T, H]).
+        Deterministic mode on one rank: kernels.batch_invariant_linear_add_rms_norm (the same bits;
+        at small M the product's K-range sum also adds and normalises, one launch fewer)."""
+        if projection.batch_invariant and projection.parallel.tp_size == 1:
+            return kernels.batch_invariant_linear_add_rms_norm(x, projection.weight, projection.bias, residual,
+                                                               self.weight, self.eps)
+        return self(projection(x), residual)

@@ -51,9 +51,14 @@ class Qwen2Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, attn_metadata: AttentionMetadata,
                 kv_cache: KVCache) -> torch.Tensor:
+        return self.o_proj(self.attend(positions, hidden, attn_metadata, kv_cache))   # [T, H]
+
+    def attend(self, positions: torch.Tensor, hidden: torch.Tensor, attn_metadata: AttentionMetadata,
+               kv_cache: KVCache) -> torch.Tensor:
+        """Everything before the output projection: [T, H] -> [T, Hq*D] (the layer fuses o_proj
+        with the norm after it)."""
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))           # [T, Hq*D], [T, Hkv*D] x2, unrotated
-        out = self.attn(q, k, v, attn_metadata, kv_cache, positions)   # [T, Hq*D]
-        return self.o_proj(out)                                        # [T, H]
+        return self.attn(q, k, v, attn_metadata, kv_cache, positions)  # [T, Hq*D]
 
 
 class Qwen2MLP(nn.Module):
@@ -85,8 +90,8 @@ class Qwen2DecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, attn_metadata, kv_cache)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        out = self.self_attn.attend(positions, hidden, attn_metadata, kv_cache)          # [T, Hq*D]
+        hidden, residual = self.post_attention_layernorm.of_projection(self.self_attn.o_proj, out, residual)
         return self.mlp(hidden), residual
 
 

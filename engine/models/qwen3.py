@@ -48,13 +48,17 @@ class Qwen3Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, attn_metadata: AttentionMetadata,
                 kv_cache: KVCache) -> torch.Tensor:
+        return self.o_proj(self.attend(positions, hidden, attn_metadata, kv_cache))   # [T, H]
+
+    def attend(self, positions: torch.Tensor, hidden: torch.Tensor, attn_metadata: AttentionMetadata,
+               kv_cache: KVCache) -> torch.Tensor:
+        """Everything before the output projection: [T, H] -> [T, Hq*D]."""
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))                   # [T, Hq*D], [T, Hkv*D] x2
         # QK-norm per head here, then the rotary inside attn (fused with the K/V-cache write): HF's order.
         q = self.q_norm(q.reshape(-1, self.head_dim)).view(num_tokens, -1)     # [T, Hq*D]
         k = self.k_norm(k.reshape(-1, self.head_dim)).view(num_tokens, -1)     # [T, Hkv*D]
-        out = self.attn(q, k, v, attn_metadata, kv_cache, positions)           # [T, Hq*D]
-        return self.o_proj(out)                                                # [T, H]
+        return self.attn(q, k, v, attn_metadata, kv_cache, positions)          # [T, Hq*D]
 
 
 class Qwen3DecoderLayer(Qwen2DecoderLayer):
