@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Closing device call (carry build/h11wheels build/w4wheels build/tools): bench/gpu_serving_call.sh's
+# PARTS (default check,w4,det,nondet), then W2 with a second attention launch ($ALT_LAUNCH, a JSON
+# AttentionLaunch written to kernels/attention_launch.json for that run only), then the transformers
+# baselines (bench/run_all.py --parts hf), last because the call may run out of time there.
+set -uo pipefail
+PARTS=${PARTS:-check,w4,det,nondet} bash bench/gpu_serving_call.sh
+export PYTHONPATH=$(pwd):/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+OUT=${OUT:-/tmp/out}
+if [[ -n ${ALT_LAUNCH:-} ]]; then
+  cp kernels/attention_launch.json /tmp/attention_launch.json
+  python3 -c "import json, sys, torch; json.dump({torch.cuda.get_device_name(): json.loads(sys.argv[1])}, open('kernels/attention_launch.json', 'w'))" "$ALT_LAUNCH"
+  timeout 70 python3 bench/w2_latency.py --no-hf --runs 3 > "$OUT/w2_alt.log" 2>&1
+  echo "W2 with $ALT_LAUNCH: $(grep -E 'engine ms/token' "$OUT/w2_alt.log")"
+  cp /tmp/attention_launch.json kernels/attention_launch.json
+fi
+if [[ ${HF:-1} == 1 ]]; then
+  timeout 90 python3 bench/run_all.py --parts hf > "$OUT/hf.log" 2>&1; grep -v -i warn "$OUT/hf.log" | tail -4
+fi
