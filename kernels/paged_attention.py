@@ -301,7 +301,7 @@ class AttentionLaunch:
     (split_below: pure-decode launches with fewer than this many (request, KV head) pairs run the
     segments in parallel; larger batches fill the GPU with the looped path) or overlaps loads with
     math (pipeline depths). bench/tune_decode.py sweeps these; kernels/attention_launch.json holds
-    each GPU model's choice."""
+    each GPU model's choice, picked from that sweep and an engine A/B (BENCHMARKS.md, seventh session)."""
 
     kv_split: int = KV_SPLIT_TOKENS
     block_n: int = 64
