@@ -1,14 +1,9 @@
 #!/usr/bin/env bash
-# One device call: bench/check_kernels.py (CHECK=0 skips), bench/tune_decode.py parts ($TUNE_PARTS, default attention,silu), then W2 and W1 (median of
+# One device call: bench/check_kernels.py (CHECK=0 skips), bench/tune_decode.py parts ($TUNE_PARTS,
+# default attention,silu), then W2 and W1 (median of
 # $W1_RUNS) for each attention launch in $LAUNCHES (';'-separated JSON objects written to
 # kernels/attention_launch.json for the device, "-" = no table). Carry build/h11wheels.
-set -uo pipefail
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site build/h11wheels/*.whl
-export PYTHONPATH=$(pwd):/tmp/site
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-start=$(date +%s)
-stamp() { echo "[$1 done at $(( $(date +%s) - start )) s]"; }
+source bench/gpu_env.sh
 if [[ ${CHECK:-1} == 1 ]]; then
   timeout 150 python3 bench/check_kernels.py > "$OUT/check_kernels.log" 2>&1; echo "check_kernels rc=$?"
   grep -E "FAIL|linear|failure" "$OUT/check_kernels.log" | tail -6; stamp check

@@ -4,13 +4,7 @@
 # every Triton kernel against its torch reference at real sizes (bench/check_kernels.py), row
 # invariance (bench/check_determinism.py: linear across M, in-kernel split sums vs two launches, fused SiLU, engine), float32 VL parity against transformers
 # on the GPU (bench/check_vl_gpu.py), then the W2 kernel profile (deterministic).
-set -uo pipefail
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site build/h11wheels/*.whl
-export PYTHONPATH=$(pwd):/tmp/site
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-start=$(date +%s)
-stamp() { echo "[$1 done at $(( $(date +%s) - start )) s]"; }
+source bench/gpu_env.sh
 if [[ ${TUNE_MID:-1} == 1 ]]; then
   timeout 150 python3 bench/tune_linear.py --range mid --write-table > "$OUT/tune_mid.log" 2>&1; echo "tune rc=$?"
   grep -E "==|invariant" "$OUT/tune_mid.log" | head -30; cp kernels/linear_tiles.json "$OUT/"; stamp tune

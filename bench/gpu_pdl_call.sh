@@ -3,13 +3,8 @@
 # every Triton kernel against its reference plus the PDL decode chain in a graph (bench/check_kernels.py),
 # row invariance over graph replays (bench/check_determinism.py), float32 VL parity (bench/check_vl_gpu.py),
 # then W2 for each setting in W2_SETTINGS (env assignments; "-" = defaults) and W1 (median of W1_RUNS).
-set -uo pipefail
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site build/h11wheels/*.whl
-export PYTHONPATH=$(pwd):/tmp/site
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; PARTS=",${PARTS:-check,w2,w1},"
-start=$(date +%s)
-stamp() { echo "[$1 done at $(( $(date +%s) - start )) s]"; }
+source bench/gpu_env.sh
+PARTS=",${PARTS:-check,w2,w1},"
 if [[ $PARTS == *,check,* ]]; then
   timeout 120 python3 bench/check_kernels.py > "$OUT/check_kernels.log" 2>&1; echo "check_kernels rc=$?"
   grep -v -i warn "$OUT/check_kernels.log" | grep -E "FAIL|PDL|chain|failure" | tail -8; stamp kernels

@@ -3,13 +3,8 @@
 # bench/tune_decode.py (cold-memory sweep of the small-M linear, swapped product included, and of paged
 # attention's launch; winners bit-checked, linear winners written to kernels/linear_tiles.json, copied to
 # $OUT), then the W2 profile with the new table (bench/profile_gpu.py --part w2).
-set -uo pipefail
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site build/h11wheels/*.whl
-export PYTHONPATH=$(pwd):/tmp/site
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; PARTS=",${PARTS:-w2old,tune,w2new},"
-start=$(date +%s)
-stamp() { echo "[$1 done at $(( $(date +%s) - start )) s]"; }
+source bench/gpu_env.sh
+PARTS=",${PARTS:-w2old,tune,w2new},"
 if [[ $PARTS == *,w2old,* ]]; then
   timeout 90 python3 bench/w2_latency.py --no-hf --runs 3 > "$OUT/w2_old.log" 2>&1
   echo "W2 today's table: $(grep -E 'engine ms/token' "$OUT/w2_old.log")"; stamp w2old

@@ -52,9 +52,9 @@ class LinearConfig:
         block_m = matmul.swap_rows(num_rows) if self.swap_ab else 64
         return block_m, self.block_n, self.block_k, 4, self.num_stages
 
-    def run(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def run(self, x: torch.Tensor, w: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
         return matmul.launch(x, w, None, self.tile(x.shape[0]), self.num_splits, self.split_len,
-                             two_launch=self.two_launch, swap_ab=self.swap_ab)
+                             two_launch=self.two_launch, silu_mul=silu_mul, swap_ab=self.swap_ab)
 
 
 def linear_configs(n: int, k: int) -> list[LinearConfig]:
@@ -113,7 +113,7 @@ def tune_linear_shape(name: str, n: int, k: int) -> dict:
     rows = []
     for config in linear_configs(n, k):
         try:
-            us = {m: cold_us(lambda w, m=m: config.run(x[:m], w), weights) for m in (1, 64)}
+            us = {m: cold_us(lambda w, m=m, c=config: c.run(x[:m], w), weights) for m in (1, 64)}
         except Exception as exc:   # out of shared memory / registers: not a candidate
             print("skip", config, type(exc).__name__, flush=True)
             continue
@@ -203,8 +203,8 @@ def tune_attention() -> dict:
     batches = {name: attention_batch(*shape, seed=i) for i, (name, shape) in enumerate(CASES.items())}
     rows = []
     for launch in attention_configs():
-        us = {name: graph_us(lambda b=b: run_attention(b, launch), 10) for name, b in batches.items()}
-        loop_us = {name: graph_us(lambda b=b: run_attention(b, launch, force_loop=True), 10)
+        us = {name: graph_us(lambda b=b, c=launch: run_attention(b, c), 10) for name, b in batches.items()}
+        loop_us = {name: graph_us(lambda b=b, c=launch: run_attention(b, c, force_loop=True), 10)
                    for name, b in batches.items() if name.startswith("decode")}
         same = all(torch.equal(run_attention(batches[n], launch), run_attention(batches[n], launch, force_loop=True))
                    for n in ("decode b64 s450", "decode b1 s530"))
@@ -223,28 +223,26 @@ def tune_silu() -> dict:
     unfused = {m: cold_us(lambda w, m=m: kernels.batch_invariant_linear_silu_mul(x[:m], w), weights) for m in (1, 64)}
     rows = [{"config": "today", "us_1": unfused[1], "us_64": unfused[64], "same": True}]
     for config in silu_configs(k):
-        def run(w, m, config=config):
-            tile = (matmul.swap_rows(m) if config.swap_ab else 64, *config.tile(m)[1:])
-            return matmul.launch(x[:m], w, None, tile, config.num_splits, config.split_len, silu_mul=True,
-                                 swap_ab=config.swap_ab)
         try:
-            us = {m: cold_us(lambda w, m=m: run(w, m), weights) for m in (1, 64)}
+            us = {m: cold_us(lambda w, m=m, c=config: c.run(x[:m], w, silu_mul=True), weights) for m in (1, 64)}
         except Exception as exc:
             print("skip", config, type(exc).__name__, flush=True)
             continue
         want = kernels.silu_and_mul(matmul.launch(x[:64], weights[0], None, (64, 64, 64, 4, 4), config.num_splits,
                                                   config.split_len))
-        same = torch.equal(run(weights[0], 64), want)
+        same = torch.equal(config.run(x[:64], weights[0], silu_mul=True), want)
         rows.append({"config": config.__dict__, "us_1": us[1], "us_64": us[64], "same": same})
     rows.sort(key=lambda r: r["us_1"])
     for row in rows[:8]:
-        print(f"   silu {row['config']}: {row['us_1']:.1f} / {row['us_64']:.1f} us, same bits: {row['same']}", flush=True)
+        print(f"   silu {row['config']}: {row['us_1']:.1f} / {row['us_64']:.1f} us, same bits: {row['same']}",
+              flush=True)
     return {"rows": rows}
 
 
 def silu_configs(k: int) -> list[LinearConfig]:
     configs = []
-    for swap, block_n, block_k, stages, wanted in itertools.product((False, True), (32, 64), (64, 128), (3, 4, 6), (1, 2)):
+    for swap, block_n, block_k, stages, wanted in itertools.product((False, True), (32, 64), (64, 128), (3, 4, 6),
+                                                                    (1, 2)):
         if swap != (block_n == 64):
             continue
         num_splits, split_len = splits_for(k, wanted)
@@ -257,7 +255,7 @@ def silu_configs(k: int) -> list[LinearConfig]:
 def compile_jobs(parts: list[str]) -> list[tuple]:
     jobs = []
     if "linear" in parts:
-        for name, (n, k) in SHAPES["3b"].items():
+        for n, k in SHAPES["3b"].values():
             jobs += [("linear", n, k, config) for config in linear_configs(n, k)]
     if "attention" in parts:
         jobs += [("attention", launch) for launch in attention_configs()]
@@ -274,21 +272,14 @@ def compile_share(parts: list[str], worker: int, workers: int) -> None:
         if index % workers != worker:
             continue
         try:
-            if job[0] == "linear":
-                _, n, k, config = job
+            if job[0] in ("linear", "silu"):
+                kind, n, k, config = job
                 if (n, k) not in small:
                     small[(n, k)] = (torch.randn(64, k, device="cuda").to(torch.bfloat16),
                                      torch.randn(n, k, device="cuda").to(torch.bfloat16))
                 x, w = small[(n, k)]
-                config.run(x[:1], w)
-                config.run(x, w)
-            elif job[0] == "silu":
-                _, n, k, config = job
-                x, w = torch.randn(64, k, device="cuda").to(torch.bfloat16), torch.randn(n, k, device="cuda").to(torch.bfloat16)
                 for m in (1, 64):
-                    tile = (matmul.swap_rows(m) if config.swap_ab else 64, *config.tile(m)[1:])
-                    matmul.launch(x[:m], w, None, tile, config.num_splits, config.split_len, silu_mul=True,
-                                  swap_ab=config.swap_ab)
+                    config.run(x[:m], w, silu_mul=kind == "silu")
             else:
                 _, launch = job
                 for shape in ((1, 530, 1), (2, 100, 100)):

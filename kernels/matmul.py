@@ -117,7 +117,7 @@ def _range_sums(x_ptr, w_ptr, rows, cols, M, N, K, stride_xm, stride_wn, first_s
     # the same k-ordered sum of the same products (bench/tune_decode.py checks the bits on the GPU).
     ks = tl.arange(0, BLOCK_K)
     if SWAP_AB:
-        total_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     else:
         total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for split in range(first_split, last_split):
@@ -126,36 +126,34 @@ def _range_sums(x_ptr, w_ptr, rows, cols, M, N, K, stride_xm, stride_wn, first_s
         if SWAP_AB:
             w_tile = w_ptr + cols[:, None] * stride_wn + (k_lo + ks)[None, :]       # [BLOCK_N, BLOCK_K]
             x_tile = x_ptr + rows[None, :] * stride_xm + (k_lo + ks)[:, None]       # [BLOCK_K, BLOCK_M]
-            acc_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            for k0 in range(k_lo, k_hi, BLOCK_K):
-                k_left = k_hi - k0
-                b = tl.load(w_tile, mask=(cols[:, None] < N) & (ks[None, :] < k_left), other=0.0)
-                a = tl.load(x_tile, mask=(rows[None, :] < M) & (ks[:, None] < k_left), other=0.0)
-                if IS_FP32:
-                    acc_t = tl.dot(b, a, acc_t, input_precision="ieee")
-                else:
-                    acc_t = tl.dot(b, a, acc_t)
-                x_tile += BLOCK_K
-                w_tile += BLOCK_K
-            total_t += acc_t
+            total += _range_dot(w_tile, cols, N, x_tile, rows, M, k_lo, k_hi, ks, BLOCK_N, BLOCK_M, BLOCK_K, IS_FP32)
         else:
             x_tile = x_ptr + rows[:, None] * stride_xm + (k_lo + ks)[None, :]       # [BLOCK_M, BLOCK_K]
             w_tile = w_ptr + cols[None, :] * stride_wn + (k_lo + ks)[:, None]       # [BLOCK_K, BLOCK_N]
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for k0 in range(k_lo, k_hi, BLOCK_K):
-                k_left = k_hi - k0
-                a = tl.load(x_tile, mask=(rows[:, None] < M) & (ks[None, :] < k_left), other=0.0)
-                b = tl.load(w_tile, mask=(cols[None, :] < N) & (ks[:, None] < k_left), other=0.0)
-                if IS_FP32:  # float32 means float32 (Triton's default would round the inputs to tf32)
-                    acc = tl.dot(a, b, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, b, acc)
-                x_tile += BLOCK_K
-                w_tile += BLOCK_K
-            total += acc
+            total += _range_dot(x_tile, rows, M, w_tile, cols, N, k_lo, k_hi, ks, BLOCK_M, BLOCK_N, BLOCK_K, IS_FP32)
     if SWAP_AB:
-        total = tl.trans(total_t)
+        total = tl.trans(total)
     return total
+
+
+@triton.jit
+def _range_dot(a_tile, a_index, a_limit, b_tile, b_index, b_limit, k_lo, k_hi, ks,
+               BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, IS_FP32: tl.constexpr):
+    # One K range's accumulator: a_tile [BLOCK_A, BLOCK_K] @ b_tile [BLOCK_K, BLOCK_B] pointers at the
+    # range's first K block (rows a_index < a_limit, columns b_index < b_limit are real) -> [BLOCK_A,
+    # BLOCK_B] fp32 from zero, BLOCK_K at a time in K order.
+    acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k_left = k_hi - k0
+        a = tl.load(a_tile, mask=(a_index[:, None] < a_limit) & (ks[None, :] < k_left), other=0.0)
+        b = tl.load(b_tile, mask=(b_index[None, :] < b_limit) & (ks[:, None] < k_left), other=0.0)
+        if IS_FP32:  # float32 means float32 (Triton's default would round the inputs to tf32)
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        a_tile += BLOCK_K
+        b_tile += BLOCK_K
+    return acc
 
 
 @triton.jit
@@ -339,11 +337,13 @@ def _triton_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         return _activation_triton(_triton(x, weight, bias))
     (block_m, block_n, block_k, num_warps, num_stages), num_splits, split_len = plan(
         x.shape[0], weight.shape[0], x.shape[1], x.is_cuda)
-    tile = (block_m, max(16, block_n // 2), block_k, num_warps, num_stages)
+    # Swapped, a half's BLOCK_N is the tensor core's 64-row side: not halved (fewer rows would change
+    # the instruction, and with it the bits); block_m is already x's narrow side (plan).
+    swap_ab = entry is not None and bool(entry.get("swap_ab"))
+    tile = (block_m, block_n if swap_ab else max(16, block_n // 2), block_k, num_warps, num_stages)
     if isinstance(silu_tile, list):   # [BLOCK_N per half, BLOCK_K, num_warps, num_stages]
-        tile = (64, *silu_tile)
-    return launch(x, weight, bias, tile, num_splits, split_len, silu_mul=True,
-                  swap_ab=entry is not None and bool(entry.get("swap_ab")))
+        tile = (block_m, *silu_tile)
+    return launch(x, weight, bias, tile, num_splits, split_len, silu_mul=True, swap_ab=swap_ab)
 
 
 def _reference_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

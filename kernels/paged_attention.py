@@ -323,6 +323,12 @@ def tuned_launch(device_name: str) -> AttentionLaunch:
     return AttentionLaunch(**entry) if entry else DEFAULT_LAUNCH
 
 
+@functools.lru_cache(maxsize=None)
+def _launch_for(device: torch.device) -> AttentionLaunch:
+    # Per device, once: the kernel runs per layer per step, the name lookup need not.
+    return tuned_launch(torch.cuda.get_device_name(device)) if device.type == "cuda" else DEFAULT_LAUNCH
+
+
 def _tile_shape(group: int, block_n: int) -> tuple[int, int, int]:
     """(BLOCK_Q query tokens, BLOCK_M rows = BLOCK_Q * group padded, BLOCK_N keys) per program.
     Fixed per (group, mode), never per batch, so tiling never changes a row's arithmetic."""
@@ -345,7 +351,7 @@ def _triton(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, sc
         return out
     group = num_q_heads // num_kv_heads
     if launch is None:
-        launch = tuned_launch(torch.cuda.get_device_name(query.device)) if query.is_cuda else DEFAULT_LAUNCH
+        launch = _launch_for(query.device)
     kv_split_tokens = kv_split_tokens or launch.kv_split
     block_q, block_m, block_n = _tile_shape(group, launch.block_n)
     if kv_split_tokens % block_n:
