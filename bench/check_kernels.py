@@ -23,7 +23,6 @@ import kernels
 attention = importlib.import_module("kernels.paged_attention")
 rmsnorm = importlib.import_module("kernels.rmsnorm")
 rotary = importlib.import_module("kernels.rotary")
-linear_rotary = importlib.import_module("kernels.linear_rotary")
 activation = importlib.import_module("kernels.activation")
 store = importlib.import_module("kernels.store_kv")
 
@@ -177,46 +176,6 @@ def check_rotary_store_kv(mrope_section, num_tokens=2048, interleaved=False):
             triton.testing.do_bench(run), float("nan"))
 
 
-def check_qkv_rotary_store_kv(mrope_section):
-    """qkv_proj + rotary + K/V write (kernels/linear_rotary.py) at the 3B shape with bias: the fused
-    small-M launch equals the product then rotary_store_kv bit for bit (query and both caches), and
-    its query rows equal the same rows at M = 300."""
-    width = (NUM_Q_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
-    x = torch.randn(300, HIDDEN, device=DEVICE, dtype=torch.bfloat16)
-    weight = torch.randn(width, HIDDEN, device=DEVICE, dtype=torch.bfloat16) * HIDDEN ** -0.5
-    bias = torch.randn(width, device=DEVICE, dtype=torch.bfloat16)
-    inv_freq = 1.0 / (1e6 ** (torch.arange(0, HEAD_DIM, 2, device=DEVICE).float() / HEAD_DIM))
-    cache = torch.cat([(f := torch.arange(32768, device=DEVICE).float()[:, None] * inv_freq).cos(), f.sin()], -1)
-    positions = torch.randint(0, 32768, (3, 300) if mrope_section else (300,), device=DEVICE)
-    slots = torch.randperm(64 * BLOCK_SIZE, device=DEVICE)[:300]
-    slots[::7] = -1
-
-    def caches():
-        return [torch.zeros(64, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16) for _ in "kv"]
-
-    def unfused(m, k_cache, v_cache):
-        q, k, v = linear_rotary.split_heads(kernels.batch_invariant_linear(x[:m], weight, bias), NUM_Q_HEADS,
-                                            NUM_KV_HEADS)
-        return kernels.rotary_store_kv(q, k, v, positions[..., :m], cache, k_cache, v_cache, slots[:m],
-                                       mrope_section)
-
-    def fused(m, k_cache, v_cache):
-        return kernels.batch_invariant_qkv_rotary_store_kv(x[:m], weight, bias, NUM_Q_HEADS, NUM_KV_HEADS,
-                                                           positions[..., :m], cache, k_cache, v_cache, slots[:m],
-                                                           mrope_section)
-    q_all = unfused(300, *caches())
-    same = True
-    for m in (1, 5, 20, 64, 300):
-        want_caches, got_caches = caches(), caches()
-        q_want, q_got = unfused(m, *want_caches), fused(m, *got_caches)
-        same &= torch.equal(q_got, q_want) and torch.equal(q_got, q_all[:m])
-        same &= all(torch.equal(a, b) for a, b in zip(got_caches, want_caches))
-    fixed = caches()
-    ms = triton.testing.do_bench(lambda: fused(1, *fixed))
-    kind = "mrope" if mrope_section else "1d"
-    return f"qkv + rotary + kv write fused {kind}, bitwise", 0.0 if same else math.inf, ms, float("nan")
-
-
 def check_silu_and_mul(num_tokens=2048):
     x = torch.randn(num_tokens, 2 * INTERMEDIATE, device=DEVICE, dtype=torch.bfloat16)
     run = lambda: kernels.silu_and_mul(x)
@@ -302,8 +261,6 @@ def all_checks():
     yield check_batch_invariance()
     yield check_rms_norm()
     yield check_linear_add_norm()
-    yield check_qkv_rotary_store_kv(None)
-    yield check_qkv_rotary_store_kv(MROPE_SECTION)
     yield check_rotary(None)
     yield check_rotary(MROPE_SECTION)
     yield check_rotary([24, 20, 20], interleaved=True)   # Qwen3-VL

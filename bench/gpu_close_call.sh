@@ -2,7 +2,8 @@
 # Closing device call (carry build/h11wheels build/w4wheels build/tools): bench/gpu_serving_call.sh's
 # PARTS (default check,w4,det,nondet), then W2 with a second attention launch ($ALT_LAUNCH, a JSON
 # AttentionLaunch written to kernels/attention_launch.json for that run only), then the transformers
-# baselines (bench/run_all.py --parts hf), last because the call may run out of time there.
+# baselines (bench/run_all.py --parts hf), last because the call may run out of time there. INVARIANCE=1
+# adds bench/check_determinism.py (linear rows across M, fused SiLU included) before the baselines.
 set -uo pipefail
 PARTS=${PARTS:-check,w4,det,nondet} bash bench/gpu_serving_call.sh
 export PYTHONPATH=$(pwd):/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -13,6 +14,10 @@ if [[ -n ${ALT_LAUNCH:-} ]]; then
   timeout 70 python3 bench/w2_latency.py --no-hf --runs 3 > "$OUT/w2_alt.log" 2>&1
   echo "W2 with $ALT_LAUNCH: $(grep -E 'engine ms/token' "$OUT/w2_alt.log")"
   cp /tmp/attention_launch.json kernels/attention_launch.json
+fi
+if [[ ${INVARIANCE:-0} == 1 ]]; then   # bench/check_determinism.py whole: linear rows across M, then the engine probes
+  timeout 150 python3 bench/check_determinism.py > "$OUT/invariance.log" 2>&1; echo "check_determinism rc=$?"
+  grep -v -i warn "$OUT/invariance.log" | grep -E "False|FAIL|probe|mode" | head -12
 fi
 if [[ ${HF:-1} == 1 ]]; then
   timeout 90 python3 bench/run_all.py --parts hf > "$OUT/hf.log" 2>&1; grep -v -i warn "$OUT/hf.log" | tail -4

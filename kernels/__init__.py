@@ -17,7 +17,6 @@ import torch
 from kernels import activation as _activation
 from kernels import grammar_mask as _grammar_mask
 from kernels import linear_norm as _linear_norm
-from kernels import linear_rotary as _linear_rotary
 from kernels import matmul as _matmul
 from kernels import paged_attention as _paged_attention
 from kernels import rmsnorm as _rmsnorm
@@ -26,7 +25,7 @@ from kernels import store_kv as _store_kv
 
 __all__ = [
     "apply_rotary", "apply_token_bitmask_inplace", "batch_invariant_linear", "batch_invariant_linear_add_rms_norm",
-    "batch_invariant_linear_silu_mul", "batch_invariant_qkv_rotary_store_kv",
+    "batch_invariant_linear_silu_mul",
     "fused_add_rms_norm", "paged_attention", "rms_norm", "rotary_store_kv", "silu_and_mul", "store_kv",
     "uses_triton",
 ]
@@ -168,29 +167,6 @@ def batch_invariant_linear_add_rms_norm(
     if uses_triton(x):
         return _linear_norm._triton(x, weight, bias, residual, norm_weight, eps)
     return _linear_norm._reference(x, weight, bias, residual, norm_weight, eps)
-
-
-def batch_invariant_qkv_rotary_store_kv(
-    x: torch.Tensor,              # [num_tokens, in]
-    weight: torch.Tensor,         # [(Hq + 2 * Hkv) * head_dim, in]: q, k, v rows
-    bias: torch.Tensor | None,    # [(Hq + 2 * Hkv) * head_dim]
-    num_q_heads: int,
-    num_kv_heads: int,
-    positions: torch.Tensor,      # [num_tokens] or [3, num_tokens] int64
-    cos_sin_cache: torch.Tensor,  # [max_position, head_dim]: cos | sin of the head_dim/2 frequencies
-    k_cache: torch.Tensor,        # [num_blocks, block_size, num_kv_heads, head_dim]
-    v_cache: torch.Tensor,        # [num_blocks, block_size, num_kv_heads, head_dim]
-    slot_mapping: torch.Tensor,   # [num_tokens] int64; -1 = padding, skipped
-    mrope_section: list[int] | None = None,
-    mrope_interleaved: bool = False,
-) -> torch.Tensor:                # [num_tokens, num_q_heads, head_dim], the rotated query
-    """rotary_store_kv(*split(batch_invariant_linear(x, weight, bias)), ...) bit for bit, in fewer
-    launches at small M (kernels/linear_rotary.py). CPU: the references."""
-    if (positions.dim() == 2) != (mrope_section is not None):
-        raise ValueError("positions must be [3, num_tokens] exactly when mrope_section is given")
-    impl = _linear_rotary._triton if uses_triton(x) else _linear_rotary._reference
-    return impl(x, weight, bias, num_q_heads, num_kv_heads, positions, cos_sin_cache, k_cache, v_cache,
-                slot_mapping, mrope_section, mrope_interleaved)
 
 
 def apply_token_bitmask_inplace(

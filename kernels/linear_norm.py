@@ -70,8 +70,9 @@ def launch(x, weight, bias, residual, norm_weight, eps, tile, num_splits, split_
 
 
 def _triton(x, weight, bias, residual, norm_weight, eps):
-    entry = matmul.second_launch_entry(x, weight)
-    if entry is None:
+    entry = matmul.tuned_entry(weight.shape[0], x.shape[1]) if x.is_cuda else None
+    fused = (entry is not None and x.shape[0] <= matmul._SMALL_M and entry.get("split_sum") == "two_launch")
+    if not fused:
         return rmsnorm._fused_add_triton(matmul._triton(x, weight, bias), residual, norm_weight, eps)
     tile, num_splits, split_len = matmul.plan(x.shape[0], weight.shape[0], x.shape[1], True)
     return launch(x, weight, bias, residual, norm_weight, eps, tile, num_splits, split_len,

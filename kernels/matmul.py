@@ -294,16 +294,6 @@ def swap_rows(num_rows: int) -> int:
     return max(16, triton.next_power_of_2(num_rows))
 
 
-def second_launch_entry(x: torch.Tensor, weight: torch.Tensor) -> dict | None:
-    """The tuned entry of x @ weight^T when this product sums its K ranges in a second launch (small
-    M, the table's "two_launch"), which a fused caller may extend (kernels/linear_norm.py,
-    kernels/linear_rotary.py); else None."""
-    entry = tuned_entry(weight.shape[0], x.shape[1]) if x.is_cuda else None
-    if entry is None or x.shape[0] > _SMALL_M or entry.get("split_sum") != "two_launch":
-        return None
-    return entry
-
-
 def plan(num_rows: int, num_cols: int, k: int, on_cuda: bool,
          config: tuple[int, int, int, int] | None = None) -> tuple[tuple[int, int, int, int, int], int, int]:
     """(tile, num_splits, split_len) for x [num_rows, k] @ weight [num_cols, k]^T: the tuned entry

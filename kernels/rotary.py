@@ -78,25 +78,17 @@ def _rotate_heads(x_ptr, out_ptr, token, num_heads, half, stride_t, stride_h, st
     freqs = tl.arange(0, HALF_PADDED)[None, :]
     mask = (heads < num_heads) & (freqs < half)
     first = x_ptr + token * stride_t + heads * stride_h + freqs
-    x1 = tl.load(first, mask=mask, other=0.0)                             # [HEADS_PADDED, HALF_PADDED]
-    x2 = tl.load(first + half, mask=mask, other=0.0)
-    store_rotated(x1, x2, out_ptr + token * stride_ot + heads * stride_oh + freqs, half, mask, cos, sin)
+    x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)              # [HEADS_PADDED, HALF_PADDED]
+    x2 = tl.load(first + half, mask=mask, other=0.0).to(tl.float32)
+    # Round to x's dtype first (apply_rotary's output), then to out's (a KV cache of another dtype):
+    # the fused rotary + store_kv then writes what apply_rotary + store_kv would.
+    out = out_ptr + token * stride_ot + heads * stride_oh + freqs
+    tl.store(out, (x1 * cos - x2 * sin).to(x_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + half, (x2 * cos + x1 * sin).to(x_ptr.dtype.element_ty).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def store_rotated(x1, x2, out, half, mask, cos, sin):
-    """x1, x2: the two halves of some heads' rows in x's dtype ([heads, half]); out points at their
-    first halves. Shared with kernels/linear_rotary.py, whose fused launch must give these bits.
-    Rounded to x's dtype first (apply_rotary's output), then to out's (a KV cache of another dtype):
-    the fused rotary + store_kv then writes what apply_rotary + store_kv would."""
-    dtype = x1.dtype
-    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(out, (x1 * cos - x2 * sin).to(dtype).to(out.dtype.element_ty), mask=mask)
-    tl.store(out + half, (x2 * cos + x1 * sin).to(dtype).to(out.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def token_cos_sin(positions_ptr, cos_sin_ptr, token, half, section_0, section_1, section_2,
+def _token_cos_sin(positions_ptr, cos_sin_ptr, token, half, section_0, section_1, section_2,
                    stride_pos_row, stride_cache,
                    IS_MROPE: tl.constexpr, IS_INTERLEAVED: tl.constexpr, HALF_PADDED: tl.constexpr):
     # -> cos, sin [1, HALF_PADDED] float32 of `token`; frequency j takes its position from row
@@ -131,7 +123,7 @@ def _rotary_kernel(
     # One program per token.
     wait_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
-    cos, sin = token_cos_sin(positions_ptr, cos_sin_ptr, token, half, section_0, section_1, section_2,
+    cos, sin = _token_cos_sin(positions_ptr, cos_sin_ptr, token, half, section_0, section_1, section_2,
                               stride_pos_row, stride_cache, IS_MROPE, IS_INTERLEAVED, HALF_PADDED)
     _rotate_heads(query_ptr, query_out_ptr, token, num_q_heads, half, stride_q_t, stride_q_h,
                   stride_qo_t, stride_qo_h, cos, sin, Q_HEADS_PADDED, HALF_PADDED)
@@ -201,7 +193,7 @@ def _rotary_store_kv_kernel(
     # One program per token: q -> query_out always; rotated k and v -> cache slot unless slot < 0.
     wait_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
-    cos, sin = token_cos_sin(positions_ptr, cos_sin_ptr, token, half, section_0, section_1, section_2,
+    cos, sin = _token_cos_sin(positions_ptr, cos_sin_ptr, token, half, section_0, section_1, section_2,
                               stride_pos_row, stride_cache, IS_MROPE, IS_INTERLEAVED, HALF_PADDED)
     _rotate_heads(query_ptr, query_out_ptr, token, num_q_heads, half, stride_q_t, stride_q_h,
                   stride_qo_t, stride_qo_h, cos, sin, Q_HEADS_PADDED, HALF_PADDED)

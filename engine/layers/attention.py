@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-from engine.layers.linear import QKVLinear
 from engine.layers.rotary import RotaryEmbedding
 
 
@@ -65,17 +64,6 @@ class AttentionBackend:
         k_cache, v_cache = kv_cache  # each [num_blocks, block_size, Hkv, D]
         query = rotary_emb.rotate_and_store(positions, query, key, value, k_cache, v_cache,
                                             attn_metadata.slot_mapping)
-        return self._attend(query, kv_cache, attn_metadata, scale)
-
-    def forward_projected_rotary(self, hidden: torch.Tensor, qkv_proj: QKVLinear, positions: torch.Tensor,
-                                 rotary_emb: RotaryEmbedding, kv_cache: tuple[torch.Tensor, torch.Tensor],
-                                 attn_metadata: AttentionMetadata, scale: float) -> torch.Tensor:
-        """forward_rotary of qkv_proj(hidden) [T, in] -> [T, Hq, D], for a batch-invariant projection:
-        its K-range sum, the rotary and the K/V write share a launch at small M (same bits)."""
-        k_cache, v_cache = kv_cache  # each [num_blocks, block_size, Hkv, D]
-        query = rotary_emb.project_rotate_and_store(positions, hidden, qkv_proj.weight, qkv_proj.bias,
-                                                    qkv_proj.num_heads, qkv_proj.num_kv_heads, k_cache, v_cache,
-                                                    attn_metadata.slot_mapping)
         return self._attend(query, kv_cache, attn_metadata, scale)
 
     def _attend(self, query: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
@@ -127,18 +115,3 @@ class Attention(torch.nn.Module):
             out = self.backend.forward_rotary(query, key, value, positions, self.rotary_emb, kv_cache,
                                               attn_metadata, self.scale)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
-
-    def of_projection(self, qkv_proj: QKVLinear, hidden: torch.Tensor, attn_metadata: AttentionMetadata,
-                      kv_cache: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor | None = None
-                      ) -> torch.Tensor:
-        """self(*qkv_proj.split(qkv_proj(hidden)), attn_metadata, kv_cache, positions): hidden [T, in]
-        -> [T, Hq*D]. Deterministic mode with a rotary: the projection's last launch also rotates and
-        writes the cache at small M (AttentionBackend.forward_projected_rotary; the same bits)."""
-        if not qkv_proj.batch_invariant or self.rotary_emb is None or positions is None:
-            return self(*qkv_proj.split(qkv_proj(hidden)), attn_metadata, kv_cache, positions)
-        if (qkv_proj.num_heads, qkv_proj.num_kv_heads) != (self.num_heads, self.num_kv_heads):
-            raise ValueError(f"qkv_proj heads {qkv_proj.num_heads}/{qkv_proj.num_kv_heads} != attention heads "
-                             f"{self.num_heads}/{self.num_kv_heads}")
-        out = self.backend.forward_projected_rotary(hidden, qkv_proj, positions, self.rotary_emb, kv_cache,
-                                                    attn_metadata, self.scale)
-        return out.reshape(hidden.shape[0], self.num_heads * self.head_dim)

@@ -60,18 +60,6 @@ class RotaryEmbedding(nn.Module):
         return kernels.rotary_store_kv(query, key, value, positions, self.cos_sin_cache, k_cache, v_cache,
                                        slot_mapping, self._section(positions), self.mrope_interleaved)
 
-    def project_rotate_and_store(self, positions: torch.Tensor, hidden: torch.Tensor, qkv_weight: torch.Tensor,
-                                 qkv_bias: torch.Tensor | None, num_heads: int, num_kv_heads: int,
-                                 k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                 slot_mapping: torch.Tensor) -> torch.Tensor:
-        """rotate_and_store of the batch-invariant projection hidden [T, in] @ qkv_weight^T (+ bias),
-        whose columns are q | k | v heads, with the projection's last launch doing the rotary and the
-        cache write at small M (kernels.batch_invariant_qkv_rotary_store_kv) -> rotated query [T, Hq, D].
-        Caller: AttentionBackend.forward_projected_rotary (deterministic mode)."""
-        return kernels.batch_invariant_qkv_rotary_store_kv(
-            hidden, qkv_weight, qkv_bias, num_heads, num_kv_heads, positions, self.cos_sin_cache, k_cache, v_cache,
-            slot_mapping, self._section(positions), self.mrope_interleaved)
-
     def _section(self, positions: torch.Tensor) -> list[int] | None:
         # 1-D positions on an M-RoPE model stand for three equal rows: plain RoPE is the same rotation.
         return self.mrope_section if positions.dim() == 2 else None

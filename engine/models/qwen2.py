@@ -14,7 +14,7 @@ not end the pipeline returns (hidden, residual) for the next one instead of the 
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,7 +57,8 @@ class Qwen2Attention(nn.Module):
                kv_cache: KVCache) -> torch.Tensor:
         """Everything before the output projection: [T, H] -> [T, Hq*D] (the layer fuses o_proj
         with the norm after it)."""
-        return self.attn.of_projection(self.qkv_proj, hidden, attn_metadata, kv_cache, positions)  # [T, Hq*D]
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))           # [T, Hq*D], [T, Hkv*D] x2, unrotated
+        return self.attn(q, k, v, attn_metadata, kv_cache, positions)  # [T, Hq*D]
 
 
 class Qwen2MLP(nn.Module):
@@ -89,20 +90,9 @@ class Qwen2DecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        return self.forward_normed(positions, hidden, residual, attn_metadata, kv_cache, next_norm=None)
-
-    def forward_normed(self, positions, normed, residual, attn_metadata, kv_cache, next_norm: RMSNorm | None):
-        """forward with the norms moved across the layer boundary: normed [T, H] is this layer's
-        input after its input_layernorm; returns next_norm(output, residual) -- the next layer's
-        input_layernorm or the model's final norm, whose residual add and normalisation share the
-        down projection's last launch in deterministic mode (RMSNorm.of_projection) -- or, with
-        next_norm None, (output, residual) as forward does."""
-        out = self.self_attn.attend(positions, normed, attn_metadata, kv_cache)           # [T, Hq*D]
+        out = self.self_attn.attend(positions, hidden, attn_metadata, kv_cache)          # [T, Hq*D]
         hidden, residual = self.post_attention_layernorm.of_projection(self.self_attn.o_proj, out, residual)
-        activation = self.mlp.act_fn.of_projection(self.mlp.gate_up_proj, hidden)           # [T, I]
-        if next_norm is None:
-            return self.mlp.down_proj(activation), residual
-        return next_norm.of_projection(self.mlp.down_proj, activation, residual)
+        return self.mlp(hidden), residual
 
 
 class Qwen2Model(nn.Module):
@@ -134,19 +124,11 @@ class Qwen2Model(nn.Module):
             residual = None
         else:
             hidden, residual = intermediate_tensors
-        # This stage's layers (at least one): Qwen2DecoderLayer or a subclass (decoder_layer_class).
-        layers = cast(list[Qwen2DecoderLayer], list(self.layers[self.start_layer:self.end_layer]))
-        if residual is None:
-            hidden, residual = layers[0].input_layernorm(hidden), hidden
-        else:
-            hidden, residual = layers[0].input_layernorm(hidden, residual)
-        # Each layer ends with the norm that follows it; a stage that does not end the model hands
-        # on its last layer's output and residual un-normed (the next stage's first layer norms them).
-        next_norms = [layer.input_layernorm for layer in layers[1:]] + [self.norm]
-        for layer, next_norm, kv_cache in zip(layers, next_norms, kv_caches, strict=True):
-            hidden, residual = layer.forward_normed(positions, hidden, residual, attn_metadata, kv_cache, next_norm)
+        for layer, kv_cache in zip(self.layers[self.start_layer:self.end_layer], kv_caches, strict=True):
+            hidden, residual = layer(positions, hidden, residual, attn_metadata, kv_cache)
         if not self.parallel.is_last_stage:
             return hidden, residual
+        hidden, _ = self.norm(hidden, residual)
         return hidden
 
     def missing_prefixes(self) -> tuple[str, ...]:

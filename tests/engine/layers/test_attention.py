@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from engine.layers.attention import Attention, AttentionMetadata
-from engine.layers.linear import QKVLinear
 from engine.layers.rotary import RotaryEmbedding
 
 BLOCK_SIZE, NUM_BLOCKS = 4, 8
@@ -61,26 +60,3 @@ def test_positions_exactly_when_built_with_a_rotary():
         Attention(4, 16, 4)(q, k, v, _metadata(), caches, positions)
     with pytest.raises(ValueError, match="rotary head_dim"):
         Attention(4, 16, 4, rotary_emb=RotaryEmbedding(32, 64, 10000.0))
-
-
-@pytest.mark.parametrize("mrope_section", [None, [4, 6, 6]])
-def test_of_projection_equals_projection_then_attention(mrope_section):
-    """Attention.of_projection in deterministic mode (projection, rotary and cache write through
-    kernels.batch_invariant_qkv_rotary_store_kv) against the layer's own path on qkv_proj's output."""
-    gen = torch.Generator().manual_seed(3)
-    qkv_proj = QKVLinear(24, 32, 8, 2, bias=True)
-    with torch.no_grad():
-        qkv_proj.weight.copy_(torch.randn(qkv_proj.weight.shape, generator=gen))
-        qkv_proj.bias.copy_(torch.randn(qkv_proj.bias.shape, generator=gen))
-    hidden = torch.randn(5, 24, generator=gen)
-    _, positions, (k_cache, v_cache) = _inputs(8, 2, 32, mrope_section is not None)
-    attn = Attention(8, 32, 2, rotary_emb=RotaryEmbedding(32, 64, 10000.0, mrope_section))
-    expected_caches = (k_cache.clone(), v_cache.clone())
-    expected = attn(*qkv_proj.split(qkv_proj(hidden)), _metadata(), expected_caches, positions)
-    for batch_invariant in (False, True):
-        qkv_proj.batch_invariant = batch_invariant
-        caches = (k_cache.clone(), v_cache.clone())
-        out = attn.of_projection(qkv_proj, hidden, _metadata(), caches, positions)
-        assert torch.equal(out, expected), batch_invariant
-        assert torch.equal(caches[0], expected_caches[0]) and torch.equal(caches[1], expected_caches[1])
-    assert not torch.equal(expected_caches[0], k_cache)       # the step wrote its keys
