@@ -136,6 +136,27 @@ def check_linear_add_norm():
     return "linear + add + rms_norm fused, bitwise", 0.0 if same else math.inf, ms, float("nan")
 
 
+def check_tma_flat():
+    """kernels/matmul_tma.py's flat loop against its nested loop at the 3B LM shapes (each shape's
+    table tile and K split), M = 300 and 4096: bit for bit, and the time of both (printed)."""
+    from kernels import matmul, matmul_tma
+    same, lines = True, []
+    for n, k in ((2560, HIDDEN), (HIDDEN, HIDDEN), (2 * INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)):
+        weight = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * k ** -0.5
+        x = torch.randn(4096, k, device=DEVICE, dtype=torch.bfloat16)
+        num_splits, split_len = matmul.k_split(n, k)
+        entry = matmul.tuned_entry(n, k) or {}
+        for m, key in ((300, "mid_tma"), (4096, "large_tma")):
+            tile = tuple(entry.get(key, (128, 128, 64, 8, 4)))
+            runs = {flat: (lambda flat=flat: matmul_tma.launch(x[:m], weight, None, tile, num_splits, split_len,
+                                                              flat=flat)) for flat in (False, True)}
+            same &= torch.equal(runs[True](), runs[False]())
+            ms = {flat: triton.testing.do_bench(run) for flat, run in runs.items()}
+            lines.append(f"{n}x{k} M={m}: nested {ms[False] * 1e3:.0f} us, flat {ms[True] * 1e3:.0f} us")
+    print("  TMA flat loop: " + "; ".join(lines))
+    return "TMA linear flat loop = nested bits", 0.0 if same else math.inf, float("nan"), float("nan")
+
+
 def check_rotary(mrope_section, num_tokens=2048, interleaved=False):
     query = torch.randn(num_tokens, NUM_Q_HEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
     key = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
@@ -261,6 +282,7 @@ def all_checks():
     yield check_batch_invariance()
     yield check_rms_norm()
     yield check_linear_add_norm()
+    yield check_tma_flat()
     yield check_rotary(None)
     yield check_rotary(MROPE_SECTION)
     yield check_rotary([24, 20, 20], interleaved=True)   # Qwen3-VL

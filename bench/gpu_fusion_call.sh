@@ -8,8 +8,13 @@
 #   NAME@linear=JSON    this tree with {"N,K": {field: value}} merged into kernels/linear_tiles.json's
 #                       entries for this GPU (e.g. 'silu@linear={"22016,2048": {"silu_tile": "unfused"}}')
 #   NAME@attention=JSON the same for kernels/attention_launch.json (e.g. 'seg64@attention={"kv_split": 64}')
-# PARTS (default check,ab) picks; VARIANTS (';'-separated, default before;now) the A/B runs; W2=1 adds
-# bench/w2_latency.py --runs 3 after each; also det (bench/check_determinism.py), vl (bench/check_vl_gpu.py).
+# PARTS (default check,ab) picks; VARIANTS (';'-separated, default before;now) the A/B runs; W1=1 adds
+# bench/w1_throughput.py --runs 5 and W2=1 bench/w2_latency.py --runs 3 after each; also det
+# (bench/check_determinism.py: run it with the winning patch applied), vl (bench/check_vl_gpu.py).
+# E.g. the flat TMA loop (kernels/matmul_tma.py) for every LM shape, prefill-bound W1:
+#   W1=1 VARIANTS='now;flat@linear={"2560,2048": {"tma_flat": true}, "2048,2048": {"tma_flat": true},
+#     "22016,2048": {"tma_flat": true}, "2048,11008": {"tma_flat": true}, "151936,2048": {"tma_flat": true}}'
+#   PARTS=ab bash bench/gpu_fusion_call.sh
 source bench/gpu_env.sh
 PARTS=",${PARTS:-check,ab},"
 if [[ $PARTS == *,check,* ]]; then
@@ -35,6 +40,10 @@ run_variant() {
   esac
   (cd $dir && PYTHONPATH=$(pwd):/tmp/site timeout 120 python3 bench/step_time.py) > "$OUT/step_$name.log" 2>&1
   echo "[$name] $(grep -E 'W2 wall|decode step' "$OUT/step_$name.log" | tr '\n' ' ')"
+  if [[ ${W1:-0} == 1 ]]; then
+    (cd $dir && PYTHONPATH=$(pwd):/tmp/site timeout 150 python3 bench/w1_throughput.py --no-hf --runs 5) > "$OUT/w1_$name.log" 2>&1
+    echo "[$name] W1 $(grep -E 'runs \(s\)|output tokens/s' "$OUT/w1_$name.log" | tr '\n' ' ')"
+  fi
   if [[ ${W2:-0} == 1 ]]; then
     (cd $dir && PYTHONPATH=$(pwd):/tmp/site timeout 100 python3 bench/w2_latency.py --no-hf --runs 3) > "$OUT/w2_$name.log" 2>&1
     echo "[$name] W2 $(grep -E 'engine ms/token' "$OUT/w2_$name.log")"

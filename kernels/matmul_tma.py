@@ -9,6 +9,11 @@ Caller: `kernels.matmul._triton` when the GPU's tuned table names a "mid_tma" / 
 for the weight's shape (bench/tune_linear.py --range mid|large checks every candidate bit-equal to the rows
 computed alone at M = 1 before it writes one). Only the tile schedule differs from the pointer
 kernel: which program computes an element, never how, so rows keep their bits across M.
+
+Two loop shapes, the same additions: nested (a program's tiles, each tile's K ranges, each range's K
+blocks; the software pipeline refills at every range and tile, which the small-M K split makes
+short: 8-16 blocks for qkv and o) and flat (one loop over the program's (tile, K block) pairs, the
+table's "tma_flat"; added in the eighth session, not yet timed on a GPU, so no table entry uses it).
 """
 
 from __future__ import annotations
@@ -28,18 +33,28 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 def _linear_tma_kernel(
     x_desc, w_desc, bias_ptr, out_ptr, M, N, K, stride_om, SPLIT_LEN, NUM_SPLITS, num_programs,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, PDL: tl.constexpr,
+    GROUP_M: tl.constexpr, FLAT: tl.constexpr, PDL: tl.constexpr,
 ):
     wait_previous_kernel(PDL)
     # num_programs is a run-time value (the grid is min(tiles, SMs)): no compile per M.
     # x_desc tiles [BLOCK_M, BLOCK_K] of x [M, K]; w_desc tiles [BLOCK_N, BLOCK_K] of weight [N, K].
+    if FLAT:
+        _flat_tiles(x_desc, w_desc, bias_ptr, out_ptr, M, N, K, stride_om, SPLIT_LEN, num_programs,
+                    HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    else:
+        _nested_tiles(x_desc, w_desc, bias_ptr, out_ptr, M, N, K, stride_om, SPLIT_LEN, NUM_SPLITS, num_programs,
+                      HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
+
+@triton.jit
+def _nested_tiles(x_desc, w_desc, bias_ptr, out_ptr, M, N, K, stride_om, SPLIT_LEN, NUM_SPLITS, num_programs,
+                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  GROUP_M: tl.constexpr):
+    # A loop over this program's tiles, in it one over K ranges, in it one over a range's K blocks
+    # (the software pipeline refills at every range and tile).
     num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
     for tile in range(tl.program_id(0), num_m * num_n, num_programs):
-        first_m = (tile // per_group) * GROUP_M
-        group_rows = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % per_group) % group_rows
-        pid_n = (tile % per_group) // group_rows
+        pid_m, pid_n = _tile_position(tile, num_m, num_n, GROUP_M)
         total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for split in range(0, NUM_SPLITS):
             k_lo = split * SPLIT_LEN
@@ -50,12 +65,62 @@ def _linear_tma_kernel(
                 b = w_desc.load([pid_n * BLOCK_N, k0])                               # [BLOCK_N, BLOCK_K]
                 acc = tl.dot(a, b.T, acc)
             total += acc
-        rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        if HAS_BIAS:
-            total += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + rows[:, None] * stride_om + cols[None, :]
-        tl.store(out, total.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+        _store_tile(total, bias_ptr, out_ptr, pid_m, pid_n, M, N, stride_om, HAS_BIAS, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _flat_tiles(x_desc, w_desc, bias_ptr, out_ptr, M, N, K, stride_om, SPLIT_LEN, num_programs,
+                HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                GROUP_M: tl.constexpr):
+    # The same tiles and sums as _nested_tiles, walked as ONE loop over this program's (tile, K block)
+    # pairs (Triton's persistent-matmul pattern), so the software pipeline runs on across K ranges
+    # and tiles: a range's accumulator is added to `total` at the range's last block and restarts
+    # from zero, a tile is stored at its last block. Same additions in the same order. The number of
+    # ranges follows from K and SPLIT_LEN (a multiple of BLOCK_K).
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    blocks_per_split = SPLIT_LEN // BLOCK_K
+    my_tiles = tl.cdiv(num_m * num_n - tl.program_id(0), num_programs)
+    tile = tl.program_id(0) - num_programs
+    kb = k_blocks - 1
+    pid_m, pid_n = 0, 0
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for _ in range(0, my_tiles * k_blocks):
+        kb = tl.where(kb == k_blocks - 1, 0, kb + 1)
+        if kb == 0:
+            tile += num_programs
+            pid_m, pid_n = _tile_position(tile, num_m, num_n, GROUP_M)
+        a = x_desc.load([pid_m * BLOCK_M, kb * BLOCK_K])                             # [BLOCK_M, BLOCK_K]
+        b = w_desc.load([pid_n * BLOCK_N, kb * BLOCK_K])                             # [BLOCK_N, BLOCK_K]
+        acc = tl.dot(a, b.T, acc)
+        if (kb % blocks_per_split == blocks_per_split - 1) or (kb == k_blocks - 1):   # a K range ends
+            total += acc
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if kb == k_blocks - 1:                                                      # the tile ends
+            _store_tile(total, bias_ptr, out_ptr, pid_m, pid_n, M, N, stride_om, HAS_BIAS, BLOCK_M, BLOCK_N)
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+
+
+@triton.jit
+def _tile_position(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    # Output tile -> (row tile, column tile), row tiles grouped by GROUP_M so weight tiles stay in L2.
+    per_group = GROUP_M * num_n
+    first_m = (tile // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (tile % per_group) % group_rows, (tile % per_group) // group_rows
+
+
+@triton.jit
+def _store_tile(total, bias_ptr, out_ptr, pid_m, pid_n, M, N, stride_om, HAS_BIAS: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # out[tile] = round(total + bias): the one rounding to the output dtype.
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rows[:, None] * stride_om + cols[None, :]
+    tl.store(out, total.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
 @functools.lru_cache(maxsize=8)
@@ -73,9 +138,12 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           tile: tuple[int, int, int, int, int], num_splits: int, split_len: int) -> torch.Tensor:
+           tile: tuple[int, int, int, int, int], num_splits: int, split_len: int, flat: bool = False,
+           max_programs: int | None = None) -> torch.Tensor:
     """x [M, K], weight [N, K] -> [M, N] in x.dtype; tile = (BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
-    num_stages); K ranges as `kernels.matmul.k_split` gives them (split_len a multiple of BLOCK_K)."""
+    num_stages); K ranges as `kernels.matmul.k_split` gives them (split_len a multiple of BLOCK_K).
+    flat: one pipelined loop over the program's tiles and K blocks (_flat_tiles), the same bits.
+    max_programs: the persistent grid's size (default: the SM count on CUDA, one program per tile elsewhere)."""
     num_rows, num_cols = x.shape[0], weight.shape[0]
     out = x.new_empty((num_rows, num_cols))
     if num_rows == 0:
@@ -86,10 +154,11 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     x_desc = TensorDescriptor.from_tensor(x, [block_m, block_k])
     w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k])
     num_tiles = triton.cdiv(num_rows, block_m) * triton.cdiv(num_cols, block_n)
-    num_programs = min(num_tiles, _num_sms(x.device.index or 0)) if x.is_cuda else num_tiles
+    programs = max_programs or (_num_sms(x.device.index or 0) if x.is_cuda else num_tiles)
+    num_programs = min(num_tiles, programs)
     _linear_tma_kernel[(num_programs,)](
         x_desc, w_desc, bias if bias is not None else weight, out, num_rows, num_cols, x.shape[1],
         out.stride(0), split_len, num_splits, num_programs, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, GROUP_M=8, PDL=(pdl := dependent_launch.enabled(x)), num_warps=num_warps,
+        BLOCK_K=block_k, GROUP_M=8, FLAT=flat, PDL=(pdl := dependent_launch.enabled(x)), num_warps=num_warps,
         num_stages=num_stages, launch_pdl=pdl)
     return out

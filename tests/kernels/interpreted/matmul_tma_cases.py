@@ -27,6 +27,10 @@ def test_same_bits_as_the_pointer_kernel(rows, cols, depth, with_bias, num_split
     expected = matmul.launch(x, weight, bias, tile, num_splits, split_len)
     got = matmul_tma.launch(x, weight, bias, tile, num_splits, split_len)
     assert torch.equal(got, expected)
+    for max_programs in (None, 2):   # one tile per program; several tiles (and K ranges) in one flat loop
+        got = matmul_tma.launch(x, weight, bias, tile, num_splits, split_len, flat=True, max_programs=max_programs)
+        assert torch.equal(got, expected), max_programs
+    assert torch.equal(matmul_tma.launch(x, weight, bias, tile, num_splits, split_len, max_programs=2), expected)
     oracle = x.double() @ weight.double().T + (bias.double() if with_bias else 0)
     torch.testing.assert_close(got.double(), oracle, rtol=2e-2, atol=2e-2)
 
