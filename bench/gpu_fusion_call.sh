@@ -11,10 +11,9 @@
 # PARTS (default check,ab) picks; VARIANTS (';'-separated, default before;now) the A/B runs; W1=1 adds
 # bench/w1_throughput.py --runs 5 and W2=1 bench/w2_latency.py --runs 3 after each; also det
 # (bench/check_determinism.py: run it with the winning patch applied), vl (bench/check_vl_gpu.py).
-# E.g. the flat TMA loop (kernels/matmul_tma.py) for every LM shape, prefill-bound W1:
-#   W1=1 VARIANTS='now;flat@linear={"2560,2048": {"tma_flat": true}, "2048,2048": {"tma_flat": true},
-#     "22016,2048": {"tma_flat": true}, "2048,11008": {"tma_flat": true}, "151936,2048": {"tma_flat": true}}'
-#   PARTS=ab bash bench/gpu_fusion_call.sh
+# E.g. the flat TMA loop (kernels/matmul_tma.py) at large M for the four layer shapes, prefill-bound W1:
+#   W1=1 VARIANTS='now;flat@linear={"2560,2048": {"large_tma_flat": true}, "2048,2048": {"large_tma_flat": true},
+#     "22016,2048": {"large_tma_flat": true}, "2048,11008": {"large_tma_flat": true}}' PARTS=ab bash bench/gpu_fusion_call.sh
 source bench/gpu_env.sh
 PARTS=",${PARTS:-check,ab},"
 if [[ $PARTS == *,check,* ]]; then

@@ -10,6 +10,7 @@ Caller: by hand on the device; the chosen table goes into kernels/matmul.py.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -123,7 +124,8 @@ def sweep_range(n: int, k: int, num_rows: int, gen) -> dict:
                   else itertools.product((128,), (128, 256), (64, 128), (8,), (3, 4, 5)))
     kernels = [(matmul.launch, tile, "pointer") for tile in [default_tile, *candidates]]
     tma_tiles = TMA_CANDIDATES if num_rows > 512 else TMA_MID_CANDIDATES   # kernels/matmul_tma.py competes
-    kernels += [(matmul_tma.launch, tile, "tma") for tile in tma_tiles if split_len % tile[2] == 0]
+    kernels += [(functools.partial(matmul_tma.launch, flat=kind == "tma_flat"), tile, kind)
+                for tile in tma_tiles if split_len % tile[2] == 0 for kind in ("tma", "tma_flat")]
     for launch, tile, kind in kernels:
         try:
             us = graph_us(lambda tile=tile, launch=launch: launch(x, w, None, tile, num_splits, split_len), calls)
@@ -135,7 +137,8 @@ def sweep_range(n: int, k: int, num_rows: int, gen) -> dict:
     alone = torch.cat([matmul._triton(x[i:i + 1], w, None) for i in (0, num_rows // 2, num_rows - 1)])
     best = []
     for row in ranked[:6]:
-        launch = matmul_tma.launch if row["kind"] == "tma" else matmul.launch
+        launch = (functools.partial(matmul_tma.launch, flat=row["kind"] == "tma_flat")
+                  if row["kind"].startswith("tma") else matmul.launch)
         out = launch(x, w, None, row["tile"], num_splits, split_len)
         row["invariant"] = bool(torch.equal(out[[0, num_rows // 2, num_rows - 1]], alone))
         best.append(row)
@@ -157,8 +160,11 @@ def write_range(result: dict, name_of_range: str) -> None:
         if pointer:
             shape[name_of_range] = list(pointer[0]["tile"])
         shape.pop(f"{name_of_range}_tma", None)
-        if winners[0]["kind"] == "tma":   # used for 16-bit inputs; the pointer tile stays the fallback
+        shape.pop(f"{name_of_range}_tma_flat", None)
+        if winners[0]["kind"].startswith("tma"):   # used for 16-bit inputs; the pointer tile stays the fallback
             shape[f"{name_of_range}_tma"] = list(winners[0]["tile"])
+            if winners[0]["kind"] == "tma_flat":
+                shape[f"{name_of_range}_tma_flat"] = True
     path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     print("wrote", path, flush=True)
 

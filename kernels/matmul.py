@@ -231,7 +231,8 @@ _MID_M = 512
 # {device name: {"N,K": {"tile": [BLOCK_N, BLOCK_K, num_warps, num_stages], "splits": [S, len],
 #   "mid" / "large" (optional, M <= 512 / above): [BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages],
 #   "mid_tma" / "large_tma" (optional, 16-bit inputs): the same for kernels/matmul_tma.py's TMA kernel,
-#   "tma_flat": true (optional: that TMA kernel as one pipelined loop over tiles and K blocks, same bits),
+#   "mid_tma_flat" / "large_tma_flat": true (optional: that TMA kernel as one pipelined loop over tiles and
+#   K blocks, same bits),
 #   "split_sum": "two_launch" (optional: small M adds its K ranges in a second launch),
 #   "silu_tile": [BLOCK_N, BLOCK_K, num_warps, num_stages] or "unfused" (the fused gate_up + SiLU's
 #   small-M tile, or the product then the activation)}}}.
@@ -320,7 +321,7 @@ def _triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if entry is not None and tma_range in entry and matmul_tma.supports(x, weight):
         num_splits, split_len = k_split(weight.shape[0], x.shape[1])
         return matmul_tma.launch(x, weight, bias, tuple(entry[tma_range]), num_splits, split_len,
-                                 flat=bool(entry.get("tma_flat")))
+                                 flat=bool(entry.get(f"{tma_range}_flat")))
     # Where the GPU's table says so (bench/fusion_ab.py timed both), small M sums its K ranges in a
     # second launch instead of inside the GEMM: the same additions in the same order.
     small = entry is not None and x.shape[0] <= _SMALL_M

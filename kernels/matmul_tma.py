@@ -13,7 +13,8 @@ kernel: which program computes an element, never how, so rows keep their bits ac
 Two loop shapes, the same additions: nested (a program's tiles, each tile's K ranges, each range's K
 blocks; the software pipeline refills at every range and tile, which the small-M K split makes
 short: 8-16 blocks for qkv and o) and flat (one loop over the program's (tile, K block) pairs, the
-table's "tma_flat"; added in the eighth session, not yet timed on a GPU, so no table entry uses it).
+table's "mid_tma_flat" / "large_tma_flat"; added in the eighth session, not yet timed on a GPU, so no
+table entry uses it: bench/tune_linear.py --range mid|large sweeps both shapes).
 """
 
 from __future__ import annotations
