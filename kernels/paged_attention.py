@@ -222,7 +222,9 @@ def _merge_across_programs(run_max, run_sum, run_acc, seg, num_segments, ticket_
         tl.store(ticket_ptr, 0)   # every ticket of the row is drawn: zero for the next launch / replay
 
 
-@triton.jit
+# num_reqs and the block table's width change from step to step: specialised (== 1, divisible by 16),
+# a new value would compile another kernel in the middle of serving.
+@triton.jit(do_not_specialize=["num_reqs", "stride_bt_r"])
 def _paged_attention_kernel(
     query_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, tickets_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, scale, num_reqs, head_dim,

@@ -111,7 +111,9 @@ def _token_cos_sin(positions_ptr, cos_sin_ptr, token, half, section_0, section_1
     return cos, sin
 
 
-@triton.jit
+# stride_pos_row is the step's token count for M-RoPE positions [3, T]: not specialised (== 1, divisible
+# by 16), or a new count would compile another kernel in the middle of serving.
+@triton.jit(do_not_specialize=["stride_pos_row"])
 def _rotary_kernel(
     query_ptr, key_ptr, query_out_ptr, key_out_ptr, positions_ptr, cos_sin_ptr,
     num_q_heads, num_kv_heads, half, section_0, section_1, section_2,
@@ -181,7 +183,7 @@ def _copy_heads(x_ptr, out_ptr, num_heads, head_dim, stride_h, stride_oh,
     tl.store(out_ptr + heads * stride_oh + dims, x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_pos_row"])   # as _rotary_kernel
 def _rotary_store_kv_kernel(
     query_ptr, key_ptr, value_ptr, query_out_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
     positions_ptr, cos_sin_ptr, num_q_heads, num_kv_heads, half, section_0, section_1, section_2,
