@@ -18,7 +18,7 @@ source bench/gpu_env.sh
 PARTS=",${PARTS:-check,ab},"
 if [[ $PARTS == *,check,* ]]; then
   timeout 150 python3 bench/check_kernels.py > "$OUT/check_kernels.log" 2>&1; echo "check_kernels rc=$?"
-  grep -E "FAIL|fused|PDL|failure" "$OUT/check_kernels.log" | tail -8; stamp check
+  grep -E "FAIL|fused|PDL|TMA|failure" "$OUT/check_kernels.log" | tail -8; stamp check
 fi
 patch_table() {  # file, JSON merged into this GPU's table (attention: fields; linear: {"N,K": fields})
   python3 -c "

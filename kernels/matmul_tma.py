@@ -3,7 +3,7 @@ arithmetic as `kernels/matmul.py`'s `_linear_kernel` (fixed K ranges, one fp32 a
 range fed by tensor-core dots in K order, ranges summed in order, bias, one rounding), with the
 tiles brought in by the bulk tensor copy engine (TMA descriptors: no address math or masks per
 load, out-of-range rows and columns arrive as zeros) and a persistent grid (one program per SM
-walking output tiles, so one tile's epilogue overlaps the next tile's first loads).
+walking output tiles: no compile and no grid per M).
 
 Caller: `kernels.matmul._triton` when the GPU's tuned table names a "mid_tma" / "large_tma" tile
 for the weight's shape (bench/tune_linear.py --range mid|large checks every candidate bit-equal to the rows
