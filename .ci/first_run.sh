@@ -46,7 +46,8 @@ until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do
     sleep 1
 done
 echo "first_run: healthy after $(( $(date +%s) - start )) s"
-python .ci/first_run_chat.py --port "$PORT" --image "$WORK/media/rgb.png" --server-pid "$SERVER"
+python .ci/first_run_chat.py --port "$PORT" --image "$WORK/media/rgb.png" --server-pid "$SERVER" \
+    || { cat "$WORK/serve.log" >&2; echo "first_run: the image chat failed (server log above)" >&2; exit 1; }
 kill -TERM "$SERVER"
 status=0; wait "$SERVER" || status=$?
 [[ $status -eq 0 ]] || { cat "$WORK/serve.log" >&2; echo "first_run: server exited $status on SIGTERM" >&2; exit 1; }

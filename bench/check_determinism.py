@@ -27,7 +27,7 @@ ROW_COUNTS = (1, 3, 17, 64, 65, 130, 256, 1000, 4096)
 
 
 def linear_invariance() -> dict:
-    import kernels
+    import vlserve_kernels as kernels
 
     result = {}
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -51,7 +51,7 @@ def split_sum_oracle(replays: int = 200) -> dict:
     """Small M at the split shapes: the in-kernel sum of the K ranges (tile counters, one launch)
     against the two-launch oracle, eagerly and over `replays` CUDA graph replays (a memory-ordering
     slip shows as a replay whose bits differ, or a counter left non-zero)."""
-    from kernels import matmul
+    from vlserve_kernels import matmul
 
     result, gen = {}, torch.Generator(device="cuda").manual_seed(1)
     for name, (n, k) in LM_SHAPES.items():
@@ -77,7 +77,7 @@ def split_sum_oracle(replays: int = 200) -> dict:
 def fused_silu_mul_oracle() -> dict:
     """kernels.batch_invariant_linear_silu_mul against silu_and_mul(batch_invariant_linear) at the
     gate_up shape, bit for bit at every M path (a 2-range split shape too: the in-kernel sum)."""
-    import kernels
+    import vlserve_kernels as kernels
 
     result, gen = {}, torch.Generator(device="cuda").manual_seed(2)
     for n, k in (LM_SHAPES["gate_up"], LM_SHAPES["down"]):   # down's shape: 4 K ranges at small M

@@ -18,13 +18,13 @@ import sys
 import torch
 import triton
 
-import kernels
+import vlserve_kernels as kernels
 
-attention = importlib.import_module("kernels.paged_attention")
-rmsnorm = importlib.import_module("kernels.rmsnorm")
-rotary = importlib.import_module("kernels.rotary")
-activation = importlib.import_module("kernels.activation")
-store = importlib.import_module("kernels.store_kv")
+attention = importlib.import_module("vlserve_kernels.paged_attention")
+rmsnorm = importlib.import_module("vlserve_kernels.rmsnorm")
+rotary = importlib.import_module("vlserve_kernels.rotary")
+activation = importlib.import_module("vlserve_kernels.activation")
+store = importlib.import_module("vlserve_kernels.store_kv")
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 16, 2, 128, 16
 HIDDEN, INTERMEDIATE, MROPE_SECTION = 2048, 11008, [16, 24, 24]
@@ -139,7 +139,7 @@ def check_linear_add_norm():
 def check_tma_flat():
     """kernels/matmul_tma.py's flat loop against its nested loop at the 3B LM shapes (each shape's
     table tile and K split), M = 300 and 4096: bit for bit, and the time of both (printed)."""
-    from kernels import matmul, matmul_tma
+    from vlserve_kernels import matmul, matmul_tma
     same, lines = True, []
     for n, k in ((2560, HIDDEN), (HIDDEN, HIDDEN), (2 * INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE)):
         weight = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16) * k ** -0.5
@@ -230,7 +230,7 @@ def check_dependent_launch(num_layers=8, replays=50):
     """Programmatic dependent launch (kernels/dependent_launch.py): the decode chain captured in a
     CUDA graph with PDL gives the bits of the chain without it on every replay; prints the time per
     layer of both graphs."""
-    from kernels import dependent_launch
+    from vlserve_kernels import dependent_launch
 
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     def weight(rows, cols):

@@ -15,7 +15,7 @@ import json
 
 import torch
 
-from kernels import activation, matmul
+from vlserve_kernels import activation, matmul
 from tune_linear import SHAPES, graph_us
 
 WEIGHT = {1: 1.0, 64: 0.25}   # decode at batch 1 matters most (W2, one client)

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.dependent_launch import wait_previous_kernel
+from vlserve_kernels.dependent_launch import wait_previous_kernel
 from tune_linear import graph_us
 
 

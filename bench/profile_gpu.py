@@ -33,7 +33,7 @@ def force_unsplit() -> None:
     """The kernel as it was before split-K (one K range per weight), for before/after numbers."""
     import triton
 
-    from kernels import matmul
+    from vlserve_kernels import matmul
 
     matmul.k_split = lambda num_cols, k: (1, triton.cdiv(k, matmul.BLOCK_K))
 
@@ -59,8 +59,8 @@ def count_triton_compiles() -> Counter:
 def part_linear() -> dict:
     import triton
 
-    import kernels
-    from kernels import matmul
+    import vlserve_kernels as kernels
+    from vlserve_kernels import matmul
 
     result, gen = {}, torch.Generator(device="cuda").manual_seed(0)
     split_fn = matmul.k_split

@@ -135,7 +135,7 @@ def apply_seconds(num_rows: int, vocab: int, force_reference: bool = False, devi
     """Median seconds of masking [num_rows, vocab] float32 logits with a random bitmask, the
     bitmask's host-to-device copy included (as in a step)."""
     from engine.sampler import apply_grammar_bitmask
-    from kernels import grammar_mask
+    from vlserve_kernels import grammar_mask
 
     logits = torch.randn(num_rows, vocab, device=device)
     bitmask = torch.randint(-2 ** 31, 2 ** 31 - 1, (num_rows, (vocab + 31) // 32), dtype=torch.int32)

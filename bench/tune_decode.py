@@ -30,11 +30,11 @@ from dataclasses import dataclass
 import torch
 import triton
 
-import kernels
-from kernels import matmul, matmul_tma
+import vlserve_kernels as kernels
+from vlserve_kernels import matmul, matmul_tma
 from tune_linear import BANDWIDTH_TB_S, SHAPES, graph_us, splits_for
 
-attention = importlib.import_module("kernels.paged_attention")   # the package's name is the function
+attention = importlib.import_module("vlserve_kernels.paged_attention")   # the package's name is the function
 COLD_BYTES = 192 << 20     # > 3x the H200's 50 MB L2: every call reads its weight from HBM
 
 

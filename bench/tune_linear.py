@@ -18,7 +18,7 @@ import os
 import torch
 import triton
 
-from kernels import matmul, matmul_tma
+from vlserve_kernels import matmul, matmul_tma
 
 SHAPES = {"3b": {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (22016, 2048), "down": (2048, 11008),
                  "lm_head": (151936, 2048)},

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import kernels
+import vlserve_kernels as kernels
 
 _MASK64 = (1 << 64) - 1
 

@@ -14,14 +14,14 @@ import os
 
 import torch
 
-from kernels import activation as _activation
-from kernels import grammar_mask as _grammar_mask
-from kernels import linear_norm as _linear_norm
-from kernels import matmul as _matmul
-from kernels import paged_attention as _paged_attention
-from kernels import rmsnorm as _rmsnorm
-from kernels import rotary as _rotary
-from kernels import store_kv as _store_kv
+from vlserve_kernels import activation as _activation
+from vlserve_kernels import grammar_mask as _grammar_mask
+from vlserve_kernels import linear_norm as _linear_norm
+from vlserve_kernels import matmul as _matmul
+from vlserve_kernels import paged_attention as _paged_attention
+from vlserve_kernels import rmsnorm as _rmsnorm
+from vlserve_kernels import rotary as _rotary
+from vlserve_kernels import store_kv as _store_kv
 
 __all__ = [
     "apply_rotary", "apply_token_bitmask_inplace", "batch_invariant_linear", "batch_invariant_linear_add_rms_norm",

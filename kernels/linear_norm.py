@@ -19,11 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
-import kernels.dependent_launch as dependent_launch
-import kernels.matmul as matmul
-import kernels.rmsnorm as rmsnorm
-from kernels.dependent_launch import wait_previous_kernel
-from kernels.rmsnorm import norm_row
+import vlserve_kernels.dependent_launch as dependent_launch
+import vlserve_kernels.matmul as matmul
+import vlserve_kernels.rmsnorm as rmsnorm
+from vlserve_kernels.dependent_launch import wait_previous_kernel
+from vlserve_kernels.rmsnorm import norm_row
 
 
 def _reference(x, weight, bias, residual, norm_weight, eps):

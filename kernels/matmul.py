@@ -34,13 +34,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-import kernels.matmul_tma as matmul_tma
-import kernels.dependent_launch as dependent_launch
-from kernels.activation import _reference as _activation_reference
-from kernels.activation import _triton as _activation_triton
-from kernels.activation import silu_mul
-from kernels.dependent_launch import wait_previous_kernel
-from kernels.ticket_counters import TicketCounters
+import vlserve_kernels.matmul_tma as matmul_tma
+import vlserve_kernels.dependent_launch as dependent_launch
+from vlserve_kernels.activation import _reference as _activation_reference
+from vlserve_kernels.activation import _triton as _activation_triton
+from vlserve_kernels.activation import silu_mul
+from vlserve_kernels.dependent_launch import wait_previous_kernel
+from vlserve_kernels.ticket_counters import TicketCounters
 
 BLOCK_K = 64
 

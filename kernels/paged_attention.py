@@ -37,10 +37,10 @@ import torch
 import triton
 import triton.language as tl
 
-import kernels.dependent_launch as dependent_launch
-from kernels.dependent_launch import wait_previous_kernel
+import vlserve_kernels.dependent_launch as dependent_launch
+from vlserve_kernels.dependent_launch import wait_previous_kernel
 
-from kernels.ticket_counters import TicketCounters
+from vlserve_kernels.ticket_counters import TicketCounters
 
 # Query rows per matmul in the reference: bounds its score matrix to
 # num_q_heads * _REFERENCE_QUERY_CHUNK * seq_len floats.

@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-import kernels.dependent_launch as dependent_launch
-from kernels.dependent_launch import wait_previous_kernel
+import vlserve_kernels.dependent_launch as dependent_launch
+from vlserve_kernels.dependent_launch import wait_previous_kernel
 
 
 def _reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

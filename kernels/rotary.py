@@ -23,10 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-import kernels.dependent_launch as dependent_launch
-from kernels.dependent_launch import wait_previous_kernel
+import vlserve_kernels.dependent_launch as dependent_launch
+from vlserve_kernels.dependent_launch import wait_previous_kernel
 
-from kernels.store_kv import _reference as _store_kv_reference
+from vlserve_kernels.store_kv import _reference as _store_kv_reference
 
 
 def _section_of(mrope_section, half: int, interleaved: bool, device) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Data flows one way: app -> (engine, vision) ; engine -> (vision, kernels) ; vision -> kernels.
 Walks every module's AST and fails on an import against that direction, and on an import cycle
-between the modules of one package (imports inside functions count: they only hide a cycle)."""
+between the modules of one package (imports inside functions count: they only hide a cycle).
+kernels/ is imported as `vlserve_kernels` (the link beside it): the bare name `kernels` belongs to
+Hugging Face's package, a dependency of transformers >= 5.25, and the two cannot share one process."""
 
 import ast
 import pathlib
@@ -9,14 +11,14 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ALLOWED = {
-    "kernels": set(),
-    "vision": {"kernels"},
-    "engine": {"vision", "kernels"},
+    "vlserve_kernels": set(),
+    "vision": {"vlserve_kernels"},
+    "engine": {"vision", "vlserve_kernels"},
     "app": {"engine", "vision"},
 }
 
 
-def _imported_top_packages(path: pathlib.Path) -> set[str]:
+def _imported_top_names(path: pathlib.Path) -> set[str]:
     tree = ast.parse(path.read_text(), filename=str(path))
     names = set()
     for node in ast.walk(tree):
@@ -24,7 +26,21 @@ def _imported_top_packages(path: pathlib.Path) -> set[str]:
             names.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module.split(".")[0])
-    return names & set(ALLOWED)
+    return names
+
+
+def _import_module_strings(path: pathlib.Path) -> set[str]:
+    """Top names of importlib.import_module("a.b") calls with a literal argument."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "import_module"
+                and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            names.add(node.args[0].value.split(".")[0])
+    return names
+
+
+def _imported_top_packages(path: pathlib.Path) -> set[str]:
+    return _imported_top_names(path) & set(ALLOWED)
 
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))
@@ -36,6 +52,22 @@ def test_imports_follow_the_layering(package):
         for target in _imported_top_packages(path) - {package} - ALLOWED[package]:
             bad.append(f"{path.relative_to(ROOT)} imports {target}")
     assert not bad, "imports against the layering:\n" + "\n".join(bad)
+
+
+def test_nothing_imports_kernels_by_its_directory_name():
+    """`import kernels` would get Hugging Face's package where it is installed (or load our modules a
+    second time, with their own tuning tables and counters, where the repo root is on sys.path)."""
+    bad = []
+    for folder in ["app", "vision", "engine", "kernels", "tests", "bench", "samples"]:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if "kernels" in {*_imported_top_names(path), *_import_module_strings(path)}:
+                bad.append(str(path.relative_to(ROOT)))
+    assert not bad, "imports the bare name `kernels` (use vlserve_kernels):\n" + "\n".join(bad)
+
+
+def test_kernels_link_points_at_the_kernels_folder():
+    assert (ROOT / "vlserve_kernels").is_symlink()
+    assert (ROOT / "vlserve_kernels").resolve() == (ROOT / "kernels").resolve()
 
 
 def test_checker_catches_a_wrong_edge(tmp_path):

@@ -7,7 +7,7 @@ from torch import nn
 
 from engine.layers.linear import MergedLinear
 
-import kernels
+import vlserve_kernels as kernels
 
 
 class SiluAndMul(nn.Module):

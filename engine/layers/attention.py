@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-import kernels
+import vlserve_kernels as kernels
 from engine.layers.rotary import RotaryEmbedding
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+import vlserve_kernels as kernels
 
 from engine.distributed.parallel_context import SINGLE_RANK, ParallelContext
 from engine.layers.linear import default_weight_loader

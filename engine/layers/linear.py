@@ -29,7 +29,7 @@ from torch import nn
 
 from engine.distributed.parallel_context import SINGLE_RANK, ParallelContext, kv_heads_of_rank
 
-import kernels
+import vlserve_kernels as kernels
 
 
 def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> None:

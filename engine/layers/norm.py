@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import kernels
+import vlserve_kernels as kernels
 from engine.layers.linear import RowParallelLinear, default_weight_loader
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import kernels
+import vlserve_kernels as kernels
 
 
 def rope_parameters(text_config: Any) -> tuple[float, list[int] | None]:

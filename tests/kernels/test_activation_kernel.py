@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers.activations import ACT2FN
 
-import kernels
+import vlserve_kernels as kernels
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

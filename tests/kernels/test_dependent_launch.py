@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import dependent_launch
+from vlserve_kernels import dependent_launch
 
 KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
 # Memory operations (tl.load, tl.store, atomics, descriptor loads) and the reductions' loads.

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
+import vlserve_kernels as kernels
 
 
 def bit_loop_oracle(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-import kernels
+import vlserve_kernels as kernels
 
 
 def test_reference_is_linear_then_hf_residual_add_and_norm():

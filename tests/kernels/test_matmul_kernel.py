@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-import kernels
+import vlserve_kernels as kernels
 
 
 def test_reference_is_linear():
@@ -22,7 +22,7 @@ def test_triton_kernel_in_interpreter(run_interpreted_cases):
 
 
 def test_pipeline_stages_fit_shared_memory_for_every_dtype():
-    from kernels.matmul import BLOCK_K, fit_num_stages, tile_config
+    from vlserve_kernels.matmul import BLOCK_K, fit_num_stages, tile_config
 
     assert fit_num_stages(128, 256, 3, 2) == 3   # bf16: 3 x 48 KiB
     assert fit_num_stages(128, 256, 3, 4) == 2   # float32: 3 x 96 KiB would not fit in 227 KiB
@@ -35,7 +35,7 @@ def test_pipeline_stages_fit_shared_memory_for_every_dtype():
 
 
 def test_k_split_depends_on_the_weight_shape_only():
-    from kernels.matmul import BLOCK_K, k_split
+    from vlserve_kernels.matmul import BLOCK_K, k_split
 
     # Qwen2.5-VL-3B decode shapes: o_proj and down_proj get several K ranges, wide ones none.
     assert k_split(2048, 2048) == (8, 256)

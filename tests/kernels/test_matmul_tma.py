@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import matmul_tma
+from vlserve_kernels import matmul_tma
 
 
 def test_triton_kernel_in_interpreter(run_interpreted_cases):

@@ -9,11 +9,11 @@ import importlib
 import pytest
 import torch
 
-import kernels
+import vlserve_kernels as kernels
 from paged_batch import MIXED, dense_causal_attention, make_batch
 
 # The package's `paged_attention` function shadows the submodule of the same name.
-paged_attention_module = importlib.import_module("kernels.paged_attention")
+paged_attention_module = importlib.import_module("vlserve_kernels.paged_attention")
 
 
 @pytest.mark.parametrize("num_q_heads,num_kv_heads", [(2, 2), (4, 2), (8, 2), (7, 1)])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-import kernels
+import vlserve_kernels as kernels
 
 
 def _hf_norm(hidden, dtype, eps, seed=0):

@@ -11,7 +11,7 @@ from transformers import Qwen2Config, Qwen2VLConfig
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding, apply_rotary_pos_emb
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding
 
-import kernels
+import vlserve_kernels as kernels
 
 
 def _cos_sin_cache(inv_freq: torch.Tensor, max_position: int) -> torch.Tensor:

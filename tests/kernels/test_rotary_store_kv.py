@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
+import vlserve_kernels as kernels
 
 
 def _case(device, dtype, mrope_section=None, num_q_heads=16, num_kv_heads=2, head_dim=128):

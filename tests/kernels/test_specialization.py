@@ -12,13 +12,13 @@ import importlib
 import pytest
 
 STEP_VARYING = [
-    ("kernels.matmul", "_linear_kernel", ["M", "NUM_SPLITS"]),
-    ("kernels.matmul", "_sum_partials_kernel", ["M", "NUM_SPLITS"]),
-    ("kernels.matmul_tma", "_linear_tma_kernel", ["M", "NUM_SPLITS", "num_programs"]),
-    ("kernels.linear_norm", "_sum_add_norm_kernel", ["M", "NUM_SPLITS"]),
-    ("kernels.paged_attention", "_paged_attention_kernel", ["num_reqs", "stride_bt_r"]),
-    ("kernels.rotary", "_rotary_kernel", ["stride_pos_row"]),
-    ("kernels.rotary", "_rotary_store_kv_kernel", ["stride_pos_row"]),
+    ("vlserve_kernels.matmul", "_linear_kernel", ["M", "NUM_SPLITS"]),
+    ("vlserve_kernels.matmul", "_sum_partials_kernel", ["M", "NUM_SPLITS"]),
+    ("vlserve_kernels.matmul_tma", "_linear_tma_kernel", ["M", "NUM_SPLITS", "num_programs"]),
+    ("vlserve_kernels.linear_norm", "_sum_add_norm_kernel", ["M", "NUM_SPLITS"]),
+    ("vlserve_kernels.paged_attention", "_paged_attention_kernel", ["num_reqs", "stride_bt_r"]),
+    ("vlserve_kernels.rotary", "_rotary_kernel", ["stride_pos_row"]),
+    ("vlserve_kernels.rotary", "_rotary_store_kv_kernel", ["stride_pos_row"]),
 ]
 
 

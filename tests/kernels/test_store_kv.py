@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
+import vlserve_kernels as kernels
 
 
 def _expected_caches(key, value, k_cache, v_cache, slot_mapping):

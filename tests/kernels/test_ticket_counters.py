@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.ticket_counters import TicketCounters
+from vlserve_kernels.ticket_counters import TicketCounters
 
 
 def test_grows_to_a_power_of_two_and_keeps_the_old_buffer():
@@ -21,7 +21,7 @@ def test_grows_to_a_power_of_two_and_keeps_the_old_buffer():
 def test_matmul_and_attention_use_their_own_buffers():
     import importlib
 
-    matmul = importlib.import_module("kernels.matmul")
-    paged_attention = importlib.import_module("kernels.paged_attention")   # the package's name is the function
+    matmul = importlib.import_module("vlserve_kernels.matmul")
+    paged_attention = importlib.import_module("vlserve_kernels.paged_attention")   # the package's name is the function
     assert matmul.TILE_COUNTERS is not paged_attention.TICKETS
     assert matmul.TILE_COUNTERS.minimum == 1 << 16 and paged_attention.TICKETS.minimum == 1024

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+import vlserve_kernels as kernels
 
 from vision.towers.qwen2_vl import (
     GridKey,

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
+import vlserve_kernels as kernels
 from vision.attention import varlen_attention
 
 GridKey = tuple[tuple[int, int, int], ...]  # one (t, h, w) per item, in patches

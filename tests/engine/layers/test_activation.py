@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import vlserve_kernels as kernels
 from engine.layers.activation import SiluAndMul
 from engine.layers.linear import MergedLinear, set_batch_invariant
 from engine.models.qwen2 import Qwen2MLP

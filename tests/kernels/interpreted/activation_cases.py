@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 
-import kernels
+import vlserve_kernels as kernels
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run via tests/kernels/test_activation_kernel.py"
-activation_module = importlib.import_module("kernels.activation")
+activation_module = importlib.import_module("vlserve_kernels.activation")
 
 
 @pytest.mark.parametrize("intermediate,dtype", [(24, torch.float32), (1500, torch.float16), (40, torch.bfloat16)])

@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 
-import kernels
+import vlserve_kernels as kernels
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run via tests/kernels/test_grammar_mask.py"
-grammar_mask = importlib.import_module("kernels.grammar_mask")
+grammar_mask = importlib.import_module("vlserve_kernels.grammar_mask")
 
 
 @pytest.mark.parametrize("vocab, num_words, rows, dtype", [

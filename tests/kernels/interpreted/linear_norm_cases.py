@@ -11,11 +11,11 @@ import os
 import pytest
 import torch
 
-import kernels
-from kernels import matmul, rmsnorm
+import vlserve_kernels as kernels
+from vlserve_kernels import matmul, rmsnorm
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run via tests/kernels/test_linear_norm.py"
-linear_norm = importlib.import_module("kernels.linear_norm")
+linear_norm = importlib.import_module("vlserve_kernels.linear_norm")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -9,10 +9,10 @@ import os
 import pytest
 import torch
 
-import kernels
+import vlserve_kernels as kernels
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run via tests/kernels/test_matmul_kernel.py"
-matmul_module = importlib.import_module("kernels.matmul")
+matmul_module = importlib.import_module("vlserve_kernels.matmul")
 
 
 @pytest.mark.parametrize("rows,cols,depth,with_bias", [(3, 40, 70, True), (1, 17, 64, False), (70, 33, 130, True)])

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from kernels import matmul, matmul_tma
+from vlserve_kernels import matmul, matmul_tma
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run via tests/kernels/test_matmul_tma.py"
 

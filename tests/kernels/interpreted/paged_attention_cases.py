@@ -9,11 +9,11 @@ import os
 import pytest
 import torch
 
-import kernels
+import vlserve_kernels as kernels
 from paged_batch import ATTENTION_ARGS, MIXED, decode_batch, make_batch
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run via tests/kernels/test_paged_attention.py"
-paged_attention_module = importlib.import_module("kernels.paged_attention")
+paged_attention_module = importlib.import_module("vlserve_kernels.paged_attention")
 
 
 def _reference(batch):

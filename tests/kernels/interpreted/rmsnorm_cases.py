@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 
-import kernels
+import vlserve_kernels as kernels
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run via tests/kernels/test_rmsnorm.py"
-rmsnorm_module = importlib.import_module("kernels.rmsnorm")
+rmsnorm_module = importlib.import_module("vlserve_kernels.rmsnorm")
 
 
 @pytest.mark.parametrize("hidden,dtype", [(48, torch.float32), (64, torch.float16), (40, torch.bfloat16)])

@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 
-import kernels
+import vlserve_kernels as kernels
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run via tests/kernels/test_rotary_kernel.py"
-rotary_module = importlib.import_module("kernels.rotary")
+rotary_module = importlib.import_module("vlserve_kernels.rotary")
 
 
 @pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,mrope_section,dtype,interleaved", [

@@ -10,10 +10,10 @@ import os
 import pytest
 import torch
 
-import kernels
+import vlserve_kernels as kernels
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run via tests/kernels/test_rotary_store_kv.py"
-rotary_module = importlib.import_module("kernels.rotary")
+rotary_module = importlib.import_module("vlserve_kernels.rotary")
 
 NUM_TOKENS, BLOCK_SIZE, NUM_BLOCKS, MAX_POSITION = 6, 4, 5, 40
 # Token 1 and 4 are padding (-1); the others land in scattered blocks and offsets.

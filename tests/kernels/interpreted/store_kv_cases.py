@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 
-import kernels
+import vlserve_kernels as kernels
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run via tests/kernels/test_store_kv.py"
-store_kv_module = importlib.import_module("kernels.store_kv")
+store_kv_module = importlib.import_module("vlserve_kernels.store_kv")
 
 
 @pytest.mark.parametrize("block_size,num_kv_heads,head_dim,dtype", [
