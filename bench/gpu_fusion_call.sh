@@ -9,7 +9,9 @@
 #                       entries for this GPU (e.g. 'silu@linear={"22016,2048": {"silu_tile": "unfused"}}')
 #   NAME@attention=JSON the same for kernels/attention_launch.json (e.g. 'seg64@attention={"kv_split": 64}')
 # PARTS (default check,ab) picks; VARIANTS (';'-separated, default before;now) the A/B runs; W1=1 adds
-# bench/w1_throughput.py --runs 5 and W2=1 bench/w2_latency.py --runs 3 after each; also det
+# bench/w1_throughput.py --runs 5 and W2=1 bench/w2_latency.py --runs 3 after each; w1 runs only W1 for
+# each of W1_VARIANTS; tune runs bench/tune_linear.py --range large, mid (TUNE_RANGES) --write-table
+# (the table lands in $OUT; det then checks it); also det
 # (bench/check_determinism.py: run it with the winning patch applied), vl (bench/check_vl_gpu.py).
 # E.g. the flat TMA loop (kernels/matmul_tma.py) at large M for the four layer shapes, prefill-bound W1:
 #   W1=1 VARIANTS='now;flat@linear={"2560,2048": {"large_tma_flat": true}, "2048,2048": {"large_tma_flat": true},
@@ -29,14 +31,27 @@ if path.endswith('attention_launch.json'): device.update(patch)
 else: [device[shape].update(fields) for shape, fields in patch.items()]
 json.dump(table, open(path, 'w'), indent=1)" "$@"
 }
-run_variant() {
-  local spec=$1 name=${1%%@*} dir=.
+apply_variant() {  # sets $dir (the tree to run) and patches this tree's tables; restore_tables undoes it
+  local spec=$1; dir=.
   cp kernels/linear_tiles.json /tmp/linear_tiles.json; cp kernels/attention_launch.json /tmp/attention_launch.json
   case $spec in
     before) dir=build/before ;;
     *@linear=*) patch_table kernels/linear_tiles.json "${spec#*@linear=}" ;;
     *@attention=*) patch_table kernels/attention_launch.json "${spec#*@attention=}" ;;
   esac
+}
+restore_tables() {
+  cp /tmp/linear_tiles.json kernels/linear_tiles.json; cp /tmp/attention_launch.json kernels/attention_launch.json
+}
+run_w1() {  # W1 only (median of 5), for the W1_VARIANTS of PARTS=w1
+  local name=${1%%@*}; apply_variant "$1"
+  (cd $dir && PYTHONPATH=$(pwd):/tmp/site timeout 150 python3 bench/w1_throughput.py --no-hf --runs 5) > "$OUT/w1_$name.log" 2>&1
+  echo "[$name] W1 $(grep -E 'runs \(s\)|output tokens/s' "$OUT/w1_$name.log" | tr '\n' ' ')"
+  restore_tables; stamp "w1 $name"
+}
+run_variant() {
+  local spec=$1 name=${1%%@*}
+  apply_variant "$spec"
   (cd $dir && PYTHONPATH=$(pwd):/tmp/site timeout 120 python3 bench/step_time.py) > "$OUT/step_$name.log" 2>&1
   echo "[$name] $(grep -E 'W2 wall|decode step' "$OUT/step_$name.log" | tr '\n' ' ')"
   if [[ ${W1:-0} == 1 ]]; then
@@ -47,12 +62,22 @@ run_variant() {
     (cd $dir && PYTHONPATH=$(pwd):/tmp/site timeout 100 python3 bench/w2_latency.py --no-hf --runs 3) > "$OUT/w2_$name.log" 2>&1
     echo "[$name] W2 $(grep -E 'engine ms/token' "$OUT/w2_$name.log")"
   fi
-  cp /tmp/linear_tiles.json kernels/linear_tiles.json; cp /tmp/attention_launch.json kernels/attention_launch.json
-  stamp "$name"
+  restore_tables; stamp "$name"
 }
 if [[ $PARTS == *,ab,* ]]; then
   IFS=';' read -ra variants <<< "${VARIANTS:-before;now}"
   for variant in "${variants[@]}"; do run_variant "$variant"; done
+fi
+if [[ $PARTS == *,w1,* ]]; then
+  IFS=';' read -ra variants <<< "${W1_VARIANTS:-before;now}"
+  for variant in "${variants[@]}"; do run_w1 "$variant"; done
+fi
+if [[ $PARTS == *,tune,* ]]; then   # TMA tiles (flat loop included) at large and mid M, winners into the table
+  for range in ${TUNE_RANGES:-large mid}; do
+    timeout 240 python3 bench/tune_linear.py --range $range --write-table > "$OUT/tune_$range.log" 2>&1
+    echo "tune $range rc=$?"; grep -E "^==|invariant|wrote" "$OUT/tune_$range.log" | head -40; stamp "tune $range"
+  done
+  cp kernels/linear_tiles.json "$OUT/"
 fi
 if [[ $PARTS == *,det,* ]]; then
   timeout 150 python3 bench/check_determinism.py > "$OUT/determinism.log" 2>&1; echo "check_determinism rc=$?"
