@@ -11,7 +11,7 @@
 # PARTS (default check,ab) picks; VARIANTS (';'-separated, default before;now) the A/B runs; W1=1 adds
 # bench/w1_throughput.py --runs 5 and W2=1 bench/w2_latency.py --runs 3 after each; w1 runs only W1 for
 # each of W1_VARIANTS; tune runs bench/tune_linear.py --range large, mid (TUNE_RANGES) --write-table
-# (the table lands in $OUT; det then checks it); also det
+# (before ab and w1, which then run with the new table; it lands in $OUT); also det
 # (bench/check_determinism.py: run it with the winning patch applied), vl (bench/check_vl_gpu.py).
 # E.g. the flat TMA loop (kernels/matmul_tma.py) at large M for the four layer shapes, prefill-bound W1:
 #   W1=1 VARIANTS='now;flat@linear={"2560,2048": {"large_tma_flat": true}, "2048,2048": {"large_tma_flat": true},
@@ -64,6 +64,13 @@ run_variant() {
   fi
   restore_tables; stamp "$name"
 }
+if [[ $PARTS == *,tune,* ]]; then   # TMA tiles (flat loop included) at large and mid M, winners into the table
+  for range in ${TUNE_RANGES:-large mid}; do
+    timeout 240 python3 bench/tune_linear.py --range $range --write-table > "$OUT/tune_$range.log" 2>&1
+    echo "tune $range rc=$?"; grep -E "^==|invariant|wrote" "$OUT/tune_$range.log" | head -40; stamp "tune $range"
+  done
+  cp kernels/linear_tiles.json "$OUT/"
+fi
 if [[ $PARTS == *,ab,* ]]; then
   IFS=';' read -ra variants <<< "${VARIANTS:-before;now}"
   for variant in "${variants[@]}"; do run_variant "$variant"; done
@@ -71,13 +78,6 @@ fi
 if [[ $PARTS == *,w1,* ]]; then
   IFS=';' read -ra variants <<< "${W1_VARIANTS:-before;now}"
   for variant in "${variants[@]}"; do run_w1 "$variant"; done
-fi
-if [[ $PARTS == *,tune,* ]]; then   # TMA tiles (flat loop included) at large and mid M, winners into the table
-  for range in ${TUNE_RANGES:-large mid}; do
-    timeout 240 python3 bench/tune_linear.py --range $range --write-table > "$OUT/tune_$range.log" 2>&1
-    echo "tune $range rc=$?"; grep -E "^==|invariant|wrote" "$OUT/tune_$range.log" | head -40; stamp "tune $range"
-  done
-  cp kernels/linear_tiles.json "$OUT/"
 fi
 if [[ $PARTS == *,det,* ]]; then
   timeout 150 python3 bench/check_determinism.py > "$OUT/determinism.log" 2>&1; echo "check_determinism rc=$?"
