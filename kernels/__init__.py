@@ -64,7 +64,9 @@ def paged_attention(
     query_lens_cpu: list[int] | None = None,
     seq_lens_cpu: list[int] | None = None,
 ) -> torch.Tensor:                  # [num_tokens, num_q_heads, head_dim]; rows past the batch are 0
-    """Causal GQA attention; request r's queries are the last q_len of its seq_lens[r] positions."""
+    """Causal GQA attention; request r's queries are the last q_len of its seq_lens[r] positions.
+    query_start_loc and seq_lens must not be written by the launch just before this one (on the GPU
+    they are read before the wait for it; kernels/dependent_launch.py)."""
     if query.shape[1] % k_cache.shape[2]:
         raise ValueError(f"num_q_heads {query.shape[1]} is not a multiple of num_kv_heads {k_cache.shape[2]}")
     if out is None:
@@ -124,7 +126,9 @@ def rotary_store_kv(
     mrope_interleaved: bool = False,
 ) -> torch.Tensor:                # [num_tokens, num_q_heads, head_dim], the rotated query (new tensor)
     """apply_rotary then store_kv of the rotated key and value, in one launch (the cache gets the
-    same bits as the two calls); the rotated key is not returned (attention reads it from the cache)."""
+    same bits as the two calls); the rotated key is not returned (attention reads it from the cache).
+    positions, cos_sin_cache and slot_mapping must not be written by the launch just before this one
+    (on the GPU they are read before the wait for it; kernels/dependent_launch.py)."""
     if (positions.dim() == 2) != (mrope_section is not None):
         raise ValueError("positions must be [3, num_tokens] exactly when mrope_section is given")
     impl = _rotary._rotary_store_kv_triton if uses_triton(query) else _rotary._rotary_store_kv_reference

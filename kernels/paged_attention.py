@@ -131,7 +131,7 @@ def _find_request(query_start_loc_ptr, num_reqs, tile, BLOCK_Q: tl.constexpr):
     hi: tl.int32 = num_reqs
     while lo < hi:
         mid = (lo + hi) // 2
-        if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= tile:
+        if tl.load(query_start_loc_ptr + mid, cache_modifier=".cg") // BLOCK_Q + mid <= tile:
             lo = mid + 1
         else:
             hi = mid
@@ -236,16 +236,19 @@ def _paged_attention_kernel(
     IS_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     # Program (query tile, kv head[, segment when IS_SPLIT]).
-    wait_previous_kernel(PDL)
+    # The step's request metadata is written before its first kernel, so it is read before the wait
+    # (dependent_launch's rule): the binary search and these loads overlap the previous kernel, and
+    # after the wait only q and this step's K/V remain on the critical path.
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     req = _find_request(query_start_loc_ptr, num_reqs, tile, BLOCK_Q)
-    q_start = tl.load(query_start_loc_ptr + req)
-    q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
+    q_start = tl.load(query_start_loc_ptr + req, cache_modifier=".cg")
+    q_len = tl.load(query_start_loc_ptr + req + 1, cache_modifier=".cg") - q_start
+    seq_len = tl.load(seq_lens_ptr + req, cache_modifier=".cg")
+    wait_previous_kernel(PDL)
     tile_local = tile - (q_start // BLOCK_Q + req)
     if tile_local * BLOCK_Q >= q_len:
         return
-    seq_len = tl.load(seq_lens_ptr + req)
     kv_end = tl.minimum(seq_len, seq_len - q_len + (tile_local + 1) * BLOCK_Q)
     num_segments = (kv_end + SPLIT_TOKENS - 1) // SPLIT_TOKENS
     seg_first = 0
