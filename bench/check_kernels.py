@@ -197,6 +197,50 @@ def check_rotary_store_kv(mrope_section, num_tokens=2048, interleaved=False):
             triton.testing.do_bench(run), float("nan"))
 
 
+def check_rotary_store_kv_attention(mrope_section, batch_size, replays=20):
+    """The decode launch doing rotary_store_kv's work itself (AttentionLaunch.fuse_rotary, this GPU's
+    launch table otherwise) against rotary_store_kv then paged attention: output and both caches
+    bit-equal, also on every CUDA-graph replay of the fused launch; error inf otherwise. The time is
+    the fused launch's (the unfused pair's in the name)."""
+    rng = random.Random(batch_size)
+    seq_lens = [rng.randint(200, 2000) for _ in range(batch_size)]
+    batch = make_attention_batch([1] * batch_size, seq_lens, seed=5)
+    gen = torch.Generator(device=DEVICE).manual_seed(batch_size)
+    key, value = (torch.randn(batch_size, NUM_KV_HEADS, HEAD_DIM, device=DEVICE, generator=gen).to(torch.bfloat16)
+                  for _ in "kv")
+    last = batch["seq_lens"].long() - 1
+    positions = torch.stack([last, last - 5, last - 9]) if mrope_section else last
+    slots = batch["block_tables"][torch.arange(batch_size, device=DEVICE), last // BLOCK_SIZE].long() * BLOCK_SIZE \
+        + last % BLOCK_SIZE
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, HEAD_DIM, 2, device=DEVICE).float() / HEAD_DIM))
+    freqs = torch.arange(4096, device=DEVICE).float()[:, None] * inv_freq[None]
+    cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(torch.bfloat16)
+    args = [batch[k] for k in ("query_start_loc", "seq_lens", "block_tables", "scale")]
+    k_ref, v_ref = batch["k_cache"].clone(), batch["v_cache"].clone()
+    unfused = lambda: kernels.paged_attention(
+        kernels.rotary_store_kv(batch["query"], key, value, positions, cos_sin, k_ref, v_ref, slots, mrope_section),
+        k_ref, v_ref, *args, 1, batch["max_seq_len"])
+    expected = unfused()
+    k_cache, v_cache = batch["k_cache"].clone(), batch["v_cache"].clone()
+    rotary_inputs = attention.DecodeRotary(key, value, positions, cos_sin, slots, mrope_section, False)
+    out = torch.full_like(batch["query"], float("nan"))
+    fused = lambda: attention._triton(batch["query"], k_cache, v_cache, *args, 1, batch["max_seq_len"], out,
+                                      [1] * batch_size, rotary=rotary_inputs)
+    fused()
+    same = torch.equal(out, expected) and torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fused()
+    for _ in range(replays):
+        out.fill_(float("nan"))
+        graph.replay()
+        same = same and torch.equal(out, expected) and torch.equal(k_cache, k_ref)
+    kind = "mrope" if mrope_section else "1d"
+    ms_unfused = triton.testing.do_bench(unfused)
+    return (f"rotary+attention {kind} B={batch_size} = unfused bits ({ms_unfused * 1e3:.1f} us unfused)",
+            0.0 if same else math.inf, triton.testing.do_bench(fused), float("nan"))
+
+
 def check_silu_and_mul(num_tokens=2048):
     x = torch.randn(num_tokens, 2 * INTERMEDIATE, device=DEVICE, dtype=torch.bfloat16)
     run = lambda: kernels.silu_and_mul(x)
@@ -205,19 +249,24 @@ def check_silu_and_mul(num_tokens=2048):
     return f"silu_and_mul T={num_tokens}", error, ms, 3 * x.numel() // 2 * 2 / ms / 1e6
 
 
-def _decode_layers(x, layers, batch, cos_sin, positions, slots):
-    """A batch-1 decode through len(layers) Qwen2-shaped layers, every kernel of a real decode step."""
+def _decode_layers(x, layers, batch, cos_sin, positions, slots, fuse_rotary=False):
+    """A batch-1 decode through len(layers) Qwen2-shaped layers, every kernel of a real decode step
+    (fuse_rotary: the attention launch does rotary_store_kv's work)."""
     residual = x
     hidden = kernels.rms_norm(x, layers[0]["norm"], 1e-6)
     for layer in layers:
         qkv = kernels.batch_invariant_linear(hidden, layer["qkv"])
         q, k, v = qkv.split([NUM_Q_HEADS * HEAD_DIM, NUM_KV_HEADS * HEAD_DIM, NUM_KV_HEADS * HEAD_DIM], dim=-1)
-        q = kernels.rotary_store_kv(q.reshape(1, NUM_Q_HEADS, HEAD_DIM), k.reshape(1, NUM_KV_HEADS, HEAD_DIM),
-                                    v.reshape(1, NUM_KV_HEADS, HEAD_DIM), positions, cos_sin,
-                                    batch["k_cache"], batch["v_cache"], slots)
-        attn = kernels.paged_attention(q, batch["k_cache"], batch["v_cache"], batch["query_start_loc"],
-                                       batch["seq_lens"], batch["block_tables"], batch["scale"], 1,
-                                       batch["max_seq_len"])
+        q = q.reshape(1, NUM_Q_HEADS, HEAD_DIM)
+        k, v = k.reshape(1, NUM_KV_HEADS, HEAD_DIM), v.reshape(1, NUM_KV_HEADS, HEAD_DIM)
+        metadata = [batch[name] for name in ("query_start_loc", "seq_lens", "block_tables", "scale")]
+        if fuse_rotary:
+            attn = attention._triton(q, batch["k_cache"], batch["v_cache"], *metadata, 1, batch["max_seq_len"],
+                                     torch.empty_like(q), [1],
+                                     rotary=attention.DecodeRotary(k, v, positions, cos_sin, slots, None, False))
+        else:
+            q = kernels.rotary_store_kv(q, k, v, positions, cos_sin, batch["k_cache"], batch["v_cache"], slots)
+            attn = kernels.paged_attention(q, batch["k_cache"], batch["v_cache"], *metadata, 1, batch["max_seq_len"])
         out = kernels.batch_invariant_linear(attn.reshape(1, -1), layer["o"])
         hidden, residual = kernels.fused_add_rms_norm(out, residual, layer["norm"], 1e-6)
         up = kernels.silu_and_mul(kernels.batch_invariant_linear(hidden, layer["gate_up"]))
@@ -226,10 +275,11 @@ def _decode_layers(x, layers, batch, cos_sin, positions, slots):
     return hidden
 
 
-def check_dependent_launch(num_layers=8, replays=50):
+def check_dependent_launch(num_layers=8, replays=50, fuse_rotary=False):
     """Programmatic dependent launch (kernels/dependent_launch.py): the decode chain captured in a
     CUDA graph with PDL gives the bits of the chain without it on every replay; prints the time per
-    layer of both graphs."""
+    layer of both graphs. fuse_rotary: the chain with the fused rotary + attention launch, whose bits
+    must also equal the unfused chain's."""
     from vlserve_kernels import dependent_launch
 
     gen = torch.Generator(device=DEVICE).manual_seed(0)
@@ -249,7 +299,7 @@ def check_dependent_launch(num_layers=8, replays=50):
     try:
         for pdl in (False, True):
             dependent_launch._ALLOWED = pdl
-            run = lambda: _decode_layers(x, layers, batch, cos_sin, positions, slot.reshape(1))
+            run = lambda: _decode_layers(x, layers, batch, cos_sin, positions, slot.reshape(1), fuse_rotary)
             run()
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -263,9 +313,13 @@ def check_dependent_launch(num_layers=8, replays=50):
             times[pdl] = triton.testing.do_bench(graph.replay) * 1e3 / num_layers
     finally:
         dependent_launch._ALLOWED = saved
-    same = all(torch.equal(a, results[False][0]) for a in results[False] + results[True])
-    print(f"  decode chain in a graph: {times[False]:.2f} us per layer without PDL, {times[True]:.2f} with")
-    return (f"PDL decode chain = plain bits x{replays} ({times[True]:.1f} vs {times[False]:.1f} us/layer)",
+    reference = results[False][0]
+    if fuse_rotary:   # the unfused chain (eager, default PDL setting) from the same caches
+        reference = _decode_layers(x, layers, batch, cos_sin, positions, slot.reshape(1))
+    same = all(torch.equal(a, reference) for a in results[False] + results[True])
+    label = "PDL decode chain, rotary fused into attention," if fuse_rotary else "PDL decode chain"
+    print(f"  {label} in a graph: {times[False]:.2f} us per layer without PDL, {times[True]:.2f} with")
+    return (f"{label} = plain bits x{replays} ({times[True]:.1f} vs {times[False]:.1f} us/layer)",
             0.0 if same else math.inf, times[True] * num_layers / 1e3, float("nan"))
 
 
@@ -289,8 +343,11 @@ def all_checks():
     yield check_rotary_store_kv(None)
     yield check_rotary_store_kv(MROPE_SECTION)
     yield check_rotary_store_kv([24, 20, 20], interleaved=True)
+    for mrope_section, batch_size in ((None, 1), (MROPE_SECTION, 1), (MROPE_SECTION, 64), (None, 200)):
+        yield check_rotary_store_kv_attention(mrope_section, batch_size)
     yield check_silu_and_mul()
     yield check_dependent_launch()
+    yield check_dependent_launch(fuse_rotary=True)
 
 
 def main() -> int:

@@ -64,7 +64,9 @@ def paged_attention(
     query_lens_cpu: list[int] | None = None,
     seq_lens_cpu: list[int] | None = None,
 ) -> torch.Tensor:                  # [num_tokens, num_q_heads, head_dim]; rows past the batch are 0
-    """Causal GQA attention; request r's queries are the last q_len of its seq_lens[r] positions."""
+    """Causal GQA attention; request r's queries are the last q_len of its seq_lens[r] positions.
+    query_start_loc and seq_lens must not be written by the launch just before this one (on the GPU
+    they are read before the wait for it; kernels/dependent_launch.py)."""
     if query.shape[1] % k_cache.shape[2]:
         raise ValueError(f"num_q_heads {query.shape[1]} is not a multiple of num_kv_heads {k_cache.shape[2]}")
     if out is None:
@@ -76,6 +78,46 @@ def paged_attention(
     return _paged_attention._reference(
         query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, out,
         query_lens_cpu, seq_lens_cpu)
+
+
+def rotary_store_kv_attention(
+    query: torch.Tensor,            # [num_tokens, num_q_heads, head_dim], unrotated
+    key: torch.Tensor,              # [num_tokens, num_kv_heads, head_dim], unrotated
+    value: torch.Tensor,            # [num_tokens, num_kv_heads, head_dim]
+    positions: torch.Tensor,        # [num_tokens] or [3, num_tokens] int64
+    cos_sin_cache: torch.Tensor,    # [max_position, head_dim]
+    k_cache: torch.Tensor,          # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,          # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,     # [num_tokens] int64; -1 = padding, skipped
+    query_start_loc: torch.Tensor,  # [num_reqs + 1] int32
+    seq_lens: torch.Tensor,         # [num_reqs] int32
+    block_tables: torch.Tensor,     # [num_reqs, max_blocks_per_req] int32
+    scale: float,
+    max_query_len: int,
+    max_seq_len: int,
+    mrope_section: list[int] | None = None,
+    mrope_interleaved: bool = False,
+    query_lens_cpu: list[int] | None = None,
+    seq_lens_cpu: list[int] | None = None,
+) -> torch.Tensor:                  # [num_tokens, num_q_heads, head_dim]; rows past the batch are 0
+    """rotary_store_kv then paged_attention, with the same bits. On a GPU whose attention launch has
+    fuse_rotary (kernels/attention_launch.json), decode steps (max_query_len 1) do both in one launch:
+    each program rotates its own token's query heads, and the one walking the token's segment writes
+    its rotated key and value into the cache before reading them."""
+    if (positions.dim() == 2) != (mrope_section is not None):
+        raise ValueError("positions must be [3, num_tokens] exactly when mrope_section is given")
+    if query.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"num_q_heads {query.shape[1]} is not a multiple of num_kv_heads {k_cache.shape[2]}")
+    if uses_triton(query) and max_query_len == 1 and _paged_attention.launch_for(query.device).fuse_rotary:
+        rotary = _paged_attention.DecodeRotary(key, value, positions, cos_sin_cache, slot_mapping, mrope_section,
+                                               mrope_interleaved)
+        return _paged_attention._triton(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
+                                        max_query_len, max_seq_len, torch.empty_like(query), query_lens_cpu,
+                                        rotary=rotary)
+    rotated = rotary_store_kv(query, key, value, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                              mrope_section, mrope_interleaved)
+    return paged_attention(rotated, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale, max_query_len,
+                           max_seq_len, query_lens_cpu=query_lens_cpu, seq_lens_cpu=seq_lens_cpu)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -124,7 +166,9 @@ def rotary_store_kv(
     mrope_interleaved: bool = False,
 ) -> torch.Tensor:                # [num_tokens, num_q_heads, head_dim], the rotated query (new tensor)
     """apply_rotary then store_kv of the rotated key and value, in one launch (the cache gets the
-    same bits as the two calls); the rotated key is not returned (attention reads it from the cache)."""
+    same bits as the two calls); the rotated key is not returned (attention reads it from the cache).
+    positions, cos_sin_cache and slot_mapping must not be written by the launch just before this one
+    (on the GPU they are read before the wait for it; kernels/dependent_launch.py)."""
     if (positions.dim() == 2) != (mrope_section is not None):
         raise ValueError("positions must be [3, num_tokens] exactly when mrope_section is given")
     impl = _rotary._rotary_store_kv_triton if uses_triton(query) else _rotary._rotary_store_kv_reference

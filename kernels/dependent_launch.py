@@ -8,11 +8,15 @@ launch (`griddepcontrol.launch_dependents`). H200, W2: 3.11 -> 2.90 ms/token (BE
 a product's weights into L2 before its wait (prefetch.global.L2) was measured slower (2.98 ms at 64 KiB
 per program, 3.09 at 128 KiB) and is not done.
 
-The rule every kernel launched with PDL keeps: `wait_previous_kernel(PDL)` runs first in every
-program, before any early return and before any load or store of memory that another kernel of the
-stream writes. Because each kernel
-releases its successor only after its own wait, a kernel that starts early overlaps only its
-immediate predecessor, and the wait orders it after everything earlier in the stream.
+The rule every kernel launched with PDL keeps: `wait_previous_kernel(PDL)` runs in every program
+before any early return, before any store, and before any load of memory that the launch just before
+it may write. Because each kernel releases its successor only after its own wait, a kernel that starts
+early overlaps only its immediate predecessor: everything earlier in the stream has finished and its
+stores are in L2. So a kernel may read, before its wait and through L2 (`.cg`), what only earlier
+launches write: paged attention its request metadata and rotary_store_kv its positions, slot mapping
+and cos/sin table, all written before the step's first layer; then only the previous layer op's output
+stays on the critical path after the wait. Kernels whose inputs are built by the launch just before
+them (the vision towers' rotary table) wait first.
 VLSERVE_PDL=0 launches every kernel without it (bench A/B; same bits either way).
 """
 

@@ -40,6 +40,7 @@ import triton.language as tl
 import vlserve_kernels.dependent_launch as dependent_launch
 from vlserve_kernels.dependent_launch import wait_previous_kernel
 
+from vlserve_kernels.rotary import _copy_heads, _rotate_heads, _sections, _token_cos_sin
 from vlserve_kernels.ticket_counters import TicketCounters
 
 # Query rows per matmul in the reference: bounds its score matrix to
@@ -131,7 +132,7 @@ def _find_request(query_start_loc_ptr, num_reqs, tile, BLOCK_Q: tl.constexpr):
     hi: tl.int32 = num_reqs
     while lo < hi:
         mid = (lo + hi) // 2
-        if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= tile:
+        if tl.load(query_start_loc_ptr + mid, cache_modifier=".cg") // BLOCK_Q + mid <= tile:
             lo = mid + 1
         else:
             hi = mid
@@ -222,30 +223,67 @@ def _merge_across_programs(run_max, run_sum, run_acc, seg, num_segments, ticket_
         tl.store(ticket_ptr, 0)   # every ticket of the row is drawn: zero for the next launch / replay
 
 
-# num_reqs and the block table's width change from step to step: specialised (== 1, divisible by 16),
-# a new value would compile another kernel in the middle of serving.
-@triton.jit(do_not_specialize=["num_reqs", "stride_bt_r"])
+@triton.jit
+def _rotate_own_token(query_ptr, key_ptr, value_ptr, query_out_ptr, k_cache_ptr, v_cache_ptr, token, slot, kv_head,
+                      half, stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_v_t, stride_v_h,
+                      stride_qo_t, stride_qo_h, stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s,
+                      stride_vc_h, cos, sin, writes_kv, GROUP: tl.constexpr, GROUP_PADDED: tl.constexpr,
+                      HALF_PADDED: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """FUSED_ROTARY (one decode token per program): rotary_store_kv's work for this KV head, done by
+    its helpers so the bits are the same: the GROUP query heads rotated into query_out, and, by the
+    program whose segment holds the token (writes_kv), the rotated key and the value into its slot.
+    The caller's barrier then orders these stores before the program's own loads of them."""
+    first_head = kv_head * GROUP
+    _rotate_heads(query_ptr + first_head * stride_q_h, query_out_ptr + first_head * stride_qo_h, token, GROUP, half,
+                  stride_q_t, stride_q_h, stride_qo_t, stride_qo_h, cos, sin, GROUP_PADDED, HALF_PADDED)
+    if writes_kv & (slot >= 0):
+        block_id, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+        k_dst = k_cache_ptr + block_id * stride_kc_b + offset * stride_kc_s + kv_head * stride_kc_h
+        v_dst = v_cache_ptr + block_id * stride_vc_b + offset * stride_vc_s + kv_head * stride_vc_h
+        _rotate_heads(key_ptr + kv_head * stride_k_h, k_dst, token, 1, half, stride_k_t, stride_k_h,
+                      0, stride_kc_h, cos, sin, 1, HALF_PADDED)
+        _copy_heads(value_ptr + token * stride_v_t + kv_head * stride_v_h, v_dst, 1, 2 * half, stride_v_h,
+                    stride_vc_h, 1, 2 * HALF_PADDED)
+
+
+# num_reqs, the block table's width and the M-RoPE positions' row stride change from step to step:
+# specialised (== 1, divisible by 16), a new value would compile another kernel in the middle of serving.
+@triton.jit(do_not_specialize=["num_reqs", "stride_bt_r", "stride_pos_row"])
 def _paged_attention_kernel(
     query_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_acc_ptr, partial_max_ptr, partial_sum_ptr, tickets_ptr,
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr, scale, num_reqs, head_dim,
     stride_q_t, stride_q_h, stride_o_t, stride_o_h,
     stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s, stride_vc_h,
     stride_bt_r, stride_pa_t, stride_pa_h, stride_pm_t, stride_pm_h,
+    # FUSED_ROTARY only (rotary_store_kv's arguments; query_ptr is then the unrotated query):
+    key_ptr, value_ptr, query_out_ptr, slot_mapping_ptr, positions_ptr, cos_sin_ptr, half,
+    section_0, section_1, section_2, stride_k_t, stride_k_h, stride_v_t, stride_v_h, stride_qo_t, stride_qo_h,
+    stride_pos_row, stride_cache,
     GROUP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DIM_PADDED: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLIT_TOKENS: tl.constexpr,
     IS_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+    FUSED_ROTARY: tl.constexpr, IS_MROPE: tl.constexpr, IS_INTERLEAVED: tl.constexpr,
+    GROUP_PADDED: tl.constexpr, HALF_PADDED: tl.constexpr,
 ):
     # Program (query tile, kv head[, segment when IS_SPLIT]).
-    wait_previous_kernel(PDL)
+    # The step's request metadata is written before its first kernel, so it is read before the wait
+    # (dependent_launch's rule): the binary search and these loads overlap the previous kernel, and
+    # after the wait only q and this step's K/V remain on the critical path.
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     req = _find_request(query_start_loc_ptr, num_reqs, tile, BLOCK_Q)
-    q_start = tl.load(query_start_loc_ptr + req)
-    q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
+    q_start = tl.load(query_start_loc_ptr + req, cache_modifier=".cg")
+    q_len = tl.load(query_start_loc_ptr + req + 1, cache_modifier=".cg") - q_start
+    seq_len = tl.load(seq_lens_ptr + req, cache_modifier=".cg")
+    if FUSED_ROTARY:   # pure decode: the tile's one token; a padding request (q_len 0) reads token 0's rows
+        token = tl.where(q_len > 0, q_start, 0).to(tl.int64)
+        cos, sin = _token_cos_sin(positions_ptr, cos_sin_ptr, token, half, section_0, section_1, section_2,
+                                  stride_pos_row, stride_cache, IS_MROPE, IS_INTERLEAVED, HALF_PADDED)
+        slot = tl.load(slot_mapping_ptr + token, cache_modifier=".cg").to(tl.int64)
+    wait_previous_kernel(PDL)
     tile_local = tile - (q_start // BLOCK_Q + req)
     if tile_local * BLOCK_Q >= q_len:
         return
-    seq_len = tl.load(seq_lens_ptr + req)
     kv_end = tl.minimum(seq_len, seq_len - q_len + (tile_local + 1) * BLOCK_Q)
     num_segments = (kv_end + SPLIT_TOKENS - 1) // SPLIT_TOKENS
     seg_first = 0
@@ -255,6 +293,15 @@ def _paged_attention_kernel(
         seg_last = seg_first + 1
         if seg_first >= num_segments:
             return
+    q_src, stride_src_t, stride_src_h = query_ptr, stride_q_t, stride_q_h
+    if FUSED_ROTARY:
+        _rotate_own_token(query_ptr, key_ptr, value_ptr, query_out_ptr, k_cache_ptr, v_cache_ptr, token, slot, kv_head,
+                          half, stride_q_t, stride_q_h, stride_k_t, stride_k_h, stride_v_t, stride_v_h,
+                          stride_qo_t, stride_qo_h, stride_kc_b, stride_kc_s, stride_kc_h, stride_vc_b, stride_vc_s,
+                          stride_vc_h, cos, sin, seg_last == num_segments, GROUP, GROUP_PADDED, HALF_PADDED,
+                          BLOCK_SIZE)
+        tl.debug_barrier()   # every thread's stores above before any thread's loads below
+        q_src, stride_src_t, stride_src_h = query_out_ptr, stride_qo_t, stride_qo_h
     # Row m = query token tile_local * BLOCK_Q + m // GROUP of the request, query head kv_head * GROUP + m % GROUP.
     rows = tl.arange(0, BLOCK_M)
     row_tok = tile_local * BLOCK_Q + rows // GROUP                                   # [BLOCK_M]
@@ -265,8 +312,8 @@ def _paged_attention_kernel(
     dims = tl.arange(0, DIM_PADDED)
     dim_valid = dims < head_dim
     row_mask = row_valid[:, None] & dim_valid[None, :]
-    q = tl.load(query_ptr + row_t64[:, None] * stride_q_t + row_head[:, None] * stride_q_h + dims[None, :],
-                mask=row_mask, other=0.0)                                            # [BLOCK_M, DIM_PADDED]
+    q = tl.load(q_src + row_t64[:, None] * stride_src_t + row_head[:, None] * stride_src_h + dims[None, :],
+                mask=row_mask, other=0.0, cache_modifier=".cg")                      # [BLOCK_M, DIM_PADDED]
     run_max = tl.full([BLOCK_M], _NO_SCORE, tl.float32)
     run_sum = tl.zeros([BLOCK_M], tl.float32)
     run_acc = tl.zeros([BLOCK_M, DIM_PADDED], tl.float32)
@@ -311,6 +358,7 @@ class AttentionLaunch:
     split_stages: int = 3   # flash-decoding programs (pure decode, long sequences)
     loop_stages: int = 3    # every other launch (prefill chunks, mixed steps, short decodes)
     split_below: int = 1 << 30
+    fuse_rotary: bool = False   # decode launches do rotary_store_kv's work too (one launch less per layer)
 
 
 DEFAULT_LAUNCH = AttentionLaunch()
@@ -326,7 +374,7 @@ def tuned_launch(device_name: str) -> AttentionLaunch:
 
 
 @functools.lru_cache(maxsize=None)
-def _launch_for(device: torch.device) -> AttentionLaunch:
+def launch_for(device: torch.device) -> AttentionLaunch:
     # Per device, once: the kernel runs per layer per step, the name lookup need not.
     return tuned_launch(torch.cuda.get_device_name(device)) if device.type == "cuda" else DEFAULT_LAUNCH
 
@@ -343,17 +391,55 @@ def _tile_shape(group: int, block_n: int) -> tuple[int, int, int]:
 TICKETS = TicketCounters("paged attention (split-KV merge)", 1024)
 
 
+@dataclass(frozen=True)
+class DecodeRotary:
+    """rotary_store_kv's inputs, for the decode launch that does its work itself (FUSED_ROTARY):
+    the attention's query is then unrotated, and key / value are this step's, not yet cached."""
+
+    key: torch.Tensor             # [num_tokens, num_kv_heads, head_dim], unrotated
+    value: torch.Tensor           # [num_tokens, num_kv_heads, head_dim]
+    positions: torch.Tensor       # [num_tokens] or [3, num_tokens] int64
+    cos_sin_cache: torch.Tensor   # [max_position, head_dim]
+    slot_mapping: torch.Tensor    # [num_tokens] int64; -1 = padding, skipped
+    mrope_section: list[int] | None
+    interleaved: bool
+
+
+def _rotary_arguments(query, k_cache, v_cache, rotary: DecodeRotary | None):
+    """(query_out, the kernel's FUSED_ROTARY arguments, its constexprs); dummies without rotary."""
+    if rotary is None:
+        zeros = [0] * 12
+        return query, [query, query, query, query, query, query, *zeros], dict(
+            FUSED_ROTARY=False, IS_MROPE=False, IS_INTERLEAVED=False, GROUP_PADDED=1, HALF_PADDED=1)
+    sections = _sections(query, rotary.key, rotary.positions, rotary.cos_sin_cache, rotary.mrope_section)
+    if any(t.stride(-1) != 1 for t in (rotary.value, k_cache, v_cache)):
+        raise ValueError("value, k_cache and v_cache must be contiguous in head_dim")
+    query_out, positions = torch.empty_like(query), rotary.positions
+    head_dim, group = query.shape[2], query.shape[1] // k_cache.shape[2]
+    args = [rotary.key, rotary.value, query_out, rotary.slot_mapping, positions, rotary.cos_sin_cache,
+            head_dim // 2, *sections, rotary.key.stride(0), rotary.key.stride(1), rotary.value.stride(0),
+            rotary.value.stride(1), query_out.stride(0), query_out.stride(1),
+            positions.stride(0) if positions.dim() == 2 else 0, rotary.cos_sin_cache.stride(0)]
+    return query_out, args, dict(
+        FUSED_ROTARY=True, IS_MROPE=rotary.mrope_section is not None, IS_INTERLEAVED=rotary.interleaved,
+        GROUP_PADDED=triton.next_power_of_2(group), HALF_PADDED=triton.next_power_of_2(head_dim // 2))
+
+
 def _triton(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,
             max_query_len, max_seq_len, out, query_lens_cpu, kv_split_tokens: int | None = None,
-            launch: AttentionLaunch | None = None):
+            launch: AttentionLaunch | None = None, rotary: DecodeRotary | None = None):
+    """rotary (decode launches only, max_query_len 1): query is unrotated and the launch does
+    rotary_store_kv's work too (the same bits as that call followed by this one)."""
     num_tokens, num_q_heads, head_dim = query.shape
+    if rotary is not None and max_query_len != 1:
+        raise ValueError(f"the rotary is fused into decode launches only (max_query_len 1, got {max_query_len})")
     num_kv_heads, num_reqs = k_cache.shape[2], query_start_loc.shape[0] - 1
     _zero_padding_rows(out, query_lens_cpu)
     if num_tokens == 0 or num_reqs == 0:
         return out
     group = num_q_heads // num_kv_heads
     if launch is None:
-        launch = _launch_for(query.device)
+        launch = launch_for(query.device)
     kv_split_tokens = kv_split_tokens or launch.kv_split
     block_q, block_m, block_n = _tile_shape(group, launch.block_n)
     if kv_split_tokens % block_n:
@@ -368,6 +454,7 @@ def _triton(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, sc
     partial_sum = torch.empty_like(partial_max)
     # Counters [num_tokens x num_kv_heads] for split launches; other launches never touch the pointer.
     tickets = TICKETS.get(query.device, num_tokens * num_kv_heads) if is_split else partial_max
+    _, rotary_args, rotary_constexprs = _rotary_arguments(query, k_cache, v_cache, rotary)
     _paged_attention_kernel[(num_tokens // block_q + num_reqs, num_kv_heads, num_segments)](
         query, k_cache, v_cache, out, partial_acc, partial_max, partial_sum, tickets,
         query_start_loc, seq_lens, block_tables, scale, num_reqs, head_dim,
@@ -375,7 +462,7 @@ def _triton(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, sc
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), partial_acc.stride(0), partial_acc.stride(1),
-        partial_max.stride(0), partial_max.stride(1),
+        partial_max.stride(0), partial_max.stride(1), *rotary_args, **rotary_constexprs,
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, DIM_PADDED=dim_padded,
         BLOCK_SIZE=k_cache.shape[1], SPLIT_TOKENS=kv_split_tokens, IS_SPLIT=is_split,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",

@@ -102,9 +102,9 @@ def _token_cos_sin(positions_ptr, cos_sin_ptr, token, half, section_0, section_1
                        + 2 * ((residue == 2) & (freqs < 3 * section_2)).to(tl.int64))
         else:
             section = (freqs >= section_0).to(tl.int64) + (freqs >= section_0 + section_1).to(tl.int64)
-        position = tl.load(positions_ptr + section * stride_pos_row + token)      # [HALF_PADDED]
+        position = tl.load(positions_ptr + section * stride_pos_row + token, cache_modifier=".cg")  # [HALF_PADDED]
     else:
-        position = tl.load(positions_ptr + token + freqs * 0)
+        position = tl.load(positions_ptr + token + freqs * 0, cache_modifier=".cg")
     row = cos_sin_ptr + position.to(tl.int64) * stride_cache + freqs
     cos = tl.load(row, mask=freq_valid, other=0.0).to(tl.float32)[None, :]
     sin = tl.load(row + half, mask=freq_valid, other=0.0).to(tl.float32)[None, :]
@@ -122,7 +122,8 @@ def _rotary_kernel(
     IS_MROPE: tl.constexpr, IS_INTERLEAVED: tl.constexpr, Q_HEADS_PADDED: tl.constexpr, K_HEADS_PADDED: tl.constexpr,
     HALF_PADDED: tl.constexpr, PDL: tl.constexpr,
 ):
-    # One program per token.
+    # One program per token. The wait comes first: the vision towers compute positions and the table
+    # (cos_sin_ptr) in the launches just before this one.
     wait_previous_kernel(PDL)
     token = tl.program_id(0).to(tl.int64)
     cos, sin = _token_cos_sin(positions_ptr, cos_sin_ptr, token, half, section_0, section_1, section_2,
@@ -193,13 +194,15 @@ def _rotary_store_kv_kernel(
     Q_HEADS_PADDED: tl.constexpr, K_HEADS_PADDED: tl.constexpr, HALF_PADDED: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program per token: q -> query_out always; rotated k and v -> cache slot unless slot < 0.
-    wait_previous_kernel(PDL)
+    # Positions, slot mapping (both written before the step's first kernel) and the cos/sin cache are
+    # read before the wait (dependent_launch's rule): only q, k and v wait for the previous kernel.
     token = tl.program_id(0).to(tl.int64)
     cos, sin = _token_cos_sin(positions_ptr, cos_sin_ptr, token, half, section_0, section_1, section_2,
                               stride_pos_row, stride_cache, IS_MROPE, IS_INTERLEAVED, HALF_PADDED)
+    slot = tl.load(slot_mapping_ptr + token, cache_modifier=".cg").to(tl.int64)
+    wait_previous_kernel(PDL)
     _rotate_heads(query_ptr, query_out_ptr, token, num_q_heads, half, stride_q_t, stride_q_h,
                   stride_qo_t, stride_qo_h, cos, sin, Q_HEADS_PADDED, HALF_PADDED)
-    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot >= 0:
         block_id, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
         k_dst = k_cache_ptr + block_id * stride_kc_b + offset * stride_kc_s   # this slot's [Hkv, D]

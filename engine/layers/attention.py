@@ -59,12 +59,15 @@ class AttentionBackend:
                        kv_cache: tuple[torch.Tensor, torch.Tensor], attn_metadata: AttentionMetadata,
                        scale: float) -> torch.Tensor:
         """Unrotated query [T, Hq, D], key/value [T, Hkv, D], positions [T] or [3, T] -> [T, Hq, D].
-        The rotary and the K/V write are one launch (kernels.rotary_store_kv) instead of two, and
-        the rotated key never leaves that kernel except into the cache."""
+        The rotary and the K/V write are one launch instead of two, and the rotated key never leaves
+        it except into the cache; decode steps may run the attention in that launch too
+        (kernels.rotary_store_kv_attention: per GPU model, the same bits either way)."""
         k_cache, v_cache = kv_cache  # each [num_blocks, block_size, Hkv, D]
-        query = rotary_emb.rotate_and_store(positions, query, key, value, k_cache, v_cache,
-                                            attn_metadata.slot_mapping)
-        return self._attend(query, kv_cache, attn_metadata, scale)
+        return kernels.rotary_store_kv_attention(
+            query, key, value, positions, rotary_emb.cos_sin_cache, k_cache, v_cache, attn_metadata.slot_mapping,
+            attn_metadata.query_start_loc, attn_metadata.seq_lens, attn_metadata.block_tables, scale,
+            attn_metadata.max_query_len, attn_metadata.max_seq_len, rotary_emb.section(positions),
+            rotary_emb.mrope_interleaved, attn_metadata.query_lens_cpu, attn_metadata.seq_lens_cpu)
 
     def _attend(self, query: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
                 attn_metadata: AttentionMetadata, scale: float) -> torch.Tensor:

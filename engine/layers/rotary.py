@@ -1,8 +1,9 @@
 """Rotary position embedding (neox / rotate-half layout, as HF Qwen2), with the M-RoPE variant
 of Qwen2-VL: positions [3, T] (temporal, height, width) and `mrope_section` saying which
 frequencies read which row (in blocks; interleaved t/h/w for Qwen3-VL, `mrope_interleaved`).
-Caller: engine.layers.attention.Attention (rotate_and_store: `kernels.rotary_store_kv`, the rotary
-fused with the K/V-cache write); `forward` (`kernels.apply_rotary`) rotates without caching.
+Caller: engine.layers.attention.AttentionBackend, which hands cos_sin_cache and `section` to
+`kernels.rotary_store_kv_attention` (the rotary fused with the K/V-cache write, and at decode with the
+attention too); `forward` (`kernels.apply_rotary`) rotates without caching.
 
 cos_sin_cache [max_position, head_dim]: row p = cos(p * inv_freq) | sin(p * inv_freq), each half
 head_dim/2 wide. Computed in float32 and cast to the model dtype, as HF casts cos/sin to x.dtype.
@@ -48,18 +49,10 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
         """positions [T] or [3, T] int64; query [T, Hq, D]; key [T, Hkv, D] -> rotated (query, key)."""
-        return kernels.apply_rotary(query, key, positions, self.cos_sin_cache, self._section(positions),
+        return kernels.apply_rotary(query, key, positions, self.cos_sin_cache, self.section(positions),
                                     self.mrope_interleaved)
 
-    def rotate_and_store(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
-                         value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         slot_mapping: torch.Tensor) -> torch.Tensor:
-        """forward, with the rotated key and value written into the paged cache ([num_blocks,
-        block_size, Hkv, D] each) at slot_mapping [T] (-1 skipped) in the same launch -> rotated
-        query [T, Hq, D]. Caller: AttentionBackend.forward_rotary."""
-        return kernels.rotary_store_kv(query, key, value, positions, self.cos_sin_cache, k_cache, v_cache,
-                                       slot_mapping, self._section(positions), self.mrope_interleaved)
-
-    def _section(self, positions: torch.Tensor) -> list[int] | None:
+    def section(self, positions: torch.Tensor) -> list[int] | None:
+        """The mrope_section that positions [T] or [3, T] call for (the kernels' argument)."""
         # 1-D positions on an M-RoPE model stand for three equal rows: plain RoPE is the same rotation.
         return self.mrope_section if positions.dim() == 2 else None

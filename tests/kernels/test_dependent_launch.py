@@ -54,18 +54,43 @@ def test_the_decode_path_kernels_take_pdl():
             "_paged_attention_kernel"} <= names
 
 
+# Pointers a kernel reads before its wait: memory that only launches before the step's first layer
+# write (request metadata, positions, slots) or none (the cos/sin table). The callers' contract
+# (kernels/__init__.py) says the launch just before never writes them.
+PREWAIT_READS = {
+    "_paged_attention_kernel": {"query_start_loc_ptr", "seq_lens_ptr", "positions_ptr", "cos_sin_ptr",
+                                "slot_mapping_ptr"},
+    "_rotary_store_kv_kernel": {"positions_ptr", "cos_sin_ptr", "slot_mapping_ptr"},
+}
+
+
+def _pointer_names(node: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and n.id.endswith("_ptr")}
+
+
 @pytest.mark.parametrize("file_name,kernel", _pdl_kernels(), ids=lambda v: getattr(v, "name", v))
 def test_kernel_waits_before_touching_memory(file_name, kernel):
-    """Top-level statements before wait_previous_kernel(PDL) may compute indices, never load,
-    store, take a ticket or return."""
+    """Top-level statements before wait_previous_kernel(PDL) may compute indices and read the
+    kernel's PREWAIT_READS pointers; never store, take a ticket, return, or read anything else."""
+    allowed = PREWAIT_READS.get(kernel.name, set())
     for statement in kernel.body:
         called = _called_names(statement)
         if "wait_previous_kernel" in called:
             return
         assert not any(isinstance(n, ast.Return) for n in ast.walk(statement)), f"{kernel.name}: return before the wait"
-        touched = called & _MEMORY_CALLS
+        touched = called & (_MEMORY_CALLS - {"load"})
         assert not touched, f"{file_name} {kernel.name}: {sorted(touched)} before wait_previous_kernel"
+        read = _pointer_names(statement) - allowed
+        assert not read, f"{file_name} {kernel.name}: reads {sorted(read)} before wait_previous_kernel"
     pytest.fail(f"{kernel.name} never calls wait_previous_kernel(PDL)")
+
+
+def test_checker_refuses_a_read_of_the_previous_kernels_output():
+    source = ("@triton.jit\ndef _rotary_store_kv_kernel(query_ptr, positions_ptr, PDL: tl.constexpr):\n"
+              "    p = tl.load(positions_ptr)\n    q = tl.load(query_ptr)\n    wait_previous_kernel(PDL)\n")
+    kernel = _jit_kernels(ast.parse(source))[0]
+    with pytest.raises(AssertionError, match=r"reads \['query_ptr'\]"):
+        test_kernel_waits_before_touching_memory("x.py", kernel)
 
 
 def test_every_launch_passes_pdl_and_launch_pdl_together():
