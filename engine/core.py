@@ -162,8 +162,8 @@ class EngineCore:
 
     def _step_ahead(self) -> EngineOutputs:
         """Async scheduling: schedule step N+1 and launch its forward, then wait for step N's tokens
-        (the device runs N+1 meanwhile) and turn them into outputs. Requests that need N's tokens on
-        the host to prepare N+1 (scheduler.can_schedule_ahead) make it wait for N before scheduling.
+        (the device runs N+1 meanwhile) and turn them into outputs. A beam group, whose next step
+        needs N's log-probs on the host (scheduler.can_schedule_ahead), makes it wait for N first.
         [structured outputs] N+1's bitmask needs N's tokens accepted by the matchers: N's update
         starts building it in a thread right after the accept, and N+1's sampling is launched by
         the next call, after it scheduled N+2 (so the build overlaps the rest of the update, the

@@ -73,13 +73,6 @@ class Request:
         # known tokens will sample one more, a placeholder until its output arrives.
         self.num_inflight_tokens = 0
         self.num_output_placeholders = 0
-        # Its next step cannot be prepared before its last token is on the host (the sampler's
-        # penalties read every output token): async scheduling waits for the step on the device.
-        # A grammar does not need this: engine.core builds its bitmask after the previous step's
-        # tokens arrived, while the next forward runs.
-        params = sampling_params
-        self.needs_host_tokens = (params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
-                                  or params.presence_penalty != 0.0)
         self.num_cached_tokens = -1  # prefix-cache hit at first admission; -1 until admitted
         self.num_preemptions = 0
         # Chained hashes of this request's full blocks (engine.kv_cache.block_hash), grown lazily.

@@ -159,23 +159,37 @@ def _token_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Repetition (HF/vLLM: positive logits / p, negative * p, over prompt + output tokens), then
     frequency and presence (OpenAI: over output tokens only)."""
-    vocab_size = logits.shape[-1]
     if batch.repetition_penalty is None and batch.frequency_penalty is None and batch.presence_penalty is None:
         return logits
     empty = torch.empty(logits.shape[0], 0, dtype=torch.int64, device=logits.device)
     output_ids = batch.output_token_ids if batch.output_token_ids is not None else empty
-    output_counts = _token_counts(output_ids, vocab_size)                  # [R, V]
     if batch.repetition_penalty is not None:
         prompt_ids = batch.prompt_token_ids if batch.prompt_token_ids is not None else empty
-        seen = (_token_counts(prompt_ids, vocab_size) + output_counts) > 0
-        penalty = batch.repetition_penalty[:, None]
-        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-        logits = torch.where(seen, penalised, logits)
-    if batch.frequency_penalty is not None:
-        logits = logits - batch.frequency_penalty[:, None] * output_counts
-    if batch.presence_penalty is not None:
-        logits = logits - batch.presence_penalty[:, None] * (output_counts > 0)
+        logits = _apply_repetition_penalty(logits, batch.repetition_penalty, torch.cat([prompt_ids, output_ids], 1))
+    if batch.frequency_penalty is not None or batch.presence_penalty is not None:
+        output_counts = _token_counts(output_ids, logits.shape[-1])          # [R, V]
+        if batch.frequency_penalty is not None:
+            logits = logits - batch.frequency_penalty[:, None] * output_counts
+        if batch.presence_penalty is not None:
+            logits = logits - batch.presence_penalty[:, None] * (output_counts > 0)
     return logits
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, penalty: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """logits [R, V] float32, penalty [R], token_ids [R, L] (the row's prompt and output tokens,
+    repeats allowed, -1 = padding) -> new logits. Only the seen columns change: a gather and a
+    scatter of [R, L] instead of passes over [R, V] (the repetition penalty is in Qwen's generation
+    configs, so in nearly every step). Padding repeats the row's first seen id: a repeated id
+    scatters the same value each time, so the result does not depend on the order of the writes."""
+    if token_ids.shape[1] == 0:
+        return logits
+    valid = token_ids >= 0
+    first = token_ids.gather(1, valid.to(torch.int32).argmax(dim=1, keepdim=True)).clamp_min(0)   # [R, 1]
+    index = torch.where(valid, token_ids, first)
+    seen = logits.gather(1, index)                                                              # [R, L]
+    penalised = torch.where(seen > 0, seen / penalty[:, None], seen * penalty[:, None])
+    # A row without any token (never from the engine: prompts are not empty) keeps column 0 as it is.
+    return logits.scatter(1, index, torch.where(valid.any(dim=1, keepdim=True), penalised, seen))
 
 
 def ban_tokens(logits: torch.Tensor, banned_token_ids: torch.Tensor | None) -> torch.Tensor:

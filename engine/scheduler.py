@@ -289,12 +289,10 @@ class Scheduler:
                 or len(request.all_token_ids) + request.num_output_placeholders >= self.max_model_len)
 
     def can_schedule_ahead(self) -> bool:
-        """Async scheduling: False while a running request needs its last token on the host
-        before its next step can be prepared (see Request.needs_host_tokens), or while a beam
-        group runs (its beams are picked from the last step's log-probs)."""
-        if beam_groups.needs_synchronous_steps(self):
-            return False
-        return not any(r.needs_host_tokens and r.num_output_placeholders for r in self.running)
+        """Async scheduling: False while a beam group runs (its beams are picked from the last
+        step's log-probs). Penalties do not need the last token on the host: the runner counts it
+        from the device (engine.runner.sampling_rows)."""
+        return not beam_groups.needs_synchronous_steps(self)
 
     def has_structured_output_requests(self, scheduler_output: SchedulerOutput) -> bool:
         """[structured outputs] Does a request of the step have a grammar (its bitmask must follow

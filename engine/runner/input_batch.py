@@ -25,7 +25,7 @@ import torch
 
 from engine.layers.attention import AttentionMetadata
 from engine.runner.transfer import to_device
-from engine.runner.sampling_rows import SamplingTable, build_sampling_batch
+from engine.runner.sampling_rows import PendingTokens, SamplingTable, build_sampling_batch
 from engine.sampler import SamplingBatch
 from engine.sampling_params import SamplingParams
 from engine.scheduler_output import ForkedRequestData, NewRequestData, SchedulerOutput
@@ -48,6 +48,14 @@ class CachedRequestState:
     # Sampled by a launched step whose output has not reached the host yet (async scheduling:
     # 0 or 1). Its value is on the device: InputBatch.last_sampled.
     num_pending: int = 0
+    _prompt_array: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def prompt_array(self) -> np.ndarray:
+        """prompt_token_ids as int64, made once (the repetition penalty's rows read it every step)."""
+        if self._prompt_array is None:
+            self._prompt_array = np.array(self.prompt_token_ids, dtype=np.int64)
+        return self._prompt_array
 
     @property
     def num_tokens(self) -> int:
@@ -289,7 +297,9 @@ class InputBatch:
 
     def sampling_batch(self, req_ids: list[str]) -> SamplingBatch:
         states = [self.requests[r] for r in req_ids]
-        return build_sampling_batch(states, self.sampling_table, self.eos_token_ids, self._to_device)
+        pending = (PendingTokens(self.last_sampled, self.last_sampled_index)
+                   if self.last_sampled is not None else None)
+        return build_sampling_batch(states, self.sampling_table, self.eos_token_ids, self._to_device, pending)
 
     def _take_row(self, state: CachedRequestState) -> None:
         """A block-table row (and its sampling-table row) for a request entering the batch."""

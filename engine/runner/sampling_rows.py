@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,9 +50,21 @@ class SamplingTable:
         self.mixed_seeds[row] = mix_seed(seed)
 
 
+@dataclass(frozen=True)
+class PendingTokens:
+    """Async scheduling: the tokens the step on the device samples (InputBatch.last_sampled, [S]
+    int64 on the device) and each of its requests' index into them. A request has at most one
+    such token (CachedRequestState.num_pending)."""
+
+    sampled: torch.Tensor
+    index: dict[str, int]
+
+
 def build_sampling_batch(states: list, table: SamplingTable, eos_token_ids: tuple[int, ...],
-                         to_device: Callable[[np.ndarray | list, torch.dtype], torch.Tensor]) -> SamplingBatch:
-    """states: the sampling requests' CachedRequestStates, in batch order."""
+                         to_device: Callable[[np.ndarray | list, torch.dtype], torch.Tensor],
+                         pending: PendingTokens | None = None) -> SamplingBatch:
+    """states: the sampling requests' CachedRequestStates, in batch order; pending: where their
+    tokens still on the device are (the penalties count them without waiting for them)."""
     rows = np.array([s.row for s in states], dtype=np.int64)                            # [R]
     numbers = table.numbers[rows]                                                        # [R, 8]
     positions = np.array([len(s.output_token_ids) + s.num_pending for s in states], dtype=np.int64)  # [R]
@@ -66,7 +79,7 @@ def build_sampling_batch(states: list, table: SamplingTable, eos_token_ids: tupl
     if (numbers[:, _MIN_P] > 0.0).any():
         batch.min_p = to_device(numbers[:, _MIN_P], torch.float32)
     if numbers[:, _HAS_PENALTY].any():
-        _add_penalties(batch, states, to_device)
+        _add_penalties(batch, states, to_device, pending)
     if (positions < numbers[:, _MIN_TOKENS]).any():
         batch.banned_token_ids = _banned_tokens(states, positions, eos_token_ids, table.vocab_size, to_device)
     max_logprobs = numbers[:, _LOGPROBS].max()
@@ -74,18 +87,41 @@ def build_sampling_batch(states: list, table: SamplingTable, eos_token_ids: tupl
     return batch
 
 
-def _add_penalties(batch: SamplingBatch, states: list, to_device) -> None:
+def _add_penalties(batch: SamplingBatch, states: list, to_device, pending: PendingTokens | None) -> None:
     params = [s.sampling_params for s in states]
     if any(p.repetition_penalty != 1.0 for p in params):
         batch.repetition_penalty = to_device([p.repetition_penalty for p in params], torch.float32)
-        batch.prompt_token_ids = _padded([s.prompt_token_ids for s in states], to_device)
+        prompts = [s.prompt_array for s in states]
+        ids = np.full((len(states), max(1, max(len(p) for p in prompts))), -1, dtype=np.int64)
+        for i, prompt in enumerate(prompts):
+            ids[i, :len(prompt)] = prompt
+        batch.prompt_token_ids = to_device(ids, torch.int64)
     if any(p.frequency_penalty != 0.0 for p in params):
         batch.frequency_penalty = to_device([p.frequency_penalty for p in params], torch.float32)
     if any(p.presence_penalty != 0.0 for p in params):
         batch.presence_penalty = to_device([p.presence_penalty for p in params], torch.float32)
-    if any(s.num_pending for s in states):   # engine.core waits for them (needs_host_tokens)
-        raise RuntimeError("penalties need every output token on the host")
-    batch.output_token_ids = _padded([s.output_token_ids for s in states], to_device)
+    batch.output_token_ids = _output_token_ids(states, to_device, pending)
+
+
+def _output_token_ids(states: list, to_device, pending: PendingTokens | None) -> torch.Tensor:
+    """[R, W] int64 on the device, -1 padded: each row's output tokens, the one still on the device
+    last (async scheduling), copied there from the step that samples it: no wait for that step."""
+    ids = np.full((len(states), max(1, max(s.num_output_positions for s in states))), -1, dtype=np.int64)
+    rows, sources = [], []
+    for i, state in enumerate(states):
+        ids[i, :len(state.output_token_ids)] = state.output_token_ids
+        if state.num_pending:
+            if state.num_pending > 1 or pending is None or state.req_id not in pending.index:
+                raise RuntimeError(f"request {state.req_id}: {state.num_pending} pending tokens, not on the device")
+            rows.append(i)
+            sources.append(pending.index[state.req_id])
+    output_ids = to_device(ids, torch.int64)
+    if rows:
+        cols = [len(states[i].output_token_ids) for i in rows]
+        output_ids[to_device(np.array(rows, dtype=np.int64), torch.int64),
+                   to_device(np.array(cols, dtype=np.int64), torch.int64)] = pending.sampled[
+            to_device(np.array(sources, dtype=np.int64), torch.int64)]
+    return output_ids
 
 
 def _banned_tokens(states: list, positions: np.ndarray, eos_token_ids: tuple[int, ...], vocab_size: int,

@@ -133,3 +133,21 @@ def test_grammar_mask_in_place_keeps_logprobs_of_the_unmasked_logits():
     sampled = Sampler()(logits, batch_of(3, temperature=1.0, grammar_rows=torch.tensor([2, 0]),
                                          grammar_bitmask=torch.tensor([[0b0101], [0b0100]], dtype=torch.int32)))
     assert sampled.sampled_token_ids[0] == 2 and sampled.sampled_token_ids[2] in (0, 2)
+
+
+def test_repetition_penalty_changes_exactly_the_seen_columns():
+    """Random logits of both signs, ids repeated across prompt and output, -1 padding anywhere, a
+    row with penalty 1: equal, bit for bit, to the definition over the whole vocabulary."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=gen) * 3
+    prompt = torch.tensor([[3, 7, 7, -1], [0, 49, 2, 2], [5, -1, -1, -1], [9, 9, 9, 9]])
+    output = torch.tensor([[7, 12, -1], [-1, -1, -1], [5, 6, 40], [1, -1, 2]])
+    penalty = torch.tensor([1.3, 2.0, 1.0, 0.7])
+    got = apply_penalties(logits, batch_of(4, repetition_penalty=penalty, prompt_token_ids=prompt,
+                                           output_token_ids=output))
+    expected = logits.clone()
+    for row in range(4):
+        for token in {t for t in prompt[row].tolist() + output[row].tolist() if t >= 0}:
+            value, p = logits[row, token], penalty[row]
+            expected[row, token] = value / p if value > 0 else value * p
+    assert torch.equal(got, expected)

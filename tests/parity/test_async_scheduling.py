@@ -1,8 +1,8 @@
 """Async scheduling (step N+1 scheduled and launched before step N's tokens reach the host) against
 transformers, float32 on the CPU: the same 16 text prompts as test_text_parity under defaults,
 chunked prefill, preemption (counted), prefix caching twice, an abort while a step is in flight,
-and a repetition-penalty request (which makes the engine wait for its tokens) against transformers'
-generate; images and video (Qwen2.5-VL) with chunks cutting through them. All blocks free after.
+and penalised requests (repetition against transformers' generate, frequency / presence against a
+greedy loop over its logits), whose steps are prepared ahead like any other; images and video (Qwen2.5-VL) with chunks cutting through them. All blocks free after.
 """
 
 import pytest
@@ -75,17 +75,65 @@ def test_abort_while_a_step_is_in_flight(model_dir, prompts, reference):
     assert_all_blocks_free(llm)
 
 
+def _greedy_with_openai_penalties(model, prompt: list[int], max_new_tokens: int, frequency: float,
+                                  presence: float) -> list[int]:
+    """The oracle of frequency / presence penalties (OpenAI's definition, which transformers'
+    generate has not): a greedy loop over the model's own logits."""
+    tokens, out = list(prompt), []
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor([tokens])).logits[0, -1].float()
+        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[0]).float()
+        token = int((logits - frequency * counts - presence * (counts > 0).float()).argmax())
+        out.append(token)
+        tokens.append(token)
+    return out
+
+
+def _prompt_whose_first_token_repeats(model, vocab_size: int, length: int = 24) -> list[int]:
+    """A random prompt whose unpenalised greedy output starts with the same token twice (a token not
+    in the prompt): the second step's penalty must count the first step's token, which is still on
+    the device when async scheduling prepares that step."""
+    generator = torch.Generator().manual_seed(7)
+    for _ in range(1000):
+        prompt = torch.randint(0, vocab_size, (length,), generator=generator).tolist()
+        first, second = model.generate(torch.tensor([prompt]), max_new_tokens=2, min_new_tokens=2,
+                                       do_sample=False)[0, length:].tolist()
+        if first == second and first not in prompt:
+            return prompt
+    raise AssertionError("no prompt of the tiny model repeats its first output token")
+
+
 @torch.no_grad()
-def test_repetition_penalty_waits_for_tokens_and_matches_transformers(model_dir, prompts):
-    llm = make_async_llm(model_dir)
-    penalised = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, repetition_penalty=1.5)
-    params = [GREEDY] * 6
-    params[2] = penalised
-    outputs = run(llm, prompts[:6], params)
+def test_penalties_run_ahead_and_match_transformers(model_dir, prompts, monkeypatch):
+    """Penalised requests do not make the engine wait for their tokens: each step's penalties count
+    the token still on the device from there (sampling_rows._output_token_ids is seen building rows
+    with a pending token), and the tokens still match transformers on a prompt where a penalty that
+    missed that token would sample it again."""
+    from engine.runner import sampling_rows
+
+    build = sampling_rows._output_token_ids
+    pending_rows = []
+
+    def spy(states, to_device, pending):
+        pending_rows.extend(state.req_id for state in states if state.num_pending)
+        return build(states, to_device, pending)
+
+    monkeypatch.setattr(sampling_rows, "_output_token_ids", spy)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    expected = model.generate(torch.tensor([prompts[2]]), max_new_tokens=10, min_new_tokens=10, do_sample=False,
-                              repetition_penalty=1.5)[0, len(prompts[2]):].tolist()
+    repeating = _prompt_whose_first_token_repeats(model, model.config.vocab_size)
+    batch = list(prompts[:6])
+    batch[2] = batch[4] = repeating
+    params = [GREEDY] * 6
+    params[2] = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, repetition_penalty=1.5)
+    params[4] = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, frequency_penalty=0.7,
+                               presence_penalty=0.4)
+    llm = make_async_llm(model_dir)
+    outputs = run(llm, batch, params)
+    expected = model.generate(torch.tensor([repeating]), max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                              repetition_penalty=1.5)[0, len(repeating):].tolist()
     assert outputs[2].outputs[0].token_ids == expected
+    assert outputs[4].outputs[0].token_ids == _greedy_with_openai_penalties(model, repeating, 10, 0.7, 0.4)
+    assert len(pending_rows) >= 2 * 8   # both penalised requests, nearly every decode step
     assert_all_blocks_free(llm)
 
 

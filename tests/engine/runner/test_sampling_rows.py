@@ -39,3 +39,19 @@ def test_batch_follows_each_request_params_and_reused_rows():
     assert second.all_greedy and second.top_k is None and second.top_p is None
     assert second.max_num_logprobs is None
     assert second.seed_keys.tolist() == seed_keys([unseeded, 5], [2, 2]).tolist()
+
+
+def test_penalty_rows_count_the_token_still_on_the_device():
+    """Async scheduling: a launched step's token (mark_launched) is in the next step's penalty rows,
+    read from the device tensor, before append_sampled brings it to the host."""
+    batch = InputBatch(block_size=16, device=torch.device("cpu"), vocab_size=VOCAB, eos_token_ids=(EOS,),
+                       default_seed=3)
+    _add(batch, "penalised", SamplingParams(temperature=0.0, repetition_penalty=1.3, frequency_penalty=0.5))
+    _add(batch, "plain", SamplingParams(temperature=0.0, presence_penalty=0.2))
+    batch.mark_launched(["plain", "penalised"], torch.tensor([42, 17]))   # the values the host lacks
+    rows = batch.sampling_batch(["penalised", "plain"])
+    assert rows.prompt_token_ids.tolist() == [[1, 2, 3], [1, 2, 3]]
+    assert rows.output_token_ids.tolist() == [[5, 6, 17], [5, 6, 42]]
+    assert rows.repetition_penalty.tolist() == [torch.tensor(1.3).item(), 1.0]
+    batch.append_sampled(["plain", "penalised"], [[42], [17]])
+    assert batch.sampling_batch(["penalised"]).output_token_ids.tolist() == [[5, 6, 17]]
