@@ -3,7 +3,9 @@
 # check on the GPU (CUDA graphs, mixed steps included), W4-VL served at 1/16/64 clients (vlserve bench serve,
 # deterministic default; py-spy of the server 10 s into the 64-client level), W2 + W1 (median of 5) +
 # determinism, then --no-deterministic: W4-VL at 64 clients and W1 (median of 3). PARTS selects
-# (default check,w4,det,nondet; NONDET_W4=0 skips the served half of nondet; also tune (large-M GEMM tiles, first), ab (small-M fusion choices,
+# (default check,w4,det,nondet; NONDET_W4=0 skips the served half of nondet; w4pen: W4-VL at 1 and 64
+# clients with repetition_penalty 1.05 from the generation config, as Qwen's published configs set it;
+# also tune (large-M GEMM tiles, first), ab (small-M fusion choices,
 # bench/fusion_ab.py), hf (transformers baselines), structured, beam).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -39,6 +41,12 @@ if [[ $PARTS == *,w4,* ]]; then
   timeout 200 python3 bench/w4_serving.py --levels 1,16,64 --min-prompts 32 > "$OUT/w4_det.log" 2>&1
   grep -v -i "warn\|INFO\|it/s\]" "$OUT/w4_det.log" | tail -16
   kill $smi 2>/dev/null; cp bench/results/w4_serving.json "$OUT/w4_det.json" 2>/dev/null; stamp "W4 det"
+fi
+if [[ $PARTS == *,w4pen,* ]]; then   # the repetition penalty Qwen's generation configs give every request
+  timeout 120 python3 bench/w4_serving.py --levels 1,64 --min-prompts 32 \
+    --server-args "--load-format dummy --max-model-len 8000 --gpu-memory-utilization 0.9 --override-generation-config {\"repetition_penalty\":1.05}" \
+    > "$OUT/w4_penalty.log" 2>&1
+  grep -v -i "warn\|INFO\|it/s\]" "$OUT/w4_penalty.log" | tail -10; stamp "W4 penalty"
 fi
 [[ $PARTS == *,beam,* ]] && { timeout 120 python3 bench/beam_search.py --runs 3 > "$OUT/beam.log" 2>&1; tail -10 "$OUT/beam.log"; stamp beam; }
 if [[ $PARTS == *,det,* ]]; then
