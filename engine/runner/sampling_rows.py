@@ -116,11 +116,10 @@ def _output_token_ids(states: list, to_device, pending: PendingTokens | None) ->
             rows.append(i)
             sources.append(pending.index[state.req_id])
     output_ids = to_device(ids, torch.int64)
-    if rows:
-        cols = [len(states[i].output_token_ids) for i in rows]
-        output_ids[to_device(np.array(rows, dtype=np.int64), torch.int64),
-                   to_device(np.array(cols, dtype=np.int64), torch.int64)] = pending.sampled[
-            to_device(np.array(sources, dtype=np.int64), torch.int64)]
+    if rows:   # one upload: [3, n] rows, columns, indices into pending.sampled
+        where = to_device(np.array([rows, [len(states[i].output_token_ids) for i in rows], sources],
+                                   dtype=np.int64), torch.int64)
+        output_ids[where[0], where[1]] = pending.sampled[where[2]]
     return output_ids
 
 
