@@ -44,7 +44,11 @@ class SamplingTable:
             seed = zlib.crc32(req_id.encode()) ^ self.default_seed
         has_penalty = (params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0
                        or params.presence_penalty != 0.0)
-        self.numbers[row] = (params.temperature, params.effective_top_k or self.vocab_size, params.top_p,
+        # top-k 1 keeps only the most likely token whatever the temperature, top-p and min-p (HF and
+        # vLLM): the row is greedy (Qwen2.5-VL's generation config sets it), and a batch of such rows
+        # takes the sampler's argmax instead of a sort and a softmax over the vocabulary per step.
+        temperature = 0.0 if params.effective_top_k == 1 else params.temperature
+        self.numbers[row] = (temperature, params.effective_top_k or self.vocab_size, params.top_p,
                              params.min_p, bool(params.effective_top_k), has_penalty, params.min_tokens,
                              -1 if params.logprobs is None else params.logprobs)
         self.mixed_seeds[row] = mix_seed(seed)

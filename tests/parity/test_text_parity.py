@@ -132,6 +132,20 @@ def test_seeded_sampling_is_batch_invariant(default_llm, prompts):
     assert_all_blocks_free(default_llm)
 
 
+def test_top_k_one_is_greedy_whatever_the_temperature(default_llm, prompts, reference):
+    """transformers' sampling with top_k 1 keeps one token (TopKLogitsWarper): its greedy tokens. Rows
+    with top-p and min-p too, beside rows that really sample (Qwen2.5-VL's generation config gives
+    top_k 1 with temperature and top_p to every request that leaves them unset)."""
+    params = [SamplingParams(temperature=t, top_k=1, top_p=p, min_p=m, seed=s, max_tokens=NUM_NEW_TOKENS,
+                             ignore_eos=True) for t, p, m, s in [(0.7, 1.0, 0.0, 1), (1.5, 0.001, 0.0, 2),
+                                                                (0.1, 0.5, 0.3, 3), (2.0, 1.0, 0.0, 4)]]
+    params.append(SamplingParams(temperature=1.0, top_k=20, seed=5, max_tokens=NUM_NEW_TOKENS, ignore_eos=True))
+    outputs = run(default_llm, prompts[:5], params)
+    for output, (tokens, _) in zip(outputs[:4], reference[:4]):
+        assert output.outputs[0].token_ids == tokens
+    assert_all_blocks_free(default_llm)
+
+
 @pytest.mark.parametrize("params, field", [
     (SamplingParams(max_tokens=0), "max_tokens"),
     (SamplingParams(temperature=-1.0), "temperature"),

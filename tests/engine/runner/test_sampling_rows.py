@@ -55,3 +55,16 @@ def test_penalty_rows_count_the_token_still_on_the_device():
     assert rows.repetition_penalty.tolist() == [torch.tensor(1.3).item(), 1.0]
     batch.append_sampled(["plain", "penalised"], [[42], [17]])
     assert batch.sampling_batch(["penalised"]).output_token_ids.tolist() == [[5, 6, 17]]
+
+
+def test_top_k_one_rows_are_greedy():
+    """top-k 1 keeps one token whatever the temperature: such rows are greedy, so a batch of them
+    skips the sampler's per-vocabulary sort (the parity test checks the tokens against transformers)."""
+    batch = InputBatch(block_size=16, device=torch.device("cpu"), vocab_size=VOCAB, eos_token_ids=(EOS,),
+                       default_seed=3)
+    _add(batch, "qwen_vl_default", SamplingParams(temperature=0.1, top_k=1, top_p=0.001))
+    _add(batch, "sampled", SamplingParams(temperature=0.1, top_k=2))
+    alone = batch.sampling_batch(["qwen_vl_default"])
+    assert alone.all_greedy and alone.temperature.tolist() == [0.0]
+    both = batch.sampling_batch(["qwen_vl_default", "sampled"])
+    assert not both.all_greedy and both.temperature.tolist() == [0.0, torch.tensor(0.1).item()]
