@@ -96,7 +96,7 @@ class SamplingBatch:
     repetition_penalty: torch.Tensor | None = None  # [R] float32; 1 = off
     presence_penalty: torch.Tensor | None = None    # [R] float32
     frequency_penalty: torch.Tensor | None = None   # [R] float32
-    prompt_token_ids: torch.Tensor | None = None    # [R, max_prompt_len] int64, padded with -1
+    prompt_token_ids: torch.Tensor | None = None    # [R, P] int64, -1 padded: prompt tokens (repeats allowed)
     output_token_ids: torch.Tensor | None = None    # [R, max_output_len] int64, padded with -1
     banned_token_ids: torch.Tensor | None = None    # [R, max_banned] int64, -1 padded (min_tokens)
     max_num_logprobs: int | None = None             # largest top-k asked for; None: no logprobs

@@ -48,14 +48,15 @@ class CachedRequestState:
     # Sampled by a launched step whose output has not reached the host yet (async scheduling:
     # 0 or 1). Its value is on the device: InputBatch.last_sampled.
     num_pending: int = 0
-    _prompt_array: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _prompt_token_set: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
-    def prompt_array(self) -> np.ndarray:
-        """prompt_token_ids as int64, made once (the repetition penalty's rows read it every step)."""
-        if self._prompt_array is None:
-            self._prompt_array = np.array(self.prompt_token_ids, dtype=np.int64)
-        return self._prompt_array
+    def prompt_token_set(self) -> np.ndarray:
+        """The distinct prompt token ids, int64, made once: the repetition penalty asks only whether a
+        token was seen, every step (an image's hundreds of placeholder tokens count once)."""
+        if self._prompt_token_set is None:
+            self._prompt_token_set = np.unique(np.array(self.prompt_token_ids, dtype=np.int64))
+        return self._prompt_token_set
 
     @property
     def num_tokens(self) -> int:

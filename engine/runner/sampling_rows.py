@@ -95,7 +95,7 @@ def _add_penalties(batch: SamplingBatch, states: list, to_device, pending: Pendi
     params = [s.sampling_params for s in states]
     if any(p.repetition_penalty != 1.0 for p in params):
         batch.repetition_penalty = to_device([p.repetition_penalty for p in params], torch.float32)
-        prompts = [s.prompt_array for s in states]
+        prompts = [s.prompt_token_set for s in states]
         ids = np.full((len(states), max(1, max(len(p) for p in prompts))), -1, dtype=np.int64)
         for i, prompt in enumerate(prompts):
             ids[i, :len(prompt)] = prompt

@@ -57,6 +57,14 @@ def test_penalty_rows_count_the_token_still_on_the_device():
     assert batch.sampling_batch(["penalised"]).output_token_ids.tolist() == [[5, 6, 17]]
 
 
+def test_repetition_rows_hold_each_prompt_token_once():
+    batch = InputBatch(block_size=16, device=torch.device("cpu"), vocab_size=VOCAB, eos_token_ids=(EOS,),
+                       default_seed=3)
+    new = NewRequestData("image", [9, 4, 4, 4, 4, 9, 1], [], [], SamplingParams(repetition_penalty=1.05), [1], 0)
+    batch.update(SchedulerOutput([new], CachedRequestData(), {"image": 7}, 7, {}, set(), []))
+    assert batch.sampling_batch(["image"]).prompt_token_ids.tolist() == [[1, 4, 9]]
+
+
 def test_top_k_one_rows_are_greedy():
     """top-k 1 keeps one token whatever the temperature: such rows are greedy, so a batch of them
     skips the sampler's per-vocabulary sort (the parity test checks the tokens against transformers)."""
