@@ -104,11 +104,12 @@ def rotary_store_kv_attention(
     fuse_rotary (kernels/attention_launch.json), decode steps (max_query_len 1) do both in one launch:
     each program rotates its own token's query heads, and the one walking the token's segment writes
     its rotated key and value into the cache before reading them."""
-    if (positions.dim() == 2) != (mrope_section is not None):
-        raise ValueError("positions must be [3, num_tokens] exactly when mrope_section is given")
-    if query.shape[1] % k_cache.shape[2]:
-        raise ValueError(f"num_q_heads {query.shape[1]} is not a multiple of num_kv_heads {k_cache.shape[2]}")
     if uses_triton(query) and max_query_len == 1 and _paged_attention.launch_for(query.device).fuse_rotary:
+        # The checks rotary_store_kv and paged_attention make on the other path.
+        if (positions.dim() == 2) != (mrope_section is not None):
+            raise ValueError("positions must be [3, num_tokens] exactly when mrope_section is given")
+        if query.shape[1] % k_cache.shape[2]:
+            raise ValueError(f"num_q_heads {query.shape[1]} is not a multiple of num_kv_heads {k_cache.shape[2]}")
         rotary = _paged_attention.DecodeRotary(key, value, positions, cos_sin_cache, slot_mapping, mrope_section,
                                                mrope_interleaved)
         return _paged_attention._triton(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, scale,

@@ -40,7 +40,7 @@ import triton.language as tl
 import vlserve_kernels.dependent_launch as dependent_launch
 from vlserve_kernels.dependent_launch import wait_previous_kernel
 
-from vlserve_kernels.rotary import _copy_heads, _rotate_heads, _sections, _token_cos_sin
+from vlserve_kernels.rotary import _copy_heads, _rotate_heads, _token_cos_sin, store_kv_sections
 from vlserve_kernels.ticket_counters import TicketCounters
 
 # Query rows per matmul in the reference: bounds its score matrix to
@@ -406,21 +406,20 @@ class DecodeRotary:
 
 
 def _rotary_arguments(query, k_cache, v_cache, rotary: DecodeRotary | None):
-    """(query_out, the kernel's FUSED_ROTARY arguments, its constexprs); dummies without rotary."""
+    """(the kernel's FUSED_ROTARY arguments, its constexprs); dummies without rotary. The rotated
+    query goes to a scratch tensor (query_out) that each program reads back its own rows from."""
     if rotary is None:
-        zeros = [0] * 12
-        return query, [query, query, query, query, query, query, *zeros], dict(
+        return [query] * 6 + [0] * 12, dict(
             FUSED_ROTARY=False, IS_MROPE=False, IS_INTERLEAVED=False, GROUP_PADDED=1, HALF_PADDED=1)
-    sections = _sections(query, rotary.key, rotary.positions, rotary.cos_sin_cache, rotary.mrope_section)
-    if any(t.stride(-1) != 1 for t in (rotary.value, k_cache, v_cache)):
-        raise ValueError("value, k_cache and v_cache must be contiguous in head_dim")
+    sections = store_kv_sections(query, rotary.key, rotary.value, rotary.positions, rotary.cos_sin_cache,
+                                 k_cache, v_cache, rotary.mrope_section)
     query_out, positions = torch.empty_like(query), rotary.positions
     head_dim, group = query.shape[2], query.shape[1] // k_cache.shape[2]
     args = [rotary.key, rotary.value, query_out, rotary.slot_mapping, positions, rotary.cos_sin_cache,
             head_dim // 2, *sections, rotary.key.stride(0), rotary.key.stride(1), rotary.value.stride(0),
             rotary.value.stride(1), query_out.stride(0), query_out.stride(1),
             positions.stride(0) if positions.dim() == 2 else 0, rotary.cos_sin_cache.stride(0)]
-    return query_out, args, dict(
+    return args, dict(
         FUSED_ROTARY=True, IS_MROPE=rotary.mrope_section is not None, IS_INTERLEAVED=rotary.interleaved,
         GROUP_PADDED=triton.next_power_of_2(group), HALF_PADDED=triton.next_power_of_2(head_dim // 2))
 
@@ -454,7 +453,7 @@ def _triton(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, sc
     partial_sum = torch.empty_like(partial_max)
     # Counters [num_tokens x num_kv_heads] for split launches; other launches never touch the pointer.
     tickets = TICKETS.get(query.device, num_tokens * num_kv_heads) if is_split else partial_max
-    _, rotary_args, rotary_constexprs = _rotary_arguments(query, k_cache, v_cache, rotary)
+    rotary_args, rotary_constexprs = _rotary_arguments(query, k_cache, v_cache, rotary)
     _paged_attention_kernel[(num_tokens // block_q + num_reqs, num_kv_heads, num_segments)](
         query, k_cache, v_cache, out, partial_acc, partial_max, partial_sum, tickets,
         query_start_loc, seq_lens, block_tables, scale, num_reqs, head_dim,

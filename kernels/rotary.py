@@ -214,12 +214,17 @@ def _rotary_store_kv_kernel(
                     K_HEADS_PADDED, 2 * HALF_PADDED)
 
 
+def store_kv_sections(query, key, value, positions, cos_sin_cache, k_cache, v_cache, mrope_section) -> list[int]:
+    """_sections, plus the checks of the K/V write (also paged attention's fused decode launch)."""
+    if any(t.stride(-1) != 1 for t in (value, k_cache, v_cache)):
+        raise ValueError("value, k_cache and v_cache must be contiguous in head_dim")
+    return _sections(query, key, positions, cos_sin_cache, mrope_section)
+
+
 def _rotary_store_kv_triton(query, key, value, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
                             mrope_section, interleaved: bool = False) -> torch.Tensor:
     num_tokens, num_q_heads, head_dim = query.shape
-    sections = _sections(query, key, positions, cos_sin_cache, mrope_section)
-    if any(t.stride(-1) != 1 for t in (value, k_cache, v_cache)):
-        raise ValueError("value, k_cache and v_cache must be contiguous in head_dim")
+    sections = store_kv_sections(query, key, value, positions, cos_sin_cache, k_cache, v_cache, mrope_section)
     query_out = torch.empty_like(query)
     if num_tokens:
         _rotary_store_kv_kernel[(num_tokens,)](
