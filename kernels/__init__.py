@@ -101,10 +101,14 @@ def rotary_store_kv_attention(
     seq_lens_cpu: list[int] | None = None,
 ) -> torch.Tensor:                  # [num_tokens, num_q_heads, head_dim]; rows past the batch are 0
     """rotary_store_kv then paged_attention, with the same bits. On a GPU whose attention launch has
-    fuse_rotary (kernels/attention_launch.json), decode steps (max_query_len 1) do both in one launch:
-    each program rotates its own token's query heads, and the one walking the token's segment writes
-    its rotated key and value into the cache before reading them."""
-    if uses_triton(query) and max_query_len == 1 and _paged_attention.launch_for(query.device).fuse_rotary:
+    fuse_rotary (kernels/attention_launch.json), split decode launches (max_query_len 1, few sequences,
+    one program per KV segment) do both in one launch: each program rotates its own token's query heads,
+    and the one walking the token's segment writes its rotated key and value into the cache before
+    reading them."""
+    launch = _paged_attention.launch_for(query.device)
+    num_reqs, num_kv_heads = query_start_loc.shape[0] - 1, k_cache.shape[2]
+    if (uses_triton(query) and launch.fuse_rotary
+            and _paged_attention.is_split_launch(launch, max_query_len, max_seq_len, num_reqs, num_kv_heads)):
         # The checks rotary_store_kv and paged_attention make on the other path.
         if (positions.dim() == 2) != (mrope_section is not None):
             raise ValueError("positions must be [3, num_tokens] exactly when mrope_section is given")

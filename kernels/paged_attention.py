@@ -358,7 +358,10 @@ class AttentionLaunch:
     split_stages: int = 3   # flash-decoding programs (pure decode, long sequences)
     loop_stages: int = 3    # every other launch (prefill chunks, mixed steps, short decodes)
     split_below: int = 1 << 30
-    fuse_rotary: bool = False   # decode launches do rotary_store_kv's work too (one launch less per layer)
+    # Split decode launches (is_split_launch) do rotary_store_kv's work too: one launch less per layer. Not
+    # the looped path: there the rotation sits on every program's critical path (H200: bucket 1 -23 us per
+    # step, bucket 64 +13 us when looped launches fused too; BENCHMARKS.md, tenth session).
+    fuse_rotary: bool = False
 
 
 DEFAULT_LAUNCH = AttentionLaunch()
@@ -377,6 +380,14 @@ def tuned_launch(device_name: str) -> AttentionLaunch:
 def launch_for(device: torch.device) -> AttentionLaunch:
     # Per device, once: the kernel runs per layer per step, the name lookup need not.
     return tuned_launch(torch.cuda.get_device_name(device)) if device.type == "cuda" else DEFAULT_LAUNCH
+
+
+def is_split_launch(launch: AttentionLaunch, max_query_len: int, max_seq_len: int, num_reqs: int, num_kv_heads: int,
+                    kv_split_tokens: int | None = None) -> bool:
+    """Pure-decode launches with long sequences and few (request, KV head) pairs run one program per
+    KV segment (flash-decoding), merged in-kernel; others loop over the segments."""
+    return (max_query_len == 1 and max_seq_len > (kv_split_tokens or launch.kv_split)
+            and num_reqs * num_kv_heads < launch.split_below)
 
 
 def _tile_shape(group: int, block_n: int) -> tuple[int, int, int]:
@@ -444,8 +455,7 @@ def _triton(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, sc
     if kv_split_tokens % block_n:
         raise ValueError(f"kv_split_tokens {kv_split_tokens} must be a multiple of {block_n}")
     dim_padded = max(16, triton.next_power_of_2(head_dim))
-    # Pure-decode batches with long sequences: one program per segment (flash-decoding), merged in-kernel.
-    is_split = max_query_len == 1 and max_seq_len > kv_split_tokens and num_reqs * num_kv_heads < launch.split_below
+    is_split = is_split_launch(launch, max_query_len, max_seq_len, num_reqs, num_kv_heads, kv_split_tokens)
     num_segments = triton.cdiv(max_seq_len, kv_split_tokens) if is_split else 1
     partial_rows = (num_tokens, num_q_heads, num_segments) if is_split else (1, 1, 1)
     partial_acc = query.new_empty((*partial_rows, dim_padded), dtype=torch.float32)

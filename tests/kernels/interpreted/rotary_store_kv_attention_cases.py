@@ -85,6 +85,23 @@ def test_dispatch_fuses_decode_steps_only_where_the_launch_says(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(caches[False], caches[True]))
 
 
+@pytest.mark.parametrize("split_below,fused", [(1 << 30, True), (1, False)])
+def test_only_split_decode_launches_take_the_fused_rotary(monkeypatch, split_below, fused):
+    """fuse_rotary applies where the decode launch runs its segments in parallel programs; a looped
+    launch (here: split_below 1) keeps rotary_store_kv's own launch."""
+    batch, key, value, positions, cos_sin_cache, slots = _step(8, 2, 32, None, torch.float32, 0)
+    launch = paged_attention_module.AttentionLaunch(kv_split=SPLIT, fuse_rotary=True, split_below=split_below)
+    monkeypatch.setattr(paged_attention_module, "launch_for", lambda device: launch)
+    seen, original = [], paged_attention_module._triton
+    monkeypatch.setattr(paged_attention_module, "_triton",
+                        lambda *args, **kw: seen.append(kw.get("rotary") is not None) or original(*args, **kw))
+    assert batch["max_seq_len"] > SPLIT
+    kernels.rotary_store_kv_attention(
+        batch["query"], key, value, positions, cos_sin_cache, batch["k_cache"], batch["v_cache"], slots,
+        batch["query_start_loc"], batch["seq_lens"], batch["block_tables"], batch["scale"], 1, batch["max_seq_len"])
+    assert seen == [fused]
+
+
 def test_prefill_launches_refuse_the_fused_rotary():
     batch, key, value, positions, cos_sin_cache, slots = _step(4, 2, 32, None, torch.float32, 0)
     rotary = paged_attention_module.DecodeRotary(key, value, positions, cos_sin_cache, slots, None, False)
