@@ -12,7 +12,8 @@
 # bench/w1_throughput.py --runs 5 and W2=1 bench/w2_latency.py --runs 3 after each; w1 runs only W1 for
 # each of W1_VARIANTS; tune runs bench/tune_linear.py --range large, mid (TUNE_RANGES) --write-table
 # (before ab and w1, which then run with the new table; it lands in $OUT); also det
-# (bench/check_determinism.py: run it with the winning patch applied), vl (bench/check_vl_gpu.py).
+# (bench/check_determinism.py: run it with the winning patch applied), vl (bench/check_vl_gpu.py), profile
+# (bench/profile_gpu.py --part w2 with VLSERVE_PDL=0: the batch-1 step's kernel durations, before ab).
 # E.g. the flat TMA loop (kernels/matmul_tma.py) at large M for the four layer shapes, prefill-bound W1:
 #   W1=1 VARIANTS='now;flat@linear={"2560,2048": {"large_tma_flat": true}, "2048,2048": {"large_tma_flat": true},
 #     "22016,2048": {"large_tma_flat": true}, "2048,11008": {"large_tma_flat": true}}' PARTS=ab bash bench/gpu_fusion_call.sh
@@ -70,6 +71,10 @@ if [[ $PARTS == *,tune,* ]]; then   # TMA tiles (flat loop included) at large an
     echo "tune $range rc=$?"; grep -E "^==|invariant|wrote" "$OUT/tune_$range.log" | head -40; stamp "tune $range"
   done
   cp kernels/linear_tiles.json "$OUT/"
+fi
+if [[ $PARTS == *,profile,* ]]; then   # batch-1 kernel durations (PDL off: no waits inside them), this tree
+  VLSERVE_PDL=0 timeout 120 python3 bench/profile_gpu.py --part w2 > "$OUT/profile_w2.log" 2>&1; echo "profile rc=$?"
+  grep -v -i warn "$OUT/profile_w2.log" | head -32; stamp profile
 fi
 if [[ $PARTS == *,ab,* ]]; then
   IFS=';' read -ra variants <<< "${VARIANTS:-before;now}"

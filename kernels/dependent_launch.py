@@ -6,7 +6,9 @@ a kernel's programs may become resident while the previous kernel still runs: th
 (`griddepcontrol.wait`) for that kernel to finish and flush its memory, then let their own successor
 launch (`griddepcontrol.launch_dependents`). H200, W2: 3.11 -> 2.90 ms/token (BENCHMARKS.md). Pulling
 a product's weights into L2 before its wait (prefetch.global.L2) was measured slower (2.98 ms at 64 KiB
-per program, 3.09 at 128 KiB) and is not done.
+per program, 3.09 at 128 KiB) and is not done; so was reading a product program's first weight tile, or
+paged attention's first tile of context keys, into registers before the wait (H200 decode step, bucket 1
++12 / +102 us, bucket 64 +430 / +450 us; BENCHMARKS.md, tenth session).
 
 The rule every kernel launched with PDL keeps: `wait_previous_kernel(PDL)` runs in every program
 before any early return, before any store, and before any load of memory that the launch just before
