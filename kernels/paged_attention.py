@@ -360,7 +360,8 @@ class AttentionLaunch:
     split_below: int = 1 << 30
     # Split decode launches (is_split_launch) do rotary_store_kv's work too: one launch less per layer. Not
     # the looped path: there the rotation sits on every program's critical path (H200: bucket 1 -23 us per
-    # step, bucket 64 +13 us when looped launches fused too; BENCHMARKS.md, tenth session).
+    # step, bucket 64 +13 us when looped launches fused too; BENCHMARKS.md, tenth session). Also summing
+    # the qkv product's K ranges in this launch (no second launch) was measured: +72 us at bucket 1.
     fuse_rotary: bool = False
 
 
