@@ -92,6 +92,30 @@ def check_batch_invariance():
     return "decode row alone/batched/mixed bitwise", 0.0 if same else math.inf, float("nan"), float("nan")
 
 
+def check_chunked_merge():
+    """AttentionLaunch.merge_chunk (the split path's last program loading 4 or 8 segments' partials at
+    once) against one segment at a time, with this GPU's launch otherwise: decodes at B = 1 (300, 530
+    and 2000 tokens) and B = 16, bit for bit; prints the B = 1 times."""
+    import dataclasses
+    rng = random.Random(11)
+    launch = attention.launch_for(torch.device(DEVICE))
+    same, times = True, []
+    for seq_lens in ([300], [530], [2000], [rng.randint(200, 2000) for _ in range(16)]):
+        batch = make_attention_batch([1] * len(seq_lens), seq_lens, seed=len(seq_lens) + seq_lens[0])
+        args = [batch[k] for k in ("query", "k_cache", "v_cache", "query_start_loc", "seq_lens", "block_tables",
+                                   "scale", "max_query_len", "max_seq_len")]
+        runs = {chunk: (lambda chunk=chunk: attention._triton(
+            *args, torch.empty_like(batch["query"]), [1] * len(seq_lens),
+            launch=dataclasses.replace(launch, merge_chunk=chunk))) for chunk in (0, 4, 8)}
+        want = runs[0]()
+        same &= all(torch.equal(runs[chunk](), want) for chunk in (4, 8))
+        if len(seq_lens) == 1:
+            times.append(f"seq {seq_lens[0]}: " + " / ".join(f"{triton.testing.do_bench(r) * 1e3:.1f}"
+                                                          for r in runs.values()) + " us")
+    print("  attention merge one / 4 / 8 segments at a time: " + "; ".join(times))
+    return "attention chunked merge = plain bits", 0.0 if same else math.inf, float("nan"), float("nan")
+
+
 def check_store_kv(num_tokens=4096):
     key = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
     value = torch.randn_like(key)
@@ -334,6 +358,7 @@ def all_checks():
     yield check_attention("prefill chunk 2048 after 2048", [2048], [4096])
     yield check_attention("mixed: 1024 chunk + 63 decodes", [1024] + [1] * 63, [1500] + [rng.randint(16, 4096) for _ in range(63)])
     yield check_batch_invariance()
+    yield check_chunked_merge()
     yield check_rms_norm()
     yield check_linear_add_norm()
     yield check_tma_flat()

@@ -8,6 +8,7 @@
 #   NAME@linear=JSON    this tree with {"N,K": {field: value}} merged into kernels/linear_tiles.json's
 #                       entries for this GPU (e.g. 'silu@linear={"22016,2048": {"silu_tile": "unfused"}}')
 #   NAME@attention=JSON the same for kernels/attention_launch.json (e.g. 'seg64@attention={"kv_split": 64}')
+# STEP_ARGS: bench/step_time.py's options (e.g. --tokens 520: replays at ~550 tokens of context, as W2's end).
 # PARTS (default check,ab) picks; VARIANTS (';'-separated, default before;now) the A/B runs; W1=1 adds
 # bench/w1_throughput.py --runs 5 and W2=1 bench/w2_latency.py --runs 3 after each; w1 runs only W1 for
 # each of W1_VARIANTS; tune runs bench/tune_linear.py --range large, mid (TUNE_RANGES) --write-table
@@ -53,7 +54,7 @@ run_w1() {  # W1 only (median of 5), for the W1_VARIANTS of PARTS=w1
 run_variant() {
   local spec=$1 name=${1%%@*}
   apply_variant "$spec"
-  (cd $dir && PYTHONPATH=$(pwd):/tmp/site timeout 120 python3 bench/step_time.py) > "$OUT/step_$name.log" 2>&1
+  (cd $dir && PYTHONPATH=$(pwd):/tmp/site timeout 120 python3 bench/step_time.py ${STEP_ARGS:-}) > "$OUT/step_$name.log" 2>&1
   echo "[$name] $(grep -E 'W2 wall|decode step' "$OUT/step_$name.log" | tr '\n' ' ')"
   if [[ ${W1:-0} == 1 ]]; then
     (cd $dir && PYTHONPATH=$(pwd):/tmp/site timeout 150 python3 bench/w1_throughput.py --no-hf --runs 5) > "$OUT/w1_$name.log" 2>&1

@@ -3,7 +3,7 @@ back, timed by CUDA events (median of blocks of replays). Precise to a fraction 
 W2's wall clock (bench/w2_latency.py) spreads by a few percent between engine starts, so kernel A/Bs
 use this. Also prints W2's wall (ms per token over 256 tokens, one run) for reference.
 
-    python bench/step_time.py [--buckets 1,64] [--replays 200] [--no-deterministic]
+    python bench/step_time.py [--buckets 1,64] [--replays 200] [--tokens 300] [--no-deterministic]
 Caller: by hand, bench/gpu_fusion_call.sh. Replaying re-runs the bucket's last step: it rewrites
 that step's KV slots with the same values and changes nothing else the engine reads.
 """
@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--buckets", default="1,64")
     parser.add_argument("--replays", type=int, default=200)
     parser.add_argument("--no-deterministic", action="store_true")
+    parser.add_argument("--tokens", type=int, default=300,
+                        help="tokens decoded before a bucket's replays (its context: 32 + this)")
     args = parser.parse_args()
     captured = capture_registry()
     path = harness.model_dir("qwen2_5_vl_3b")
@@ -71,7 +73,7 @@ def main() -> None:
     wall = (generate(1, 257) - generate(1, 1)) / 256 * 1e3
     print(f"engine start {start_s:.1f} s; W2 wall {wall:.3f} ms/token (one run)")
     for bucket in (int(b) for b in args.buckets.split(",")):
-        generate(bucket, 300)     # the bucket's static inputs: `bucket` rows at ~330 tokens of context
+        generate(bucket, args.tokens)   # the bucket's static inputs: `bucket` rows at 32 + tokens of context
         us = replay_us(graphs.graphs[bucket], args.replays)
         print(f"decode step, bucket {bucket}: {us:.1f} us GPU per replay", flush=True)
 

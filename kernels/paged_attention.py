@@ -190,14 +190,58 @@ def _store_rows(out_ptrs, run_sum, run_acc, row_mask):
 
 
 @triton.jit
+def _merge_segments_chunked(group_max_ptr, group_sum_ptr, group_acc_ptr, group_out_ptr, num_segments, head_dim,
+                            stride_pm_h, stride_pa_h, stride_o_h, GROUP: tl.constexpr, MERGE_ROWS: tl.constexpr,
+                            DIM_PADDED: tl.constexpr, MERGE_CHUNK: tl.constexpr):
+    """The split path's merge on the token's GROUP query heads only, MERGE_CHUNK segments' partials
+    loaded at once (one L2 round trip per chunk, not per segment), then folded one by one in segment
+    order by _merge_segment: the same operations on the same values as the loop of
+    _merge_across_programs (a segment is picked out of its chunk by a max against -inf, which is
+    exact, -0.0 included; the merge is per-row arithmetic, so the narrower row tile does not change
+    it). group_*_ptr: the token's first head of this KV head, segment 0; heads stride_*_h apart."""
+    rows = tl.arange(0, MERGE_ROWS)
+    row_valid = rows < GROUP
+    dims = tl.arange(0, DIM_PADDED)
+    chunk = tl.arange(0, MERGE_CHUNK)
+    stat = rows * stride_pm_h                                                        # [MERGE_ROWS]
+    acc = group_acc_ptr + rows[:, None] * stride_pa_h + dims[None, :]                # [MERGE_ROWS, DIM_PADDED]
+    merged_max = tl.full([MERGE_ROWS], _NO_SCORE, tl.float32)
+    merged_sum = tl.zeros([MERGE_ROWS], tl.float32)
+    merged_acc = tl.zeros([MERGE_ROWS, DIM_PADDED], tl.float32)
+    for first in range(0, num_segments, MERGE_CHUNK):
+        segs = first + chunk                                                         # [MERGE_CHUNK]
+        loaded = (segs < num_segments)[:, None] & row_valid[None, :]                 # [MERGE_CHUNK, MERGE_ROWS]
+        maxes = tl.load(group_max_ptr + stat[None, :] + segs[:, None], mask=loaded, other=_NO_SCORE,
+                        cache_modifier=".cg")
+        sums = tl.load(group_sum_ptr + stat[None, :] + segs[:, None], mask=loaded, other=1.0, cache_modifier=".cg")
+        accs = tl.load(acc[None, :, :] + segs[:, None, None] * DIM_PADDED, mask=loaded[:, :, None], other=0.0,
+                       cache_modifier=".cg")                                         # [MERGE_CHUNK, MERGE_ROWS, DIM]
+        for i in tl.static_range(MERGE_CHUNK):
+            pick = chunk == i
+            seg_max = tl.max(tl.where(pick[:, None], maxes, float("-inf")), axis=0)
+            seg_sum = tl.max(tl.where(pick[:, None], sums, float("-inf")), axis=0)
+            seg_acc = tl.max(tl.where(pick[:, None, None], accs, float("-inf")), axis=0)
+            new_max, new_sum, new_acc = _merge_segment(merged_max, merged_sum, merged_acc, seg_max, seg_sum, seg_acc)
+            live = first + i < num_segments
+            merged_max = tl.where(live, new_max, merged_max)
+            merged_sum = tl.where(live, new_sum, merged_sum)
+            merged_acc = tl.where(live, new_acc, merged_acc)
+    _store_rows(group_out_ptr + rows[:, None] * stride_o_h + dims[None, :], merged_sum, merged_acc,
+                row_valid[:, None] & (dims < head_dim)[None, :])
+
+
+@triton.jit
 def _merge_across_programs(run_max, run_sum, run_acc, seg, num_segments, ticket_ptr, out_ptrs,
                            partial_max_ptrs, partial_sum_ptrs, partial_acc_ptrs, row_valid, row_mask,
-                           BLOCK_M: tl.constexpr, DIM_PADDED: tl.constexpr):
+                           group_max_ptr, group_sum_ptr, group_acc_ptr, group_out_ptr, head_dim, stride_pm_h,
+                           stride_pa_h, stride_o_h, BLOCK_M: tl.constexpr, DIM_PADDED: tl.constexpr,
+                           GROUP: tl.constexpr, MERGE_ROWS: tl.constexpr, MERGE_CHUNK: tl.constexpr):
     """Split mode: store segment `seg`'s partial of the tile's rows, take a ticket on the
     (token, kv head) counter; the program drawing ticket num_segments - 1 (the last of the row's
     active segments) merges segments 0..num_segments-1 in order, writes out, resets the counter.
     partial_max_ptrs / partial_sum_ptrs [BLOCK_M] and partial_acc_ptrs [BLOCK_M, DIM_PADDED] point
-    at segment 0; segments are contiguous (acc: DIM_PADDED floats apart)."""
+    at segment 0; segments are contiguous (acc: DIM_PADDED floats apart). MERGE_CHUNK > 0: the merge
+    is _merge_segments_chunked's (group_*: the same buffers from the token's first head)."""
     tl.store(partial_max_ptrs + seg, run_max, mask=row_valid)
     tl.store(partial_sum_ptrs + seg, run_sum, mask=row_valid)
     # The acc partials span all DIM_PADDED columns: a row-only mask keeps their accesses vectorized.
@@ -207,7 +251,14 @@ def _merge_across_programs(run_max, run_sum, run_acc, seg, num_segments, ticket_
     # and, in the last program, acquires the others' (Triton broadcasts the result through a barrier).
     tl.debug_barrier()
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
-    if ticket == num_segments - 1:
+    is_last = ticket == num_segments - 1
+    if MERGE_CHUNK > 0:
+        if is_last:
+            _merge_segments_chunked(group_max_ptr, group_sum_ptr, group_acc_ptr, group_out_ptr, num_segments,
+                                    head_dim, stride_pm_h, stride_pa_h, stride_o_h, GROUP, MERGE_ROWS, DIM_PADDED,
+                                    MERGE_CHUNK)
+            tl.store(ticket_ptr, 0)   # every ticket of the row is drawn: zero for the next launch / replay
+    elif is_last:
         merged_max = tl.full([BLOCK_M], _NO_SCORE, tl.float32)
         merged_sum = tl.zeros([BLOCK_M], tl.float32)
         merged_acc = tl.zeros([BLOCK_M, DIM_PADDED], tl.float32)
@@ -263,7 +314,7 @@ def _paged_attention_kernel(
     DIM_PADDED: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLIT_TOKENS: tl.constexpr,
     IS_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
     FUSED_ROTARY: tl.constexpr, IS_MROPE: tl.constexpr, IS_INTERLEAVED: tl.constexpr,
-    GROUP_PADDED: tl.constexpr, HALF_PADDED: tl.constexpr,
+    GROUP_PADDED: tl.constexpr, HALF_PADDED: tl.constexpr, MERGE_ROWS: tl.constexpr, MERGE_CHUNK: tl.constexpr,
 ):
     # Program (query tile, kv head[, segment when IS_SPLIT]).
     # The step's request metadata is written before its first kernel, so it is read before the wait
@@ -335,7 +386,12 @@ def _paged_attention_kernel(
                 partial_max_ptr + row_t64 * stride_pm_t + row_head * stride_pm_h,
                 partial_sum_ptr + row_t64 * stride_pm_t + row_head * stride_pm_h,
                 partial_acc_ptr + row_t64[:, None] * stride_pa_t + row_head[:, None] * stride_pa_h + dims[None, :],
-                row_valid, row_mask, BLOCK_M, DIM_PADDED)
+                row_valid, row_mask,
+                partial_max_ptr + q_start.to(tl.int64) * stride_pm_t + kv_head * GROUP * stride_pm_h,
+                partial_sum_ptr + q_start.to(tl.int64) * stride_pm_t + kv_head * GROUP * stride_pm_h,
+                partial_acc_ptr + q_start.to(tl.int64) * stride_pa_t + kv_head * GROUP * stride_pa_h,
+                out_ptr + q_start.to(tl.int64) * stride_o_t + kv_head * GROUP * stride_o_h, head_dim,
+                stride_pm_h, stride_pa_h, stride_o_h, BLOCK_M, DIM_PADDED, GROUP, MERGE_ROWS, MERGE_CHUNK)
         else:
             _store_rows(out_ptrs, run_sum, run_acc, row_mask)
     else:
@@ -363,6 +419,13 @@ class AttentionLaunch:
     # step, bucket 64 +13 us when looped launches fused too; BENCHMARKS.md, tenth session). Also summing
     # the qkv product's K ranges in this launch (no second launch) was measured: +72 us at bucket 1.
     fuse_rotary: bool = False
+    # Split launches: the last program loads this many segments' partials at once for its merge (a power
+    # of two; 0: one segment per step, each an L2 round trip on the critical path). The same bits.
+    merge_chunk: int = 0
+
+    def __post_init__(self) -> None:
+        if self.merge_chunk < 0 or self.merge_chunk & (self.merge_chunk - 1):
+            raise ValueError(f"merge_chunk {self.merge_chunk} must be 0 or a power of two")
 
 
 DEFAULT_LAUNCH = AttentionLaunch()
@@ -473,6 +536,7 @@ def _triton(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, sc
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), partial_acc.stride(0), partial_acc.stride(1),
         partial_max.stride(0), partial_max.stride(1), *rotary_args, **rotary_constexprs,
+        MERGE_ROWS=triton.next_power_of_2(group), MERGE_CHUNK=launch.merge_chunk,
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, DIM_PADDED=dim_padded,
         BLOCK_SIZE=k_cache.shape[1], SPLIT_TOKENS=kv_split_tokens, IS_SPLIT=is_split,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
