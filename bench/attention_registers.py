@@ -3,7 +3,7 @@ GPU needed: Triton's own compiler and ptxas (bundled with Triton) with `-v`. Spi
 round trips inside a latency-bound launch, so a change to the kernel's tiles or merge shows here
 before any device time is spent. The device image's Triton may allocate differently: confirm on a GPU.
 
-    python bench/attention_registers.py [--merge-chunk 0 4] [--fused 0 1] [--split 0 1]
+    python bench/attention_registers.py [--merge-chunk 0 4] [--fused 0 1] [--split 0 1] [--block-n 64 32]
 Caller: by hand.
 """
 
@@ -53,16 +53,18 @@ def main() -> None:
     parser.add_argument("--merge-chunk", type=int, nargs="+", default=[0, 4])
     parser.add_argument("--fused", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--split", type=int, nargs="+", default=[1, 0])
+    parser.add_argument("--block-n", type=int, nargs="+", default=[64])
     args = parser.parse_args()
-    launch = attention.AttentionLaunch(kv_split=128, split_stages=2, loop_stages=2)   # the H200's table
-    for chunk, fused, split in itertools.product(args.merge_chunk, args.fused, args.split):
+    for block_n, chunk, fused, split in itertools.product(args.block_n, args.merge_chunk, args.fused, args.split):
+        launch = attention.AttentionLaunch(kv_split=128, block_n=block_n, split_stages=2, loop_stages=2)   # H200
         constexprs = dict(GROUP=8, BLOCK_Q=8, BLOCK_M=64, BLOCK_N=launch.block_n, DIM_PADDED=128, BLOCK_SIZE=16,
                           SPLIT_TOKENS=launch.kv_split, IS_SPLIT=bool(split), DOT_PRECISION="tf32", PDL=True,
                           FUSED_ROTARY=bool(fused), IS_MROPE=bool(fused), IS_INTERLEAVED=False,
                           GROUP_PADDED=8 if fused else 1, HALF_PADDED=64 if fused else 1, MERGE_ROWS=8,
                           MERGE_CHUNK=chunk)
         stages = launch.split_stages if split else launch.loop_stages
-        print(f"Qwen2.5-VL-3B (group 8, head_dim 128) split={split} fused_rotary={fused} merge_chunk={chunk}: "
+        print(f"Qwen2.5-VL-3B (group 8, head_dim 128) block_n={block_n} split={split} fused_rotary={fused} "
+              f"merge_chunk={chunk}: "
               f"{ptxas_report(constexprs, launch.num_warps, stages)}", flush=True)
 
 
