@@ -116,6 +116,47 @@ def check_chunked_merge():
     return "attention chunked merge = plain bits", 0.0 if same else math.inf, float("nan"), float("nan")
 
 
+# (decode_rows, decode_warps, block_n) tried by check_decode_tile; block_n changes every launch's softmax step
+DECODE_TILES = ((16, 1, 64), (16, 2, 64), (16, 4, 64), (32, 2, 64), (16, 1, 32), (16, 2, 32))
+
+
+def check_decode_tile():
+    """AttentionLaunch.decode_rows / decode_warps (pure-decode launches on a narrower row tile): each
+    tile's decode rows against the same rows through the 64-row looped launch (max_query_len 2) of the
+    same block_n, bit for bit, at B = 1 (300, 530, 2000 tokens: split), B = 16 (split) and B = 64
+    (looped); prints which tiles match and their times at B = 1 (530 tokens) and B = 64. A tile may go
+    in the table only if it matches: the second line names those that do not."""
+    import dataclasses
+    rng = random.Random(12)
+    launch = attention.launch_for(torch.device(DEVICE))
+    cases = [[300], [530], [2000], [rng.randint(200, 2000) for _ in range(16)],
+             [rng.randint(100, 500) for _ in range(64)]]
+    tiles = [(64, 0, 64), (64, 0, 32), *DECODE_TILES]
+    mismatched, times = [], {tile: [] for tile in tiles}
+    for seq_lens in cases:
+        batch = make_attention_batch([1] * len(seq_lens), seq_lens, seed=len(seq_lens) + seq_lens[0])
+        args = [batch[k] for k in ("query", "k_cache", "v_cache", "query_start_loc", "seq_lens", "block_tables",
+                                   "scale")]
+
+        def run(rows, warps, block_n, max_query_len=1, merge_chunk=4):
+            tile = dataclasses.replace(launch, decode_rows=rows, decode_warps=warps, block_n=block_n,
+                                       merge_chunk=merge_chunk)
+            out = torch.empty_like(batch["query"])
+            return lambda: attention._triton(*args, max_query_len, batch["max_seq_len"], out, [1] * len(seq_lens),
+                                             launch=tile)
+        want = {block_n: run(64, 0, block_n, max_query_len=2)() for block_n in (64, 32)}
+        for tile in tiles:
+            if not torch.equal(run(*tile)(), want[tile[2]]):
+                mismatched.append(f"{tile} at B={len(seq_lens)} seq {seq_lens[0]}")
+            if len(seq_lens) == 64 or seq_lens == [530]:
+                times[tile].append(f"{triton.testing.do_bench(run(*tile)) * 1e3:.1f}")
+    print("  decode tile (rows, warps, block_n), merge_chunk 4: us at B=1 seq 530 / B=64: "
+          + "; ".join(f"{tile}: {' / '.join(t)}" for tile, t in times.items()))
+    print("  decode tiles not bit-equal to the 64-row launch: " + ("; ".join(mismatched) or "none"))
+    default_ok = not any(m.startswith("(64, 0, ") for m in mismatched)
+    return "decode tile = 64-row bits (64, 0)", 0.0 if default_ok else math.inf, float("nan"), float("nan")
+
+
 def check_store_kv(num_tokens=4096):
     key = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
     value = torch.randn_like(key)
@@ -359,6 +400,7 @@ def all_checks():
     yield check_attention("mixed: 1024 chunk + 63 decodes", [1024] + [1] * 63, [1500] + [rng.randint(16, 4096) for _ in range(63)])
     yield check_batch_invariance()
     yield check_chunked_merge()
+    yield check_decode_tile()
     yield check_rms_norm()
     yield check_linear_add_norm()
     yield check_tma_flat()

@@ -11,7 +11,7 @@
 # STEP_ARGS: bench/step_time.py's options (e.g. --tokens 520: replays at ~550 tokens of context, as W2's end).
 # PARTS (default check,ab) picks; VARIANTS (';'-separated, default before;now) the A/B runs; W1=1 adds
 # bench/w1_throughput.py --runs 5 and W2=1 bench/w2_latency.py --runs 3 after each; w1 runs only W1 for
-# each of W1_VARIANTS; tune runs bench/tune_linear.py --range large, mid (TUNE_RANGES) --write-table
+# each of W1_VARIANTS (a name starting with nondet runs it with --no-deterministic); tune runs bench/tune_linear.py --range large, mid (TUNE_RANGES) --write-table
 # (before ab and w1, which then run with the new table; it lands in $OUT); also det
 # (bench/check_determinism.py: run it with the winning patch applied), vl (bench/check_vl_gpu.py), profile
 # (bench/profile_gpu.py --part w2 with VLSERVE_PDL=0: the batch-1 step's kernel durations, before ab).
@@ -47,7 +47,8 @@ restore_tables() {
 }
 run_w1() {  # W1 only (median of 5), for the W1_VARIANTS of PARTS=w1
   local name=${1%%@*}; apply_variant "$1"
-  (cd $dir && PYTHONPATH=$(pwd):/tmp/site timeout 150 python3 bench/w1_throughput.py --no-hf --runs 5) > "$OUT/w1_$name.log" 2>&1
+  local flags=--no-hf; [[ $name == nondet* ]] && flags+=" --no-deterministic"   # 'nondet': cuBLAS products
+  (cd $dir && PYTHONPATH=$(pwd):/tmp/site timeout 150 python3 bench/w1_throughput.py $flags --runs 5) > "$OUT/w1_$name.log" 2>&1
   echo "[$name] W1 $(grep -E 'runs \(s\)|output tokens/s' "$OUT/w1_$name.log" | tr '\n' ' ')"
   restore_tables; stamp "w1 $name"
 }
