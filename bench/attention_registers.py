@@ -4,7 +4,7 @@ round trips inside a latency-bound launch, so a change to the kernel's tiles or 
 before any device time is spent. The device image's Triton may allocate differently: confirm on a GPU.
 
     python bench/attention_registers.py [--merge-chunk 0 4] [--fused 0 1] [--split 0 1] [--block-n 64 32]
-        [--tile 64:4 16:1]   (rows:warps; rows other than 64 are AttentionLaunch's decode_rows / decode_warps)
+        [--tile 64:4 16:1]   (rows:warps; rows other than 64: AttentionLaunch's split_rows / split_warps)
 Caller: by hand.
 """
 

@@ -116,45 +116,40 @@ def check_chunked_merge():
     return "attention chunked merge = plain bits", 0.0 if same else math.inf, float("nan"), float("nan")
 
 
-# (decode_rows, decode_warps, block_n) tried by check_decode_tile; block_n changes every launch's softmax step
-DECODE_TILES = ((16, 1, 64), (16, 2, 64), (16, 4, 64), (32, 2, 64), (16, 1, 32), (16, 2, 32))
+# (split_rows, split_warps, block_n) tried by check_split_tile; block_n changes every launch's softmax step
+SPLIT_TILES = ((16, 1, 64), (16, 2, 64), (16, 4, 64), (32, 2, 64), (16, 1, 32))
 
 
-def check_decode_tile():
-    """AttentionLaunch.decode_rows / decode_warps (pure-decode launches on a narrower row tile): each
-    tile's decode rows against the same rows through the 64-row looped launch (max_query_len 2) of the
-    same block_n, bit for bit, at B = 1 (300, 530, 2000 tokens: split), B = 16 (split) and B = 64
-    (looped); prints which tiles match and their times at B = 1 (530 tokens) and B = 64. A tile may go
-    in the table only if it matches: the second line names those that do not."""
+def check_split_tile():
+    """AttentionLaunch.split_rows / split_warps (split decode launches on a narrower row tile): each tile's
+    decode rows against the same rows through the 64-row looped launch (max_query_len 2) of the same
+    block_n, bit for bit, at B = 1 (300, 530, 2000 tokens) and B = 16; prints the tiles that do not match
+    (none of those may go in the table). The earlier session's H200 run: only 16 x 1 matched."""
     import dataclasses
     rng = random.Random(12)
     launch = attention.launch_for(torch.device(DEVICE))
-    cases = [[300], [530], [2000], [rng.randint(200, 2000) for _ in range(16)],
-             [rng.randint(100, 500) for _ in range(64)]]
-    tiles = [(64, 0, 64), (64, 0, 32), *DECODE_TILES]
-    mismatched, times = [], {tile: [] for tile in tiles}
-    for seq_lens in cases:
+    in_table = (launch.split_rows, launch.split_warps, launch.block_n)
+    tiles = list(dict.fromkeys([(64, 0, 64), (64, 0, 32), *SPLIT_TILES, in_table]))
+    mismatched = []
+    for seq_lens in ([300], [530], [2000], [rng.randint(200, 2000) for _ in range(16)]):
         batch = make_attention_batch([1] * len(seq_lens), seq_lens, seed=len(seq_lens) + seq_lens[0])
         args = [batch[k] for k in ("query", "k_cache", "v_cache", "query_start_loc", "seq_lens", "block_tables",
                                    "scale")]
-
-        def run(rows, warps, block_n, max_query_len=1, merge_chunk=4):
-            tile = dataclasses.replace(launch, decode_rows=rows, decode_warps=warps, block_n=block_n,
-                                       merge_chunk=merge_chunk)
-            out = torch.empty_like(batch["query"])
-            return lambda: attention._triton(*args, max_query_len, batch["max_seq_len"], out, [1] * len(seq_lens),
-                                             launch=tile)
-        want = {block_n: run(64, 0, block_n, max_query_len=2)() for block_n in (64, 32)}
-        for tile in tiles:
-            if not torch.equal(run(*tile)(), want[tile[2]]):
-                mismatched.append(f"{tile} at B={len(seq_lens)} seq {seq_lens[0]}")
-            if len(seq_lens) == 64 or seq_lens == [530]:
-                times[tile].append(f"{triton.testing.do_bench(run(*tile)) * 1e3:.1f}")
-    print("  decode tile (rows, warps, block_n), merge_chunk 4: us at B=1 seq 530 / B=64: "
-          + "; ".join(f"{tile}: {' / '.join(t)}" for tile, t in times.items()))
-    print("  decode tiles not bit-equal to the 64-row launch: " + ("; ".join(mismatched) or "none"))
-    default_ok = not any(m.startswith("(64, 0, ") for m in mismatched)
-    return "decode tile = 64-row bits (64, 0)", 0.0 if default_ok else math.inf, float("nan"), float("nan")
+        for block_n in sorted({tile[2] for tile in tiles}):
+            want = attention._triton(*args, 2, batch["max_seq_len"], torch.empty_like(batch["query"]),
+                                     [1] * len(seq_lens), launch=dataclasses.replace(launch, block_n=block_n))
+            for rows, warps, tile_n in tiles:
+                if tile_n != block_n:
+                    continue
+                tile = dataclasses.replace(launch, split_rows=rows, split_warps=warps, block_n=block_n)
+                got = attention._triton(*args, 1, batch["max_seq_len"], torch.empty_like(batch["query"]),
+                                        [1] * len(seq_lens), launch=tile)
+                if not torch.equal(got, want):
+                    mismatched.append(f"{(rows, warps, block_n)} at B={len(seq_lens)} seq {seq_lens[0]}")
+    print("  split tiles (rows, warps, block_n) not bit-equal to the 64-row launch: "
+          + ("; ".join(mismatched) or "none"))
+    table_ok = not any(m.startswith(f"{(64, 0, launch.block_n)}") or m.startswith(f"{in_table}") for m in mismatched)
+    return f"split tile {in_table} = 64-row bits", 0.0 if table_ok else math.inf, float("nan"), float("nan")
 
 
 def check_store_kv(num_tokens=4096):
@@ -400,7 +395,7 @@ def all_checks():
     yield check_attention("mixed: 1024 chunk + 63 decodes", [1024] + [1] * 63, [1500] + [rng.randint(16, 4096) for _ in range(63)])
     yield check_batch_invariance()
     yield check_chunked_merge()
-    yield check_decode_tile()
+    yield check_split_tile()
     yield check_rms_norm()
     yield check_linear_add_norm()
     yield check_tma_flat()

@@ -422,22 +422,23 @@ class AttentionLaunch:
     # Split launches: the last program loads this many segments' partials at once for its merge (a power
     # of two; 0: one segment per step, each an L2 round trip on the critical path). The same bits.
     merge_chunk: int = 0
-    # Pure-decode launches (max_query_len 1: one token per request, so a 64-row tile holds `group` real
-    # rows) may use a narrower row tile and fewer warps: decode_rows rows (a power of two >= 16) run by
-    # decode_warps warps (0: num_warps). A decoded token's row is also computed by 64-row launches
-    # (mixed steps, recompute after preemption), so a GPU may set these only where bench/check_kernels.py
-    # finds the decode tile's bits equal to the 64-row tile's (the interpreter cannot tell: it runs
-    # every launch at 16 rows).
-    decode_rows: int = 64
-    decode_warps: int = 0
+    # Split launches (one decode token per program, so a 64-row tile holds `group` real rows) may use a
+    # narrower row tile and fewer warps: split_rows rows (a power of two >= 16) run by split_warps warps
+    # (0: num_warps). A token's row is also computed by 64-row launches (looped decode, mixed steps,
+    # recompute after preemption), so a GPU may set these only where bench/check_kernels.py finds the
+    # narrow tile's bits equal to the 64-row tile's (the interpreter cannot tell: it runs every launch at
+    # 16 rows). H200: 16 rows x 1 warp is bit-equal (x 2 or 4 warps is not: their row sums span warps).
+    # Looped decode launches keep 64 rows: at bucket 64 the 1-warp tile cost +1,040 us per step.
+    split_rows: int = 64
+    split_warps: int = 0
 
     def __post_init__(self) -> None:
         if self.merge_chunk < 0 or self.merge_chunk & (self.merge_chunk - 1):
             raise ValueError(f"merge_chunk {self.merge_chunk} must be 0 or a power of two")
-        if self.decode_rows < 16 or self.decode_rows & (self.decode_rows - 1):
-            raise ValueError(f"decode_rows {self.decode_rows} must be a power of two >= 16")
-        if self.decode_warps < 0:
-            raise ValueError(f"decode_warps {self.decode_warps} must be >= 0")
+        if self.split_rows < 16 or self.split_rows & (self.split_rows - 1):
+            raise ValueError(f"split_rows {self.split_rows} must be a power of two >= 16")
+        if self.split_warps < 0:
+            raise ValueError(f"split_warps {self.split_warps} must be >= 0")
 
 
 DEFAULT_LAUNCH = AttentionLaunch()
@@ -468,8 +469,8 @@ def is_split_launch(launch: AttentionLaunch, max_query_len: int, max_seq_len: in
 
 def _tile_shape(group: int, block_n: int, rows: int = 64) -> tuple[int, int, int]:
     """(BLOCK_Q query tokens, BLOCK_M rows = BLOCK_Q * group padded, BLOCK_N keys) per program.
-    Fixed per (group, launch kind), never per batch; rows: 64, or the launch's decode_rows for
-    pure-decode launches (see AttentionLaunch)."""
+    Fixed per (group, launch kind), never per batch; rows: 64, or the launch's split_rows for split
+    launches (see AttentionLaunch)."""
     target_rows, block_n = (16, 16) if _IS_INTERPRETING else (rows, block_n)
     block_q = max(1, target_rows // group)
     return block_q, max(16, triton.next_power_of_2(block_q * group)), block_n
@@ -528,13 +529,12 @@ def _triton(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, sc
     if launch is None:
         launch = launch_for(query.device)
     kv_split_tokens = kv_split_tokens or launch.kv_split
-    is_decode = max_query_len == 1
-    block_q, block_m, block_n = _tile_shape(group, launch.block_n, launch.decode_rows if is_decode else 64)
-    num_warps = (launch.decode_warps or launch.num_warps) if is_decode else launch.num_warps
+    is_split = is_split_launch(launch, max_query_len, max_seq_len, num_reqs, num_kv_heads, kv_split_tokens)
+    block_q, block_m, block_n = _tile_shape(group, launch.block_n, launch.split_rows if is_split else 64)
+    num_warps = (launch.split_warps or launch.num_warps) if is_split else launch.num_warps
     if kv_split_tokens % block_n:
         raise ValueError(f"kv_split_tokens {kv_split_tokens} must be a multiple of {block_n}")
     dim_padded = max(16, triton.next_power_of_2(head_dim))
-    is_split = is_split_launch(launch, max_query_len, max_seq_len, num_reqs, num_kv_heads, kv_split_tokens)
     num_segments = triton.cdiv(max_seq_len, kv_split_tokens) if is_split else 1
     partial_rows = (num_tokens, num_q_heads, num_segments) if is_split else (1, 1, 1)
     partial_acc = query.new_empty((*partial_rows, dim_padded), dtype=torch.float32)

@@ -154,8 +154,8 @@ def test_merge_chunk_must_be_a_power_of_two():
         paged_attention_module.AttentionLaunch(merge_chunk=3)
 
 
-@pytest.mark.parametrize("field,value", [("decode_rows", 8), ("decode_rows", 48), ("decode_warps", -1)])
-def test_decode_tile_fields_are_validated(field, value):
+@pytest.mark.parametrize("field,value", [("split_rows", 8), ("split_rows", 48), ("split_warps", -1)])
+def test_split_tile_fields_are_validated(field, value):
     with pytest.raises(ValueError, match=f"{field} {value}"):
         paged_attention_module.AttentionLaunch(**{field: value})
 
@@ -164,7 +164,7 @@ def test_decode_tile_fields_are_validated(field, value):
                                              (8, 64, (8, 64, 64)), (6, 32, (5, 32, 64)), (16, 16, (1, 16, 64))])
 def test_tile_shape_on_a_gpu(monkeypatch, group, rows, want):
     """The compiled kernel's tile (the interpreter's is always 16 x 16): BLOCK_Q = rows // group tokens,
-    BLOCK_M = their rows padded to a power of two (at least 16), for the 64-row tile and decode_rows."""
+    BLOCK_M = their rows padded to a power of two (at least 16), for the 64-row tile and split_rows."""
     monkeypatch.setattr(paged_attention_module, "_IS_INTERPRETING", False)
     assert paged_attention_module._tile_shape(group, 64, rows) == want
 
