@@ -3,8 +3,8 @@ GPU needed: Triton's own compiler and ptxas (bundled with Triton) with `-v`. Spi
 round trips inside a latency-bound launch, so a change to the kernel's tiles or merge shows here
 before any device time is spent. The device image's Triton may allocate differently: confirm on a GPU.
 
-    python bench/attention_registers.py [--merge-chunk 0 4] [--fused 0 1] [--split 0 1] [--block-n 64 32]
-        [--tile 64:4 16:1]   (rows:warps; rows other than 64: AttentionLaunch's split_rows / split_warps)
+    python bench/attention_registers.py [--fused 0 1] [--split 0 1] [--block-n 64 32]
+        [--tile 64:4 16:1]   (ROWS:WARPS, the program's row tile; the engine's is 64:4)
 Caller: by hand.
 """
 
@@ -51,24 +51,22 @@ def ptxas_report(constexprs: dict, num_warps: int, num_stages: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--merge-chunk", type=int, nargs="+", default=[0, 4])
     parser.add_argument("--fused", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--split", type=int, nargs="+", default=[1, 0])
     parser.add_argument("--block-n", type=int, nargs="+", default=[64])
     parser.add_argument("--tile", nargs="+", default=["64:4"], help="ROWS:WARPS, the program's row tile")
     args = parser.parse_args()
-    for tile, block_n, chunk, fused, split in itertools.product(args.tile, args.block_n, args.merge_chunk, args.fused,
-                                                                 args.split):
+    for tile, block_n, fused, split in itertools.product(args.tile, args.block_n, args.fused, args.split):
         rows, warps = (int(part) for part in tile.split(":"))
         launch = attention.AttentionLaunch(kv_split=128, block_n=block_n, split_stages=2, loop_stages=2)   # H200
-        constexprs = dict(GROUP=8, BLOCK_Q=rows // 8, BLOCK_M=rows, BLOCK_N=launch.block_n, DIM_PADDED=128, BLOCK_SIZE=16,
+        constexprs = dict(GROUP=8, BLOCK_Q=rows // 8, BLOCK_M=rows, BLOCK_N=launch.block_n, DIM_PADDED=128,
+                          BLOCK_SIZE=16,
                           SPLIT_TOKENS=launch.kv_split, IS_SPLIT=bool(split), DOT_PRECISION="tf32", PDL=True,
                           FUSED_ROTARY=bool(fused), IS_MROPE=bool(fused), IS_INTERLEAVED=False,
-                          GROUP_PADDED=8 if fused else 1, HALF_PADDED=64 if fused else 1, MERGE_ROWS=8,
-                          MERGE_CHUNK=chunk)
+                          GROUP_PADDED=8 if fused else 1, HALF_PADDED=64 if fused else 1)
         stages = launch.split_stages if split else launch.loop_stages
         print(f"Qwen2.5-VL-3B (group 8, head_dim 128) tile {rows} rows x {warps} warps, block_n={block_n} "
-              f"split={split} fused_rotary={fused} merge_chunk={chunk}: "
+              f"split={split} fused_rotary={fused}: "
               f"{ptxas_report(constexprs, warps, stages)}", flush=True)
 
 

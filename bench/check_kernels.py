@@ -92,66 +92,6 @@ def check_batch_invariance():
     return "decode row alone/batched/mixed bitwise", 0.0 if same else math.inf, float("nan"), float("nan")
 
 
-def check_chunked_merge():
-    """AttentionLaunch.merge_chunk (the split path's last program loading 4 or 8 segments' partials at
-    once) against one segment at a time, with this GPU's launch otherwise: decodes at B = 1 (300, 530
-    and 2000 tokens) and B = 16, bit for bit; prints the B = 1 times."""
-    import dataclasses
-    rng = random.Random(11)
-    launch = attention.launch_for(torch.device(DEVICE))
-    same, times = True, []
-    for seq_lens in ([300], [530], [2000], [rng.randint(200, 2000) for _ in range(16)]):
-        batch = make_attention_batch([1] * len(seq_lens), seq_lens, seed=len(seq_lens) + seq_lens[0])
-        args = [batch[k] for k in ("query", "k_cache", "v_cache", "query_start_loc", "seq_lens", "block_tables",
-                                   "scale", "max_query_len", "max_seq_len")]
-        runs = {chunk: (lambda chunk=chunk: attention._triton(
-            *args, torch.empty_like(batch["query"]), [1] * len(seq_lens),
-            launch=dataclasses.replace(launch, merge_chunk=chunk))) for chunk in (0, 4, 8)}
-        want = runs[0]()
-        same &= all(torch.equal(runs[chunk](), want) for chunk in (4, 8))
-        if len(seq_lens) == 1:
-            times.append(f"seq {seq_lens[0]}: " + " / ".join(f"{triton.testing.do_bench(r) * 1e3:.1f}"
-                                                          for r in runs.values()) + " us")
-    print("  attention merge one / 4 / 8 segments at a time: " + "; ".join(times))
-    return "attention chunked merge = plain bits", 0.0 if same else math.inf, float("nan"), float("nan")
-
-
-# (split_rows, split_warps, block_n) tried by check_split_tile; block_n changes every launch's softmax step
-SPLIT_TILES = ((16, 1, 64), (16, 2, 64), (16, 4, 64), (32, 2, 64), (16, 1, 32))
-
-
-def check_split_tile():
-    """AttentionLaunch.split_rows / split_warps (split decode launches on a narrower row tile): each tile's
-    decode rows against the same rows through the 64-row looped launch (max_query_len 2) of the same
-    block_n, bit for bit, at B = 1 (300, 530, 2000 tokens) and B = 16; prints the tiles that do not match
-    (none of those may go in the table). The earlier session's H200 run: only 16 x 1 matched."""
-    import dataclasses
-    rng = random.Random(12)
-    launch = attention.launch_for(torch.device(DEVICE))
-    in_table = (launch.split_rows, launch.split_warps, launch.block_n)
-    tiles = list(dict.fromkeys([(64, 0, 64), (64, 0, 32), *SPLIT_TILES, in_table]))
-    mismatched = []
-    for seq_lens in ([300], [530], [2000], [rng.randint(200, 2000) for _ in range(16)]):
-        batch = make_attention_batch([1] * len(seq_lens), seq_lens, seed=len(seq_lens) + seq_lens[0])
-        args = [batch[k] for k in ("query", "k_cache", "v_cache", "query_start_loc", "seq_lens", "block_tables",
-                                   "scale")]
-        for block_n in sorted({tile[2] for tile in tiles}):
-            want = attention._triton(*args, 2, batch["max_seq_len"], torch.empty_like(batch["query"]),
-                                     [1] * len(seq_lens), launch=dataclasses.replace(launch, block_n=block_n))
-            for rows, warps, tile_n in tiles:
-                if tile_n != block_n:
-                    continue
-                tile = dataclasses.replace(launch, split_rows=rows, split_warps=warps, block_n=block_n)
-                got = attention._triton(*args, 1, batch["max_seq_len"], torch.empty_like(batch["query"]),
-                                        [1] * len(seq_lens), launch=tile)
-                if not torch.equal(got, want):
-                    mismatched.append(f"{(rows, warps, block_n)} at B={len(seq_lens)} seq {seq_lens[0]}")
-    print("  split tiles (rows, warps, block_n) not bit-equal to the 64-row launch: "
-          + ("; ".join(mismatched) or "none"))
-    table_ok = not any(m.startswith(f"{(64, 0, launch.block_n)}") or m.startswith(f"{in_table}") for m in mismatched)
-    return f"split tile {in_table} = 64-row bits", 0.0 if table_ok else math.inf, float("nan"), float("nan")
-
-
 def check_store_kv(num_tokens=4096):
     key = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
     value = torch.randn_like(key)
@@ -394,8 +334,6 @@ def all_checks():
     yield check_attention("prefill chunk 2048 after 2048", [2048], [4096])
     yield check_attention("mixed: 1024 chunk + 63 decodes", [1024] + [1] * 63, [1500] + [rng.randint(16, 4096) for _ in range(63)])
     yield check_batch_invariance()
-    yield check_chunked_merge()
-    yield check_split_tile()
     yield check_rms_norm()
     yield check_linear_add_norm()
     yield check_tma_flat()

@@ -190,58 +190,14 @@ def _store_rows(out_ptrs, run_sum, run_acc, row_mask):
 
 
 @triton.jit
-def _merge_segments_chunked(group_max_ptr, group_sum_ptr, group_acc_ptr, group_out_ptr, num_segments, head_dim,
-                            stride_pm_h, stride_pa_h, stride_o_h, GROUP: tl.constexpr, MERGE_ROWS: tl.constexpr,
-                            DIM_PADDED: tl.constexpr, MERGE_CHUNK: tl.constexpr):
-    """The split path's merge on the token's GROUP query heads only, MERGE_CHUNK segments' partials
-    loaded at once (one L2 round trip per chunk, not per segment), then folded one by one in segment
-    order by _merge_segment: the same operations on the same values as the loop of
-    _merge_across_programs (a segment is picked out of its chunk by a max against -inf, which is
-    exact, -0.0 included; the merge is per-row arithmetic, so the narrower row tile does not change
-    it). group_*_ptr: the token's first head of this KV head, segment 0; heads stride_*_h apart."""
-    rows = tl.arange(0, MERGE_ROWS)
-    row_valid = rows < GROUP
-    dims = tl.arange(0, DIM_PADDED)
-    chunk = tl.arange(0, MERGE_CHUNK)
-    stat = rows * stride_pm_h                                                        # [MERGE_ROWS]
-    acc = group_acc_ptr + rows[:, None] * stride_pa_h + dims[None, :]                # [MERGE_ROWS, DIM_PADDED]
-    merged_max = tl.full([MERGE_ROWS], _NO_SCORE, tl.float32)
-    merged_sum = tl.zeros([MERGE_ROWS], tl.float32)
-    merged_acc = tl.zeros([MERGE_ROWS, DIM_PADDED], tl.float32)
-    for first in range(0, num_segments, MERGE_CHUNK):
-        segs = first + chunk                                                         # [MERGE_CHUNK]
-        loaded = (segs < num_segments)[:, None] & row_valid[None, :]                 # [MERGE_CHUNK, MERGE_ROWS]
-        maxes = tl.load(group_max_ptr + stat[None, :] + segs[:, None], mask=loaded, other=_NO_SCORE,
-                        cache_modifier=".cg")
-        sums = tl.load(group_sum_ptr + stat[None, :] + segs[:, None], mask=loaded, other=1.0, cache_modifier=".cg")
-        accs = tl.load(acc[None, :, :] + segs[:, None, None] * DIM_PADDED, mask=loaded[:, :, None], other=0.0,
-                       cache_modifier=".cg")                                         # [MERGE_CHUNK, MERGE_ROWS, DIM]
-        for i in tl.static_range(MERGE_CHUNK):
-            pick = chunk == i
-            seg_max = tl.max(tl.where(pick[:, None], maxes, float("-inf")), axis=0)
-            seg_sum = tl.max(tl.where(pick[:, None], sums, float("-inf")), axis=0)
-            seg_acc = tl.max(tl.where(pick[:, None, None], accs, float("-inf")), axis=0)
-            new_max, new_sum, new_acc = _merge_segment(merged_max, merged_sum, merged_acc, seg_max, seg_sum, seg_acc)
-            live = first + i < num_segments
-            merged_max = tl.where(live, new_max, merged_max)
-            merged_sum = tl.where(live, new_sum, merged_sum)
-            merged_acc = tl.where(live, new_acc, merged_acc)
-    _store_rows(group_out_ptr + rows[:, None] * stride_o_h + dims[None, :], merged_sum, merged_acc,
-                row_valid[:, None] & (dims < head_dim)[None, :])
-
-
-@triton.jit
 def _merge_across_programs(run_max, run_sum, run_acc, seg, num_segments, ticket_ptr, out_ptrs,
                            partial_max_ptrs, partial_sum_ptrs, partial_acc_ptrs, row_valid, row_mask,
-                           group_max_ptr, group_sum_ptr, group_acc_ptr, group_out_ptr, head_dim, stride_pm_h,
-                           stride_pa_h, stride_o_h, BLOCK_M: tl.constexpr, DIM_PADDED: tl.constexpr,
-                           GROUP: tl.constexpr, MERGE_ROWS: tl.constexpr, MERGE_CHUNK: tl.constexpr):
+                           BLOCK_M: tl.constexpr, DIM_PADDED: tl.constexpr):
     """Split mode: store segment `seg`'s partial of the tile's rows, take a ticket on the
     (token, kv head) counter; the program drawing ticket num_segments - 1 (the last of the row's
     active segments) merges segments 0..num_segments-1 in order, writes out, resets the counter.
     partial_max_ptrs / partial_sum_ptrs [BLOCK_M] and partial_acc_ptrs [BLOCK_M, DIM_PADDED] point
-    at segment 0; segments are contiguous (acc: DIM_PADDED floats apart). MERGE_CHUNK > 0: the merge
-    is _merge_segments_chunked's (group_*: the same buffers from the token's first head)."""
+    at segment 0; segments are contiguous (acc: DIM_PADDED floats apart)."""
     tl.store(partial_max_ptrs + seg, run_max, mask=row_valid)
     tl.store(partial_sum_ptrs + seg, run_sum, mask=row_valid)
     # The acc partials span all DIM_PADDED columns: a row-only mask keeps their accesses vectorized.
@@ -251,14 +207,7 @@ def _merge_across_programs(run_max, run_sum, run_acc, seg, num_segments, ticket_
     # and, in the last program, acquires the others' (Triton broadcasts the result through a barrier).
     tl.debug_barrier()
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
-    is_last = ticket == num_segments - 1
-    if MERGE_CHUNK > 0:
-        if is_last:
-            _merge_segments_chunked(group_max_ptr, group_sum_ptr, group_acc_ptr, group_out_ptr, num_segments,
-                                    head_dim, stride_pm_h, stride_pa_h, stride_o_h, GROUP, MERGE_ROWS, DIM_PADDED,
-                                    MERGE_CHUNK)
-            tl.store(ticket_ptr, 0)   # every ticket of the row is drawn: zero for the next launch / replay
-    elif is_last:
+    if ticket == num_segments - 1:
         merged_max = tl.full([BLOCK_M], _NO_SCORE, tl.float32)
         merged_sum = tl.zeros([BLOCK_M], tl.float32)
         merged_acc = tl.zeros([BLOCK_M, DIM_PADDED], tl.float32)
@@ -314,7 +263,7 @@ def _paged_attention_kernel(
     DIM_PADDED: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLIT_TOKENS: tl.constexpr,
     IS_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
     FUSED_ROTARY: tl.constexpr, IS_MROPE: tl.constexpr, IS_INTERLEAVED: tl.constexpr,
-    GROUP_PADDED: tl.constexpr, HALF_PADDED: tl.constexpr, MERGE_ROWS: tl.constexpr, MERGE_CHUNK: tl.constexpr,
+    GROUP_PADDED: tl.constexpr, HALF_PADDED: tl.constexpr,
 ):
     # Program (query tile, kv head[, segment when IS_SPLIT]).
     # The step's request metadata is written before its first kernel, so it is read before the wait
@@ -386,12 +335,7 @@ def _paged_attention_kernel(
                 partial_max_ptr + row_t64 * stride_pm_t + row_head * stride_pm_h,
                 partial_sum_ptr + row_t64 * stride_pm_t + row_head * stride_pm_h,
                 partial_acc_ptr + row_t64[:, None] * stride_pa_t + row_head[:, None] * stride_pa_h + dims[None, :],
-                row_valid, row_mask,
-                partial_max_ptr + q_start.to(tl.int64) * stride_pm_t + kv_head * GROUP * stride_pm_h,
-                partial_sum_ptr + q_start.to(tl.int64) * stride_pm_t + kv_head * GROUP * stride_pm_h,
-                partial_acc_ptr + q_start.to(tl.int64) * stride_pa_t + kv_head * GROUP * stride_pa_h,
-                out_ptr + q_start.to(tl.int64) * stride_o_t + kv_head * GROUP * stride_o_h, head_dim,
-                stride_pm_h, stride_pa_h, stride_o_h, BLOCK_M, DIM_PADDED, GROUP, MERGE_ROWS, MERGE_CHUNK)
+                row_valid, row_mask, BLOCK_M, DIM_PADDED)
         else:
             _store_rows(out_ptrs, run_sum, run_acc, row_mask)
     else:
@@ -419,26 +363,11 @@ class AttentionLaunch:
     # step, bucket 64 +13 us when looped launches fused too; BENCHMARKS.md, tenth session). Also summing
     # the qkv product's K ranges in this launch (no second launch) was measured: +72 us at bucket 1.
     fuse_rotary: bool = False
-    # Split launches: the last program loads this many segments' partials at once for its merge (a power
-    # of two; 0: one segment per step, each an L2 round trip on the critical path). The same bits.
-    merge_chunk: int = 0
-    # Split launches (one decode token per program, so a 64-row tile holds `group` real rows) may use a
-    # narrower row tile and fewer warps: split_rows rows (a power of two >= 16) run by split_warps warps
-    # (0: num_warps). A token's row is also computed by 64-row launches (looped decode, mixed steps,
-    # recompute after preemption), so a GPU may set these only where bench/check_kernels.py finds the
-    # narrow tile's bits equal to the 64-row tile's (the interpreter cannot tell: it runs every launch at
-    # 16 rows). H200: 16 rows x 1 warp is bit-equal (x 2 or 4 warps is not: their row sums span warps).
-    # Looped decode launches keep 64 rows: at bucket 64 the 1-warp tile cost +1,040 us per step.
-    split_rows: int = 64
-    split_warps: int = 0
-
-    def __post_init__(self) -> None:
-        if self.merge_chunk < 0 or self.merge_chunk & (self.merge_chunk - 1):
-            raise ValueError(f"merge_chunk {self.merge_chunk} must be 0 or a power of two")
-        if self.split_rows < 16 or self.split_rows & (self.split_rows - 1):
-            raise ValueError(f"split_rows {self.split_rows} must be a power of two >= 16")
-        if self.split_warps < 0:
-            raise ValueError(f"split_warps {self.split_warps} must be >= 0")
+    # Measured on the H200 and not kept (BENCHMARKS.md, eleventh session; all bit-equal): the split path's
+    # last program merging 4 segments' partials per load on the token's 8 query-head rows (+650 us per
+    # batch-1 step at 550 tokens, though ptxas showed 0.3 KB of spills instead of 2.5 KB), and split
+    # launches on a 16-row tile (the token's 8 heads) run by 1 warp (+266 us; with 2 or 4 warps the tile's
+    # bits differed from the 64-row tile's in some launches).
 
 
 DEFAULT_LAUNCH = AttentionLaunch()
@@ -467,11 +396,10 @@ def is_split_launch(launch: AttentionLaunch, max_query_len: int, max_seq_len: in
             and num_reqs * num_kv_heads < launch.split_below)
 
 
-def _tile_shape(group: int, block_n: int, rows: int = 64) -> tuple[int, int, int]:
+def _tile_shape(group: int, block_n: int) -> tuple[int, int, int]:
     """(BLOCK_Q query tokens, BLOCK_M rows = BLOCK_Q * group padded, BLOCK_N keys) per program.
-    Fixed per (group, launch kind), never per batch; rows: 64, or the launch's split_rows for split
-    launches (see AttentionLaunch)."""
-    target_rows, block_n = (16, 16) if _IS_INTERPRETING else (rows, block_n)
+    Fixed per (group, mode), never per batch, so tiling never changes a row's arithmetic."""
+    target_rows, block_n = (16, 16) if _IS_INTERPRETING else (64, block_n)
     block_q = max(1, target_rows // group)
     return block_q, max(16, triton.next_power_of_2(block_q * group)), block_n
 
@@ -529,12 +457,11 @@ def _triton(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, sc
     if launch is None:
         launch = launch_for(query.device)
     kv_split_tokens = kv_split_tokens or launch.kv_split
-    is_split = is_split_launch(launch, max_query_len, max_seq_len, num_reqs, num_kv_heads, kv_split_tokens)
-    block_q, block_m, block_n = _tile_shape(group, launch.block_n, launch.split_rows if is_split else 64)
-    num_warps = (launch.split_warps or launch.num_warps) if is_split else launch.num_warps
+    block_q, block_m, block_n = _tile_shape(group, launch.block_n)
     if kv_split_tokens % block_n:
         raise ValueError(f"kv_split_tokens {kv_split_tokens} must be a multiple of {block_n}")
     dim_padded = max(16, triton.next_power_of_2(head_dim))
+    is_split = is_split_launch(launch, max_query_len, max_seq_len, num_reqs, num_kv_heads, kv_split_tokens)
     num_segments = triton.cdiv(max_seq_len, kv_split_tokens) if is_split else 1
     partial_rows = (num_tokens, num_q_heads, num_segments) if is_split else (1, 1, 1)
     partial_acc = query.new_empty((*partial_rows, dim_padded), dtype=torch.float32)
@@ -551,11 +478,10 @@ def _triton(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, sc
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), partial_acc.stride(0), partial_acc.stride(1),
         partial_max.stride(0), partial_max.stride(1), *rotary_args, **rotary_constexprs,
-        MERGE_ROWS=triton.next_power_of_2(group), MERGE_CHUNK=launch.merge_chunk,
         GROUP=group, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, DIM_PADDED=dim_padded,
         BLOCK_SIZE=k_cache.shape[1], SPLIT_TOKENS=kv_split_tokens, IS_SPLIT=is_split,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        PDL=(pdl := dependent_launch.enabled(query)), launch_pdl=pdl, num_warps=num_warps,
+        PDL=(pdl := dependent_launch.enabled(query)), launch_pdl=pdl, num_warps=launch.num_warps,
         num_stages=launch.split_stages if is_split else launch.loop_stages)
     return out
 

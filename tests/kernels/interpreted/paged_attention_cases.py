@@ -134,41 +134,6 @@ def test_each_active_segment_takes_one_ticket_on_its_own_counter():
     _assert_tickets_clean()
 
 
-@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", [(8, 1, 64), (12, 2, 32), (2, 2, 40)])
-def test_chunked_merge_gives_the_same_bits(num_q_heads, num_kv_heads, head_dim):
-    """AttentionLaunch.merge_chunk: the split path's last program loading 2 or 4 segments' partials at
-    once (1 to 7 segments here: chunk boundaries, a last chunk part empty) merges to the same bits as
-    one segment at a time, for GQA groups 8, 6 (a non-power-of-2 group) and 1, and leaves the counters
-    clean."""
-    mixed = make_batch([1, 1, 1, 1, 1], [110, 97, 33, 16, 64], num_q_heads, num_kv_heads, head_dim, 8)
-    decodes = decode_batch(mixed, [0, 1, 2, 3, 4], 2, max_seq_len=128)
-    results = [_triton(decodes, launch=paged_attention_module.AttentionLaunch(kv_split=SPLIT, merge_chunk=chunk))
-               for chunk in (0, 2, 4)]
-    _assert_tickets_clean()
-    assert torch.equal(results[1], results[0]) and torch.equal(results[2], results[0])
-    torch.testing.assert_close(results[2], _reference(decodes), rtol=1e-5, atol=1e-5)
-
-
-def test_merge_chunk_must_be_a_power_of_two():
-    with pytest.raises(ValueError, match="merge_chunk 3"):
-        paged_attention_module.AttentionLaunch(merge_chunk=3)
-
-
-@pytest.mark.parametrize("field,value", [("split_rows", 8), ("split_rows", 48), ("split_warps", -1)])
-def test_split_tile_fields_are_validated(field, value):
-    with pytest.raises(ValueError, match=f"{field} {value}"):
-        paged_attention_module.AttentionLaunch(**{field: value})
-
-
-@pytest.mark.parametrize("group,rows,want", [(8, 16, (2, 16, 64)), (7, 16, (2, 16, 64)), (2, 16, (8, 16, 64)),
-                                             (8, 64, (8, 64, 64)), (6, 32, (5, 32, 64)), (16, 16, (1, 16, 64))])
-def test_tile_shape_on_a_gpu(monkeypatch, group, rows, want):
-    """The compiled kernel's tile (the interpreter's is always 16 x 16): BLOCK_Q = rows // group tokens,
-    BLOCK_M = their rows padded to a power of two (at least 16), for the 64-row tile and split_rows."""
-    monkeypatch.setattr(paged_attention_module, "_IS_INTERPRETING", False)
-    assert paged_attention_module._tile_shape(group, 64, rows) == want
-
-
 def test_long_decode_uses_default_split():
     batch = make_batch([1], [paged_attention_module.KV_SPLIT_TOKENS + 37], 2, 1, 16, 16)
     torch.testing.assert_close(_triton(batch), _reference(batch), rtol=1e-5, atol=1e-5)
