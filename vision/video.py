@@ -57,7 +57,11 @@ class VideoFrames:
 
 def smart_nframes(total_frames: int, video_fps: float, *, fps: float | None = FPS, min_frames: int = FPS_MIN_FRAMES,
                   max_frames: int = FPS_MAX_FRAMES, nframes: int | None = None) -> int:
-    """qwen-vl-utils' frame count (see module docstring); MediaError if it falls outside [2, total]."""
+    """qwen-vl-utils' frame count (see module docstring); MediaError if it falls outside [2, total].
+    A one-frame video (shorter than a temporal patch) gives its one frame, as vLLM's loader does: the
+    processors pad the temporal patch with copies of it, as transformers' do (qwen-vl-utils raises)."""
+    if nframes is None and total_frames < FRAME_FACTOR:
+        return total_frames
     if nframes is not None:
         count = round(nframes / FRAME_FACTOR) * FRAME_FACTOR
     else:
@@ -66,8 +70,9 @@ def smart_nframes(total_frames: int, video_fps: float, *, fps: float | None = FP
         wanted = total_frames / video_fps * (FPS if fps is None else fps)
         count = math.floor(min(max(wanted, lower), upper, total_frames) / FRAME_FACTOR) * FRAME_FACTOR
     if not FRAME_FACTOR <= count <= total_frames:
-        raise MediaError(f"cannot sample {count} frames from a video of {total_frames} frame(s); "
-                         f"between {FRAME_FACTOR} and {total_frames} are possible")
+        possible = (f"between {FRAME_FACTOR} and {total_frames} are possible" if total_frames >= FRAME_FACTOR
+                    else "leave the frame count unset to use its one frame")
+        raise MediaError(f"cannot sample {count} frames from a video of {total_frames} frame(s); {possible}")
     return int(count)
 
 

@@ -100,12 +100,25 @@ def test_sample_videos(media_dir):
 
 def test_bad_videos_fail_fast():
     good = _numbered_video(30)
-    cases = [b"", b"not a video at all" * 10, good[: len(good) // 3], _numbered_video(1)]
+    cases = [b"", b"not a video at all" * 10, good[: len(good) // 3]]
     for data in cases:
         start = time.perf_counter()
         with pytest.raises(MediaError):
             decode_video(data)
         assert time.perf_counter() - start < 1.0
+
+
+def test_one_frame_video_gives_its_frame():
+    """qwen-vl-utils raises for a one-frame video; vLLM serves it (its loader returns the one frame and
+    the processor pads the temporal patch: tests/vision/processors test one-frame videos against
+    transformers). An explicit frame count above the one frame is still an error."""
+    with pytest.raises(ValueError):
+        qwen.smart_nframes({}, total_frames=1, video_fps=30.0)
+    video = decode_video(_numbered_video(1, fps=30))
+    assert video.frame_indices == (0,) and _frame_numbers(video.frames) == [0]
+    assert video.total_frames == 1 and video.fps == 30.0
+    with pytest.raises(MediaError, match="leave the frame count unset"):
+        decode_video(_numbered_video(1), nframes=4, fps=None)
 
 
 @pytest.mark.parametrize("fmt", ["avi", "mp4", "matroska"])
