@@ -11,8 +11,9 @@
 # STEP_ARGS: bench/step_time.py's options (e.g. --tokens 520: replays at ~550 tokens of context, as W2's end).
 # PARTS (default check,ab) picks; VARIANTS (';'-separated, default before;now) the A/B runs; W1=1 adds
 # bench/w1_throughput.py --runs 5 and W2=1 bench/w2_latency.py --runs 3 after each; w1 runs only W1 for
-# each of W1_VARIANTS (a name starting with nondet runs it with --no-deterministic); tune runs bench/tune_linear.py --range large, mid (TUNE_RANGES) --write-table
-# (before ab and w1, which then run with the new table; it lands in $OUT); also det
+# each of W1_VARIANTS (a name starting with nondet runs it with --no-deterministic); tune runs
+# bench/tune_linear.py --range large, mid (TUNE_RANGES) --write-table (before ab and w1, which then run
+# with the new table; it lands in $OUT); also det
 # (bench/check_determinism.py: run it with the winning patch applied), vl (bench/check_vl_gpu.py), profile
 # (bench/profile_gpu.py --part w2 with VLSERVE_PDL=0: the batch-1 step's kernel durations, before ab).
 # E.g. the flat TMA loop (kernels/matmul_tma.py) at large M for the four layer shapes, prefill-bound W1:
