@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from engine.layers.attention import AttentionMetadata
-from engine.runner.transfer import to_device
+from engine.runner.transfer import StepUploads
 from engine.runner.sampling_rows import PendingTokens, SamplingTable, build_sampling_batch
 from engine.sampler import SamplingBatch
 from engine.sampling_params import SamplingParams
@@ -85,7 +85,7 @@ class StepBatch:
     positions: torch.Tensor                 # [T] int64, or [3, T] for M-RoPE models
     attn_metadata: AttentionMetadata
     sampling_req_ids: list[str]             # requests that sample a token this step
-    logits_indices: torch.Tensor            # [S] int64, their last-token rows
+    logits_indices: torch.Tensor | None     # [S] int64, their last-token rows; None: every row (S = T)
     sampling: SamplingBatch | None
     # req_id -> (first row, prompt token ids the rows predict, emits None for position 0 first)
     prompt_logprob_rows: dict[str, tuple[int, list[int], bool]] = field(default_factory=dict)
@@ -143,6 +143,7 @@ class InputBatch:
         # request's index in it: the next step reads pending tokens from there.
         self.last_sampled: torch.Tensor | None = None
         self.last_sampled_index: dict[str, int] = {}
+        self.uploads = StepUploads(device)
 
     # --- state updates -----------------------------------------------------------------------
 
@@ -226,24 +227,35 @@ class InputBatch:
         logits_indices = query_start_loc[1:][np.array(step.samples, dtype=bool)] - 1   # [S]
         positions = self._positions(states, token_pos, req_of_token, query_start_loc, ends, counts,
                                     step.prompt_reqs)
-        return StepBatch(
+        batch = StepBatch(
             req_ids=req_ids, num_scheduled_tokens=counts,
             input_ids=self._input_ids(step),
             positions=self._to_device(positions, torch.int64),
             attn_metadata=self._attn_metadata(counts, query_start_loc, ends, slots,
                                               table[rows, :max(step.num_blocks)]),
-            sampling_req_ids=sampling_req_ids, logits_indices=self._to_device(logits_indices, torch.int64),
+            sampling_req_ids=sampling_req_ids,
+            # every row samples (a decode step): the hidden rows themselves, no gather
+            logits_indices=(None if len(logits_indices) == len(token_pos)
+                            else self._to_device(logits_indices, torch.int64)),
             sampling=self.sampling_batch(sampling_req_ids) if sampling_req_ids else None,
             prompt_logprob_rows=step.prompt_rows, is_past_prompts=step.is_past_prompts)
+        self.uploads.ready()   # the forward reads them
+        return batch
 
     def _input_ids(self, step: "_Gathered") -> torch.Tensor:
         """[T] int64 on the device; pending rows filled from the last step's sampled tensor
-        (a device gather, queued after that step: no wait for it on the host)."""
+        (a device gather, queued after that step: no wait for it on the host). A decode step whose
+        every row is pending, in the order the last step sampled them, is that tensor itself."""
+        num_rows, pending = len(step.input_ids), step.pending_rows
+        if (self.last_sampled is not None and len(pending) == num_rows == self.last_sampled.shape[0]
+                and pending == step.pending_sources == list(range(num_rows))):
+            return self.last_sampled
         # numpy first: torch.tensor(list) costs ~20 us a call, np.array + from_numpy a few
         input_ids = self._to_device(np.array(step.input_ids, dtype=np.int64), torch.int64)
-        if step.pending_rows:
-            input_ids[self._to_device(np.array(step.pending_rows, dtype=np.int64), torch.int64)] = self.last_sampled[
-                self._to_device(np.array(step.pending_sources, dtype=np.int64), torch.int64)]
+        if pending:
+            where = self._to_device(np.array([pending, step.pending_sources], dtype=np.int64), torch.int64)  # [2, n]
+            self.uploads.ready()
+            input_ids[where[0]] = self.last_sampled[where[1]]
         return input_ids
 
     def _check_blocks(self, states: list[CachedRequestState], ends: np.ndarray, num_blocks: np.ndarray) -> None:
@@ -291,8 +303,8 @@ class InputBatch:
     def _to_device(self, values: list | np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         if isinstance(values, np.ndarray):   # a fresh array of this step: no copy on the CPU
             tensor = torch.from_numpy(np.ascontiguousarray(values))
-            return to_device(tensor if tensor.dtype == dtype else tensor.to(dtype), self.device)
-        return to_device(torch.tensor(values, dtype=dtype), self.device)
+            return self.uploads.to_device(tensor if tensor.dtype == dtype else tensor.to(dtype))
+        return self.uploads.to_device(torch.tensor(values, dtype=dtype))
 
     # --- sampling settings -------------------------------------------------------------------
 
@@ -300,7 +312,8 @@ class InputBatch:
         states = [self.requests[r] for r in req_ids]
         pending = (PendingTokens(self.last_sampled, self.last_sampled_index)
                    if self.last_sampled is not None else None)
-        return build_sampling_batch(states, self.sampling_table, self.eos_token_ids, self._to_device, pending)
+        return build_sampling_batch(states, self.sampling_table, self.eos_token_ids, self._to_device, pending,
+                                    self.uploads.ready)
 
     def _take_row(self, state: CachedRequestState) -> None:
         """A block-table row (and its sampling-table row) for a request entering the batch."""

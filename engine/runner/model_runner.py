@@ -203,7 +203,8 @@ class ModelRunner:
             self._launched = StepOutput.ready(ModelRunnerOutput(
                 req_ids=batch.req_ids, sampled_token_ids=[[] for _ in batch.req_ids], failed=failed))
             return
-        logits = self.model.compute_logits(hidden[batch.logits_indices]) if batch.sampling_req_ids else None
+        sampled_rows = hidden if batch.logits_indices is None else hidden[batch.logits_indices]   # [S, H]
+        logits = self.model.compute_logits(sampled_rows) if batch.sampling_req_ids else None
         self._launched = _LaunchedForward(batch, hidden, logits, failed)   # logits [S, vocab]
 
     @torch.inference_mode()

@@ -66,9 +66,12 @@ class PendingTokens:
 
 def build_sampling_batch(states: list, table: SamplingTable, eos_token_ids: tuple[int, ...],
                          to_device: Callable[[np.ndarray | list, torch.dtype], torch.Tensor],
-                         pending: PendingTokens | None = None) -> SamplingBatch:
+                         pending: PendingTokens | None = None,
+                         uploads_ready: Callable[[], None] = lambda: None) -> SamplingBatch:
     """states: the sampling requests' CachedRequestStates, in batch order; pending: where their
-    tokens still on the device are (the penalties count them without waiting for them)."""
+    tokens still on the device are (the penalties count them without waiting for them);
+    uploads_ready: makes device work queued next see what to_device uploaded (engine.runner.transfer
+    StepUploads: the copies run on a stream of their own)."""
     rows = np.array([s.row for s in states], dtype=np.int64)                            # [R]
     numbers = table.numbers[rows]                                                        # [R, 8]
     positions = np.array([len(s.output_token_ids) + s.num_pending for s in states], dtype=np.int64)  # [R]
@@ -83,7 +86,7 @@ def build_sampling_batch(states: list, table: SamplingTable, eos_token_ids: tupl
     if (numbers[:, _MIN_P] > 0.0).any():
         batch.min_p = to_device(numbers[:, _MIN_P], torch.float32)
     if numbers[:, _HAS_PENALTY].any():
-        _add_penalties(batch, states, to_device, pending)
+        _add_penalties(batch, states, to_device, pending, uploads_ready)
     if (positions < numbers[:, _MIN_TOKENS]).any():
         batch.banned_token_ids = _banned_tokens(states, positions, eos_token_ids, table.vocab_size, to_device)
     max_logprobs = numbers[:, _LOGPROBS].max()
@@ -91,7 +94,8 @@ def build_sampling_batch(states: list, table: SamplingTable, eos_token_ids: tupl
     return batch
 
 
-def _add_penalties(batch: SamplingBatch, states: list, to_device, pending: PendingTokens | None) -> None:
+def _add_penalties(batch: SamplingBatch, states: list, to_device, pending: PendingTokens | None,
+                   uploads_ready: Callable[[], None]) -> None:
     params = [s.sampling_params for s in states]
     if any(p.repetition_penalty != 1.0 for p in params):
         batch.repetition_penalty = to_device([p.repetition_penalty for p in params], torch.float32)
@@ -104,10 +108,11 @@ def _add_penalties(batch: SamplingBatch, states: list, to_device, pending: Pendi
         batch.frequency_penalty = to_device([p.frequency_penalty for p in params], torch.float32)
     if any(p.presence_penalty != 0.0 for p in params):
         batch.presence_penalty = to_device([p.presence_penalty for p in params], torch.float32)
-    batch.output_token_ids = _output_token_ids(states, to_device, pending)
+    batch.output_token_ids = _output_token_ids(states, to_device, pending, uploads_ready)
 
 
-def _output_token_ids(states: list, to_device, pending: PendingTokens | None) -> torch.Tensor:
+def _output_token_ids(states: list, to_device, pending: PendingTokens | None,
+                      uploads_ready: Callable[[], None]) -> torch.Tensor:
     """[R, W] int64 on the device, -1 padded: each row's output tokens, the one still on the device
     last (async scheduling), copied there from the step that samples it: no wait for that step."""
     ids = np.full((len(states), max(1, max(s.num_output_positions for s in states))), -1, dtype=np.int64)
@@ -123,6 +128,7 @@ def _output_token_ids(states: list, to_device, pending: PendingTokens | None) ->
     if rows:   # one upload: [3, n] rows, columns, indices into pending.sampled
         where = to_device(np.array([rows, [len(states[i].output_token_ids) for i in rows], sources],
                                    dtype=np.int64), torch.int64)
+        uploads_ready()
         output_ids[where[0], where[1]] = pending.sampled[where[2]]
     return output_ids
 

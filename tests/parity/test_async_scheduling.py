@@ -114,9 +114,9 @@ def test_penalties_run_ahead_and_match_transformers(model_dir, prompts, monkeypa
     build = sampling_rows._output_token_ids
     pending_rows = []
 
-    def spy(states, to_device, pending):
+    def spy(states, to_device, pending, uploads_ready):
         pending_rows.extend(state.req_id for state in states if state.num_pending)
-        return build(states, to_device, pending)
+        return build(states, to_device, pending, uploads_ready)
 
     monkeypatch.setattr(sampling_rows, "_output_token_ids", spy)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
