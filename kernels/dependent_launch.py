@@ -6,7 +6,9 @@ a kernel's programs may become resident while the previous kernel still runs: th
 (`griddepcontrol.wait`) for that kernel to finish and flush its memory, then let their own successor
 launch (`griddepcontrol.launch_dependents`). H200, W2: 3.11 -> 2.90 ms/token (BENCHMARKS.md). Pulling
 a product's weights into L2 before its wait (prefetch.global.L2) was measured slower (2.98 ms at 64 KiB
-per program, 3.09 at 128 KiB) and is not done; so was reading a product program's first weight tile, or
+per program, 3.09 at 128 KiB) and is not done, nor is o_proj's programs pulling the first 16-48 MiB of the
+next gate_up weight into L2 (cp.async.bulk.prefetch.L2) while attention runs (bucket 1 +25 to +76 us: the
+prefetched bytes bought gate_up nothing; twelfth session); so was reading a product program's first weight tile, or
 paged attention's first tile of context keys, into registers before the wait (H200 decode step, bucket 1
 +12 / +102 us, bucket 64 +430 / +450 us; BENCHMARKS.md, tenth session).
 
