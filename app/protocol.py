@@ -28,6 +28,7 @@ Stop = StopString | Annotated[list[StopString], Meta(max_length=MAX_STOP_STRINGS
 TokenId = Annotated[int, Meta(ge=0, lt=2 ** 31)]
 Seed = Annotated[int, Meta(ge=-(2 ** 63), le=2 ** 63 - 1)]
 PositiveInt = Annotated[int, Meta(ge=1, lt=2 ** 31)]
+NonNegativeInt = Annotated[int, Meta(ge=0, lt=2 ** 31)]
 
 
 def random_id(prefix: str) -> str:
@@ -190,8 +191,12 @@ PromptInput = (
 
 class CompletionRequest(SamplingFields, kw_only=True):
     prompt: PromptInput
+    # 0 only with echo: the prompt alone, scored (vLLM's echo without generation; lm-eval's loglikelihood)
+    max_tokens: NonNegativeInt | None = None
     echo: bool = False
     logprobs: Annotated[int, Meta(ge=0, lt=2 ** 31)] | None = None  # at most --max-logprobs
+    # vLLM extension: top log-probs of each prompt token (the first has none); echo with logprobs implies it
+    prompt_logprobs: Annotated[int, Meta(ge=0, lt=2 ** 31)] | None = None
     suffix: str | None = None
     best_of: PositiveInt | None = None
 
@@ -206,7 +211,8 @@ def check_stream_options(request: SamplingFields) -> None:
 
 
 def to_sampling_params(request: SamplingFields, *, max_n: int, max_tokens: int | None,
-                       logprobs: int | None, max_beam_width: int = 8, max_best_of: int = 16) -> SamplingParams:
+                       logprobs: int | None, max_beam_width: int = 8, max_best_of: int = 16,
+                       prompt_logprobs: int | None = None) -> SamplingParams:
     """Request fields -> SamplingParams (ValueError on values bounded by the server)."""
     if request.n > max_n:
         raise ValueError(f"n must be at most {max_n} on this server, got {request.n}")
@@ -220,7 +226,7 @@ def to_sampling_params(request: SamplingFields, *, max_n: int, max_tokens: int |
     params = SamplingParams(
         n=request.n, seed=request.seed, stop=stop or None, stop_token_ids=request.stop_token_ids,
         ignore_eos=request.ignore_eos, max_tokens=max_tokens, min_tokens=request.min_tokens,
-        logprobs=logprobs, skip_special_tokens=request.skip_special_tokens,
+        logprobs=logprobs, prompt_logprobs=prompt_logprobs, skip_special_tokens=request.skip_special_tokens,
         include_stop_str_in_output=request.include_stop_str_in_output,
         structured_outputs=structured_outputs_of(request),
         use_beam_search=request.use_beam_search, length_penalty=request.length_penalty,
@@ -339,12 +345,20 @@ class CompletionLogprobs(Struct, kw_only=True):
     text_offset: list[int] = []
 
 
+class PromptLogprob(Struct, kw_only=True):
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 class CompletionChoice(Struct, kw_only=True):
     index: int
     text: str
     finish_reason: str | None
     logprobs: CompletionLogprobs | None = None
     stop_reason: int | str | None = None
+    # vLLM's shape: per prompt position, None for the first, else token id -> its log-prob (collect mode)
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
 
 
 class CompletionResponse(Struct, kw_only=True):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from app.protocol import (AssistantMessage, ChatCompletionChoice, ChatCompletionResponse, ChoiceLogprobs,
-                          CompletionChoice, CompletionLogprobs, CompletionResponse, PromptTokensDetails,
+                          CompletionChoice, CompletionLogprobs, CompletionResponse, PromptLogprob, PromptTokensDetails,
                           TokenLogprob, TopLogprob, Usage)
 from app.tool_parsers import hermes
 
@@ -47,19 +47,49 @@ def chat_logprobs(token_ids: list[int], logprobs: list[dict], num_top: int, toke
     return ChoiceLogprobs(content=content)
 
 
-def completion_logprobs(token_ids: list[int], logprobs: list[dict], num_top: int, tokenizer: Any,
+def completion_logprobs(token_ids: list[int], logprobs: list[dict | None], num_top: int, tokenizer: Any,
                         text_offset: int = 0) -> CompletionLogprobs:
+    """logprobs[i]: token id -> Logprob at position i, or None (an echoed prompt's first token: no
+    log-prob, as vLLM reports it). Prompt log-probs are clamped at -9999 as vLLM's are (no -inf in JSON)."""
     result = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
     for token_id, position in zip(token_ids, logprobs):
-        sampled = position[token_id]
-        text = _token_text(token_id, sampled, tokenizer)
-        result.tokens.append(text)
-        result.token_logprobs.append(sampled.logprob)
-        ranked = sorted(position.items(), key=lambda item: -item[1].logprob)[:num_top]
-        result.top_logprobs.append({_token_text(tid, lp, tokenizer): lp.logprob for tid, lp in ranked})
+        if position is None:
+            text = tokenizer.decode([token_id])
+            result.tokens.append(text)
+            result.token_logprobs.append(None)
+            result.top_logprobs.append(None)
+        else:
+            sampled = position[token_id]
+            text = _token_text(token_id, sampled, tokenizer)
+            result.tokens.append(text)
+            result.token_logprobs.append(max(sampled.logprob, _LOWEST_LOGPROB))
+            ranked = sorted(position.items(), key=lambda item: -item[1].logprob)[:num_top]
+            result.top_logprobs.append({_token_text(tid, lp, tokenizer): max(lp.logprob, _LOWEST_LOGPROB)
+                                        for tid, lp in ranked})
         result.text_offset.append(text_offset)
         text_offset += len(text)
     return result
+
+
+_LOWEST_LOGPROB = -9999.0   # vLLM's clamp of reported log-probs
+
+
+def echoed_prompt(output: Any, num_top: int | None) -> tuple[list[int], list[dict | None]] | None:
+    """The prompt's (token ids, log-prob positions) to put before an echoed completion's own in its
+    logprobs, or None when logprobs were not asked or the prompt's have not arrived."""
+    if num_top is None or output.prompt_logprobs is None:
+        return None
+    return list(output.prompt_token_ids), list(output.prompt_logprobs)
+
+
+def prompt_logprobs_of(output: Any) -> list[dict[int, PromptLogprob] | None] | None:
+    """RequestOutput.prompt_logprobs in vLLM's response shape (CompletionChoice.prompt_logprobs)."""
+    if output.prompt_logprobs is None:
+        return None
+    return [None if position is None else
+            {token_id: PromptLogprob(logprob=max(lp.logprob, _LOWEST_LOGPROB), rank=lp.rank,
+                                     decoded_token=lp.decoded_token) for token_id, lp in position.items()}
+            for position in output.prompt_logprobs]
 
 
 def chat_choice(completion: Any, *, use_tools: bool, num_top: int | None, tokenizer: Any) -> ChatCompletionChoice:
@@ -83,16 +113,25 @@ def chat_response(request_id: str, model: str, output: Any, *, use_tools: bool, 
 
 
 def completion_response(request_id: str, model: str, created: int, outputs: list[Any], *, n: int,
-                        echo_texts: list[str] | None, num_top: int | None, tokenizer: Any) -> CompletionResponse:
+                        echo_texts: list[str] | None, num_top: int | None, tokenizer: Any,
+                        scored_only: bool = False) -> CompletionResponse:
+    """scored_only (echo with max_tokens 0): each choice is its echoed prompt alone; the one token
+    sampled to score it is left out of the text and the logprobs (usage counts it, as vLLM's does)."""
     choices = []
     for prompt_index, output in enumerate(outputs):
         echo = echo_texts[prompt_index] if echo_texts else ""
+        prompt_part = echoed_prompt(output, num_top) if echo_texts else None
         for completion in sorted(output.outputs, key=lambda c: c.index):
+            token_ids, positions = prompt_part or ([], [])
+            if not scored_only and completion.logprobs is not None:
+                token_ids, positions = token_ids + completion.token_ids, positions + completion.logprobs
             logprobs = None
-            if num_top is not None and completion.logprobs is not None:
-                logprobs = completion_logprobs(completion.token_ids, completion.logprobs, num_top, tokenizer,
-                                               text_offset=len(echo))
-            choices.append(CompletionChoice(index=prompt_index * n + completion.index, text=echo + completion.text,
+            if num_top is not None and (completion.logprobs is not None or prompt_part is not None):
+                logprobs = completion_logprobs(token_ids, positions, num_top, tokenizer,
+                                               text_offset=0 if prompt_part else len(echo))
+            choices.append(CompletionChoice(index=prompt_index * n + completion.index,
+                                            text=echo + ("" if scored_only else completion.text),
                                             finish_reason=completion.finish_reason, logprobs=logprobs,
-                                            stop_reason=completion.stop_reason))
+                                            stop_reason=completion.stop_reason,
+                                            prompt_logprobs=prompt_logprobs_of(output)))
     return CompletionResponse(id=request_id, model=model, created=created, choices=choices, usage=usage_of(outputs))

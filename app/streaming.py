@@ -21,7 +21,7 @@ import msgspec
 from app.errors import EngineDeadError
 from app.protocol import (ChatCompletionChunk, ChatCompletionChunkChoice, CompletionChoice, CompletionResponse,
                           DeltaMessage, ErrorInfo, ErrorResponse, ToolCallDelta)
-from app.responses import chat_logprobs, completion_logprobs, usage_of
+from app.responses import chat_logprobs, completion_logprobs, echoed_prompt, usage_of
 from app.tool_parsers.hermes import HermesToolParser
 
 logger = logging.getLogger("vlserve.app")
@@ -35,6 +35,8 @@ class ChoiceProgress:
     num_chars: int = 0
     num_tokens: int = 0
     is_done: bool = False
+    has_echoed: bool = False   # completions' echo: the prompt went out
+    num_echo_chars: int = 0    # its length (logprobs' text_offset counts from the choice's first character)
     tool_parser: HermesToolParser | None = None
     num_tool_calls: int = 0
 
@@ -157,23 +159,37 @@ class CompletionStreamFormat:
     include_usage: bool
     tokenizer: Any
     created: int = field(default_factory=lambda: int(time.time()))
+    scored_only: bool = False   # echo with max_tokens 0: the echoed prompt alone (completion_response's)
 
-    def delta_choice(self, prompt_index: int, completion: Any, progress: ChoiceProgress) -> CompletionChoice | None:
-        echo = ""
-        if self.echo_texts and progress.num_chars == 0 and progress.num_tokens == 0 and not progress.is_done:
-            echo = self.echo_texts[prompt_index]
-        text, progress.num_chars = completion.text[progress.num_chars:], len(completion.text)
+    def delta_choice(self, prompt_index: int, output: Any, completion: Any,
+                     progress: ChoiceProgress) -> CompletionChoice | None:
+        """The choice's new text since `progress`; the first one carries the echoed prompt and, when
+        logprobs are asked, the prompt's log-probs before the completion's (vLLM's stream shape)."""
+        echo, prompt_part = "", None
+        text_offset = progress.num_echo_chars + progress.num_chars   # characters this choice has sent
+        if self.echo_texts and not progress.has_echoed:
+            prompt_part = echoed_prompt(output, self.num_top_logprobs)
+            if self.num_top_logprobs is not None and prompt_part is None and completion.finish_reason is None:
+                return None   # the prompt's log-probs come with the first token: send nothing before them
+            echo, progress.has_echoed = self.echo_texts[prompt_index], True
+            progress.num_echo_chars = len(echo)
+        text = completion.text[progress.num_chars:]
         new_ids = completion.token_ids[progress.num_tokens:]
         new_logprobs = (completion.logprobs or [])[progress.num_tokens:]
         progress.num_tokens = len(completion.token_ids)
+        if self.scored_only:
+            text, new_ids, new_logprobs = "", [], []
+        progress.num_chars += len(text)
         finish = None
         if completion.finish_reason is not None and not progress.is_done:
             progress.is_done, finish = True, completion.finish_reason
         if not (echo or text or finish):
             return None
         logprobs = None
-        if self.num_top_logprobs is not None and completion.logprobs is not None:
-            logprobs = completion_logprobs(new_ids, new_logprobs, self.num_top_logprobs, self.tokenizer)
+        if self.num_top_logprobs is not None and (completion.logprobs is not None or prompt_part is not None):
+            prompt_ids, prompt_positions = prompt_part if echo and prompt_part else ([], [])
+            logprobs = completion_logprobs(prompt_ids + new_ids, prompt_positions + new_logprobs,
+                                           self.num_top_logprobs, self.tokenizer, text_offset=text_offset)
         return CompletionChoice(index=prompt_index * self.n + completion.index, text=echo + text,
                                 finish_reason=finish, logprobs=logprobs,
                                 stop_reason=completion.stop_reason if finish else None)
@@ -190,7 +206,8 @@ async def completion_events(fmt: CompletionStreamFormat, streams: list[AsyncIter
     try:
         async for prompt_index, output in merge_streams(streams):
             last[prompt_index] = output
-            choices = [fmt.delta_choice(prompt_index, c, progress.setdefault((prompt_index, c.index), ChoiceProgress()))
+            choices = [fmt.delta_choice(prompt_index, output, c,
+                                        progress.setdefault((prompt_index, c.index), ChoiceProgress()))
                        for c in output.outputs]
             choices = [c for c in choices if c is not None]
             if choices:

@@ -36,14 +36,27 @@ def prompts_of(data: CompletionRequest) -> list[str | list[int]]:
 def check_completion_options(data: CompletionRequest) -> None:
     if data.suffix is not None:
         raise ValueError("suffix is not supported")
+    if data.max_tokens == 0 and not data.echo:
+        raise ValueError("max_tokens must be at least 1 (0 only with echo: the prompt alone, scored)")
+    if data.stream and data.prompt_logprobs is not None:
+        raise ValueError("prompt_logprobs is not supported with stream (echo with logprobs streams the prompt's)")
     check_stream_options(data)
+
+
+def scored_only(data: CompletionRequest) -> bool:
+    """echo with max_tokens 0: vLLM samples one token to score the prompt and returns the prompt alone."""
+    return data.echo and data.max_tokens == 0
 
 
 async def build_completion_requests(data: CompletionRequest, serving: ServingContext,
                                     request_id: str) -> list[tuple[Any, str | None]]:
-    params = to_sampling_params(data, max_n=serving.config.max_n,
-                                max_tokens=16 if data.max_tokens is None else data.max_tokens, logprobs=data.logprobs,
-                                max_beam_width=serving.config.max_beam_width, max_best_of=serving.config.max_best_of)
+    max_tokens = 1 if scored_only(data) else 16 if data.max_tokens is None else data.max_tokens
+    # echo with logprobs reports the prompt's too (vLLM: prompt_logprobs defaults to logprobs under echo)
+    prompt_logprobs = data.prompt_logprobs if data.prompt_logprobs is not None else (
+        data.logprobs if data.echo else None)
+    params = to_sampling_params(data, max_n=serving.config.max_n, max_tokens=max_tokens, logprobs=data.logprobs,
+                                max_beam_width=serving.config.max_beam_width, max_best_of=serving.config.max_best_of,
+                                prompt_logprobs=prompt_logprobs)
     frontend = serving.client.frontend
     return [(await asyncio.to_thread(frontend.make_request, f"{request_id}-{i}", prompt, [], params),
              prompt if isinstance(prompt, str) else None)
@@ -74,8 +87,9 @@ class CompletionsController(Controller):
                 include_usage = bool(data.stream_options and data.stream_options.include_usage)
                 fmt = CompletionStreamFormat(request_id=request_id, model=model, n=data.n, echo_texts=echoes,
                                              num_top_logprobs=data.logprobs, include_usage=include_usage,
-                                             tokenizer=tokenizer)
+                                             tokenizer=tokenizer, scored_only=scored_only(data))
                 return ServerSentEvent(completion_events(fmt, [serving.outputs(r, p) for r, p in engine_requests]))
             outputs = await serving.final_outputs(engine_requests, request, ticket)
         return Response(completion_response(request_id, model, int(time.time()), outputs, n=data.n,
-                                            echo_texts=echoes, num_top=data.logprobs, tokenizer=tokenizer))
+                                            echo_texts=echoes, num_top=data.logprobs, tokenizer=tokenizer,
+                                            scored_only=scored_only(data)))

@@ -1,12 +1,14 @@
 """End to end: a real uvicorn server on 127.0.0.1 (one per module) serving the tiny qwen2_5_vl on
 the CPU through the real AsyncEngineClient, driven by the official `openai` client.
 
-Oracles: the offline `engine.LLM` greedy output on the same messages (same tokens and text), the
-prometheus_client parser, and the server's own schema (schemathesis finds no 5xx)."""
+Oracles: the offline `engine.LLM` greedy output on the same messages (same tokens and text), transformers'
+log-softmax of the prompt (echo with logprobs, prompt_logprobs), the prometheus_client parser, and the
+server's own schema (schemathesis finds no 5xx)."""
 
 import asyncio
 import base64
 import io
+import json
 
 import httpx
 import numpy as np
@@ -16,9 +18,11 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from transformers import AutoTokenizer
 
 from app.server import create_app
 from engine import LLM, SamplingParams
+from reference import hf_prompt_logprobs
 from tests.app.conftest import UvicornThread, server_config
 
 API_KEY = "e2e-key"
@@ -83,6 +87,77 @@ def test_streaming_same_text_and_usage_chunk(client, offline_output):
     assert text == offline_output.outputs[0].text
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(offline_output.outputs[0].token_ids)
+
+
+SCORED_PROMPT = [11, 250, 7, 99, 500, 3, 42]
+
+
+@pytest.fixture(scope="module")
+def hf_scored(model_path) -> list[dict[int, float] | None]:
+    [per_position] = hf_prompt_logprobs(model_path, [SCORED_PROMPT], top_k=2)
+    return per_position
+
+
+def _assert_prompt_logprobs(logprobs: dict, hf_scored: list, tokens: list[int]) -> None:
+    """logprobs (the completions shape) starts with the prompt: None first, then transformers' values."""
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    for position, token_id in enumerate(tokens[1:], start=1):
+        assert abs(logprobs["token_logprobs"][position] - hf_scored[position][token_id]) < 1e-4
+        best = max(hf_scored[position].values())
+        assert abs(max(logprobs["top_logprobs"][position].values()) - best) < 1e-4
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt(server, hf_scored, model_path):
+    """lm-eval's loglikelihood request: the prompt alone comes back, with transformers' log-probs."""
+    body = httpx.post(f"{server.base_url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"model": "tiny-vl", "prompt": SCORED_PROMPT, "echo": True, "logprobs": 1,
+                            "max_tokens": 0, "temperature": 0}).json()
+    [choice] = body["choices"]
+    assert choice["text"] == AutoTokenizer.from_pretrained(model_path).decode(SCORED_PROMPT)
+    logprobs = choice["logprobs"]
+    assert len(logprobs["tokens"]) == len(SCORED_PROMPT)
+    assert logprobs["text_offset"] == [sum(len(t) for t in logprobs["tokens"][:i]) for i in range(len(SCORED_PROMPT))]
+    _assert_prompt_logprobs(logprobs, hf_scored, SCORED_PROMPT)
+    assert choice["finish_reason"] == "length" and body["usage"]["prompt_tokens"] == len(SCORED_PROMPT)
+    assert choice["prompt_logprobs"][0] is None
+    for position, token_id in enumerate(SCORED_PROMPT[1:], start=1):
+        entry = choice["prompt_logprobs"][position][str(token_id)]
+        assert abs(entry["logprob"] - hf_scored[position][token_id]) < 1e-4 and entry["rank"] >= 1
+
+
+def test_echo_with_logprobs_streams_the_prompt_first(server, hf_scored):
+    chunks = []
+    with httpx.stream("POST", f"{server.base_url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"model": "tiny-vl", "prompt": SCORED_PROMPT, "echo": True, "logprobs": 1,
+                            "max_tokens": 3, "temperature": 0, "stream": True}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[len("data: "):])["choices"][0])
+    first = chunks[0]["logprobs"]
+    _assert_prompt_logprobs(first, hf_scored, SCORED_PROMPT)
+    tokens = [t for chunk in chunks if chunk["logprobs"] for t in chunk["logprobs"]["tokens"]]
+    assert len(tokens) == len(SCORED_PROMPT) + 3
+    sent = 0   # vLLM's text_offset: the characters the choice sent before the chunk, then its tokens' lengths
+    for chunk in chunks:
+        if chunk["logprobs"]:
+            lengths = [len(t) for t in chunk["logprobs"]["tokens"]]
+            assert chunk["logprobs"]["text_offset"] == [sent + sum(lengths[:i]) for i in range(len(lengths))]
+        sent += len(chunk["text"])
+
+
+def test_prompt_logprobs_field_and_its_limits(server, hf_scored):
+    def post(body):
+        return httpx.post(f"{server.base_url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                          json={"model": "tiny-vl", "prompt": SCORED_PROMPT, "temperature": 0, **body})
+
+    [choice] = post({"max_tokens": 1, "prompt_logprobs": 2}).json()["choices"]
+    assert choice["logprobs"] is None and choice["prompt_logprobs"][0] is None
+    for position in range(1, len(SCORED_PROMPT)):
+        entry = {int(k): v["logprob"] for k, v in choice["prompt_logprobs"][position].items()}
+        assert set(entry) == set(hf_scored[position])   # the prompt token and transformers' top 2
+        assert all(abs(entry[k] - hf_scored[position][k]) < 1e-4 for k in entry)
+    assert post({"max_tokens": 0}).status_code == 400
+    assert post({"max_tokens": 1, "prompt_logprobs": 1, "stream": True}).status_code == 400
 
 
 def test_six_images_is_a_400(client):
