@@ -14,7 +14,8 @@
 # each of W1_VARIANTS (a name starting with nondet runs it with --no-deterministic); tune runs
 # bench/tune_linear.py --range large, mid (TUNE_RANGES) --write-table (before ab and w1, which then run
 # with the new table; it lands in $OUT); also det
-# (bench/check_determinism.py: run it with the winning patch applied), vl (bench/check_vl_gpu.py), profile
+# (bench/check_determinism.py: run it with the winning patch applied), vl (bench/check_vl_gpu.py), tiletma
+# (bench/check_tile_tma.py, before ab), profile
 # (bench/profile_gpu.py --part w2 with VLSERVE_PDL=0: the batch-1 step's kernel durations, before ab).
 # E.g. the flat TMA loop (kernels/matmul_tma.py) at large M for the four layer shapes, prefill-bound W1:
 #   W1=1 VARIANTS='now;flat@linear={"2560,2048": {"large_tma_flat": true}, "2048,2048": {"large_tma_flat": true},
@@ -78,6 +79,10 @@ fi
 if [[ $PARTS == *,profile,* ]]; then   # batch-1 kernel durations (PDL off: no waits inside them), this tree
   VLSERVE_PDL=0 timeout 120 python3 bench/profile_gpu.py --part w2 > "$OUT/profile_w2.log" 2>&1; echo "profile rc=$?"
   grep -v -i warn "$OUT/profile_w2.log" | head -32; stamp profile
+fi
+if [[ $PARTS == *,tiletma,* ]]; then   # TMA weight tiles in the swapped small-M product: bits and time
+  (cd bench && timeout 150 python3 check_tile_tma.py) > "$OUT/tile_tma.log" 2>&1; echo "check_tile_tma rc=$?"
+  grep -E "M=1 |M=64 |Error|error" "$OUT/tile_tma.log" | tail -14; stamp tiletma
 fi
 if [[ $PARTS == *,ab,* ]]; then
   IFS=';' read -ra variants <<< "${VARIANTS:-before;now}"

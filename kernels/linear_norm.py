@@ -51,9 +51,10 @@ def _sum_add_norm_kernel(partial_ptr, bias_ptr, residual_ptr, weight_ptr, produc
              residual_out_ptr + row * stride_ro, N, eps, True, BLOCK)
 
 
-def launch(x, weight, bias, residual, norm_weight, eps, tile, num_splits, split_len, swap_ab=False):
+def launch(x, weight, bias, residual, norm_weight, eps, tile, num_splits, split_len, swap_ab=False, w_tma=False):
     """The fused path with an explicit tile and K split (kernels/matmul.launch's arguments)."""
-    product, partial = matmul.launch_unsummed(x, weight, bias, tile, num_splits, split_len, swap_ab=swap_ab)
+    product, partial = matmul.launch_unsummed(x, weight, bias, tile, num_splits, split_len, swap_ab=swap_ab,
+                                              w_tma=w_tma)
     if partial is None:
         return rmsnorm._fused_add_triton(product, residual, norm_weight, eps)
     num_rows, hidden = product.shape
@@ -75,5 +76,6 @@ def _triton(x, weight, bias, residual, norm_weight, eps):
     if not fused:
         return rmsnorm._fused_add_triton(matmul._triton(x, weight, bias), residual, norm_weight, eps)
     tile, num_splits, split_len = matmul.plan(x.shape[0], weight.shape[0], x.shape[1], True)
-    return launch(x, weight, bias, residual, norm_weight, eps, tile, num_splits, split_len,
-                  swap_ab=bool(entry.get("swap_ab")))
+    swap_ab = bool(entry.get("swap_ab"))
+    return launch(x, weight, bias, residual, norm_weight, eps, tile, num_splits, split_len, swap_ab=swap_ab,
+                  w_tma=swap_ab and matmul.uses_tile_tma(entry, x, weight))

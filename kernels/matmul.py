@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 import vlserve_kernels.matmul_tma as matmul_tma
 import vlserve_kernels.dependent_launch as dependent_launch
@@ -57,7 +58,7 @@ def _linear_kernel(
     stride_pm, SPLIT_LEN, NUM_SPLITS,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, IS_FP32: tl.constexpr, WRITE_PARTIAL: tl.constexpr, SUM_IN_KERNEL: tl.constexpr,
-    SILU_MUL: tl.constexpr, SWAP_AB: tl.constexpr, PDL: tl.constexpr,
+    SILU_MUL: tl.constexpr, SWAP_AB: tl.constexpr, PDL: tl.constexpr, W_TMA: tl.constexpr = False,
 ):
     # Program -> (row tile, column tile), row tiles grouped by GROUP_M so weight tiles stay in L2.
     # K is cut into NUM_SPLITS ranges of SPLIT_LEN elements (fixed by the weight's shape, never by
@@ -82,12 +83,20 @@ def _linear_kernel(
     if WRITE_PARTIAL:
         first_split, last_split = tl.program_id(1), tl.program_id(1) + 1
     wait_previous_kernel(PDL)
-    total = _range_sums(x_ptr, w_ptr, rows, cols, M, N, K, stride_xm, stride_wn, first_split, last_split,
-                        SPLIT_LEN, BLOCK_M, BLOCK_N, BLOCK_K, IS_FP32, SWAP_AB)   # [BLOCK_M, BLOCK_N] fp32
-    total_up = total
-    if SILU_MUL:
-        total_up = _range_sums(x_ptr, w_ptr + N * stride_wn, rows, cols, M, N, K, stride_xm, stride_wn,
-                               first_split, last_split, SPLIT_LEN, BLOCK_M, BLOCK_N, BLOCK_K, IS_FP32, SWAP_AB)
+    if W_TMA:   # w_ptr is a TMA descriptor of the weight (SWAP_AB at small M): the same products
+        total = _range_sums_tma(x_ptr, w_ptr, 0, pid_n, rows, M, K, stride_xm, first_split, last_split,
+                                SPLIT_LEN, BLOCK_M, BLOCK_N, BLOCK_K)                # [BLOCK_M, BLOCK_N] fp32
+        total_up = total
+        if SILU_MUL:
+            total_up = _range_sums_tma(x_ptr, w_ptr, N, pid_n, rows, M, K, stride_xm, first_split, last_split,
+                                       SPLIT_LEN, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        total = _range_sums(x_ptr, w_ptr, rows, cols, M, N, K, stride_xm, stride_wn, first_split, last_split,
+                            SPLIT_LEN, BLOCK_M, BLOCK_N, BLOCK_K, IS_FP32, SWAP_AB)   # [BLOCK_M, BLOCK_N] fp32
+        total_up = total
+        if SILU_MUL:
+            total_up = _range_sums(x_ptr, w_ptr + N * stride_wn, rows, cols, M, N, K, stride_xm, stride_wn,
+                                   first_split, last_split, SPLIT_LEN, BLOCK_M, BLOCK_N, BLOCK_K, IS_FP32, SWAP_AB)
     if WRITE_PARTIAL:
         partial = partial_ptr + (tl.program_id(1) * M + rows[:, None]) * stride_pm + cols[None, :]
         tl.store(partial, total, mask=mask)
@@ -134,6 +143,34 @@ def _range_sums(x_ptr, w_ptr, rows, cols, M, N, K, stride_xm, stride_wn, first_s
     if SWAP_AB:
         total = tl.trans(total)
     return total
+
+
+@triton.jit
+def _range_sums_tma(x_ptr, w_desc, w_row0, pid_n, rows, M, K, stride_xm, first_split, last_split, SPLIT_LEN,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # _range_sums' SWAP_AB products, the weight tiles [BLOCK_N, BLOCK_K] (rows w_row0 + the column
+    # tile's) brought by the tensor copy engine: one instruction a tile instead of every thread's
+    # address math and copies (Nsight Compute, H200: down_proj at M = 1 runs ~3,700 instructions per
+    # warp at ~6 cycles each and reaches 60% of DRAM bandwidth). The same dot on the same values:
+    # rows past the weight's end arrive as zeros; rows past N (a merged weight's other half) only
+    # feed columns that are never stored. K ranges are whole BLOCK_K multiples (k_split), so a tile
+    # never reaches into the next range; x keeps its masks. The table's "tile_tma" turns it on per
+    # shape; no H200 entry does: same bits, but the batch-1 decode step took +40 us with it on every
+    # layer shape, the bucket-64 step -44 us (BENCHMARKS.md, twelfth session).
+    ks = tl.arange(0, BLOCK_K)
+    total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for split in range(first_split, last_split):
+        k_lo = tl.multiple_of(split * SPLIT_LEN, 256)
+        k_hi = tl.minimum(k_lo + SPLIT_LEN, K)
+        x_tile = x_ptr + rows[None, :] * stride_xm + (k_lo + ks)[:, None]           # [BLOCK_K, BLOCK_M]
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            w = w_desc.load([w_row0 + pid_n * BLOCK_N, k0])                          # [BLOCK_N, BLOCK_K]
+            b = tl.load(x_tile, mask=(rows[None, :] < M) & (ks[:, None] < k_hi - k0), other=0.0)
+            acc = tl.dot(w, b, acc)
+            x_tile += BLOCK_K
+        total += acc
+    return tl.trans(total)
 
 
 @triton.jit
@@ -235,7 +272,8 @@ _MID_M = 512
 #   K blocks, same bits),
 #   "split_sum": "two_launch" (optional: small M adds its K ranges in a second launch),
 #   "silu_tile": [BLOCK_N, BLOCK_K, num_warps, num_stages] or "unfused" (the fused gate_up + SiLU's
-#   small-M tile, or the product then the activation)}}}.
+#   small-M tile, or the product then the activation),
+#   "tile_tma": true (optional: the swapped small-M product's weight tiles come by TMA, same bits)}}}.
 # Any BLOCK_K gives the same bits: the tensor-core dots accumulate 16-wide K slices in K order.
 _TUNED_PATH = Path(__file__).with_name("linear_tiles.json")
 
@@ -326,8 +364,15 @@ def _triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     # second launch instead of inside the GEMM: the same additions in the same order.
     small = entry is not None and x.shape[0] <= _SMALL_M
     two_launch = small and entry.get("split_sum") == "two_launch"
+    swap_ab = small and bool(entry.get("swap_ab"))
     return launch(x, weight, bias, *plan(x.shape[0], weight.shape[0], x.shape[1], x.is_cuda, config),
-                  two_launch=two_launch, swap_ab=small and bool(entry.get("swap_ab")))
+                  two_launch=two_launch, swap_ab=swap_ab, w_tma=swap_ab and uses_tile_tma(entry, x, weight))
+
+
+def uses_tile_tma(entry: dict | None, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The GPU's table asks for TMA weight tiles in the swapped small-M product ("tile_tma") and the
+    tensors allow them."""
+    return entry is not None and bool(entry.get("tile_tma")) and matmul_tma.supports(x, weight)
 
 
 def _triton_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -346,7 +391,8 @@ def _triton_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     tile = (block_m, block_n if swap_ab else max(16, block_n // 2), block_k, num_warps, num_stages)
     if isinstance(silu_tile, list):   # [BLOCK_N per half, BLOCK_K, num_warps, num_stages]
         tile = (block_m, *silu_tile)
-    return launch(x, weight, bias, tile, num_splits, split_len, silu_mul=True, swap_ab=swap_ab)
+    return launch(x, weight, bias, tile, num_splits, split_len, silu_mul=True, swap_ab=swap_ab,
+                  w_tma=swap_ab and uses_tile_tma(entry, x, weight))
 
 
 def _reference_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -360,15 +406,18 @@ TILE_COUNTERS = TicketCounters("batch-invariant linear (split-K sums)", 1 << 16)
 
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            tile: tuple[int, int, int, int, int], num_splits: int, split_len: int,
-           two_launch: bool = False, silu_mul: bool = False, swap_ab: bool = False) -> torch.Tensor:
+           two_launch: bool = False, silu_mul: bool = False, swap_ab: bool = False,
+           w_tma: bool = False) -> torch.Tensor:
     """One product with an explicit tile (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) and
     K split; bench/tune_linear.py sweeps these. -> [M, N] in x.dtype. two_launch: small M sums the
     K ranges in a second kernel (the former path, the oracle of tests and bench; same bits).
     silu_mul: weight (and bias) are [gate; up] with N = 2I rows -> silu(gate) * up: [M, I].
-    swap_ab: the weight tile is the dot's wide operand (small M; see _range_sums), same bits."""
+    swap_ab: the weight tile is the dot's wide operand (small M; see _range_sums), same bits.
+    w_tma: with swap_ab, the weight tiles come by TMA (_range_sums_tma; 16-bit, aligned), same bits."""
     if silu_mul and (two_launch or weight.shape[0] % 2):
         raise ValueError("silu_mul needs an even number of weight rows ([gate; up]) and the in-kernel sum")
-    out, partial = _launch_product(x, weight, bias, tile, num_splits, split_len, not two_launch, silu_mul, swap_ab)
+    out, partial = _launch_product(x, weight, bias, tile, num_splits, split_len, not two_launch, silu_mul, swap_ab,
+                                   w_tma)
     if partial is not None:
         num_rows, num_cols = out.shape
         block = 1024
@@ -380,16 +429,18 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 def launch_unsummed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     tile: tuple[int, int, int, int, int], num_splits: int, split_len: int,
-                    swap_ab: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    swap_ab: bool = False, w_tma: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """launch's product with its K ranges left unsummed where small M has several: -> (out [M, N]
     unwritten, partial [S, M, N] fp32), for a second launch that adds them as _sum_partials_kernel
     does (kernels/linear_norm.py); otherwise (out [M, N] = the product, None)."""
-    return _launch_product(x, weight, bias, tile, num_splits, split_len, False, False, swap_ab)
+    return _launch_product(x, weight, bias, tile, num_splits, split_len, False, False, swap_ab, w_tma)
 
 
-def _launch_product(x, weight, bias, tile, num_splits, split_len, sum_in_kernel, silu_mul, swap_ab):
+def _launch_product(x, weight, bias, tile, num_splits, split_len, sum_in_kernel, silu_mul, swap_ab, w_tma=False):
     if x.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError("x and weight must be contiguous in K")
+    if w_tma and not (swap_ab and matmul_tma.supports(x, weight) and split_len % tile[2] == 0):
+        raise ValueError("w_tma needs swap_ab, 16-bit aligned inputs and K ranges of whole BLOCK_K tiles")
     num_rows, num_cols = x.shape[0], weight.shape[0] // (2 if silu_mul else 1)
     out = x.new_empty((num_rows, num_cols))
     write_partial = num_splits > 1 and num_rows <= _SMALL_M
@@ -402,11 +453,12 @@ def _launch_product(x, weight, bias, tile, num_splits, split_len, sum_in_kernel,
                if write_partial else out)                                          # [S, M, N or 2I] fp32
     counters = TILE_COUNTERS.get(x.device, num_tiles) if write_partial and sum_in_kernel else partial
     pdl = dependent_launch.enabled(x)
+    w_arg = TensorDescriptor.from_tensor(weight, [block_n, block_k]) if w_tma else weight
     _linear_kernel[(num_tiles, num_splits if write_partial else 1)](
-        x, weight, bias if bias is not None else weight, out, partial, counters, num_rows, num_cols, x.shape[1],
+        x, w_arg, bias if bias is not None else weight, out, partial, counters, num_rows, num_cols, x.shape[1],
         x.stride(0), weight.stride(0), out.stride(0), partial.stride(-2), split_len, num_splits,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
         IS_FP32=x.dtype == torch.float32, WRITE_PARTIAL=write_partial, SUM_IN_KERNEL=sum_in_kernel,
-        SILU_MUL=silu_mul, SWAP_AB=swap_ab, PDL=pdl, num_warps=num_warps, num_stages=num_stages,
+        SILU_MUL=silu_mul, SWAP_AB=swap_ab, PDL=pdl, W_TMA=w_tma, num_warps=num_warps, num_stages=num_stages,
         launch_pdl=pdl)
     return out, (partial if write_partial and not sum_in_kernel else None)

@@ -174,3 +174,37 @@ def test_swapped_small_m_product_equals_the_plain_one(rows, cols, depth, num_spl
 def test_swap_rows_is_the_narrow_side_of_the_dot():
     assert [matmul_module.swap_rows(m) for m in (1, 16, 17, 32, 33, 64)] == [16, 16, 32, 32, 64, 64]
 
+
+
+@pytest.mark.parametrize("rows,cols,depth,num_splits,split_len", [(1, 64, 512, 2, 256), (5, 40, 256, 1, 256),
+                                                                  (33, 96, 768, 3, 256), (64, 64, 512, 4, 128)])
+def test_swapped_product_with_tma_weight_tiles_has_the_same_bits(rows, cols, depth, num_splits, split_len):
+    """w_tma: the swapped small-M product's weight tiles brought by TMA give the pointer tiles' bits:
+    with and without bias, in-kernel and two-launch sums, the fused SiLU whose gate tile runs past the
+    half (cols 40, tile 32: the up rows it reads only feed columns never stored). float16: the
+    interpreter has no bfloat16 arithmetic."""
+    gen = torch.Generator().manual_seed(rows + cols + depth)
+    x = torch.randn(rows, depth, generator=gen).to(torch.float16)
+    weight = (torch.randn(cols, depth, generator=gen) * depth ** -0.5).to(torch.float16)
+    bias = torch.randn(cols, generator=gen).to(torch.float16)
+    tile = (matmul_module.swap_rows(rows), 32, 64, 4, 2)
+    for b in (None, bias):
+        for two_launch in (False, True):
+            pointer = matmul_module.launch(x, weight, b, tile, num_splits, split_len, two_launch=two_launch,
+                                           swap_ab=True)
+            tma = matmul_module.launch(x, weight, b, tile, num_splits, split_len, two_launch=two_launch,
+                                       swap_ab=True, w_tma=True)
+            assert torch.equal(tma, pointer)
+    silu = [matmul_module.launch(x, weight, bias, tile, num_splits, split_len, silu_mul=True, swap_ab=True, w_tma=w)
+            for w in (False, True)]
+    assert torch.equal(silu[0], silu[1])
+    counters = matmul_module.TILE_COUNTERS.buffers.get(x.device)
+    assert counters is None or not counters.any()
+
+
+def test_tma_weight_tiles_need_the_swapped_product_and_whole_k_tiles():
+    x, weight = torch.zeros(1, 256, dtype=torch.float16), torch.zeros(64, 256, dtype=torch.float16)
+    with pytest.raises(ValueError, match="w_tma"):
+        matmul_module.launch(x, weight, None, (16, 32, 64, 4, 2), 1, 256, w_tma=True)
+    with pytest.raises(ValueError, match="w_tma"):
+        matmul_module.launch(x, weight, None, (16, 32, 128, 4, 2), 2, 192, swap_ab=True, w_tma=True)
