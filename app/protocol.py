@@ -179,6 +179,11 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    # vLLM extensions: echo puts the last message's text before the reply when that message has the
+    # reply's role (an assistant prefix continued); prompt_logprobs: top log-probs of each prompt token
+    # (echo with top_logprobs implies it), in the response's `prompt_logprobs`
+    echo: bool = False
+    prompt_logprobs: Annotated[int, Meta(ge=0, lt=2 ** 31)] | None = None
 
 
 # str | list[str] | list[int] | list[list[int]]; msgspec allows one list type per union, so the
@@ -304,6 +309,7 @@ class ChatCompletionResponse(Struct, kw_only=True):
     model: str
     choices: list[ChatCompletionChoice]
     usage: Usage
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None   # vLLM's shape (CompletionChoice's)
     object: str = "chat.completion"
     created: int = msgspec.field(default_factory=lambda: int(time.time()))
 

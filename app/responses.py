@@ -104,12 +104,16 @@ def chat_choice(completion: Any, *, use_tools: bool, num_top: int | None, tokeni
 
 
 def chat_response(request_id: str, model: str, output: Any, *, use_tools: bool, num_top: int | None,
-                  tokenizer: Any, role: str = "assistant") -> ChatCompletionResponse:
+                  tokenizer: Any, role: str = "assistant", echo: str = "") -> ChatCompletionResponse:
+    """echo: text put before every choice's content (vLLM's chat echo of a message with the reply's role)."""
     choices = [chat_choice(c, use_tools=use_tools, num_top=num_top, tokenizer=tokenizer)
                for c in sorted(output.outputs, key=lambda c: c.index)]
     for choice in choices:
         choice.message.role = role
-    return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage_of([output]))
+        if echo:
+            choice.message.content = echo + (choice.message.content or "")
+    return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage_of([output]),
+                                  prompt_logprobs=prompt_logprobs_of(output))
 
 
 def completion_response(request_id: str, model: str, created: int, outputs: list[Any], *, n: int,

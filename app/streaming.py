@@ -52,6 +52,7 @@ class ChatStreamFormat:
     tokenizer: Any
     created: int = field(default_factory=lambda: int(time.time()))
     role: str = "assistant"  # --response-role (or the last message's role without a generation prompt)
+    echo: str = ""           # vLLM's chat echo: sent as each choice's first content, after the role
 
     def chunk(self, choices: list[ChatCompletionChunkChoice], usage=None) -> str:
         body = ChatCompletionChunk(id=self.request_id, model=self.model, created=self.created,
@@ -101,6 +102,9 @@ async def chat_events(fmt: ChatStreamFormat, first: Any, rest: AsyncIterator[Any
     progress = {i: ChoiceProgress(tool_parser=HermesToolParser() if fmt.use_tools else None) for i in range(fmt.n)}
     for index in range(fmt.n):
         yield fmt.chunk([ChatCompletionChunkChoice(index=index, delta=DeltaMessage(role=fmt.role, content=""))])
+    if fmt.echo:
+        for index in range(fmt.n):
+            yield fmt.chunk([ChatCompletionChunkChoice(index=index, delta=DeltaMessage(content=fmt.echo))])
     last = first
     try:
         output = first

@@ -22,7 +22,7 @@ from app.admission import Ticket
 from app.auth import require_api_key
 from app.errors import EngineDeadError
 from app.media import check_media_counts, load_media, media_plan
-from app.protocol import (ChatCompletionRequest, ChatCompletionResponse, check_stream_options,
+from app.protocol import (ChatCompletionRequest, ChatCompletionResponse, TextPart, check_stream_options,
                           to_sampling_params)
 from app.responses import chat_response
 from app.server_config import ServerConfig
@@ -40,6 +40,8 @@ def check_chat_options(data: ChatCompletionRequest, config: ServerConfig) -> boo
     check_stream_options(data)
     if data.top_logprobs is not None and not data.logprobs:
         raise ValueError("top_logprobs requires logprobs to be true")
+    if data.stream and data.prompt_logprobs is not None:
+        raise ValueError("prompt_logprobs is not supported with stream")
     choice = data.tool_choice
     if not data.tools or choice == "none":
         return False
@@ -58,6 +60,17 @@ def warn_tools_dropped(template: str) -> None:
                    "'Tools'); template starts %r", template[:60])
 
 
+def echoed_text(data: ChatCompletionRequest, role: str) -> str:
+    """echo (vLLM): the last message's text when it has the reply's role (its text parts joined by
+    newlines), else nothing."""
+    last = data.messages[-1]
+    if not data.echo or last.role != role or last.content is None:
+        return ""
+    if isinstance(last.content, str):
+        return last.content
+    return "\n".join(part.text for part in last.content if isinstance(part, TextPart))
+
+
 def message_dicts(data: ChatCompletionRequest) -> list[dict]:
     return [msgspec.to_builtins(message) for message in data.messages]
 
@@ -69,8 +82,12 @@ async def build_chat_request(data: ChatCompletionRequest, serving: ServingContex
     check_media_counts(data.messages, serving.config.limits)
     max_tokens = data.max_completion_tokens or data.max_tokens
     num_top = (data.top_logprobs or 0) if data.logprobs else None
+    # vLLM: echo with top_logprobs reports the prompt's too
+    prompt_logprobs = data.prompt_logprobs if data.prompt_logprobs is not None else (
+        data.top_logprobs if data.echo else None)
     params = to_sampling_params(data, max_n=serving.config.max_n, max_tokens=max_tokens, logprobs=num_top,
-                                max_beam_width=serving.config.max_beam_width, max_best_of=serving.config.max_best_of)
+                                max_beam_width=serving.config.max_beam_width, max_best_of=serving.config.max_best_of,
+                                prompt_logprobs=prompt_logprobs)
     rendered = frontend.render_chat(
         message_dicts(data), tools=[msgspec.to_builtins(t) for t in data.tools] if use_tools else None,
         chat_template=data.chat_template or serving.chat_template,
@@ -112,9 +129,10 @@ class ChatController(Controller):
                 include_usage = bool(data.stream_options and data.stream_options.include_usage)
                 fmt = ChatStreamFormat(request_id=request_id, model=model, n=data.n, use_tools=use_tools,
                                        num_top_logprobs=num_top, include_usage=include_usage, tokenizer=tokenizer,
-                                       role=role)
+                                       role=role, echo=echoed_text(data, role))
                 return ServerSentEvent(chat_events(fmt, first, outputs))
             [output] = await serving.final_outputs([(engine_request, prompt)], request, ticket)
         body: ChatCompletionResponse = chat_response(request_id, model, output, use_tools=use_tools,
-                                                     num_top=num_top, tokenizer=tokenizer, role=role)
+                                                     num_top=num_top, tokenizer=tokenizer, role=role,
+                                                     echo=echoed_text(data, role))
         return Response(body)

@@ -160,6 +160,46 @@ def test_prompt_logprobs_field_and_its_limits(server, hf_scored):
     assert post({"max_tokens": 1, "prompt_logprobs": 1, "stream": True}).status_code == 400
 
 
+TEXT_MESSAGES = [{"role": "user", "content": "Name three colours."}]
+
+
+def test_chat_prompt_logprobs_match_transformers(server, model_path):
+    """vLLM's chat extension: prompt_logprobs at the response's top level, per rendered prompt token."""
+    body = httpx.post(f"{server.base_url}/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"model": "tiny-vl", "messages": TEXT_MESSAGES, "max_tokens": 1, "temperature": 0,
+                            "prompt_logprobs": 2}).json()
+    [hf] = hf_prompt_logprobs(model_path, [TEXT_MESSAGES], top_k=2)
+    got = body["prompt_logprobs"]
+    assert len(got) == len(hf) == body["usage"]["prompt_tokens"] and got[0] is None
+    for position in range(1, len(hf)):
+        entry = {int(k): v["logprob"] for k, v in got[position].items()}
+        assert set(entry) == set(hf[position])
+        assert all(abs(entry[k] - hf[position][k]) < 1e-4 for k in entry)
+
+
+def test_chat_echo_puts_the_continued_message_first(server):
+    """vLLM's chat echo: a final assistant message that the reply continues comes back before it,
+    collected and streamed alike; a user message is not echoed."""
+    def post(**body):
+        return httpx.post(f"{server.base_url}/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                          json={"model": "tiny-vl", "max_tokens": 4, "temperature": 0, **body})
+
+    prefix = [*TEXT_MESSAGES, {"role": "assistant", "content": "Red, "}]
+    continued = dict(messages=prefix, add_generation_prompt=False, continue_final_message=True)
+    plain = post(**continued).json()["choices"][0]["message"]["content"]
+    echoed = post(**continued, echo=True).json()["choices"][0]["message"]["content"]
+    assert echoed == "Red, " + plain
+    with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"model": "tiny-vl", "max_tokens": 4, "temperature": 0, "stream": True, "echo": True,
+                            **continued}) as response:
+        deltas = [json.loads(line[len("data: "):])["choices"][0]["delta"].get("content") or ""
+                  for line in response.iter_lines() if line.startswith("data: {")]
+    assert "".join(deltas) == echoed
+    not_echoed = post(messages=TEXT_MESSAGES, echo=True).json()["choices"][0]["message"]["content"]
+    assert not_echoed == post(messages=TEXT_MESSAGES).json()["choices"][0]["message"]["content"]
+    assert post(messages=TEXT_MESSAGES, prompt_logprobs=1, stream=True).status_code == 400
+
+
 def test_six_images_is_a_400(client):
     content = [{"type": "image_url", "image_url": {"url": image_url(i)}} for i in range(6)]
     with pytest.raises(openai.BadRequestError) as error:
