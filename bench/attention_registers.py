@@ -4,7 +4,7 @@ round trips inside a latency-bound launch, so a change to the kernel's tiles or 
 before any device time is spent. The device image's Triton may allocate differently: confirm on a GPU.
 
     python bench/attention_registers.py [--fused 0 1] [--split 0 1] [--block-n 64 32]
-        [--tile 64:4 16:1]   (ROWS:WARPS, the program's row tile; the engine's is 64:4)
+        [--tile 64:4 16:1]   (ROWS:WARPS, the program's row tile; the engine's is 64:4) [--merge-rows 0 1]
 Caller: by hand.
 """
 
@@ -55,18 +55,22 @@ def main() -> None:
     parser.add_argument("--split", type=int, nargs="+", default=[1, 0])
     parser.add_argument("--block-n", type=int, nargs="+", default=[64])
     parser.add_argument("--tile", nargs="+", default=["64:4"], help="ROWS:WARPS, the program's row tile")
+    parser.add_argument("--merge-rows", type=int, nargs="+", default=[0],
+                        help="split launches: 1 merges on the token's query-head rows (AttentionLaunch.merge_rows)")
     args = parser.parse_args()
-    for tile, block_n, fused, split in itertools.product(args.tile, args.block_n, args.fused, args.split):
+    for tile, block_n, fused, split, merge_rows in itertools.product(args.tile, args.block_n, args.fused, args.split,
+                                                                      args.merge_rows):
         rows, warps = (int(part) for part in tile.split(":"))
         launch = attention.AttentionLaunch(kv_split=128, block_n=block_n, split_stages=2, loop_stages=2)   # H200
         constexprs = dict(GROUP=8, BLOCK_Q=rows // 8, BLOCK_M=rows, BLOCK_N=launch.block_n, DIM_PADDED=128,
                           BLOCK_SIZE=16,
                           SPLIT_TOKENS=launch.kv_split, IS_SPLIT=bool(split), DOT_PRECISION="tf32", PDL=True,
                           FUSED_ROTARY=bool(fused), IS_MROPE=bool(fused), IS_INTERLEAVED=False,
-                          GROUP_PADDED=8 if fused else 1, HALF_PADDED=64 if fused else 1)
+                          GROUP_PADDED=8 if fused else 1, HALF_PADDED=64 if fused else 1,
+                          MERGE_ROWS=8 if merge_rows and split else 0)
         stages = launch.split_stages if split else launch.loop_stages
         print(f"Qwen2.5-VL-3B (group 8, head_dim 128) tile {rows} rows x {warps} warps, block_n={block_n} "
-              f"split={split} fused_rotary={fused}: "
+              f"split={split} fused_rotary={fused} merge_rows={merge_rows}: "
               f"{ptxas_report(constexprs, warps, stages)}", flush=True)
 
 

@@ -10,6 +10,7 @@ and in a mixed prefill+decode batch (looped-segment launch) must agree bit for b
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import random
@@ -241,6 +242,24 @@ def check_rotary_store_kv_attention(mrope_section, batch_size, replays=20):
             0.0 if same else math.inf, triton.testing.do_bench(fused), float("nan"))
 
 
+def check_merge_rows(batch_size, seq_len=450):
+    """AttentionLaunch.merge_rows (the split launch's merge on the token's query-head rows) against
+    this GPU's launch without it: the same bits, fused rotary and M-RoPE included; error inf otherwise.
+    The time is merge_rows' (the tile merge's in the name)."""
+    batch = make_attention_batch([1] * batch_size, [seq_len] * batch_size, seed=7)
+    launch = attention.launch_for(torch.device(DEVICE))
+    args = [batch[k] for k in ("query", "k_cache", "v_cache", "query_start_loc", "seq_lens", "block_tables", "scale")]
+
+    def run(merge_rows):
+        out = torch.full_like(batch["query"], float("nan"))
+        chosen = dataclasses.replace(launch, merge_rows=merge_rows)
+        return lambda: attention._triton(*args, 1, seq_len, out, [1] * batch_size, launch=chosen)
+    tile, rows = run(False), run(True)
+    same = torch.equal(tile(), rows())
+    return (f"merge on token rows B={batch_size} s={seq_len} ({triton.testing.do_bench(tile) * 1e3:.1f} us tile)",
+            0.0 if same else math.inf, triton.testing.do_bench(rows), float("nan"))
+
+
 def check_silu_and_mul(num_tokens=2048):
     x = torch.randn(num_tokens, 2 * INTERMEDIATE, device=DEVICE, dtype=torch.bfloat16)
     run = lambda: kernels.silu_and_mul(x)
@@ -345,6 +364,8 @@ def all_checks():
     yield check_rotary_store_kv([24, 20, 20], interleaved=True)
     for mrope_section, batch_size in ((None, 1), (MROPE_SECTION, 1), (MROPE_SECTION, 64), (None, 200)):
         yield check_rotary_store_kv_attention(mrope_section, batch_size)
+    for batch_size in (1, 8):
+        yield check_merge_rows(batch_size)
     yield check_silu_and_mul()
     yield check_dependent_launch()
     yield check_dependent_launch(fuse_rotary=True)
@@ -357,7 +378,9 @@ def main() -> int:
     torch.manual_seed(0)
     print(f"{'case':44s} {'rel err':>10s} {'ms':>9s} {'GB/s':>8s}  status")
     failures = 0
-    for name, error, ms, gbps in all_checks():
+    # `--only merge_rows`: that check alone (a short device call)
+    checks = (check_merge_rows(b) for b in (1, 8)) if sys.argv[1:] == ["--only", "merge_rows"] else all_checks()
+    for name, error, ms, gbps in checks:
         ok = error < MAX_REL_ERROR
         failures += not ok
         print(f"{name:44s} {error:10.2e} {ms:9.4f} {gbps:8.1f}  {'ok' if ok else 'FAIL'}")

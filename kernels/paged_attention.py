@@ -190,14 +190,39 @@ def _store_rows(out_ptrs, run_sum, run_acc, row_mask):
 
 
 @triton.jit
-def _merge_across_programs(run_max, run_sum, run_acc, seg, num_segments, ticket_ptr, out_ptrs,
-                           partial_max_ptrs, partial_sum_ptrs, partial_acc_ptrs, row_valid, row_mask,
-                           BLOCK_M: tl.constexpr, DIM_PADDED: tl.constexpr):
-    """Split mode: store segment `seg`'s partial of the tile's rows, take a ticket on the
-    (token, kv head) counter; the program drawing ticket num_segments - 1 (the last of the row's
-    active segments) merges segments 0..num_segments-1 in order, writes out, resets the counter.
-    partial_max_ptrs / partial_sum_ptrs [BLOCK_M] and partial_acc_ptrs [BLOCK_M, DIM_PADDED] point
-    at segment 0; segments are contiguous (acc: DIM_PADDED floats apart)."""
+def _merge_token_rows(num_segments, out_base, max_base, sum_base, acc_base, stride_o_h, stride_pm_h, stride_pa_h,
+                      group, head_dim, MERGE_ROWS: tl.constexpr, DIM_PADDED: tl.constexpr):
+    """_merge_tile_rows' merge on the token's `group` query-head rows only ([MERGE_ROWS,
+    DIM_PADDED], MERGE_ROWS = group padded), not the program's 64-row tile of which the rest is
+    padding: the merge is elementwise per row, so each row gets the same bits with an eighth of the
+    instructions (Nsight Compute, H200: the split launch is bound by one warp per scheduler issuing
+    ~3,770 instructions). *_base point at head 0 of the token's KV head group."""
+    heads = tl.arange(0, MERGE_ROWS)
+    dims = tl.arange(0, DIM_PADDED)
+    valid = heads < group
+    merged_max = tl.full([MERGE_ROWS], _NO_SCORE, tl.float32)
+    merged_sum = tl.zeros([MERGE_ROWS], tl.float32)
+    merged_acc = tl.zeros([MERGE_ROWS, DIM_PADDED], tl.float32)
+    for s in range(0, num_segments):
+        # .cg: read L2; this SM's L1 is not coherent and may hold stale lines of these buffers.
+        seg_max = tl.load(max_base + heads * stride_pm_h + s, mask=valid, other=_NO_SCORE, cache_modifier=".cg")
+        seg_sum = tl.load(sum_base + heads * stride_pm_h + s, mask=valid, other=1.0, cache_modifier=".cg")
+        seg_acc = tl.load(acc_base + heads[:, None] * stride_pa_h + s * DIM_PADDED + dims[None, :],
+                          mask=valid[:, None], other=0.0, cache_modifier=".cg")
+        merged_max, merged_sum, merged_acc = _merge_segment(merged_max, merged_sum, merged_acc,
+                                                            seg_max, seg_sum, seg_acc)
+    _store_rows(out_base + heads[:, None] * stride_o_h + dims[None, :], merged_sum, merged_acc,
+                valid[:, None] & (dims < head_dim)[None, :])
+
+
+@triton.jit
+def _store_partial_take_ticket(run_max, run_sum, run_acc, seg, num_segments, ticket_ptr, partial_max_ptrs,
+                               partial_sum_ptrs, partial_acc_ptrs, row_valid, DIM_PADDED: tl.constexpr):
+    """Split mode: store segment `seg`'s partial of the tile's rows and take a ticket on the
+    (token, kv head) counter: True for the program drawing ticket num_segments - 1 (the last of the
+    row's active segments), which then merges segments 0..num_segments-1 in order, writes out and
+    resets the counter. partial_max_ptrs / partial_sum_ptrs [BLOCK_M] and partial_acc_ptrs
+    [BLOCK_M, DIM_PADDED] point at segment 0; segments are contiguous (acc: DIM_PADDED floats apart)."""
     tl.store(partial_max_ptrs + seg, run_max, mask=row_valid)
     tl.store(partial_sum_ptrs + seg, run_sum, mask=row_valid)
     # The acc partials span all DIM_PADDED columns: a row-only mask keeps their accesses vectorized.
@@ -207,20 +232,25 @@ def _merge_across_programs(run_max, run_sum, run_acc, seg, num_segments, ticket_
     # and, in the last program, acquires the others' (Triton broadcasts the result through a barrier).
     tl.debug_barrier()
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
-    if ticket == num_segments - 1:
-        merged_max = tl.full([BLOCK_M], _NO_SCORE, tl.float32)
-        merged_sum = tl.zeros([BLOCK_M], tl.float32)
-        merged_acc = tl.zeros([BLOCK_M, DIM_PADDED], tl.float32)
-        for s in range(0, num_segments):
-            # .cg: read L2; this SM's L1 is not coherent and may hold stale lines of these buffers.
-            seg_max = tl.load(partial_max_ptrs + s, mask=row_valid, other=_NO_SCORE, cache_modifier=".cg")
-            seg_sum = tl.load(partial_sum_ptrs + s, mask=row_valid, other=1.0, cache_modifier=".cg")
-            seg_acc = tl.load(partial_acc_ptrs + s * DIM_PADDED, mask=row_valid[:, None], other=0.0,
-                              cache_modifier=".cg")
-            merged_max, merged_sum, merged_acc = _merge_segment(merged_max, merged_sum, merged_acc,
-                                                                seg_max, seg_sum, seg_acc)
-        _store_rows(out_ptrs, merged_sum, merged_acc, row_mask)
-        tl.store(ticket_ptr, 0)   # every ticket of the row is drawn: zero for the next launch / replay
+    return ticket == num_segments - 1
+
+
+@triton.jit
+def _merge_tile_rows(num_segments, out_ptrs, partial_max_ptrs, partial_sum_ptrs, partial_acc_ptrs, row_valid,
+                     row_mask, BLOCK_M: tl.constexpr, DIM_PADDED: tl.constexpr):
+    """The last program's merge of segments 0..num_segments-1, in order, on the program's tile."""
+    merged_max = tl.full([BLOCK_M], _NO_SCORE, tl.float32)
+    merged_sum = tl.zeros([BLOCK_M], tl.float32)
+    merged_acc = tl.zeros([BLOCK_M, DIM_PADDED], tl.float32)
+    for s in range(0, num_segments):
+        # .cg: read L2; this SM's L1 is not coherent and may hold stale lines of these buffers.
+        seg_max = tl.load(partial_max_ptrs + s, mask=row_valid, other=_NO_SCORE, cache_modifier=".cg")
+        seg_sum = tl.load(partial_sum_ptrs + s, mask=row_valid, other=1.0, cache_modifier=".cg")
+        seg_acc = tl.load(partial_acc_ptrs + s * DIM_PADDED, mask=row_valid[:, None], other=0.0,
+                          cache_modifier=".cg")
+        merged_max, merged_sum, merged_acc = _merge_segment(merged_max, merged_sum, merged_acc,
+                                                            seg_max, seg_sum, seg_acc)
+    _store_rows(out_ptrs, merged_sum, merged_acc, row_mask)
 
 
 @triton.jit
@@ -263,7 +293,7 @@ def _paged_attention_kernel(
     DIM_PADDED: tl.constexpr, BLOCK_SIZE: tl.constexpr, SPLIT_TOKENS: tl.constexpr,
     IS_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
     FUSED_ROTARY: tl.constexpr, IS_MROPE: tl.constexpr, IS_INTERLEAVED: tl.constexpr,
-    GROUP_PADDED: tl.constexpr, HALF_PADDED: tl.constexpr,
+    GROUP_PADDED: tl.constexpr, HALF_PADDED: tl.constexpr, MERGE_ROWS: tl.constexpr = 0,
 ):
     # Program (query tile, kv head[, segment when IS_SPLIT]).
     # The step's request metadata is written before its first kernel, so it is read before the wait
@@ -329,13 +359,24 @@ def _paged_attention_kernel(
     # A one-segment row needs no merge: folding its single partial into the empty state is exact.
     if IS_SPLIT:
         if num_segments > 1:   # split mode: one token per tile, so its counter is (token q_start, kv_head)
-            _merge_across_programs(
-                run_max, run_sum, run_acc, seg_first, num_segments,
-                tickets_ptr + q_start * tl.num_programs(1) + kv_head, out_ptrs,
-                partial_max_ptr + row_t64 * stride_pm_t + row_head * stride_pm_h,
-                partial_sum_ptr + row_t64 * stride_pm_t + row_head * stride_pm_h,
-                partial_acc_ptr + row_t64[:, None] * stride_pa_t + row_head[:, None] * stride_pa_h + dims[None, :],
-                row_valid, row_mask, BLOCK_M, DIM_PADDED)
+            ticket_ptr = tickets_ptr + q_start * tl.num_programs(1) + kv_head
+            partial_max_ptrs = partial_max_ptr + row_t64 * stride_pm_t + row_head * stride_pm_h
+            partial_sum_ptrs = partial_sum_ptr + row_t64 * stride_pm_t + row_head * stride_pm_h
+            partial_acc_ptrs = (partial_acc_ptr + row_t64[:, None] * stride_pa_t + row_head[:, None] * stride_pa_h
+                                + dims[None, :])
+            if _store_partial_take_ticket(run_max, run_sum, run_acc, seg_first, num_segments, ticket_ptr,
+                                          partial_max_ptrs, partial_sum_ptrs, partial_acc_ptrs, row_valid, DIM_PADDED):
+                if MERGE_ROWS > 0:   # on the token's query heads only (AttentionLaunch.merge_rows)
+                    token, head0 = q_start.to(tl.int64), kv_head * GROUP
+                    _merge_token_rows(num_segments, out_ptr + token * stride_o_t + head0 * stride_o_h,
+                                      partial_max_ptr + token * stride_pm_t + head0 * stride_pm_h,
+                                      partial_sum_ptr + token * stride_pm_t + head0 * stride_pm_h,
+                                      partial_acc_ptr + token * stride_pa_t + head0 * stride_pa_h,
+                                      stride_o_h, stride_pm_h, stride_pa_h, GROUP, head_dim, MERGE_ROWS, DIM_PADDED)
+                else:
+                    _merge_tile_rows(num_segments, out_ptrs, partial_max_ptrs, partial_sum_ptrs, partial_acc_ptrs,
+                                     row_valid, row_mask, BLOCK_M, DIM_PADDED)
+                tl.store(ticket_ptr, 0)   # every ticket of the row is drawn: zero for the next launch / replay
         else:
             _store_rows(out_ptrs, run_sum, run_acc, row_mask)
     else:
@@ -363,6 +404,12 @@ class AttentionLaunch:
     # step, bucket 64 +13 us when looped launches fused too; BENCHMARKS.md, tenth session). Also summing
     # the qkv product's K ranges in this launch (no second launch) was measured: +72 us at bucket 1.
     fuse_rotary: bool = False
+    # Split launches: the last program merges the segments on the token's query-head rows (a [group,
+    # head_dim] tile, _merge_token_rows) instead of the program's 64-row tile. Elementwise: the same bits
+    # (interpreter test; bench/check_kernels.py on a GPU). ptxas for sm_90a: spills 2.5 KB -> 0.3 KB, the
+    # code after the ticket 3,374 -> 1,425 PTX lines. Not yet timed on a GPU (twelfth session: no device
+    # time left), so no table entry sets it: bench/gpu_fusion_call.sh's 'NAME@attention={"merge_rows": true}'.
+    merge_rows: bool = False
     # Measured on the H200 and not kept (BENCHMARKS.md, eleventh session; all bit-equal): the split path's
     # last program merging 4 segments' partials per load on the token's 8 query-head rows (+650 us per
     # batch-1 step at 550 tokens, though ptxas showed 0.3 KB of spills instead of 2.5 KB), and split
@@ -482,7 +529,8 @@ def _triton(query, k_cache, v_cache, query_start_loc, seq_lens, block_tables, sc
         BLOCK_SIZE=k_cache.shape[1], SPLIT_TOKENS=kv_split_tokens, IS_SPLIT=is_split,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         PDL=(pdl := dependent_launch.enabled(query)), launch_pdl=pdl, num_warps=launch.num_warps,
-        num_stages=launch.split_stages if is_split else launch.loop_stages)
+        num_stages=launch.split_stages if is_split else launch.loop_stages,
+        MERGE_ROWS=triton.next_power_of_2(group) if is_split and launch.merge_rows else 0)
     return out
 
 

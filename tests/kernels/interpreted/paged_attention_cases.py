@@ -159,3 +159,24 @@ def test_split_below_sends_large_decode_batches_down_the_looped_path():
         if advance == 0:
             assert torch.equal(got, expected)
     _assert_tickets_clean()
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim", [(8, 2, 64), (12, 2, 32), (7, 1, 80), (2, 2, 64)])
+def test_merge_on_the_token_rows_gives_the_same_bits(num_q_heads, num_kv_heads, head_dim, monkeypatch):
+    """AttentionLaunch.merge_rows: the split launch's last program merges on the token's query-head
+    rows (groups 4, 6, 7 and 1: padded to 4, 8, 8, 1 rows) with the 64-row merge's bits, and leaves
+    every counter at zero."""
+    decodes = decode_batch(make_batch(*STRADDLE, num_q_heads, num_kv_heads, head_dim, 8), STRADDLE_DECODES)
+    tile = _triton(decodes, launch=paged_attention_module.AttentionLaunch(kv_split=SPLIT))
+    merges, token_rows_merge = [], paged_attention_module._merge_token_rows
+
+    def counted(*args, **kwargs):
+        merges.append(args[0])
+        return token_rows_merge(*args, **kwargs)
+
+    monkeypatch.setattr(paged_attention_module, "_merge_token_rows", counted)
+    rows = _triton(decodes, launch=paged_attention_module.AttentionLaunch(kv_split=SPLIT, merge_rows=True))
+    _assert_tickets_clean()
+    assert merges, "the token-row merge did not run"
+    assert torch.equal(rows, tile)
+    torch.testing.assert_close(rows, _reference(decodes), rtol=1e-5, atol=1e-5)
