@@ -63,9 +63,12 @@ def completion_logprobs(token_ids: list[int], logprobs: list[dict | None], num_t
             text = _token_text(token_id, sampled, tokenizer)
             result.tokens.append(text)
             result.token_logprobs.append(max(sampled.logprob, _LOWEST_LOGPROB))
+            # OpenAI's (and vLLM's) completions shape: the chosen token, then the num_top most likely
+            # (up to num_top + 1 entries; logprobs 0 gives the chosen token's alone)
             ranked = sorted(position.items(), key=lambda item: -item[1].logprob)[:num_top]
+            shown = [(token_id, sampled)] + [(tid, lp) for tid, lp in ranked if tid != token_id]
             result.top_logprobs.append({_token_text(tid, lp, tokenizer): max(lp.logprob, _LOWEST_LOGPROB)
-                                        for tid, lp in ranked})
+                                        for tid, lp in shown})
         result.text_offset.append(text_offset)
         text_offset += len(text)
     return result
