@@ -22,6 +22,7 @@ from engine.sampling_params import MAX_LENGTH_PENALTY, SamplingParams, Structure
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
+MAX_BIASED_TOKENS = 300_000   # logit_bias / allowed_token_ids entries (more than any vocabulary)
 
 StopString = Annotated[str, Meta(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 Stop = StopString | Annotated[list[StopString], Meta(max_length=MAX_STOP_STRINGS)] | None
@@ -149,6 +150,10 @@ class SamplingFields(Struct, kw_only=True):
     ignore_eos: bool = False
     min_tokens: Annotated[int, Meta(ge=0, lt=2 ** 31)] = 0
     stop_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_STOP_TOKEN_IDS)] | None = None
+    # OpenAI's logit_bias: token id (a string key) -> bias, clamped to [-100, 100] as vLLM does;
+    # vLLM's allowed_token_ids: only these may be sampled
+    logit_bias: Annotated[dict[str, float], Meta(max_length=MAX_BIASED_TOKENS)] | None = None
+    allowed_token_ids: Annotated[list[TokenId], Meta(min_length=1, max_length=MAX_BIASED_TOKENS)] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     mm_processor_kwargs: dict[str, Any] | None = None
@@ -234,6 +239,7 @@ def to_sampling_params(request: SamplingFields, *, max_n: int, max_tokens: int |
         logprobs=logprobs, prompt_logprobs=prompt_logprobs, skip_special_tokens=request.skip_special_tokens,
         include_stop_str_in_output=request.include_stop_str_in_output,
         structured_outputs=structured_outputs_of(request),
+        logit_bias=logit_bias_of(request), allowed_token_ids=request.allowed_token_ids,
         use_beam_search=request.use_beam_search, length_penalty=request.length_penalty,
         early_stopping=request.early_stopping, best_of=getattr(request, "best_of", None),
         **{name: value for name, value in given.items() if value is not None},
@@ -241,6 +247,20 @@ def to_sampling_params(request: SamplingFields, *, max_n: int, max_tokens: int |
     if request.use_beam_search and request.temperature is None:   # beam search is deterministic
         params = msgspec.structs.replace(params, temperature=0.0)
     return params.validate()
+
+
+def logit_bias_of(request: SamplingFields) -> dict[int, float] | None:
+    """logit_bias with integer keys and biases clamped to [-100, 100] (vLLM's reading)."""
+    if not request.logit_bias:
+        return None
+    bias = {}
+    for key, value in request.logit_bias.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+        bias[token_id] = min(100.0, max(-100.0, value))
+    return bias
 
 
 def check_beam_search_and_best_of(request: SamplingFields, max_beam_width: int, max_best_of: int) -> None:

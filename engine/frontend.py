@@ -137,6 +137,7 @@ class Frontend:
         defaults = self.config.model_config.default_sampling_params
         sampling_params = sampling_params.with_defaults(defaults).validate()
         self._check_num_logprobs(sampling_params)
+        self._check_token_ids(sampling_params)
         token_ids = self._tokenize(prompt, add_special_tokens)
         self.check_media_counts(media)
         mm_items = []
@@ -146,6 +147,14 @@ class Frontend:
         return EngineRequest(req_id=request_id, prompt_token_ids=token_ids, sampling_params=params,
                              mm_items=mm_items, arrival_time=time.time() if arrival_time is None else arrival_time,
                              cache_salt=cache_salt)
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        """logit_bias and allowed_token_ids name tokens of this vocabulary."""
+        for name, ids in (("logit_bias", params.logit_bias or ()),
+                          ("allowed_token_ids", params.allowed_token_ids or ())):
+            bad = [token_id for token_id in ids if not 0 <= token_id < self.vocab_size]
+            if bad:
+                raise ValueError(f"{name}: token id {bad[0]} is out of vocabulary (size {self.vocab_size})")
 
     def _check_num_logprobs(self, params: SamplingParams) -> None:
         max_logprobs = self.config.model_config.max_logprobs

@@ -99,6 +99,10 @@ class SamplingBatch:
     prompt_token_ids: torch.Tensor | None = None    # [R, P] int64, -1 padded: prompt tokens (repeats allowed)
     output_token_ids: torch.Tensor | None = None    # [R, max_output_len] int64, padded with -1
     banned_token_ids: torch.Tensor | None = None    # [R, max_banned] int64, -1 padded (min_tokens)
+    logit_bias_ids: torch.Tensor | None = None      # [R, W] int64, -1 padded: logit_bias tokens
+    logit_bias_values: torch.Tensor | None = None   # [R, W] float32: their biases (0 at padding)
+    allowed_token_ids: torch.Tensor | None = None   # [R, W] int64, -1 padded (allowed_token_ids)
+    restricted_rows: torch.Tensor | None = None     # [R] bool: the rows that have allowed_token_ids
     max_num_logprobs: int | None = None             # largest top-k asked for; None: no logprobs
     # [structured outputs] rows under a grammar and their allowed tokens (bit set = allowed).
     grammar_rows: torch.Tensor | None = None        # [C] int64, indices into the R rows
@@ -119,11 +123,15 @@ class Sampler(torch.nn.Module):
         """logits [R, vocab] (any float dtype) -> SamplerOutput."""
         if (batch.all_greedy and batch.max_num_logprobs is None and batch.banned_token_ids is None
                 and batch.repetition_penalty is None and batch.frequency_penalty is None
-                and batch.presence_penalty is None and batch.grammar_rows is None):
+                and batch.presence_penalty is None and batch.grammar_rows is None
+                and batch.logit_bias_ids is None and batch.allowed_token_ids is None):
             # Greedy fast path: argmax of the raw logits (float32 widening is exact, same index).
             return SamplerOutput(sampled_token_ids=logits.argmax(dim=-1))
         logits = logits.float()
         raw_logits = logits
+        # vLLM's order: allowed tokens, then the logit bias, then the penalties
+        logits = restrict_tokens(logits, batch.allowed_token_ids, batch.restricted_rows)
+        logits = apply_logit_bias(logits, batch.logit_bias_ids, batch.logit_bias_values)
         logits = apply_penalties(logits, batch)
         logits = ban_tokens(logits, batch.banned_token_ids)
         if batch.grammar_rows is not None:
@@ -190,6 +198,27 @@ def _apply_repetition_penalty(logits: torch.Tensor, penalty: torch.Tensor, token
     penalised = torch.where(seen > 0, seen / penalty[:, None], seen * penalty[:, None])
     # A row without any token (never from the engine: prompts are not empty) keeps column 0 as it is.
     return logits.scatter(1, index, torch.where(valid.any(dim=1, keepdim=True), penalised, seen))
+
+
+def restrict_tokens(logits: torch.Tensor, allowed_token_ids: torch.Tensor | None,
+                    restricted_rows: torch.Tensor | None) -> torch.Tensor:
+    """allowed_token_ids [R, W] (-1 padded): a restricted row (restricted_rows [R]) keeps only its
+    tokens' logits, every other one becomes -inf; other rows are unchanged. -> new logits."""
+    if allowed_token_ids is None:
+        return logits
+    assert restricted_rows is not None
+    allowed = (_token_counts(allowed_token_ids, logits.shape[-1]) > 0) | ~restricted_rows[:, None]   # [R, V]
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
+def apply_logit_bias(logits: torch.Tensor, token_ids: torch.Tensor | None, biases: torch.Tensor | None) -> torch.Tensor:
+    """logits [R, V] float32 + each row's bias at its tokens (token_ids [R, W] -1 padded, biases [R, W];
+    a row's tokens are distinct, so every column gets at most one addition). -> new logits."""
+    if token_ids is None:
+        return logits
+    assert biases is not None
+    valid = token_ids >= 0
+    return logits.scatter_add(1, token_ids.clamp_min(0), torch.where(valid, biases, 0.0))
 
 
 def ban_tokens(logits: torch.Tensor, banned_token_ids: torch.Tensor | None) -> torch.Tensor:

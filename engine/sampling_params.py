@@ -11,6 +11,8 @@ engine.frontend), as vLLM's server and transformers' `generate` do.
 
 from __future__ import annotations
 
+import math
+
 import msgspec
 from msgspec.structs import force_setattr
 
@@ -57,6 +59,11 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tr
     best_of: int | None = None
     # One output constraint (JSON schema, regex, choice, grammar, ...); see engine/structured_output.
     structured_outputs: StructuredOutputsParams | None = None
+    # OpenAI's logit_bias (token id -> added to its logit before sampling; the HTTP routes clamp it to
+    # [-100, 100] as vLLM does) and vLLM's allowed_token_ids (only these can be sampled). Token ids are
+    # checked against the vocabulary by engine.frontend.
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
     # Names of NEUTRAL_VALUES fields the caller left unset; filled in by __post_init__.
     unset_fields: frozenset[str] = frozenset()
 
@@ -105,6 +112,10 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tr
                 raise ValueError(f"{field} {message}, got {getattr(self, field)!r}")
         if self.stop is not None and any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ValueError("allowed_token_ids must not be empty")
+        if self.logit_bias and not all(math.isfinite(bias) for bias in self.logit_bias.values()):
+            raise ValueError(f"logit_bias values must be finite, got {self.logit_bias!r}")
         if self.structured_outputs is not None:
             self.structured_outputs.validate()
         if self.best_of is not None and self.best_of < self.n:
@@ -129,6 +140,8 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tr
              "top_k and min_p do not apply to beam search; leave them unset"),
             (self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty,
              "repetition_penalty", "presence_penalty and frequency_penalty are not supported with use_beam_search"),
+            (bool(self.logit_bias) or self.allowed_token_ids is not None, "logit_bias",
+             "and allowed_token_ids are not supported with use_beam_search"),
         ]
         for bad, field, message in refused:
             if bad:

@@ -3,7 +3,7 @@ Caller: engine.runner.input_batch.InputBatch (write when a request enters, build
 
 A request's settings never change while it runs, so they are written once, as numbers, into a
 persistent table with one row per block-table row (SamplingTable); a step gathers the rows of
-its sampling requests into a [R, 8] array and reads every flag as a column test instead of a
+its sampling requests into a [R, columns] array and reads every flag as a column test instead of a
 pass over SamplingParams objects. Only the output position (seed keys, min_tokens) is per step.
 """
 
@@ -19,12 +19,13 @@ import torch
 from engine.sampler import SamplingBatch, mix_seed, seed_keys_of_mixed
 
 # Columns of SamplingTable.numbers (float64: token counts and top-k are exact).
-_TEMPERATURE, _TOP_K, _TOP_P, _MIN_P, _HAS_TOP_K, _HAS_PENALTY, _MIN_TOKENS, _LOGPROBS = range(8)
-_NUM_COLUMNS = 8
+(_TEMPERATURE, _TOP_K, _TOP_P, _MIN_P, _HAS_TOP_K, _HAS_PENALTY, _MIN_TOKENS, _LOGPROBS, _HAS_LOGIT_BIAS,
+ _HAS_ALLOWED) = range(10)
+_NUM_COLUMNS = 10
 
 
 class SamplingTable:
-    """numbers [rows, 8] float64 (the columns above; logprobs -1 = not asked) and mixed_seeds
+    """numbers [rows, 10] float64 (the columns above; logprobs -1 = not asked) and mixed_seeds
     [rows] uint64 (sampler.mix_seed of the request's seed); row r belongs to the request that
     holds block-table row r (InputBatch writes it whenever a request takes a row)."""
 
@@ -50,7 +51,8 @@ class SamplingTable:
         temperature = 0.0 if params.effective_top_k == 1 else params.temperature
         self.numbers[row] = (temperature, params.effective_top_k or self.vocab_size, params.top_p,
                              params.min_p, bool(params.effective_top_k), has_penalty, params.min_tokens,
-                             -1 if params.logprobs is None else params.logprobs)
+                             -1 if params.logprobs is None else params.logprobs, bool(params.logit_bias),
+                             params.allowed_token_ids is not None)
         self.mixed_seeds[row] = mix_seed(seed)
 
 
@@ -73,7 +75,7 @@ def build_sampling_batch(states: list, table: SamplingTable, eos_token_ids: tupl
     uploads_ready: makes device work queued next see what to_device uploaded (engine.runner.transfer
     StepUploads: the copies run on a stream of their own)."""
     rows = np.array([s.row for s in states], dtype=np.int64)                            # [R]
-    numbers = table.numbers[rows]                                                        # [R, 8]
+    numbers = table.numbers[rows]                                                        # [R, 10]
     positions = np.array([len(s.output_token_ids) + s.num_pending for s in states], dtype=np.int64)  # [R]
     batch = SamplingBatch(
         temperature=to_device(numbers[:, _TEMPERATURE], torch.float32),
@@ -87,6 +89,12 @@ def build_sampling_batch(states: list, table: SamplingTable, eos_token_ids: tupl
         batch.min_p = to_device(numbers[:, _MIN_P], torch.float32)
     if numbers[:, _HAS_PENALTY].any():
         _add_penalties(batch, states, to_device, pending, uploads_ready)
+    if numbers[:, _HAS_LOGIT_BIAS].any():
+        batch.logit_bias_ids, batch.logit_bias_values = _logit_bias(states, to_device)
+    if numbers[:, _HAS_ALLOWED].any():
+        batch.allowed_token_ids = _padded([list(s.sampling_params.allowed_token_ids or ()) for s in states],
+                                          to_device)
+        batch.restricted_rows = to_device(numbers[:, _HAS_ALLOWED] > 0, torch.bool)
     if (positions < numbers[:, _MIN_TOKENS]).any():
         batch.banned_token_ids = _banned_tokens(states, positions, eos_token_ids, table.vocab_size, to_device)
     max_logprobs = numbers[:, _LOGPROBS].max()
@@ -144,6 +152,17 @@ def _banned_tokens(states: list, positions: np.ndarray, eos_token_ids: tuple[int
             ids = list(params.stop_token_ids or []) + ([] if params.ignore_eos else list(eos_token_ids))
         banned.append([i for i in ids if 0 <= i < vocab_size])
     return _padded(banned, to_device) if any(banned) else None
+
+
+def _logit_bias(states: list, to_device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids [R, W] int64 -1 padded, biases [R, W] float32 0 padded) of each row's logit_bias."""
+    biases = [s.sampling_params.logit_bias or {} for s in states]
+    width = max(1, max(len(bias) for bias in biases))
+    ids, values = np.full((len(states), width), -1, dtype=np.int64), np.zeros((len(states), width), dtype=np.float32)
+    for row, bias in enumerate(biases):
+        ids[row, :len(bias)] = list(bias)
+        values[row, :len(bias)] = list(bias.values())
+    return to_device(ids, torch.int64), to_device(values, torch.float32)
 
 
 def _padded(rows: list[list[int]], to_device) -> torch.Tensor:

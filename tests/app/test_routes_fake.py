@@ -55,7 +55,11 @@ def test_completions_refusals(make_client):
     client, _ = make_client()
     for payload, needle in [({"prompt": "x", "suffix": "y"}, "suffix"), ({"prompt": ["a", 1]}, "prompt"),
                             ({"prompt": [10 ** 10]}, "prompt"), ({"prompt": "x", "logprobs": 21}, "logprobs"),
-                            ({"prompt": []}, "prompt"), ({"prompt": [[]]}, "prompt")]:
+                            ({"prompt": []}, "prompt"), ({"prompt": [[]]}, "prompt"),
+                            ({"prompt": "x", "logit_bias": {"a": 1.0}}, "logit_bias"),
+                            ({"prompt": "x", "logit_bias": {"99999999": 1.0}}, "logit_bias"),
+                            ({"prompt": "x", "allowed_token_ids": []}, "allowed_token_ids"),
+                            ({"prompt": "x", "allowed_token_ids": [99999999]}, "allowed_token_ids")]:
         response = client.post("/v1/completions", json=payload)
         assert response.status_code == 400, (payload, response.text)
         assert needle in response.json()["error"]["message"] + str(response.json()["error"]["param"])

@@ -5,8 +5,8 @@ import math
 
 import torch
 
-from engine.sampler import (Sampler, SamplingBatch, apply_min_p, apply_penalties, apply_top_k_top_p,
-                            compute_logprobs, seed_key)
+from engine.sampler import (Sampler, SamplingBatch, apply_logit_bias, apply_min_p, apply_penalties,
+                            apply_top_k_top_p, compute_logprobs, restrict_tokens, seed_key)
 
 NEG_INF = float("-inf")
 
@@ -151,3 +151,26 @@ def test_repetition_penalty_changes_exactly_the_seen_columns():
             value, p = logits[row, token], penalty[row]
             expected[row, token] = value / p if value > 0 else value * p
     assert torch.equal(got, expected)
+
+
+def test_allowed_tokens_keep_a_restricted_row_to_its_tokens():
+    logits = torch.tensor([[1.0, 5.0, 2.0, 0.0], [1.0, 5.0, 2.0, 0.0]])
+    got = restrict_tokens(logits, torch.tensor([[2, 0], [3, -1]]), torch.tensor([True, False]))
+    inf = float("-inf")
+    assert got.tolist() == [[1.0, inf, 2.0, inf], [1.0, 5.0, 2.0, 0.0]]
+
+
+def test_logit_bias_adds_to_its_tokens_only():
+    logits = torch.tensor([[1.0, 5.0, 2.0, 0.0], [1.0, 5.0, 2.0, 0.0]])
+    got = apply_logit_bias(logits, torch.tensor([[3, 1], [2, -1]]), torch.tensor([[10.0, -5.0], [0.5, 7.0]]))
+    assert got.tolist() == [[1.0, 0.0, 2.0, 10.0], [1.0, 5.0, 2.5, 0.0]]
+
+
+def test_biased_and_restricted_rows_leave_the_greedy_fast_path():
+    logits = torch.tensor([[1.0, 5.0, 2.0, 0.0]])
+    batch = SamplingBatch(temperature=torch.zeros(1), seed_keys=torch.zeros(1, 2, dtype=torch.int64), all_greedy=True,
+                          logit_bias_ids=torch.tensor([[3]]), logit_bias_values=torch.tensor([[9.0]]))
+    assert Sampler()(logits, batch).sampled_token_ids.tolist() == [3]
+    batch = SamplingBatch(temperature=torch.zeros(1), seed_keys=torch.zeros(1, 2, dtype=torch.int64), all_greedy=True,
+                          allowed_token_ids=torch.tensor([[0, 2]]), restricted_rows=torch.tensor([True]))
+    assert Sampler()(logits, batch).sampled_token_ids.tolist() == [2]
