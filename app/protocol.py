@@ -154,7 +154,14 @@ class SamplingFields(Struct, kw_only=True):
     # vLLM's allowed_token_ids: only these may be sampled
     logit_bias: Annotated[dict[str, float], Meta(max_length=MAX_BIASED_TOKENS)] | None = None
     allowed_token_ids: Annotated[list[TokenId], Meta(min_length=1, max_length=MAX_BIASED_TOKENS)] | None = None
+    # vLLM's: keep the prompt's last k tokens (-1: the last max_model_len); text prompts only
+    truncate_prompt_tokens: Annotated[int, Meta(ge=-1, lt=2 ** 31)] | None = None
+    # vLLM's: requests with different salts never share prefix-cache blocks
+    cache_salt: Annotated[str, Meta(min_length=1, max_length=1024)] | None = None
+    # vLLM's: only 0 here (first come, first served; vLLM needs --scheduling-policy priority for others)
+    priority: int = 0
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     mm_processor_kwargs: dict[str, Any] | None = None
     # Output constraints (app.structured_outputs): one of these forms per request.
@@ -224,6 +231,9 @@ def to_sampling_params(request: SamplingFields, *, max_n: int, max_tokens: int |
                        logprobs: int | None, max_beam_width: int = 8, max_best_of: int = 16,
                        prompt_logprobs: int | None = None) -> SamplingParams:
     """Request fields -> SamplingParams (ValueError on values bounded by the server)."""
+    if request.priority != 0:
+        raise ValueError(f"priority {request.priority}: this server schedules first come, first served "
+                         f"(vLLM, too, refuses a priority without --scheduling-policy priority)")
     if request.n > max_n:
         raise ValueError(f"n must be at most {max_n} on this server, got {request.n}")
     check_beam_search_and_best_of(request, max_beam_width, max_best_of)
@@ -240,6 +250,8 @@ def to_sampling_params(request: SamplingFields, *, max_n: int, max_tokens: int |
         include_stop_str_in_output=request.include_stop_str_in_output,
         structured_outputs=structured_outputs_of(request),
         logit_bias=logit_bias_of(request), allowed_token_ids=request.allowed_token_ids,
+        truncate_prompt_tokens=request.truncate_prompt_tokens,
+        spaces_between_special_tokens=request.spaces_between_special_tokens,
         use_beam_search=request.use_beam_search, length_penalty=request.length_penalty,
         early_stopping=request.early_stopping, best_of=getattr(request, "best_of", None),
         **{name: value for name, value in given.items() if value is not None},

@@ -138,7 +138,7 @@ class Frontend:
         sampling_params = sampling_params.with_defaults(defaults).validate()
         self._check_num_logprobs(sampling_params)
         self._check_token_ids(sampling_params)
-        token_ids = self._tokenize(prompt, add_special_tokens)
+        token_ids = self._truncate(self._tokenize(prompt, add_special_tokens), sampling_params, media)
         self.check_media_counts(media)
         mm_items = []
         if media:
@@ -147,6 +147,15 @@ class Frontend:
         return EngineRequest(req_id=request_id, prompt_token_ids=token_ids, sampling_params=params,
                              mm_items=mm_items, arrival_time=time.time() if arrival_time is None else arrival_time,
                              cache_salt=cache_salt)
+
+    def _truncate(self, token_ids: list[int], params: SamplingParams, media: list[MediaInput]) -> list[int]:
+        """truncate_prompt_tokens (vLLM): the prompt's last k tokens; -1: the last max_model_len."""
+        keep = params.truncate_prompt_tokens
+        if keep is None:
+            return token_ids
+        if media:   # cutting the prompt could cut an image's or a video's placeholder tokens
+            raise ValueError("truncate_prompt_tokens is not supported for prompts with images or videos")
+        return token_ids[-(self.config.model_config.max_model_len if keep == -1 else keep):]
 
     def _check_token_ids(self, params: SamplingParams) -> None:
         """logit_bias and allowed_token_ids name tokens of this vocabulary."""

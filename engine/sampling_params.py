@@ -64,6 +64,8 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tr
     # checked against the vocabulary by engine.frontend.
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    # vLLM's: keep only the prompt's last k tokens (-1: the last max_model_len); text prompts only
+    truncate_prompt_tokens: int | None = None
     # Names of NEUTRAL_VALUES fields the caller left unset; filled in by __post_init__.
     unset_fields: frozenset[str] = frozenset()
 
@@ -106,6 +108,8 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=Tr
             (self.logprobs is None or self.logprobs >= 0, "logprobs", "must be non-negative"),
             (self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs", "must be non-negative"),
             (self.seed is None or -(2 ** 63) <= self.seed < 2 ** 64, "seed", "must fit in 64 bits"),
+            (self.truncate_prompt_tokens in (None, -1) or self.truncate_prompt_tokens >= 1,
+             "truncate_prompt_tokens", "must be -1 or at least 1"),
         ]
         for ok, field, message in checks:
             if not ok:

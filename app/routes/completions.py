@@ -58,7 +58,8 @@ async def build_completion_requests(data: CompletionRequest, serving: ServingCon
                                 max_beam_width=serving.config.max_beam_width, max_best_of=serving.config.max_best_of,
                                 prompt_logprobs=prompt_logprobs)
     frontend = serving.client.frontend
-    return [(await asyncio.to_thread(frontend.make_request, f"{request_id}-{i}", prompt, [], params),
+    return [(await asyncio.to_thread(frontend.make_request, f"{request_id}-{i}", prompt, [], params,
+                                     cache_salt=data.cache_salt),
              prompt if isinstance(prompt, str) else None)
             for i, prompt in enumerate(prompts_of(data))]
 

@@ -200,6 +200,32 @@ def test_chat_echo_puts_the_continued_message_first(server):
     assert post(messages=TEXT_MESSAGES, prompt_logprobs=1, stream=True).status_code == 400
 
 
+def test_cache_salt_keeps_prefix_caches_apart(server):
+    """vLLM's cache_salt: the same prompt under another salt shares no cached blocks; under the same
+    salt it does (usage.prompt_tokens_details.cached_tokens)."""
+    prompt = list(range(100, 180))   # five 16-token blocks
+
+    def cached(salt):
+        body = httpx.post(f"{server.base_url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                          json={"model": "tiny-vl", "prompt": prompt, "max_tokens": 1, "cache_salt": salt}).json()
+        return body["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert cached("salt-a") == 0
+    assert cached("salt-b") == 0
+    assert cached("salt-a") >= 64
+
+
+def test_priority_and_truncation_with_media_are_refused(server):
+    def post(path, body):
+        return httpx.post(f"{server.base_url}{path}", headers={"Authorization": f"Bearer {API_KEY}"},
+                          json={"model": "tiny-vl", "max_tokens": 1, **body})
+
+    assert post("/v1/completions", {"prompt": "hi", "priority": 1}).status_code == 400
+    assert post("/v1/chat/completions", {"messages": MESSAGES, "truncate_prompt_tokens": 8}).status_code == 400
+    body = post("/v1/completions", {"prompt": list(range(100, 140)), "truncate_prompt_tokens": 8}).json()
+    assert body["usage"]["prompt_tokens"] == 8
+
+
 def test_six_images_is_a_400(client):
     content = [{"type": "image_url", "image_url": {"url": image_url(i)}} for i in range(6)]
     with pytest.raises(openai.BadRequestError) as error:

@@ -1,7 +1,7 @@
-"""logit_bias (OpenAI) and allowed_token_ids (vLLM) against transformers, float32 on the CPU: greedy
-tokens equal generate() with `sequence_bias` (one-token sequences: a logit bias) and with
-`prefix_allowed_tokens_fn`, for restricted requests batched with unrestricted ones (which keep their
-own tokens), under chunked prefill too."""
+"""logit_bias (OpenAI), allowed_token_ids and truncate_prompt_tokens (vLLM) against transformers, float32
+on the CPU: greedy tokens equal generate() with `sequence_bias` (one-token sequences: a logit bias), with
+`prefix_allowed_tokens_fn`, and on the prompt's last tokens, for restricted requests batched with
+unrestricted ones (which keep their own tokens), under chunked prefill too."""
 
 import pytest
 import torch
@@ -63,3 +63,16 @@ def test_out_of_vocabulary_ids_are_refused(model_dir):
                    SamplingParams(allowed_token_ids=[])):
         with pytest.raises(ValueError, match="logit_bias|allowed_token_ids"):
             llm.generate({"prompt_token_ids": [1, 2, 3]}, params, use_tqdm=False)
+
+
+@pytest.mark.parametrize("keep", [5, 64])
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(model_dir, prompts, hf_model, keep):
+    """vLLM's truncate_prompt_tokens: the request runs on its prompt's last `keep` tokens, as transformers
+    does on those tokens (a shorter prompt is kept whole)."""
+    llm = make_llm(model_dir)
+    chosen = [p for p in prompts if len(p) > keep][:2] + [prompts[0]]
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, truncate_prompt_tokens=keep)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in chosen], params, use_tqdm=False)
+    for prompt, output in zip(chosen, outputs):
+        assert output.prompt_token_ids == prompt[-keep:]
+        assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt[-keep:])
