@@ -196,6 +196,8 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     # (echo with top_logprobs implies it), in the response's `prompt_logprobs`
     echo: bool = False
     prompt_logprobs: Annotated[int, Meta(ge=0, lt=2 ** 31)] | None = None
+    # vLLM's: the tokenizer's special tokens (a BOS) on top of the template's; off, as the template writes them
+    add_special_tokens: bool = False
 
 
 # str | list[str] | list[int] | list[list[int]]; msgspec allows one list type per union, so the
@@ -214,6 +216,8 @@ class CompletionRequest(SamplingFields, kw_only=True):
     logprobs: Annotated[int, Meta(ge=0, lt=2 ** 31)] | None = None  # at most --max-logprobs
     # vLLM extension: top log-probs of each prompt token (the first has none); echo with logprobs implies it
     prompt_logprobs: Annotated[int, Meta(ge=0, lt=2 ** 31)] | None = None
+    # vLLM's: the tokenizer's special tokens (a BOS) around a text prompt
+    add_special_tokens: bool = True
     suffix: str | None = None
     best_of: PositiveInt | None = None
 

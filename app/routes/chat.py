@@ -101,7 +101,7 @@ async def build_chat_request(data: ChatCompletionRequest, serving: ServingContex
                              plan=media_plan(frontend, rendered, data.mm_processor_kwargs),
                              pool=serving.image_decoder)
     engine_request = await asyncio.to_thread(frontend.make_request, request_id, rendered.prompt, media, params,
-                                             data.mm_processor_kwargs, add_special_tokens=False,
+                                             data.mm_processor_kwargs, add_special_tokens=data.add_special_tokens,
                                              cache_salt=data.cache_salt)
     return engine_request, rendered.prompt
 

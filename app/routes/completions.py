@@ -59,7 +59,7 @@ async def build_completion_requests(data: CompletionRequest, serving: ServingCon
                                 prompt_logprobs=prompt_logprobs)
     frontend = serving.client.frontend
     return [(await asyncio.to_thread(frontend.make_request, f"{request_id}-{i}", prompt, [], params,
-                                     cache_salt=data.cache_salt),
+                                     add_special_tokens=data.add_special_tokens, cache_salt=data.cache_salt),
              prompt if isinstance(prompt, str) else None)
             for i, prompt in enumerate(prompts_of(data))]
 

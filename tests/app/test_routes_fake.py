@@ -218,3 +218,23 @@ def test_request_log_can_be_disabled(make_client, caplog):
         client, _ = make_client(disable_log_requests=True)
         body = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}).json()
     assert body["id"] not in caplog.text
+
+
+def test_add_special_tokens_reaches_the_tokenizer(make_client, vl_frontend, monkeypatch):
+    """vLLM's add_special_tokens: completions default true, chat default false (the template writes
+    them); either can be flipped per request."""
+    seen = []
+    make_request = vl_frontend.make_request
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["add_special_tokens"])
+        return make_request(*args, **kwargs)
+
+    monkeypatch.setattr(vl_frontend, "make_request", spy)
+    client, _ = make_client()
+    for extra in ({}, {"add_special_tokens": False}):
+        assert client.post("/v1/completions", json={"prompt": "x", **extra}).status_code == 200
+    for extra in ({}, {"add_special_tokens": True}):
+        assert client.post("/v1/chat/completions",
+                           json={"messages": [{"role": "user", "content": "x"}], **extra}).status_code == 200
+    assert seen == [True, False, False, True]
