@@ -160,6 +160,8 @@ class SamplingFields(Struct, kw_only=True):
     cache_salt: Annotated[str, Meta(min_length=1, max_length=1024)] | None = None
     # vLLM's: only 0 here (first come, first served; vLLM needs --scheduling-policy priority for others)
     priority: int = 0
+    # vLLM's: the prompt's and each choice's token ids in the response (collect mode)
+    return_token_ids: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -223,6 +225,8 @@ class CompletionRequest(SamplingFields, kw_only=True):
 
 
 def check_stream_options(request: SamplingFields) -> None:
+    if request.stream and request.return_token_ids:
+        raise ValueError("return_token_ids is supported without stream only")
     if request.stream_options is None:
         return
     if not request.stream:
@@ -338,6 +342,7 @@ class ChatCompletionChoice(Struct, kw_only=True):
     finish_reason: str | None
     logprobs: ChoiceLogprobs | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None          # return_token_ids
 
 
 class ChatCompletionResponse(Struct, kw_only=True):
@@ -346,6 +351,7 @@ class ChatCompletionResponse(Struct, kw_only=True):
     choices: list[ChatCompletionChoice]
     usage: Usage
     prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None   # vLLM's shape (CompletionChoice's)
+    prompt_token_ids: list[int] | None = None   # return_token_ids
     object: str = "chat.completion"
     created: int = msgspec.field(default_factory=lambda: int(time.time()))
 
@@ -401,6 +407,8 @@ class CompletionChoice(Struct, kw_only=True):
     stop_reason: int | str | None = None
     # vLLM's shape: per prompt position, None for the first, else token id -> its log-prob (collect mode)
     prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
+    prompt_token_ids: list[int] | None = None   # return_token_ids
+    token_ids: list[int] | None = None
 
 
 class CompletionResponse(Struct, kw_only=True):

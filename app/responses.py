@@ -107,27 +107,34 @@ def chat_choice(completion: Any, *, use_tools: bool, num_top: int | None, tokeni
 
 
 def chat_response(request_id: str, model: str, output: Any, *, use_tools: bool, num_top: int | None,
-                  tokenizer: Any, role: str = "assistant", echo: str = "") -> ChatCompletionResponse:
-    """echo: text put before every choice's content (vLLM's chat echo of a message with the reply's role)."""
-    choices = [chat_choice(c, use_tools=use_tools, num_top=num_top, tokenizer=tokenizer)
-               for c in sorted(output.outputs, key=lambda c: c.index)]
-    for choice in choices:
+                  tokenizer: Any, role: str = "assistant", echo: str = "",
+                  return_token_ids: bool = False) -> ChatCompletionResponse:
+    """echo: text put before every choice's content (vLLM's chat echo of a message with the reply's role).
+    return_token_ids: the prompt's token ids and each choice's (vLLM's fields)."""
+    completions = sorted(output.outputs, key=lambda c: c.index)
+    choices = [chat_choice(c, use_tools=use_tools, num_top=num_top, tokenizer=tokenizer) for c in completions]
+    for choice, completion in zip(choices, completions):
         choice.message.role = role
         if echo:
             choice.message.content = echo + (choice.message.content or "")
+        if return_token_ids:
+            choice.token_ids = list(completion.token_ids)
     return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage_of([output]),
-                                  prompt_logprobs=prompt_logprobs_of(output))
+                                  prompt_logprobs=prompt_logprobs_of(output),
+                                  prompt_token_ids=list(output.prompt_token_ids) if return_token_ids else None)
 
 
 def completion_response(request_id: str, model: str, created: int, outputs: list[Any], *, n: int,
                         echo_texts: list[str] | None, num_top: int | None, tokenizer: Any,
-                        scored_only: bool = False) -> CompletionResponse:
+                        scored_only: bool = False, return_token_ids: bool = False) -> CompletionResponse:
     """scored_only (echo with max_tokens 0): each choice is its echoed prompt alone; the one token
-    sampled to score it is left out of the text and the logprobs (usage counts it, as vLLM's does)."""
+    sampled to score it is left out of the text and the logprobs (usage counts it, as vLLM's does).
+    return_token_ids: each choice carries its prompt's token ids and its own (vLLM's fields)."""
     choices = []
     for prompt_index, output in enumerate(outputs):
         echo = echo_texts[prompt_index] if echo_texts else ""
         prompt_part = echoed_prompt(output, num_top) if echo_texts else None
+        prompt_ids = list(output.prompt_token_ids) if return_token_ids else None
         for completion in sorted(output.outputs, key=lambda c: c.index):
             token_ids, positions = prompt_part or ([], [])
             if not scored_only and completion.logprobs is not None:
@@ -140,5 +147,8 @@ def completion_response(request_id: str, model: str, created: int, outputs: list
                                             text=echo + ("" if scored_only else completion.text),
                                             finish_reason=completion.finish_reason, logprobs=logprobs,
                                             stop_reason=completion.stop_reason,
-                                            prompt_logprobs=prompt_logprobs_of(output)))
+                                            prompt_logprobs=prompt_logprobs_of(output),
+                                            prompt_token_ids=prompt_ids,
+                                            token_ids=(([] if scored_only else list(completion.token_ids))
+                                                       if return_token_ids else None)))
     return CompletionResponse(id=request_id, model=model, created=created, choices=choices, usage=usage_of(outputs))

@@ -135,5 +135,6 @@ class ChatController(Controller):
             [output] = await serving.final_outputs([(engine_request, prompt)], request, ticket)
         body: ChatCompletionResponse = chat_response(request_id, model, output, use_tools=use_tools,
                                                      num_top=num_top, tokenizer=tokenizer, role=role,
-                                                     echo=echoed_text(data, role))
+                                                     echo=echoed_text(data, role),
+                                                     return_token_ids=data.return_token_ids)
         return Response(body)

@@ -93,4 +93,4 @@ class CompletionsController(Controller):
             outputs = await serving.final_outputs(engine_requests, request, ticket)
         return Response(completion_response(request_id, model, int(time.time()), outputs, n=data.n,
                                             echo_texts=echoes, num_top=data.logprobs, tokenizer=tokenizer,
-                                            scored_only=scored_only(data)))
+                                            scored_only=scored_only(data), return_token_ids=data.return_token_ids))

@@ -226,6 +226,22 @@ def test_priority_and_truncation_with_media_are_refused(server):
     assert body["usage"]["prompt_tokens"] == 8
 
 
+def test_return_token_ids(server, offline_output):
+    """vLLM's return_token_ids: the prompt's token ids and the choice's, those of the offline engine on
+    the same messages; with stream a 400 (not built)."""
+    def post(path, body):
+        return httpx.post(f"{server.base_url}{path}", headers={"Authorization": f"Bearer {API_KEY}"},
+                          json={"model": "tiny-vl", "temperature": 0, "return_token_ids": True, **body})
+
+    chat = post("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": MAX_TOKENS}).json()
+    assert chat["prompt_token_ids"] == offline_output.prompt_token_ids
+    assert chat["choices"][0]["token_ids"] == offline_output.outputs[0].token_ids
+    prompt = list(range(100, 120))
+    [choice] = post("/v1/completions", {"prompt": prompt, "max_tokens": 3}).json()["choices"]
+    assert choice["prompt_token_ids"] == prompt and len(choice["token_ids"]) == 3
+    assert post("/v1/completions", {"prompt": prompt, "stream": True}).status_code == 400
+
+
 def test_six_images_is_a_400(client):
     content = [{"type": "image_url", "image_url": {"url": image_url(i)}} for i in range(6)]
     with pytest.raises(openai.BadRequestError) as error:
