@@ -135,6 +135,7 @@ def completion_response(request_id: str, model: str, created: int, outputs: list
         echo = echo_texts[prompt_index] if echo_texts else ""
         prompt_part = echoed_prompt(output, num_top) if echo_texts else None
         prompt_ids = list(output.prompt_token_ids) if return_token_ids else None
+        prompt_logprobs = prompt_logprobs_of(output)
         for completion in sorted(output.outputs, key=lambda c: c.index):
             token_ids, positions = prompt_part or ([], [])
             if not scored_only and completion.logprobs is not None:
@@ -147,8 +148,7 @@ def completion_response(request_id: str, model: str, created: int, outputs: list
                                             text=echo + ("" if scored_only else completion.text),
                                             finish_reason=completion.finish_reason, logprobs=logprobs,
                                             stop_reason=completion.stop_reason,
-                                            prompt_logprobs=prompt_logprobs_of(output),
-                                            prompt_token_ids=prompt_ids,
+                                            prompt_logprobs=prompt_logprobs, prompt_token_ids=prompt_ids,
                                             token_ids=(([] if scored_only else list(completion.token_ids))
                                                        if return_token_ids else None)))
     return CompletionResponse(id=request_id, model=model, created=created, choices=choices, usage=usage_of(outputs))

@@ -101,8 +101,7 @@ class SamplingBatch:
     banned_token_ids: torch.Tensor | None = None    # [R, max_banned] int64, -1 padded (min_tokens)
     logit_bias_ids: torch.Tensor | None = None      # [R, W] int64, -1 padded: logit_bias tokens
     logit_bias_values: torch.Tensor | None = None   # [R, W] float32: their biases (0 at padding)
-    allowed_token_ids: torch.Tensor | None = None   # [R, W] int64, -1 padded (allowed_token_ids)
-    restricted_rows: torch.Tensor | None = None     # [R] bool: the rows that have allowed_token_ids
+    allowed_token_ids: torch.Tensor | None = None   # [R, W] int64, -1 padded; an all -1 row: unrestricted
     max_num_logprobs: int | None = None             # largest top-k asked for; None: no logprobs
     # [structured outputs] rows under a grammar and their allowed tokens (bit set = allowed).
     grammar_rows: torch.Tensor | None = None        # [C] int64, indices into the R rows
@@ -130,7 +129,7 @@ class Sampler(torch.nn.Module):
         logits = logits.float()
         raw_logits = logits
         # vLLM's order: allowed tokens, then the logit bias, then the penalties
-        logits = restrict_tokens(logits, batch.allowed_token_ids, batch.restricted_rows)
+        logits = restrict_tokens(logits, batch.allowed_token_ids)
         logits = apply_logit_bias(logits, batch.logit_bias_ids, batch.logit_bias_values)
         logits = apply_penalties(logits, batch)
         logits = ban_tokens(logits, batch.banned_token_ids)
@@ -200,14 +199,13 @@ def _apply_repetition_penalty(logits: torch.Tensor, penalty: torch.Tensor, token
     return logits.scatter(1, index, torch.where(valid.any(dim=1, keepdim=True), penalised, seen))
 
 
-def restrict_tokens(logits: torch.Tensor, allowed_token_ids: torch.Tensor | None,
-                    restricted_rows: torch.Tensor | None) -> torch.Tensor:
-    """allowed_token_ids [R, W] (-1 padded): a restricted row (restricted_rows [R]) keeps only its
-    tokens' logits, every other one becomes -inf; other rows are unchanged. -> new logits."""
+def restrict_tokens(logits: torch.Tensor, allowed_token_ids: torch.Tensor | None) -> torch.Tensor:
+    """allowed_token_ids [R, W] (-1 padded): a row with tokens keeps only their logits, every other one
+    becomes -inf; a row of padding alone (no allowed_token_ids: they are never empty) is unchanged."""
     if allowed_token_ids is None:
         return logits
-    assert restricted_rows is not None
-    allowed = (_token_counts(allowed_token_ids, logits.shape[-1]) > 0) | ~restricted_rows[:, None]   # [R, V]
+    unrestricted = (allowed_token_ids < 0).all(dim=1, keepdim=True)                                # [R, 1]
+    allowed = (_token_counts(allowed_token_ids, logits.shape[-1]) > 0) | unrestricted              # [R, V]
     return logits.masked_fill(~allowed, float("-inf"))
 
 

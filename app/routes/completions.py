@@ -64,10 +64,14 @@ async def build_completion_requests(data: CompletionRequest, serving: ServingCon
             for i, prompt in enumerate(prompts_of(data))]
 
 
-def echo_texts(data: CompletionRequest, tokenizer: Any) -> list[str] | None:
+def echo_texts(data: CompletionRequest, engine_requests: list[tuple[Any, str | None]],
+               tokenizer: Any) -> list[str] | None:
+    """What echo puts first: the prompt's text as sent, or the decoded tokens the engine runs (a
+    token-id prompt, or one truncate_prompt_tokens cut)."""
     if not data.echo:
         return None
-    return [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts_of(data)]
+    return [text if text is not None and data.truncate_prompt_tokens is None
+            else tokenizer.decode(engine_request.prompt_token_ids) for engine_request, text in engine_requests]
 
 
 class CompletionsController(Controller):
@@ -83,7 +87,7 @@ class CompletionsController(Controller):
         async with serving.admitted(request, data.model, "cmpl") as (model, request_id, ticket):
             engine_requests = await build_completion_requests(data, serving, request_id)
             tokenizer = serving.client.frontend.tokenizer
-            echoes = echo_texts(data, tokenizer)
+            echoes = echo_texts(data, engine_requests, tokenizer)
             if data.stream:
                 include_usage = bool(data.stream_options and data.stream_options.include_usage)
                 fmt = CompletionStreamFormat(request_id=request_id, model=model, n=data.n, echo_texts=echoes,

@@ -49,6 +49,7 @@ class CachedRequestState:
     # 0 or 1). Its value is on the device: InputBatch.last_sampled.
     num_pending: int = 0
     _prompt_token_set: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _token_rules: tuple[np.ndarray, np.ndarray, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     @property
     def prompt_token_set(self) -> np.ndarray:
@@ -57,6 +58,17 @@ class CachedRequestState:
         if self._prompt_token_set is None:
             self._prompt_token_set = np.unique(np.array(self.prompt_token_ids, dtype=np.int64))
         return self._prompt_token_set
+
+    @property
+    def token_rules(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(logit_bias token ids int64, their biases float32, allowed_token_ids int64), made once: the
+        sampler reads them every step and they never change while the request runs."""
+        if self._token_rules is None:
+            params = self.sampling_params
+            bias = params.logit_bias or {}
+            self._token_rules = (np.array(list(bias), dtype=np.int64), np.array(list(bias.values()), dtype=np.float32),
+                                 np.array(params.allowed_token_ids or (), dtype=np.int64))
+        return self._token_rules
 
     @property
     def num_tokens(self) -> int:

@@ -90,11 +90,11 @@ def build_sampling_batch(states: list, table: SamplingTable, eos_token_ids: tupl
     if numbers[:, _HAS_PENALTY].any():
         _add_penalties(batch, states, to_device, pending, uploads_ready)
     if numbers[:, _HAS_LOGIT_BIAS].any():
-        batch.logit_bias_ids, batch.logit_bias_values = _logit_bias(states, to_device)
+        batch.logit_bias_ids = to_device(_stacked([s.token_rules[0] for s in states], -1, np.int64), torch.int64)
+        batch.logit_bias_values = to_device(_stacked([s.token_rules[1] for s in states], 0.0, np.float32),
+                                            torch.float32)
     if numbers[:, _HAS_ALLOWED].any():
-        batch.allowed_token_ids = _padded([list(s.sampling_params.allowed_token_ids or ()) for s in states],
-                                          to_device)
-        batch.restricted_rows = to_device(numbers[:, _HAS_ALLOWED] > 0, torch.bool)
+        batch.allowed_token_ids = to_device(_stacked([s.token_rules[2] for s in states], -1, np.int64), torch.int64)
     if (positions < numbers[:, _MIN_TOKENS]).any():
         batch.banned_token_ids = _banned_tokens(states, positions, eos_token_ids, table.vocab_size, to_device)
     max_logprobs = numbers[:, _LOGPROBS].max()
@@ -154,15 +154,12 @@ def _banned_tokens(states: list, positions: np.ndarray, eos_token_ids: tuple[int
     return _padded(banned, to_device) if any(banned) else None
 
 
-def _logit_bias(states: list, to_device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token ids [R, W] int64 -1 padded, biases [R, W] float32 0 padded) of each row's logit_bias."""
-    biases = [s.sampling_params.logit_bias or {} for s in states]
-    width = max(1, max(len(bias) for bias in biases))
-    ids, values = np.full((len(states), width), -1, dtype=np.int64), np.zeros((len(states), width), dtype=np.float32)
-    for row, bias in enumerate(biases):
-        ids[row, :len(bias)] = list(bias)
-        values[row, :len(bias)] = list(bias.values())
-    return to_device(ids, torch.int64), to_device(values, torch.float32)
+def _stacked(rows: list[np.ndarray], fill, dtype) -> np.ndarray:
+    """Rows of different lengths -> [R, longest (at least 1)], padded with fill."""
+    out = np.full((len(rows), max(1, max(len(row) for row in rows))), fill, dtype=dtype)
+    for index, row in enumerate(rows):
+        out[index, :len(row)] = row
+    return out
 
 
 def _padded(rows: list[list[int]], to_device) -> torch.Tensor:

@@ -226,6 +226,18 @@ def test_priority_and_truncation_with_media_are_refused(server):
     assert body["usage"]["prompt_tokens"] == 8
 
 
+def test_echo_of_a_truncated_prompt_is_what_ran(server, model_path):
+    """echo with truncate_prompt_tokens: the echoed text is the kept tokens, which the logprobs cover."""
+    prompt = "one two three four five six seven eight nine ten eleven twelve"
+    body = httpx.post(f"{server.base_url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"model": "tiny-vl", "prompt": prompt, "echo": True, "logprobs": 0, "max_tokens": 0,
+                            "truncate_prompt_tokens": 5}).json()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    kept = tokenizer.encode(prompt)[-5:]
+    [choice] = body["choices"]
+    assert choice["text"] == tokenizer.decode(kept) and len(choice["logprobs"]["tokens"]) == 5
+
+
 def test_return_token_ids(server, offline_output):
     """vLLM's return_token_ids: the prompt's token ids and the choice's, those of the offline engine on
     the same messages; with stream a 400 (not built)."""

@@ -155,7 +155,7 @@ def test_repetition_penalty_changes_exactly_the_seen_columns():
 
 def test_allowed_tokens_keep_a_restricted_row_to_its_tokens():
     logits = torch.tensor([[1.0, 5.0, 2.0, 0.0], [1.0, 5.0, 2.0, 0.0]])
-    got = restrict_tokens(logits, torch.tensor([[2, 0], [3, -1]]), torch.tensor([True, False]))
+    got = restrict_tokens(logits, torch.tensor([[2, 0], [-1, -1]]))
     inf = float("-inf")
     assert got.tolist() == [[1.0, inf, 2.0, inf], [1.0, 5.0, 2.0, 0.0]]
 
@@ -172,5 +172,5 @@ def test_biased_and_restricted_rows_leave_the_greedy_fast_path():
                           logit_bias_ids=torch.tensor([[3]]), logit_bias_values=torch.tensor([[9.0]]))
     assert Sampler()(logits, batch).sampled_token_ids.tolist() == [3]
     batch = SamplingBatch(temperature=torch.zeros(1), seed_keys=torch.zeros(1, 2, dtype=torch.int64), all_greedy=True,
-                          allowed_token_ids=torch.tensor([[0, 2]]), restricted_rows=torch.tensor([True]))
+                          allowed_token_ids=torch.tensor([[0, 2]]))
     assert Sampler()(logits, batch).sampled_token_ids.tolist() == [2]
