@@ -10,7 +10,8 @@
 #   NAME@attention=JSON the same for kernels/attention_launch.json (e.g. 'seg64@attention={"kv_split": 64}')
 # STEP_ARGS: bench/step_time.py's options (e.g. --tokens 520: replays at ~550 tokens of context, as W2's end).
 # PARTS (default check,ab) picks; VARIANTS (';'-separated, default before;now) the A/B runs; W1=1 adds
-# bench/w1_throughput.py --runs 5 and W2=1 bench/w2_latency.py --runs 3 after each; w1 runs only W1 for
+# bench/w1_throughput.py --runs 5, W2=1 bench/w2_latency.py --runs 3 and W4=1 W4-VL served at W4_LEVELS
+# clients (default 1; carry build/w4wheels too) after each; w1 runs only W1 for
 # each of W1_VARIANTS (a name starting with nondet runs it with --no-deterministic); tune runs
 # bench/tune_linear.py --range large, mid (TUNE_RANGES) --write-table (before ab and w1, which then run
 # with the new table; it lands in $OUT); also det
@@ -22,6 +23,10 @@
 #     "22016,2048": {"large_tma_flat": true}, "2048,11008": {"large_tma_flat": true}}' PARTS=ab bash bench/gpu_fusion_call.sh
 source bench/gpu_env.sh
 PARTS=",${PARTS:-check,ab},"
+if [[ ${W4:-0} == 1 ]]; then   # the served load's packages (build/w4wheels carried too)
+  python3 -m pip install -q --no-index --find-links build/w4wheels litestar uvicorn httpx prometheus_client swagger-ui-bundle 2>/dev/null \
+    || python3 -m pip install -q --break-system-packages --no-index --find-links build/w4wheels litestar uvicorn httpx prometheus_client swagger-ui-bundle
+fi
 if [[ $PARTS == *,check,* ]]; then
   timeout 150 python3 bench/check_kernels.py > "$OUT/check_kernels.log" 2>&1; echo "check_kernels rc=$?"
   grep -E "FAIL|fused|PDL|TMA|failure" "$OUT/check_kernels.log" | tail -8; stamp check
@@ -66,6 +71,10 @@ run_variant() {
   if [[ ${W2:-0} == 1 ]]; then
     (cd $dir && PYTHONPATH=$(pwd):/tmp/site timeout 100 python3 bench/w2_latency.py --no-hf --runs 3) > "$OUT/w2_$name.log" 2>&1
     echo "[$name] W2 $(grep -E 'engine ms/token' "$OUT/w2_$name.log")"
+  fi
+  if [[ ${W4:-0} == 1 ]]; then   # W4-VL served, deterministic default, at W4_LEVELS clients (default 1)
+    (cd $dir && PYTHONPATH=$(pwd):/tmp/site timeout 150 python3 bench/w4_serving.py --levels ${W4_LEVELS:-1} --min-prompts 32) > "$OUT/w4_$name.log" 2>&1
+    echo "[$name] W4 $(grep -E 'output tok/s|TPOT|TTFT' "$OUT/w4_$name.log" | tr -s ' ' | tr '\n' ';')"
   fi
   restore_tables; stamp "$name"
 }

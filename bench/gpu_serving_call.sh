@@ -61,7 +61,7 @@ if [[ $PARTS == *,nondet,* && ${NONDET_W4:-1} == 1 ]]; then
   grep -v -i "warn\|INFO\|it/s\]" "$OUT/w4_nondet.log" | tail -6; stamp "W4 nondet"
 fi
 if [[ $PARTS == *,nondet,* ]]; then
-  timeout 70 python3 bench/run_all.py --parts nondet --runs 3 > "$OUT/nondet.log" 2>&1
+  timeout 90 python3 bench/run_all.py --parts nondet --runs $(( 2 * ${NONDET_RUNS:-3} )) > "$OUT/nondet.log" 2>&1
   grep -E "W1 out|median|runs \(s\)|start" "$OUT/nondet.log" | head -6; stamp nondet
 fi
 if [[ $PARTS == *,hf,* ]]; then

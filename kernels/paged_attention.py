@@ -407,8 +407,8 @@ class AttentionLaunch:
     # Split launches: the last program merges the segments on the token's query-head rows (a [group,
     # head_dim] tile, _merge_token_rows) instead of the program's 64-row tile. Elementwise: the same bits
     # (interpreter test; bench/check_kernels.py on a GPU). ptxas for sm_90a: spills 2.5 KB -> 0.3 KB, the
-    # code after the ticket 3,374 -> 1,425 PTX lines. Not yet timed on a GPU (twelfth session: no device
-    # time left), so no table entry sets it: bench/gpu_fusion_call.sh's 'NAME@attention={"merge_rows": true}'.
+    # code after the ticket 3,374 -> 1,425 PTX lines. H200 (thirteenth session, bench/step_time.py --tokens 520):
+    # batch-1 decode step 2,420 -> 2,281 us, bucket 64 unchanged, W2 2.50 -> 2.43 ms/token; the H200 table sets it.
     merge_rows: bool = False
     # Measured on the H200 and not kept (BENCHMARKS.md, eleventh session; all bit-equal): the split path's
     # last program merging 4 segments' partials per load on the token's 8 query-head rows (+650 us per
