@@ -23,10 +23,7 @@
 #     "22016,2048": {"large_tma_flat": true}, "2048,11008": {"large_tma_flat": true}}' PARTS=ab bash bench/gpu_fusion_call.sh
 source bench/gpu_env.sh
 PARTS=",${PARTS:-check,ab},"
-if [[ ${W4:-0} == 1 ]]; then   # the served load's packages (build/w4wheels carried too)
-  python3 -m pip install -q --no-index --find-links build/w4wheels litestar uvicorn httpx prometheus_client swagger-ui-bundle 2>/dev/null \
-    || python3 -m pip install -q --break-system-packages --no-index --find-links build/w4wheels litestar uvicorn httpx prometheus_client swagger-ui-bundle
-fi
+[[ ${W4:-0} == 1 ]] && source bench/install_w4_packages.sh   # build/w4wheels carried too
 if [[ $PARTS == *,check,* ]]; then
   timeout 150 python3 bench/check_kernels.py > "$OUT/check_kernels.log" 2>&1; echo "check_kernels rc=$?"
   grep -E "FAIL|fused|PDL|TMA|failure" "$OUT/check_kernels.log" | tail -8; stamp check

@@ -11,8 +11,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   $(ls build/h11wheels/*.whl build/tools/*.whl build/sowheels/*.whl build/lgwheels/*.whl 2>/dev/null)
-python3 -m pip install -q --no-index --find-links build/w4wheels litestar uvicorn httpx prometheus_client swagger-ui-bundle 2>/dev/null \
-  || python3 -m pip install -q --break-system-packages --no-index --find-links build/w4wheels litestar uvicorn httpx prometheus_client swagger-ui-bundle
+source bench/install_w4_packages.sh
 export PYTHONPATH=$(pwd):/tmp/site PATH=/tmp/site/bin:$PATH
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; PARTS=",${PARTS:-check,w4,det,nondet},"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

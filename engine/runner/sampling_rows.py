@@ -10,7 +10,7 @@ pass over SamplingParams objects. Only the output position (seed keys, min_token
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,17 +151,13 @@ def _banned_tokens(states: list, positions: np.ndarray, eos_token_ids: tuple[int
         if position < params.min_tokens:
             ids = list(params.stop_token_ids or []) + ([] if params.ignore_eos else list(eos_token_ids))
         banned.append([i for i in ids if 0 <= i < vocab_size])
-    return _padded(banned, to_device) if any(banned) else None
+    return to_device(_stacked(banned, -1, np.int64), torch.int64) if any(banned) else None
 
 
-def _stacked(rows: list[np.ndarray], fill, dtype) -> np.ndarray:
+def _stacked(rows: Sequence[np.ndarray | list[int]], fill, dtype) -> np.ndarray:
     """Rows of different lengths -> [R, longest (at least 1)], padded with fill."""
     out = np.full((len(rows), max(1, max(len(row) for row in rows))), fill, dtype=dtype)
     for index, row in enumerate(rows):
         out[index, :len(row)] = row
     return out
 
-
-def _padded(rows: list[list[int]], to_device) -> torch.Tensor:
-    width = max(1, max(len(r) for r in rows))
-    return to_device([r + [-1] * (width - len(r)) for r in rows], torch.int64)

@@ -238,7 +238,7 @@ def test_echo_of_a_truncated_prompt_is_what_ran(server, model_path):
     assert choice["text"] == tokenizer.decode(kept) and len(choice["logprobs"]["tokens"]) == 5
 
 
-def test_return_token_ids(server, offline_output):
+def test_return_token_ids(server, offline_output, model_path):
     """vLLM's return_token_ids: the prompt's token ids and the choice's, those of the offline engine on
     the same messages; with stream a 400 (not built)."""
     def post(path, body):
@@ -251,6 +251,7 @@ def test_return_token_ids(server, offline_output):
     prompt = list(range(100, 120))
     [choice] = post("/v1/completions", {"prompt": prompt, "max_tokens": 3}).json()["choices"]
     assert choice["prompt_token_ids"] == prompt and len(choice["token_ids"]) == 3
+    assert AutoTokenizer.from_pretrained(model_path).decode(choice["token_ids"], skip_special_tokens=True) == choice["text"]
     assert post("/v1/completions", {"prompt": prompt, "stream": True}).status_code == 400
 
 
